@@ -1,0 +1,43 @@
+"""LoRAGen: task description -> LoRA adapter weights (with the T2L hypernetwork as baseline).
+
+Public API (see /work/notes/contracts.md): `TargetSpec`, `LoRAAdapter`, `Generator`,
+`load_generator`, `ensure_base_model`, `DescriptionEncoder`. This package never imports the
+serving package `loragen_vllm`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .adapter import AdapterFiles, LoRAAdapter
+from .config import DiffusionConfig, LAEConfig, T2LConfig, TargetSpec, TrainConfig
+
+__all__ = [
+    "AdapterFiles",
+    "DescriptionEncoder",
+    "DiffusionConfig",
+    "Generator",
+    "LAEConfig",
+    "LoRAAdapter",
+    "T2LConfig",
+    "TargetSpec",
+    "TrainConfig",
+    "ensure_base_model",
+    "load_generator",
+]
+
+_LAZY = {
+    "Generator": ("api", "Generator"),
+    "load_generator": ("api", "load_generator"),
+    "DescriptionEncoder": ("encoder", "DescriptionEncoder"),
+    "ensure_base_model": ("base_model", "ensure_base_model"),
+}
+
+
+def __getattr__(name: str) -> Any:  # heavy modules (transformers) load on first use
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module 'generator' has no attribute {name!r}")

@@ -1,0 +1,43 @@
+"""The converted base model: a plain bf16 safetensors folder with the end-of-turn fix."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from generator.base_model import BOS_ID, EOS_ID, PAD_ID, _is_complete, ensure_base_model
+
+
+def test_converted_folder_is_plain_bf16_with_eos_fix(base_model_dir):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    config = json.loads((base_model_dir / "config.json").read_text())
+    gen = json.loads((base_model_dir / "generation_config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
+    for cfg in (config, gen):
+        assert (cfg["eos_token_id"], cfg["pad_token_id"], cfg["bos_token_id"]) == (EOS_ID, PAD_ID, BOS_ID)
+    tok = AutoTokenizer.from_pretrained(base_model_dir)
+    assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", EOS_ID)
+    assert (tok.pad_token, tok.pad_token_id) == ("<|endoftext|>", PAD_ID)
+    # The chat template ends an assistant turn with the eos token.
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenize=False)
+    assert text.rstrip().endswith(tok.eos_token)
+    with safe_open(str(base_model_dir / "model.safetensors"), "pt") as f:
+        t = f.get_tensor("model.layers.0.self_attn.v_proj.weight")
+    assert str(t.dtype) == "torch.bfloat16" and tuple(t.shape) == (192, 576)
+
+
+def test_ensure_is_idempotent_and_fast_when_cached(base_model_dir):
+    t0 = time.perf_counter()
+    again = ensure_base_model()
+    assert again == base_model_dir and _is_complete(again)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_folder_without_marker_is_not_complete(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert not _is_complete(tmp_path)
+    (tmp_path / ".loragen-converted").write_text('{"version": -1}')
+    assert not _is_complete(tmp_path)
