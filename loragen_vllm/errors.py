@@ -1,0 +1,155 @@
+"""Errors of loragen-vllm: one exception type per failure kind, mapped to HTTP in one place.
+
+Every failure a request can meet is a `LoragenError` subclass that carries its HTTP status, its
+OpenAI-style error ``type`` (vLLM's spelling: "BadRequestError", ...), the request parameter it
+concerns and a short machine-readable ``code``. `to_http(exc)` is the one mapping from any
+exception to (status, OpenAI error body); `to_vllm_exception(exc)` turns it into the exception
+vLLM's OpenAI server renders as that same status, type and param. Nothing here imports vLLM at
+module level (importing vLLM costs seconds; the store and the CLI must not pay it).
+
+How an error raised in our LoRA resolver reaches the client (read from vLLM 0.32's source):
+
+* ``OpenAIServingModels.resolve_lora`` (``vllm/entrypoints/openai/models/serving.py``) awaits each
+  registered ``LoRAResolver.resolve_lora(base_model_name, lora_name)`` with no ``try`` around it
+  (only ``engine_client.add_lora`` of the returned request is guarded). An exception from the
+  resolver propagates out of ``_check_model`` (``vllm/entrypoints/serve/engine/serving.py``) and
+  out of the route handler to FastAPI's exception handlers
+  (``vllm/entrypoints/serve/exception_handling/register.py``), which answer with
+  ``create_error_response(exc)``: ``VLLMValidationError`` -> 400 "BadRequestError" with its
+  ``parameter`` as ``param``; ``RetryableRequestError`` -> 503 "ServiceUnavailableError" (through
+  the ``GenerationError`` handler, which logs no stack trace); ``GracefulHTTPError`` -> its own
+  status with the HTTP phrase as type; ``ValueError``/``TypeError`` -> 400; anything else -> 500
+  "InternalServerError". The body is
+  ``{"error": {"message": sanitize_message(str(exc)), "type": ..., "param": ..., "code": <status>}}``
+  where ``sanitize_message`` strips file paths and memory addresses, so messages must not depend
+  on paths. ``VLLMValidationError.__str__`` appends ``" (parameter=model)"`` to the message.
+* ``_check_model`` runs before a ``StreamingResponse`` exists, so streaming requests get the same
+  status and body (no half-open stream).
+* Returning ``None`` from the resolver gives 404 "The model `...` does not exist" -- never right
+  for a description (every valid description resolves). A returned ``LoRARequest`` whose folder
+  vLLM cannot load gives 400 "LoRA adapter '...' was found but could not be loaded" -- the store
+  therefore never deletes an adapter a live server may still (re)load (pins, see ``store.py``).
+* The resolver lock in ``OpenAIServingModels`` is an ``async with``: it is released when we raise,
+  and a failed name is not remembered, so the next request for it resolves again.
+
+So the plugin catches `LoragenError` at its edge and raises ``to_vllm_exception(err) from err``;
+the client then sees the status, type and param that ``to_http(err)`` describes (checked against
+vLLM's own ``create_error_response`` in ``tests/test_descriptions.py``). `StoreCorrupt` is
+internal: the store turns it into a miss, the adapter is regenerated, and it never reaches a
+client; should it ever escape it maps to 500. On vLLM versions without ``VLLMValidationError`` /
+``RetryableRequestError`` in ``vllm.exceptions`` (before 0.29), `to_vllm_exception` falls back to
+``ValueError`` for 4xx (400 in those versions) and ``RuntimeError`` for 5xx (500).
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+# ----------------------------------------------------------------------------------------------
+# Exception types
+
+
+class LoragenError(Exception):
+    """Base of every loragen-vllm failure; subclasses fix status, type, code and param."""
+
+    status: ClassVar[HTTPStatus] = HTTPStatus.INTERNAL_SERVER_ERROR
+    type: ClassVar[str] = "InternalServerError"  # OpenAI "type", spelled as vLLM spells it
+    code: ClassVar[str] = "internal_error"  # short machine-readable code (logs, CLI)
+    param: ClassVar[str | None] = None  # the request field at fault, if any
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidDescription(LoragenError, ValueError):
+    """The request's ``model`` field is not a usable task description (empty, too long, ...)."""
+
+    status = HTTPStatus.BAD_REQUEST
+    type = "BadRequestError"
+    code = "invalid_description"
+    param = "model"
+
+
+class GeneratorUnavailable(LoragenError):
+    """No adapter could be generated now: generator failed, timed out, or is unreachable."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    type = "ServiceUnavailableError"
+    code = "generator_unavailable"
+
+
+class StoreCorrupt(LoragenError):
+    """A stored adapter failed its integrity check. Internal: leads to regeneration, never served."""
+
+    code = "store_corrupt"
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"stored adapter {key[:12]} is corrupt: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class UnknownAdapter(LoragenError, KeyError):
+    """No stored adapter matches the given key (or the key prefix matches several)."""
+
+    status = HTTPStatus.NOT_FOUND
+    type = "NotFoundError"
+    code = "unknown_adapter"
+
+
+class AdapterPinned(LoragenError):
+    """Refused to remove an adapter that a live server process has pinned (may reload it)."""
+
+    status = HTTPStatus.CONFLICT
+    type = "ConflictError"
+    code = "adapter_pinned"
+
+
+# ----------------------------------------------------------------------------------------------
+# The one mapping to HTTP
+
+
+def to_http(exc: BaseException) -> tuple[HTTPStatus, dict[str, Any]]:
+    """Map any exception to (HTTP status, OpenAI-style error body), as vLLM's server shapes it.
+
+    A `LoragenError` keeps its message; any other exception becomes a 500 whose message does
+    not leak internals (its details belong in the server log, not in the response).
+    """
+    if isinstance(exc, LoragenError):
+        status, type_, param, message = exc.status, exc.type, exc.param, exc.message
+    else:
+        status, type_, param = HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError", None
+        message = "internal error while resolving the adapter"
+    body = {"error": {"message": message, "type": type_, "param": param, "code": status.value}}
+    return status, body
+
+
+def to_vllm_exception(exc: BaseException) -> Exception:
+    """The exception to raise from a vLLM ``LoRAResolver`` so the client gets `to_http(exc)`.
+
+    Imports vLLM lazily (only the plugin, inside vLLM, calls this). See the module docstring
+    for how vLLM 0.32 renders each returned type.
+    """
+    status, body = to_http(exc)
+    message = body["error"]["message"]
+    param = body["error"]["param"]
+    try:
+        from vllm.exceptions import RetryableRequestError, VLLMValidationError
+    except ImportError:  # vLLM < 0.29: only ValueError is mapped to a 4xx there
+        return ValueError(message) if status < 500 else RuntimeError(message)
+    if status == HTTPStatus.BAD_REQUEST:
+        return VLLMValidationError(message, parameter=param)
+    if status == HTTPStatus.SERVICE_UNAVAILABLE:
+        return RetryableRequestError(message)
+    if status >= 500:
+        return RuntimeError(message)  # -> 500 "InternalServerError"
+    try:
+        from vllm.exceptions import GracefulHTTPError
+    except ImportError:
+        return ValueError(message)
+    return GracefulHTTPError(message, status)  # other 4xx: type is the HTTP phrase

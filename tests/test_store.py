@@ -1,0 +1,379 @@
+"""AdapterStore with real processes: atomic publish under concurrent writers, readers that never
+see a partial adapter, once-only generation under the key lock, LRU eviction with pins, key
+stability, integrity checks."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loragen_vllm.errors import AdapterPinned, InvalidDescription, UnknownAdapter
+from loragen_vllm.store import META_FILE, AdapterStore
+
+FP = "f" * 64  # a generator fingerprint
+PROCS = mp.get_context("fork")  # real processes, started fast (no re-imports); Linux
+
+
+def adapter_files(tag: str, size: int = 4096) -> dict[str, bytes]:
+    """PEFT-shaped files whose content depends on ``tag`` (to tell writers apart)."""
+    block = hashlib.sha256(tag.encode()).digest()
+    weights = (block * (size // len(block) + 1))[:size]
+    return {
+        "adapter_config.json": b'{"r": 8, "lora_alpha": 16, "tag": "%s"}' % tag.encode(),
+        "adapter_model.safetensors": weights,
+    }
+
+
+def publish(store: AdapterStore, description: str, tag: str | None = None, size: int = 4096):
+    return store.publish(
+        adapter_files(tag or description, size),
+        description=description,
+        fingerprint=FP,
+        seed=0,
+        generator_kind="t2l",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker processes
+
+
+def _publish_worker(root, description, tag, size, start, out):
+    store = AdapterStore(root, max_adapters=None, max_bytes=None)
+    start.wait()
+    got = publish(store, description, tag, size)
+    own = hashlib.sha256(adapter_files(tag, size)["adapter_model.safetensors"]).hexdigest()
+    stored = (got.path / "adapter_model.safetensors").read_bytes()
+    out.put((tag, got.key, got.meta.files["adapter_model.safetensors"].sha256, own,
+             hashlib.sha256(stored).hexdigest()))
+
+
+def _publish_many_worker(root, prefix, n, size, start):
+    store = AdapterStore(root, max_adapters=None, max_bytes=None)
+    start.wait()
+    for i in range(n):
+        publish(store, f"{prefix} task {i}", size=size)
+
+
+def _reader_worker(root, start, stop, out):
+    """Watch adapters/ while writers publish; report every folder seen incomplete."""
+    store = AdapterStore(root, max_adapters=None, max_bytes=None)
+    adapters = Path(root) / "adapters"
+    seen, bad = set(), []
+    start.wait()
+    while not stop.is_set():
+        for key in os.listdir(adapters):
+            try:
+                meta = store.show(key)  # the metadata must already be there, complete
+                for name, info in meta.files.items():
+                    data = (adapters / key / name).read_bytes()
+                    if hashlib.sha256(data).hexdigest() != info.sha256:
+                        bad.append((key, name))
+            except Exception as e:  # noqa: BLE001 -- any failure to read is a finding
+                bad.append((key, repr(e)))
+            seen.add(key)
+    out.put((len(seen), bad))
+
+
+def _once_worker(root, description, start, log):
+    """The plugin's pattern: lock the key, look up, generate only on a miss, publish."""
+    store = AdapterStore(root, max_adapters=None, max_bytes=None)
+    key = store.key(description, FP, 0)
+    start.wait()
+    with store.key_lock(key):
+        if store.get(key) is None:
+            with open(log, "a") as f:  # one line per generation
+                f.write(f"{os.getpid()}\n")
+            time.sleep(0.2)  # generation takes a while
+            publish(store, description)
+    assert store.get(key) is not None
+
+
+def _key_in_subprocess(description: str, fingerprint: str, seed: int) -> str:
+    code = (
+        "import sys; from loragen_vllm.store import AdapterStore; "
+        "print(AdapterStore.key(sys.argv[1], sys.argv[2], int(sys.argv[3])))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, description, fingerprint, str(seed)],
+        capture_output=True, text=True, check=True,
+    )
+    return out.stdout.strip()
+
+
+def _run_all(procs):
+    for p in procs:
+        p.start()
+    return procs
+
+
+def _join_all(procs, timeout=60):
+    for p in procs:
+        p.join(timeout)
+        assert p.exitcode == 0, f"worker {p.name} exited with {p.exitcode}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Keys
+
+
+def test_key_stable_across_processes_and_sensitive_to_each_input():
+    k = AdapterStore.key("Classify the sentiment of a movie review.", FP, 0)
+    assert len(k) == 64 and int(k, 16) >= 0
+    assert _key_in_subprocess("Classify the sentiment of a movie review.", FP, 0) == k
+    # Regression pin of the key format: changing it orphans every existing store.
+    assert AdapterStore.key("hello", "fp", 0) == (
+        "99f615052a8e94b388ead699653c9fe5782065856e44f2e61e2885e24c9bab4b"
+    )
+    others = {
+        AdapterStore.key("Classify the sentiment of a movie review!", FP, 0),
+        AdapterStore.key("Classify the sentiment of a movie review.", "e" * 64, 0),
+        AdapterStore.key("Classify the sentiment of a movie review.", FP, 1),
+    }
+    assert k not in others and len(others) == 3
+
+
+def test_normalisation_equivalent_descriptions_share_a_key():
+    nfc = AdapterStore.key("Résumé  the\ttext.", FP, 0)
+    assert AdapterStore.key("  Re\u0301sume\u0301 the \n text. ", FP, 0) == nfc
+    assert _key_in_subprocess("Re\u0301sume\u0301 the text.", FP, 0) == nfc
+    with pytest.raises(InvalidDescription, match="empty"):
+        AdapterStore.key("", FP, 0)
+    with pytest.raises(TypeError):
+        AdapterStore.key("x", FP, True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic publish with concurrent processes
+
+
+def test_concurrent_writers_same_key_exactly_one_winner(tmp_path):
+    n, size = 6, 1 << 20  # 1 MiB files widen the race window
+    start, out = PROCS.Barrier(n), PROCS.Queue()  # all start writing together
+    procs = _run_all([
+        PROCS.Process(target=_publish_worker,
+                      args=(str(tmp_path), "One shared task.", f"writer{i}", size, start, out))
+        for i in range(n)
+    ])
+    results = [out.get(timeout=20) for _ in range(n)]
+    _join_all(procs)
+
+    keys = {r[1] for r in results}
+    returned = {r[2] for r in results}
+    assert len(keys) == 1 and len(returned) == 1  # everyone got the same adapter
+    winners = [r[0] for r in results if r[3] == r[2]]
+    assert len(winners) == 1, winners
+    assert all(r[4] == r[2] for r in results)  # and its bytes on disk are intact
+    store = AdapterStore(tmp_path, max_adapters=None, max_bytes=None)
+    assert store.keys() == list(keys)
+    assert store.get(keys.pop()) is not None
+    assert os.listdir(tmp_path / "tmp") == []  # losers cleaned up after themselves
+
+
+def test_concurrent_writers_different_keys_and_readers_see_whole_adapters(tmp_path):
+    start, stop, out = PROCS.Barrier(4), PROCS.Event(), PROCS.Queue()  # 3 writers + reader
+    AdapterStore(tmp_path)  # create the layout before the reader looks
+    reader = PROCS.Process(target=_reader_worker, args=(str(tmp_path), start, stop, out))
+    reader.start()
+    writers = _run_all([
+        PROCS.Process(target=_publish_many_worker, args=(str(tmp_path), f"w{i}", 6, 2 << 20, start))
+        for i in range(3)
+    ])
+    _join_all(writers)
+    stop.set()
+    seen, bad = out.get(timeout=60)
+    _join_all([reader])
+
+    assert bad == []
+    assert seen > 0  # the reader did look at published adapters
+    store = AdapterStore(tmp_path, max_adapters=None, max_bytes=None)
+    assert len(store.keys()) == 18
+    for i in range(3):
+        for j in range(6):
+            got = store.get(store.key(f"w{i} task {j}", FP, 0))
+            assert got is not None
+            assert (got.path / "adapter_model.safetensors").read_bytes() == adapter_files(
+                f"w{i} task {j}", 2 << 20)["adapter_model.safetensors"]
+    assert os.listdir(tmp_path / "tmp") == [] and os.listdir(tmp_path / "quarantine") == []
+
+
+def test_key_lock_makes_cross_process_generation_happen_once(tmp_path):
+    start, log = PROCS.Barrier(4), tmp_path / "generations.log"
+    procs = _run_all([
+        PROCS.Process(target=_once_worker, args=(str(tmp_path / "s"), "Once only.", start, str(log)))
+        for _ in range(4)
+    ])
+    _join_all(procs)
+    assert len(log.read_text().splitlines()) == 1
+
+
+def test_publish_existing_key_is_a_noop_returning_the_existing_one(tmp_path):
+    store = AdapterStore(tmp_path)
+    first = publish(store, "Same task.", tag="first")
+    again = publish(store, "  Same   task. ", tag="second")
+    assert again.key == first.key and again.meta.created == first.meta.created
+    assert (again.path / "adapter_model.safetensors").read_bytes() == adapter_files(
+        "first")["adapter_model.safetensors"]
+
+
+def test_publish_rejects_bad_file_names(tmp_path):
+    store = AdapterStore(tmp_path)
+    for files in ({"../x": b"", "adapter_config.json": b"{}"},
+                  {META_FILE: b"", "adapter_config.json": b"{}"},
+                  {"weights.safetensors": b"x"}):
+        with pytest.raises(ValueError):
+            store.publish(files, description="x", fingerprint=FP, seed=0, generator_kind="t2l")
+    assert store.keys() == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Integrity
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "extra", "meta"])
+def test_corrupt_adapter_is_detected_quarantined_and_can_be_republished(tmp_path, damage):
+    store = AdapterStore(tmp_path)
+    a = publish(store, "Fragile task.")
+    weights = a.path / "adapter_model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "flip":
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 1
+        weights.write_bytes(bytes(data))
+    elif damage == "delete":
+        weights.unlink()
+    elif damage == "extra":
+        (a.path / "adapter_model.bin").write_bytes(b"surprise")
+    else:
+        (a.path / META_FILE).write_bytes(b'{"key": ')
+
+    assert store.get(a.key) is None
+    assert not a.path.exists() and len(os.listdir(tmp_path / "quarantine")) == 1
+    again = publish(store, "Fragile task.")
+    assert again.key == a.key and store.get(a.key) is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Usage, eviction and pins
+
+
+def _age(store: AdapterStore, order: list[str]) -> None:
+    """Use adapters in ``order`` (oldest first), far enough apart for coarse file times."""
+    for key in order:
+        time.sleep(0.02)
+        assert store.get(key) is not None
+
+
+def test_hits_and_last_used_persist_across_instances(tmp_path):
+    store = AdapterStore(tmp_path)
+    a = publish(store, "Counted task.")
+    assert a.meta.hits == 0
+    for _ in range(3):
+        store.get(a.key)
+    meta = AdapterStore(tmp_path).show(a.key)  # a "restarted" process
+    assert meta.hits == 3 and meta.last_used >= a.meta.created
+
+
+def test_eviction_by_count_follows_lru(tmp_path):
+    store = AdapterStore(tmp_path, max_adapters=None, max_bytes=None)
+    keys = [publish(store, f"task {i}").key for i in range(5)]
+    _age(store, [keys[3], keys[0], keys[4], keys[1], keys[2]])
+    store.max_adapters = 2
+    report = store.gc()
+    assert report.evicted == [keys[3], keys[0], keys[4]]
+    assert sorted(store.keys()) == sorted([keys[1], keys[2]])
+    assert report.count == 2 and not report.over_limit
+
+
+def test_eviction_by_bytes_follows_lru(tmp_path):
+    store = AdapterStore(tmp_path, max_adapters=None, max_bytes=None)
+    keys = [publish(store, f"task {i}", size=10_000).key for i in range(4)]
+    _age(store, [keys[2], keys[3], keys[0], keys[1]])
+    size = store.show(keys[0]).size
+    store.max_bytes = 2 * size + size // 2
+    report = store.gc()
+    assert report.evicted == [keys[2], keys[3]]
+    assert report.bytes == 2 * size and report.freed_bytes == 2 * size
+
+
+def test_publish_runs_gc_and_keeps_the_newest(tmp_path):
+    store = AdapterStore(tmp_path, max_adapters=3, max_bytes=None)
+    keys = []
+    for i in range(5):
+        keys.append(publish(store, f"task {i}").key)
+        time.sleep(0.02)
+    assert sorted(store.keys()) == sorted(keys[2:])
+
+
+def test_eviction_respects_live_pins_and_ignores_dead_ones(tmp_path):
+    store = AdapterStore(tmp_path, max_adapters=None, max_bytes=None)
+    keys = [publish(store, f"task {i}").key for i in range(4)]
+    _age(store, keys)  # keys[0] least recently used
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        store.pin(keys[0], holder=live.pid)
+        store.pin(keys[1], holder=dead.pid)
+        dead.kill()
+        dead.wait()
+        assert [p.pid for p in store.pins(keys[0])] == [live.pid]
+        assert store.pins(keys[1]) == []
+        store.max_adapters = 2
+        report = store.gc()
+        assert report.evicted == [keys[1], keys[2]]  # keys[0] pinned; keys[1]'s pin is dead
+        assert sorted(store.keys()) == sorted([keys[0], keys[3]])
+        assert not report.over_limit and report.pinned == 1
+        assert not (tmp_path / "pins" / keys[1]).exists()  # the dead pin was cleaned up
+        store.max_adapters = 0
+        report = store.gc()
+        assert report.evicted == [keys[3]] and store.keys() == [keys[0]]
+        assert report.over_limit and report.pinned == 1
+        with pytest.raises(AdapterPinned, match="pinned"):
+            store.rm(keys[0])
+        store.unpin(keys[0], holder=live.pid)
+        assert store.gc().evicted == [keys[0]] and store.keys() == []
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_rm_force_and_unknown_keys(tmp_path):
+    store = AdapterStore(tmp_path)
+    a = publish(store, "Removable task.")
+    store.pin(a.key)  # this (live) process
+    with pytest.raises(AdapterPinned):
+        store.rm(a.key)
+    assert store.rm(a.key, force=True) and store.keys() == []
+    assert store.rm(a.key) is False
+    with pytest.raises(UnknownAdapter):
+        store.get("../../etc/passwd")
+    with pytest.raises(UnknownAdapter):
+        store.resolve_key(a.key[:8])
+
+
+def test_resolve_key_prefix(tmp_path):
+    store = AdapterStore(tmp_path)
+    a = publish(store, "Prefixed task.")
+    assert store.resolve_key(a.key[:6].upper()) == a.key
+    with pytest.raises(UnknownAdapter, match="4-64 hex"):
+        store.resolve_key("xyz")
+
+
+def test_gc_removes_unfinished_publishes_of_dead_processes(tmp_path):
+    store = AdapterStore(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    from loragen_vllm.store import _HOST
+
+    (tmp_path / "tmp" / f"{'a' * 64}.{_HOST}.{dead.pid}.0000").mkdir()
+    (tmp_path / "tmp" / f"{'b' * 64}.{_HOST}.{os.getpid()}.0000").mkdir()  # alive: kept
+    store.gc()
+    assert os.listdir(tmp_path / "tmp") == [f"{'b' * 64}.{_HOST}.{os.getpid()}.0000"]
