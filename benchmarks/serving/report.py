@@ -1,0 +1,212 @@
+"""From request records to the results: per-scenario summaries, ratios, and the issue's targets.
+
+Everything here works on plain dicts as they stand in the result JSON (`phases[*].records`),
+so a result can be re-summarised or re-plotted without the server.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from benchmarks.serving.stats import (
+    bootstrap_ratio_ci, dominant_component, ratio, summarize, throughput, target_verdict,
+)
+
+# Parts of a generated adapter's time to first token, as the server reports them (seconds).
+GEN_PARTS = ("queue", "encode", "diffuse", "decode", "publish")
+
+SINGLE = ("base", "oracle_preloaded", "oracle_first_use", "oracle_loaded", "generated_cold",
+          "generated_warm", "generated_evicted", "oracle_evicted", "generated_burst", "oracle_burst")
+
+
+def _ok(records: list[dict]) -> list[dict]:
+    return [r for r in records if not r.get("error")]
+
+
+def decode_rate(r: dict) -> float | None:
+    """Tokens per second after the first token of one request."""
+    if r.get("ttft") is None or r.get("e2e") is None or r.get("output_tokens", 0) < 2:
+        return None
+    dt = r["e2e"] - r["ttft"]
+    return (r["output_tokens"] - 1) / dt if dt > 0 else None
+
+
+def _rest(r: dict) -> float | None:
+    """TTFT minus the server-reported generation parts (or, lacking those, minus the time
+    until the store published the adapter)."""
+    if r.get("ttft") is None:
+        return None
+    srv = r["server"]
+    parts = [srv[k] for k in GEN_PARTS + ("load",) if isinstance(srv.get(k), (int, float))]
+    if parts:
+        return r["ttft"] - sum(parts)
+    if isinstance(srv.get("published_after"), (int, float)):
+        return r["ttft"] - srv["published_after"]
+    return None
+
+
+def breakdown_summary(records: list[dict]) -> dict | None:
+    """Mean and p50 of each generation part over records that carry server timings.
+
+    `rest` is what the client saw beyond the reported parts: vLLM loading the adapter,
+    prefill and the first decode step, and HTTP (see `_rest`).
+    """
+    timed = [r for r in _ok(records) if r.get("server")]
+    if not timed:
+        return None
+    out: dict = {"n": len(timed), "source": sorted({r["server"].get("source", "?") for r in timed})}
+    parts = sorted({k for r in timed for k, v in r["server"].items() if isinstance(v, (int, float))
+                    and k not in ("batch_size",)})
+    for k in parts:
+        out[k] = summarize([r["server"].get(k) for r in timed])
+    out["rest"] = summarize([_rest(r) for r in timed])
+    sizes = [r["server"]["batch_size"] for r in timed if r["server"].get("batch_size")]
+    if sizes:
+        out["batch_size"] = summarize(sizes)
+    return out
+
+
+def scenario_summary(records: list[dict], wall_s: float | None = None) -> dict:
+    ok = _ok(records)
+    s = {
+        "n": len(records),
+        "errors": len(records) - len(ok),
+        "ttft": summarize([r["ttft"] for r in ok]),
+        "e2e": summarize([r["e2e"] for r in ok]),
+        "decode_tok_s": summarize([decode_rate(r) for r in ok]),
+    }
+    if any(r.get("pre_s") is not None for r in ok):
+        s["load_call"] = summarize([r.get("pre_s") for r in ok])
+    if wall_s:
+        s["wall_s"] = wall_s
+        s["output_tok_s"] = throughput([r["output_tokens"] for r in ok], wall_s)
+    b = breakdown_summary(records)
+    if b:
+        s["breakdown"] = b
+    errs = [r["error"] for r in records if r.get("error")]
+    if errs:
+        s["first_errors"] = errs[:3]
+    return s
+
+
+def summarize_phases(phases: list[dict]) -> dict:
+    """Group phases by name: single scenarios, steady-state rounds, mixed levels."""
+    by_name: dict[str, list[dict]] = defaultdict(list)
+    for p in phases:
+        by_name[p["name"]].append(p)
+    out: dict = {"scenarios": {}, "steady": {}, "mixed": {}}
+    for name, ps in by_name.items():
+        if name.startswith("steady_"):
+            arm = name.removeprefix("steady_")
+            recs = [r for p in ps for r in p["records"]]
+            rounds = [throughput([r["output_tokens"] for r in _ok(p["records"])], p["wall_s"]) for p in ps]
+            out["steady"][arm] = {**scenario_summary(recs), "output_tok_s_rounds": rounds,
+                                  "output_tok_s": sum(rounds) / len(rounds) if rounds else None,
+                                  "params": ps[0]["params"]}
+        elif name.startswith("mixed_"):
+            arm = name.removeprefix("mixed_")
+            levels = {}
+            for p in ps:
+                s = scenario_summary(p["records"], p["wall_s"])
+                for tag in ("new", "pool"):
+                    sub = [r for r in p["records"] if r.get("tag") == tag]
+                    if sub:
+                        s[f"ttft_{tag}"] = summarize([r["ttft"] for r in _ok(sub)])
+                s["params"] = p["params"]
+                levels[str(p["params"]["concurrency"])] = s
+            out["mixed"][arm] = levels
+        else:
+            recs = [r for p in ps for r in p["records"]]
+            wall = ps[0].get("wall_s") if len(ps) == 1 else None
+            out["scenarios"][name] = scenario_summary(recs, wall)
+    return out
+
+
+def ratios(summary: dict) -> dict:
+    """p50 TTFT and E2E of each scenario over the oracle scenarios of the same run."""
+    sc = summary["scenarios"]
+    out: dict = {}
+    for ref in ("oracle_preloaded", "oracle_first_use"):
+        if ref not in sc:
+            continue
+        out[f"vs_{ref}"] = {
+            name: {m: ratio(s[m]["p50"], sc[ref][m]["p50"]) for m in ("ttft", "e2e")}
+            for name, s in sc.items()
+        }
+    pairs = [("generated_evicted", "oracle_evicted"), ("generated_burst", "oracle_burst"),
+             ("generated_warm", "oracle_loaded")]
+    out["paired"] = {f"{a}/{b}": {m: ratio(sc[a][m]["p50"], sc[b][m]["p50"]) for m in ("ttft", "e2e")}
+                     for a, b in pairs if a in sc and b in sc}
+    st = summary.get("steady", {})
+    if "generated" in st and "oracle" in st:
+        out["steady_output_tok_s_generated/oracle"] = ratio(st["generated"]["output_tok_s"],
+                                                            st["oracle"]["output_tok_s"])
+    mx = summary.get("mixed", {})
+    if "generated" in mx and "oracle" in mx:
+        out["mixed_generated/oracle"] = {
+            c: {"ttft_p50": ratio(g["ttft"]["p50"], mx["oracle"][c]["ttft"]["p50"]),
+                "ttft_p95": ratio(g["ttft"]["p95"], mx["oracle"][c]["ttft"]["p95"]),
+                "output_tok_s": ratio(g.get("output_tok_s"), mx["oracle"][c].get("output_tok_s"))}
+            for c, g in mx["generated"].items() if c in mx["oracle"]
+        }
+    return out
+
+
+def _ttfts(records: list[dict]) -> list[float]:
+    return [r["ttft"] for r in _ok(records) if r.get("ttft") is not None]
+
+
+def _what_dominates(bd: dict | None) -> str:
+    if not bd:
+        return "no server-side breakdown available"
+    keys = [k for k in GEN_PARTS + ("load",) if k in bd] or ["published_after"]
+    parts = {k: bd[k]["mean"] for k in keys + ["rest"] if k in bd and bd[k].get("mean") is not None}
+    dom = dominant_component(parts)
+    if dom is None:
+        return "no server-side breakdown available"
+    pretty = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+    return f"{dom[0]} dominates ({100 * dom[1]:.0f}% of the mean parts: {pretty})"
+
+
+def check_targets(summary: dict, records_by_name: dict[str, list[dict]]) -> list[dict]:
+    """The issue's four H100 targets: measured ratio, limit, met or by how much missed, and why."""
+    sc, st = summary["scenarios"], summary.get("steady", {})
+    out = []
+
+    def p(name: str, q: str = "p50") -> float | None:
+        return sc.get(name, {}).get("ttft", {}).get(q)
+
+    v = target_verdict("generated cold TTFT p50 <= 1.5 x oracle first use (from disk) p50",
+                       ratio(p("generated_cold"), p("oracle_first_use")), 1.5)
+    v["ci95"] = bootstrap_ratio_ci(_ttfts(records_by_name.get("generated_cold", [])),
+                                   _ttfts(records_by_name.get("oracle_first_use", [])))
+    v["values_s"] = {"generated_cold": p("generated_cold"), "oracle_first_use": p("oracle_first_use")}
+    v["dominated_by"] = _what_dominates(sc.get("generated_cold", {}).get("breakdown"))
+    out.append(v)
+
+    v = target_verdict("generated warm TTFT p50 within 5% of the preloaded oracle",
+                       ratio(p("generated_warm"), p("oracle_preloaded")), 1.05)
+    v["ci95"] = bootstrap_ratio_ci(_ttfts(records_by_name.get("generated_warm", [])),
+                                   _ttfts(records_by_name.get("oracle_preloaded", [])))
+    v["values_s"] = {"generated_warm": p("generated_warm"), "oracle_preloaded": p("oracle_preloaded")}
+    v["dominated_by"] = ("no generation on this path: a loaded adapter is a loaded adapter; a gap is "
+                         "noise or LoRA slot placement (see ci95)")
+    out.append(v)
+
+    n_burst = sc.get("generated_burst", {}).get("n")
+    v = target_verdict(f"{n_burst} concurrent new descriptions: TTFT p95 <= 3 x a single cold request (p50)",
+                       ratio(p("generated_burst", "p95"), p("generated_cold")), 3.0)
+    v["values_s"] = {"generated_burst_p95": p("generated_burst", "p95"), "generated_cold_p50": p("generated_cold")}
+    v["dominated_by"] = _what_dominates(sc.get("generated_burst", {}).get("breakdown"))
+    out.append(v)
+
+    g, o = st.get("generated", {}), st.get("oracle", {})
+    v = target_verdict(f"steady state, {g.get('params', {}).get('adapters', '?')} generated adapters active: "
+                       "output tok/s >= 0.95 x as many oracle adapters",
+                       ratio(g.get("output_tok_s"), o.get("output_tok_s")), 0.95, higher_is_better=True)
+    v["values_tok_s"] = {"generated": g.get("output_tok_s"), "oracle": o.get("output_tok_s"),
+                         "generated_rounds": g.get("output_tok_s_rounds"), "oracle_rounds": o.get("output_tok_s_rounds")}
+    v["dominated_by"] = ("no generation on this path (all adapters loaded before timing); a gap is noise "
+                         "between rounds (compare the rounds)")
+    out.append(v)
+    return out

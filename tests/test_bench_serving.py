@@ -1,0 +1,137 @@
+"""The serving benchmark's arithmetic and plots on synthetic numbers (the benchmark itself,
+against a real server, is run by `python -m benchmarks.serving`, not by the test suite)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks.serving.report import check_targets, ratios, summarize_phases
+from benchmarks.serving.server_timings import attach_server_timings, parse_timing_lines
+from benchmarks.serving.stats import bootstrap_ratio_ci, summarize, target_verdict
+from benchmarks.serving.workload import DescriptionSource, Workload, mixed_stream, zipf_probabilities
+
+
+def test_summarize_matches_numpy_and_skips_missing():
+    v = [0.3, 0.1, None, 0.2, float("nan"), 0.5]
+    s = summarize(v)
+    clean = np.array([0.3, 0.1, 0.2, 0.5])
+    assert s["n"] == 4
+    assert s["p50"] == pytest.approx(np.percentile(clean, 50))
+    assert s["p95"] == pytest.approx(np.percentile(clean, 95))
+    assert s["max"] == 0.5 and s["min"] == 0.1
+    assert summarize([None])["p50"] is None
+
+
+def test_target_verdict_margins():
+    met = target_verdict("t", 1.2, 1.5)
+    assert met["met"] and met["margin_pct"] == pytest.approx(20.0)
+    missed = target_verdict("t", 1.8, 1.5)
+    assert not missed["met"] and missed["margin_pct"] == pytest.approx(-20.0)
+    tput = target_verdict("t", 0.90, 0.95, higher_is_better=True)
+    assert not tput["met"] and tput["margin_pct"] < 0
+    assert target_verdict("t", None, 1.0)["met"] is None
+
+
+def test_bootstrap_ci_brackets_the_ratio():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(2.0, 0.05, 200), rng.normal(1.0, 0.05, 200)
+    lo, hi = bootstrap_ratio_ci(a, b)
+    assert lo < 2.0 < hi and hi - lo < 0.1
+
+
+def test_mixed_stream_is_seeded_and_has_the_new_share():
+    s1 = mixed_stream(4000, 16, 0.25, 1.1, seed=3)
+    assert s1 == mixed_stream(4000, 16, 0.25, 1.1, seed=3)
+    assert s1 != mixed_stream(4000, 16, 0.25, 1.1, seed=4)
+    assert abs(sum(x < 0 for x in s1) / 4000 - 0.25) < 0.03
+    ranks = [x for x in s1 if x >= 0]
+    assert max(ranks) < 16 and ranks.count(0) > ranks.count(15)  # Zipf: rank 0 most popular
+    p = zipf_probabilities(4, 1.0)
+    assert p == pytest.approx(np.array([1, 1 / 2, 1 / 3, 1 / 4]) / (25 / 12))
+    with pytest.raises(ValueError):
+        mixed_stream(10, 4, 1.5, 1.0, seed=0)
+
+
+def test_description_source_never_repeats():
+    src = DescriptionSource(("a", "b"), tag="t1")
+    got = src.take(3) + src.take(2)
+    assert len(set(got)) == 5
+    assert Workload.load().prompts  # the committed workload file loads
+
+
+def _rec(scenario, model, ttft, e2e=None, tokens=16, **kw):
+    return {"scenario": scenario, "model": model, "tag": kw.pop("tag", ""), "start": 0.0,
+            "wall_start": kw.pop("wall_start", 1000.0), "ttft": ttft, "e2e": e2e or (ttft + 0.15 if ttft is not None else None),
+            "output_tokens": tokens, "prompt_tokens": 30, "pre_s": None, "error": kw.pop("error", None)}
+
+
+def _phases():
+    single = {"base": 0.010, "oracle_preloaded": 0.010, "oracle_first_use": 0.022, "generated_cold": 0.040,
+              "generated_warm": 0.0102}
+    phases = [{"name": n, "params": {}, "wall_s": None,
+               "records": [_rec(n, f"m{i}", t * (1 + 0.01 * i)) for i in range(10)]} for n, t in single.items()]
+    phases.append({"name": "generated_burst", "params": {}, "wall_s": 1.0,
+                   "records": [_rec("generated_burst", f"b{i}", 0.05 + 0.01 * i) for i in range(32)]})
+    for arm, wall in (("oracle", 2.0), ("generated", 2.2)):
+        phases.append({"name": f"steady_{arm}", "params": {"adapters": 8}, "wall_s": wall,
+                       "records": [_rec(f"steady_{arm}", "x", 0.02, tokens=100) for _ in range(4)]})
+    for arm in ("generated", "oracle"):
+        for c in (1, 4):
+            phases.append({"name": f"mixed_{arm}", "wall_s": 1.0,
+                           "params": {"concurrency": c, "zipf_s": 1.1, "pool": 4, "new_share": 0.25},
+                           "records": [_rec(f"mixed_{arm}", "x", 0.02 * c, tag="new" if i == 0 else "pool")
+                                       for i in range(4)] + [_rec(f"mixed_{arm}", "x", None, error="HTTP 500")]})
+    return phases
+
+
+def test_report_ratios_and_targets_on_synthetic_phases():
+    phases = _phases()
+    summary = summarize_phases(phases)
+    assert summary["mixed"]["generated"]["4"]["errors"] == 1
+    assert summary["steady"]["generated"]["output_tok_s"] == pytest.approx(400 / 2.2)
+    r = ratios(summary)
+    assert r["vs_oracle_first_use"]["generated_cold"]["ttft"] == pytest.approx(0.040 / 0.022)
+    by_name = {p["name"]: p["records"] for p in phases}
+    checks = {c["target"].split(":")[0][:20]: c for c in check_targets(summary, by_name)}
+    cold = next(c for c in checks.values() if "cold" in c["target"])
+    assert cold["met"] is False and cold["margin_pct"] < 0           # 1.82 > 1.5
+    warm = next(c for c in checks.values() if "warm" in c["target"])
+    assert warm["met"] is True and warm["ci95"][0] < 1.02 < warm["ci95"][1]
+    steady = next(c for c in checks.values() if "steady" in c["target"])
+    assert steady["met"] is False                                     # 2.0/2.2 = 0.909 < 0.95
+
+
+def test_server_timings_attach_to_the_generating_request(tmp_path):
+    desc = "Sort   the list."  # the store keeps the normalised text
+    meta_dir = tmp_path / "adapters" / ("a" * 64)
+    meta_dir.mkdir(parents=True)
+    (meta_dir / "loragen_meta.json").write_text(json.dumps(
+        {"description": "Sort the list.", "created": "1970-01-01T00:16:40.500000+00:00"}))  # 1000.5 s
+    log = ('INFO x loragen timing {"description": "Sort the list.", "encode": 0.01, "diffuse": 0.2, '
+           '"decode": 0.03, "publish": 0.005, "batch_size": 2}\nnoise loragen timing {broken\n')
+    assert parse_timing_lines(log)["Sort the list."]["diffuse"] == 0.2
+    first = _rec("generated_cold", desc, 0.9, e2e=1.0, wall_start=1000.0)
+    again = _rec("generated_warm", desc, 0.1, wall_start=1002.0)
+    phases = [{"name": "generated_cold", "records": [first]}, {"name": "generated_warm", "records": [again]}]
+    info = attach_server_timings(phases, log, tmp_path)
+    assert info["records_with_server_timings"] == 1 and "server" not in again
+    assert first["server"]["published_after"] == pytest.approx(0.5)
+    assert first["server"]["source"] == "store_meta+plugin_log"
+    bd = summarize_phases(phases)["scenarios"]["generated_cold"]["breakdown"]
+    assert bd["rest"]["p50"] == pytest.approx(0.9 - 0.245)
+
+
+def test_plot_writes_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks.serving.plot import plot_result
+    from benchmarks.serving.run import build_result
+
+    res = build_result({"machine": "test", "device": "synthetic", "vllm_version": "0"}, _phases())
+    path = tmp_path / "serving_test.json"
+    path.write_text(json.dumps(res))
+    pngs = plot_result(path)
+    assert [p.name for p in pngs] == ["serving_test_ttft.png", "serving_test_mixed.png"]
+    assert all(p.stat().st_size > 10_000 for p in pngs)
