@@ -1,0 +1,257 @@
+"""Generator backends: where the resolver plugin gets the adapter of a description it has not stored.
+
+A backend turns a normalised description and a seed into `AdapterFiles` (the PEFT folder's files
+as bytes) and says which generator it runs (``fingerprint``, part of every store key, and
+``kind``). The resolver only knows the `GeneratorBackend` protocol; two implementations exist:
+
+* `InProcessBackend` (this module): the generator runs inside the API-server process, on a worker
+  thread of its own, so vLLM's asyncio event loop never waits on it. Requests that arrive within
+  a short window (``batch_window_s``) are micro-batched into one generator pass.
+* ``RayBackend`` (``ray_backend.py``): the generator runs in a named Ray actor.
+
+The fingerprint, kind and rank of an in-process checkpoint are read from its ``config.json``
+without loading the weights, so stored adapters are served at once, and even while the
+weights cannot be loaded; the weights are loaded on the first generation (then `Generator.load`
+checks them against that fingerprint). A generator that fails -- to load, or in a pass --
+fails the requests of that pass with `GeneratorUnavailable` (HTTP 503); the next request tries
+again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from loragen_vllm.errors import GeneratorUnavailable
+
+if TYPE_CHECKING:  # importing the generator pulls in torch; only the worker thread needs it
+    from generator.api import Generator
+
+logger = logging.getLogger(__name__)
+
+AdapterFiles = dict[str, bytes]  # file name -> bytes of one PEFT adapter folder
+
+DEFAULT_BATCH_WINDOW_S = 0.02  # how long a first request waits for others to join its pass
+DEFAULT_MAX_BATCH = 16  # descriptions per generator pass at most
+
+
+@runtime_checkable
+class GeneratorBackend(Protocol):
+    """What the resolver needs from a generator, wherever it runs."""
+
+    name: str  # short label for logs: "in-process", "ray"
+
+    @property
+    def fingerprint(self) -> str | None:
+        """Fingerprint of the generator (hex sha256 of config + weights), None if not known yet."""
+
+    @property
+    def kind(self) -> str | None:
+        """"loragen" | "t2l", None if not known yet."""
+
+    async def get_fingerprint(self) -> str:
+        """The fingerprint, finding it out if needed; raises `GeneratorUnavailable`."""
+
+    async def generate(self, description: str, seed: int = 0) -> AdapterFiles:
+        """PEFT files of the adapter for a normalised description; raises `GeneratorUnavailable`."""
+
+    def close(self) -> None:
+        """Release what the backend holds (threads, handles)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint facts without loading the weights
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What ``config.json`` of a generator checkpoint says: enough to key and serve its adapters."""
+
+    path: Path
+    kind: str
+    fingerprint: str
+    rank: int  # LoRA rank of the adapters it generates
+    base_model: str  # the base model its adapters target, e.g. "HuggingFaceTB/SmolLM2-135M-Instruct"
+    modules: tuple[str, ...]  # target modules, e.g. ("q_proj", "v_proj")
+
+    @classmethod
+    def read(cls, ckpt_dir: str | Path) -> CheckpointInfo:
+        """Read ``<ckpt_dir>/config.json``; raises FileNotFoundError / ValueError with a clear message."""
+        from generator.api import CONFIG_FILE, WEIGHTS_FILE  # light: no weights are read
+
+        path = Path(ckpt_dir).expanduser().resolve()
+        cfg_path = path / CONFIG_FILE
+        if not path.is_dir():
+            raise FileNotFoundError(f"generator checkpoint folder not found: {path}")
+        if not cfg_path.is_file() or not (path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(
+                f"{path} is not a generator checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})"
+            )
+        try:
+            cfg = json.loads(cfg_path.read_text())
+            target = cfg["target"]
+            return cls(
+                path=path,
+                kind=str(cfg["kind"]),
+                fingerprint=str(cfg["fingerprint"]),
+                rank=int(target["rank"]),
+                base_model=str(target.get("base_model", cfg.get("base_model", ""))),
+                modules=tuple(target["modules"]),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{cfg_path} is not a valid generator config: {e!r}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# In-process backend
+
+
+@dataclass
+class _Pending:
+    """One description waiting for a generator pass, and the future its caller awaits."""
+
+    description: str
+    seed: int
+    future: asyncio.Future[AdapterFiles]
+
+
+class InProcessBackend:
+    """A generator in this process: one worker thread, micro-batched passes, lazy weights.
+
+    ``generate`` may be awaited from any number of coroutines of one event loop; calls arriving
+    within ``batch_window_s`` of the first waiting one (same seed) share one generator pass of
+    at most ``max_batch`` descriptions. Passes run one at a time on a dedicated thread.
+    """
+
+    name = "in-process"
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        device: str = "cpu",
+        *,
+        batch_window_s: float = DEFAULT_BATCH_WINDOW_S,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
+        if batch_window_s < 0 or max_batch < 1:
+            raise ValueError("batch_window_s must be >= 0 and max_batch >= 1")
+        self.info = CheckpointInfo.read(checkpoint)
+        self.device = device
+        self.batch_window_s = batch_window_s
+        self.max_batch = max_batch
+        self._generator: Generator | None = None
+        self._load_lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loragen-generator")
+        self._pending: list[_Pending] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.passes = 0  # generator passes run (for logs and tests of batching)
+
+    # -- what the resolver needs besides adapters ----------------------------------------------
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info.fingerprint
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    @property
+    def rank(self) -> int:
+        return self.info.rank
+
+    async def get_fingerprint(self) -> str:
+        return self.info.fingerprint
+
+    # -- generation ----------------------------------------------------------------------------
+
+    async def generate(self, description: str, seed: int = 0) -> AdapterFiles:
+        """PEFT files for one normalised description (joins the next micro-batch)."""
+        return (await self.generate_many([description], seed))[0]
+
+    async def generate_many(self, descriptions: Sequence[str], seed: int = 0) -> list[AdapterFiles]:
+        """PEFT files for each normalised description, in order (joins the next micro-batch)."""
+        loop = asyncio.get_running_loop()
+        items = [_Pending(d, seed, loop.create_future()) for d in descriptions]
+        self._pending.extend(items)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush(), name="loragen-microbatch")
+        return list(await asyncio.gather(*(i.future for i in items)))
+
+    async def _flush(self) -> None:
+        """Run passes until nothing waits: wait out the window, take a batch, run it off-loop."""
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            await asyncio.sleep(self.batch_window_s)
+            seed = self._pending[0].seed
+            batch = [p for p in self._pending if p.seed == seed][: self.max_batch]
+            taken = {id(p) for p in batch}
+            self._pending = [p for p in self._pending if id(p) not in taken]
+            batch = [p for p in batch if not p.future.done()]  # callers that gave up
+            if not batch:
+                continue
+            descriptions = [p.description for p in batch]
+            try:
+                files = await loop.run_in_executor(self._executor, self._run_pass, descriptions, seed)
+            except Exception as e:  # the pass failed: fail its requests, keep serving
+                err = e if isinstance(e, GeneratorUnavailable) else GeneratorUnavailable(
+                    f"adapter generation failed ({type(e).__name__}: {e})"
+                )
+                logger.error("generator pass of %d description(s) failed: %s", len(batch), err)
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(err)
+                continue
+            for p, f in zip(batch, files):
+                if not p.future.done():
+                    p.future.set_result(f)
+
+    def _run_pass(self, descriptions: list[str], seed: int) -> list[AdapterFiles]:
+        """Worker thread: one generator pass, adapters serialised to PEFT files."""
+        gen = self._load()
+        t0 = time.perf_counter()
+        adapters, seconds = gen.generate_timed(descriptions, seed=seed)
+        files = [a.to_peft_files() for a in adapters]
+        self.passes += 1
+        logger.info(
+            "generator pass %d: %d adapter(s) in %.3f s (encode %.3f, diffuse %.3f, decode %.3f)",
+            self.passes, len(descriptions), time.perf_counter() - t0,
+            seconds.get("encode", 0.0), seconds.get("diffuse", 0.0), seconds.get("decode", 0.0),
+        )
+        return files
+
+    def _load(self) -> Generator:
+        """The loaded generator (loaded on first use; a failed load is retried next time)."""
+        with self._load_lock:
+            if self._generator is None:
+                from generator.api import Generator
+
+                t0 = time.perf_counter()
+                try:
+                    gen = Generator.load(self.info.path, device=self.device)
+                except Exception as e:
+                    raise GeneratorUnavailable(
+                        f"the generator checkpoint could not be loaded ({type(e).__name__}: {e})"
+                    ) from e
+                if gen.fingerprint != self.info.fingerprint:  # replaced on disk since we started
+                    raise GeneratorUnavailable(
+                        "the generator checkpoint changed on disk since the server started "
+                        f"(fingerprint {gen.fingerprint[:12]}, expected {self.info.fingerprint[:12]})"
+                    )
+                self._generator = gen
+                logger.info(
+                    "loaded %s generator %s (rank %d) on %s in %.1f s",
+                    gen.kind, gen.fingerprint[:12], self.info.rank, self.device, time.perf_counter() - t0,
+                )
+            return self._generator
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,257 @@
+"""vLLM LoRA resolver plugin: the ``model`` field of a request is a task description.
+
+vLLM's OpenAI server calls ``LoRAResolver.resolve_lora(base_model_name, lora_name)`` for a model
+name it does not know (with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` set; see
+``OpenAIServingModels.resolve_lora``). Here ``lora_name`` is a description::
+
+    description --validate--> normalised text --(text, fingerprint, seed)--> store key
+        key in store (sha256-verified)  -> pin, LoRARequest(path)
+        else generate once, publish     -> pin, LoRARequest(path)
+
+Concurrent requests for one key share one in-flight generation in this process; across server
+processes the store's per-key lock makes one of them generate. Failures are `LoragenError`s
+and become HTTP errors in one place, `_raise_for_vllm` (via ``errors.to_vllm_exception``):
+an invalid description is a 400 naming the problem, a failed generator a 503 for that request.
+
+vLLM calls `register` in each of its processes (API server, engine core, workers); it only reads
+the configuration from the environment (set by ``loragen-vllm serve``) and registers the
+resolver. The store and backend are opened on first use, so only the API server opens them.
+
+Environment:
+    LORAGEN_GENERATOR       generator checkpoint folder (in-process backend), or
+    LORAGEN_RAY_ADDRESS     address of a Ray cluster running the generator actor
+    LORAGEN_GENERATOR_DEVICE  device of the in-process generator ("cpu")
+    LORAGEN_SEED            generation seed (0)
+    LORAGEN_MAX_DESCRIPTION_CHARS  longest accepted description (1000)
+    LORAGEN_BATCH_WINDOW_MS micro-batching window of the in-process backend (20)
+    LORAGEN_STORE, LORAGEN_STORE_MAX_ADAPTERS, LORAGEN_STORE_MAX_BYTES  the store (store.py)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from vllm.lora.request import LoRARequest
+from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+
+from loragen_vllm.backends import DEFAULT_BATCH_WINDOW_S, GeneratorBackend
+from loragen_vllm.descriptions import MAX_DESCRIPTION_CHARS, validate_description
+from loragen_vllm.errors import GeneratorUnavailable, LoragenError, to_vllm_exception
+from loragen_vllm.store import AdapterStore, StoredAdapter
+
+logger = logging.getLogger(__name__)
+
+RESOLVER_NAME = "loragen"
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """The resolver's configuration, read from the environment."""
+
+    generator: str | None = None  # checkpoint folder (in-process backend)
+    ray_address: str | None = None  # or a Ray cluster with the generator actor
+    device: str = "cpu"
+    seed: int = 0
+    max_description_chars: int = MAX_DESCRIPTION_CHARS
+    batch_window_s: float = DEFAULT_BATCH_WINDOW_S
+
+    @classmethod
+    def from_env(cls) -> PluginConfig | None:
+        """None when no generator is configured (the plugin then stays out of the way)."""
+        env = os.environ
+        generator = env.get("LORAGEN_GENERATOR") or None
+        ray_address = env.get("LORAGEN_RAY_ADDRESS") or None
+        if generator is None and ray_address is None:
+            return None
+        return cls(
+            generator=generator,
+            ray_address=ray_address,
+            device=env.get("LORAGEN_GENERATOR_DEVICE", "cpu"),
+            seed=int(env.get("LORAGEN_SEED", "0")),
+            max_description_chars=int(env.get("LORAGEN_MAX_DESCRIPTION_CHARS", MAX_DESCRIPTION_CHARS)),
+            batch_window_s=float(env.get("LORAGEN_BATCH_WINDOW_MS", DEFAULT_BATCH_WINDOW_S * 1e3)) / 1e3,
+        )
+
+    def make_backend(self) -> GeneratorBackend:
+        if self.ray_address is not None:
+            from loragen_vllm.ray_backend import RayBackend
+
+            return RayBackend(self.ray_address)
+        from loragen_vllm.backends import InProcessBackend
+
+        assert self.generator is not None
+        return InProcessBackend(self.generator, self.device, batch_window_s=self.batch_window_s)
+
+
+def lora_int_id(key: str) -> int:
+    """A stable positive 60-bit id from a store key (vLLM may replace it with its own counter)."""
+    return int(key[:15], 16) or 1
+
+
+class LoRAGenResolver(LoRAResolver):
+    """Resolves a description to a stored or freshly generated adapter."""
+
+    def __init__(
+        self,
+        config: PluginConfig,
+        store: AdapterStore | None = None,
+        backend: GeneratorBackend | None = None,
+    ) -> None:
+        self.config = config
+        self._store = store
+        self._backend = backend
+        # Store I/O (hashing, fsync, file locks) and waiting for a key's cross-process lock run
+        # here, never on vLLM's event loop. Generous: a thread may wait on a generation.
+        self._io = ThreadPoolExecutor(max_workers=32, thread_name_prefix="loragen-store")
+        self._inflight: dict[str, asyncio.Future[StoredAdapter]] = {}
+        self._names: dict[str, str] = {}  # lora_name handed to vLLM -> store key (pinned)
+        self._holders: dict[str, int] = {}  # store key -> how many remembered names use it
+        self._resolving: dict[str, int] = {}  # store key -> requests resolving it right now
+
+    @property
+    def store(self) -> AdapterStore:
+        if self._store is None:
+            self._store = AdapterStore.from_env()
+        return self._store
+
+    @property
+    def backend(self) -> GeneratorBackend:
+        if self._backend is None:
+            self._backend = self.config.make_backend()
+        return self._backend
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+        try:
+            stored = await self._resolve(lora_name)
+        except LoragenError as e:
+            _raise_for_vllm(e, lora_name)
+        return LoRARequest(lora_name=lora_name, lora_int_id=lora_int_id(stored.key), lora_path=str(stored.path))
+
+    async def _resolve(self, lora_name: str) -> StoredAdapter:
+        description = validate_description(lora_name, self.config.max_description_chars)
+        fingerprint = await self.backend.get_fingerprint()
+        key = AdapterStore.key(description, fingerprint, self.config.seed)
+        self._resolving[key] = self._resolving.get(key, 0) + 1  # keeps its pin until remembered
+        try:
+            task = self._inflight.get(key)
+            if task is None:  # the first request for this key in this process does the work
+                task = asyncio.ensure_future(self._get_or_generate(key, description, fingerprint))
+                self._inflight[key] = task
+                task.add_done_callback(lambda _: self._inflight.pop(key, None))
+            # shield: a client that disconnects does not cancel the others' generation
+            stored = await asyncio.shield(task)
+            self._remember(lora_name, stored.key)
+            return stored
+        finally:
+            n = self._resolving[key] - 1
+            if n:
+                self._resolving[key] = n
+            else:
+                del self._resolving[key]
+                if key not in self._holders:  # failed, or superseded by a new fingerprint's key
+                    self._unpin_later(key)
+
+    async def _get_or_generate(self, key: str, description: str, fingerprint: str) -> StoredAdapter:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io, self._locked_get_or_generate, key, description, fingerprint, loop)
+
+    def _locked_get_or_generate(
+        self, key: str, description: str, fingerprint: str, loop: asyncio.AbstractEventLoop
+    ) -> StoredAdapter:
+        """Store thread: under the key's cross-process lock, a verified hit or a new adapter.
+
+        Pinned before it is looked up, so another process's eviction cannot remove it between
+        the lookup and vLLM loading it. (Unpinned by `_resolve` if it is not used after all.)
+        """
+        store = self.store
+        with store.key_lock(key):
+            store.pin(key)
+            hit = store.get(key)
+            if hit is not None:
+                return hit
+            t0 = time.perf_counter()
+            files = asyncio.run_coroutine_threadsafe(
+                self.backend.generate(description, self.config.seed), loop
+            ).result()
+            stored = store.publish(
+                files,
+                description=description,
+                fingerprint=self.backend.fingerprint or fingerprint,
+                seed=self.config.seed,
+                generator_kind=self.backend.kind or "unknown",
+            )
+        if stored.key != key:  # the generator changed under us (a new Ray actor)
+            store.pin(stored.key)
+        # One line per generated adapter: the honest count of generations (tests read it).
+        logger.info(
+            "loragen generated adapter key=%s in %.3f s (%s generator %s): %.80r",
+            stored.key, time.perf_counter() - t0, stored.meta.generator_kind,
+            stored.meta.fingerprint[:12], description,
+        )
+        return stored
+
+    # -- what vLLM remembers -----------------------------------------------------------------
+
+    def _remember(self, lora_name: str, key: str) -> None:
+        """vLLM will remember ``lora_name``: keep its adapter pinned until `forget`."""
+        old = self._names.get(lora_name)
+        if old == key:
+            return
+        self._names[lora_name] = key
+        self._holders[key] = self._holders.get(key, 0) + 1
+        if old is not None:
+            self._release(old)
+
+    def forget(self, lora_name: str) -> None:
+        """vLLM forgot ``lora_name`` (evicted or unloaded): unpin its adapter if nothing else uses it."""
+        key = self._names.pop(lora_name, None)
+        if key is not None:
+            self._release(key)
+
+    def _release(self, key: str) -> None:
+        n = self._holders.get(key, 0) - 1
+        if n > 0:
+            self._holders[key] = n
+            return
+        self._holders.pop(key, None)
+        if key not in self._resolving:
+            self._unpin_later(key)
+
+    def _unpin_later(self, key: str) -> None:
+        """Unpin ``key`` off the event loop, if no name uses it and no request resolves it by then."""
+
+        def unpin() -> None:
+            with self.store.key_lock(key):  # a concurrent resolution pins under this lock
+                if key not in self._holders and key not in self._resolving:
+                    self.store.unpin(key)
+
+        try:
+            asyncio.get_running_loop().run_in_executor(self._io, unpin)
+        except RuntimeError:  # no running loop (shutdown): do it now
+            unpin()
+
+    @property
+    def remembered(self) -> int:
+        """Number of names vLLM currently remembers through this resolver."""
+        return len(self._names)
+
+
+def _raise_for_vllm(err: LoragenError, lora_name: str) -> None:
+    """The one place a failure becomes an HTTP error: raise what vLLM renders as its status."""
+    level = logging.WARNING if isinstance(err, GeneratorUnavailable) else logging.INFO
+    logger.log(level, "loragen refused model %.60r: %s (%s)", lora_name, err, err.status.value)
+    raise to_vllm_exception(err) from err
+
+
+def register() -> None:
+    """Entry point of ``vllm.general_plugins``: register the resolver if a generator is configured."""
+    config = PluginConfig.from_env()
+    if config is None:
+        logger.debug("loragen resolver not registered: neither LORAGEN_GENERATOR nor LORAGEN_RAY_ADDRESS is set")
+        return
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, LoRAGenResolver(config))
