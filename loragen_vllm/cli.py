@@ -180,7 +180,8 @@ def cmd_store_ls(args: argparse.Namespace) -> int:
               f"{m.generator_kind + ' ' + m.fingerprint[:8]:18}  {m.seed:>4}  {pinned:3}  "
               f"{_clip(m.description, 60)}")
     total = sum(m.size for m in metas)
-    print(f"{len(metas)} adapters, {format_bytes(total)} in {store.root}", file=sys.stderr)
+    plural = "" if len(metas) == 1 else "s"
+    print(f"{len(metas)} adapter{plural}, {format_bytes(total)} in {store.root}", file=sys.stderr)
     return 0
 
 
