@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.serving.report import GEN_PARTS, SINGLE
+from benchmarks.serving.report import PARTS, SINGLE
 
 
 def plot_result(result_path: Path) -> list[Path]:
@@ -39,17 +39,18 @@ def plot_result(result_path: Path) -> list[Path]:
     colors = ["#888888" if n == "base" else "#4C72B0" if n.startswith("oracle") else "#DD8452" for n in names]
     ax.bar(range(len(names)), p50, color=colors, label="p50")
     ax.scatter(range(len(names)), p95, marker="_", s=400, color="black", zorder=3, label="p95")
-    for i, (a, n) in enumerate(zip(p50, names)):
-        ax.text(i, a, f"{a:.0f}" if a >= 10 else f"{a:.1f}", ha="center", va="bottom", fontsize=8)
+    for i, (a, b) in enumerate(zip(p50, p95)):  # p50 value above the p95 mark
+        ax.text(i, max(a, b) * 1.04, f"{a:.0f}" if a >= 10 else f"{a:.1f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=8)
     ax.set_ylabel("time to first token (ms)")
     if p50 and max(p95) / max(min(p50), 1e-9) > 20:
         ax.set_yscale("log")
     ax.set_title(f"TTFT per scenario (n per bar: {min(sc[n]['ttft']['n'] for n in names) if names else 0}+)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.margins(y=0.1)
     if bd_names:
         ax = axes[0][1]
-        parts = [k for k in GEN_PARTS + ("load", "rest") if any(k in sc[n]["breakdown"] for n in bd_names)]
+        parts = [k for k in PARTS if any(k in sc[n]["breakdown"] for n in bd_names)]
         bottom = [0.0] * len(bd_names)
         for k in parts:
             vals = [1e3 * (sc[n]["breakdown"].get(k, {}).get("mean") or 0.0) for n in bd_names]
@@ -58,7 +59,7 @@ def plot_result(result_path: Path) -> list[Path]:
         ax.set_xticks(range(len(bd_names)), [n.replace("generated_", "") for n in bd_names])
         ax.set_ylabel("mean ms")
         ax.set_title("generated: where the time goes", fontsize=10)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     p = result_path.with_name(result_path.stem + "_ttft.png")

@@ -12,8 +12,9 @@ from benchmarks.serving.stats import (
     bootstrap_ratio_ci, dominant_component, ratio, summarize, throughput, target_verdict,
 )
 
-# Parts of a generated adapter's time to first token, as the server reports them (seconds).
-GEN_PARTS = ("queue", "encode", "diffuse", "decode", "publish")
+# Parts of a generated adapter's time to first token, in plot order (see `ttft_parts`).
+PARTS = ("wait", "queue", "until_publish", "encode", "diffuse", "decode", "serialise", "publish",
+         "publish+load+first_token", "load+first_token")
 
 SINGLE = ("base", "oracle_preloaded", "oracle_first_use", "oracle_loaded", "generated_cold",
           "generated_warm", "generated_evicted", "oracle_evicted", "generated_burst", "oracle_burst")
@@ -31,36 +32,46 @@ def decode_rate(r: dict) -> float | None:
     return (r["output_tokens"] - 1) / dt if dt > 0 else None
 
 
-def _rest(r: dict) -> float | None:
-    """TTFT minus the server-reported generation parts (or, lacking those, minus the time
-    until the store published the adapter)."""
-    if r.get("ttft") is None:
+def ttft_parts(r: dict) -> dict[str, float] | None:
+    """Split one generating request's TTFT into parts that add up to it, from server timings.
+
+    - plugin timing line with publish: queue, encode, diffuse, decode, publish, and the rest
+      ("load+first_token": vLLM loads the adapter, prefill, first decode step, HTTP);
+    - store metadata and the pass log: "wait" (validation, store lookup, micro-batch window,
+      earlier passes), encode, diffuse, decode, "serialise" (rest of the pass: PEFT bytes),
+      and "publish+load+first_token" (from the moment publishing started);
+    - store metadata only: "until_publish" and "publish+load+first_token".
+    """
+    srv, ttft = r.get("server"), r.get("ttft")
+    if not srv or ttft is None:
         return None
-    srv = r["server"]
-    parts = [srv[k] for k in GEN_PARTS + ("load",) if isinstance(srv.get(k), (int, float))]
-    if parts:
-        return r["ttft"] - sum(parts)
-    if isinstance(srv.get("published_after"), (int, float)):
-        return r["ttft"] - srv["published_after"]
-    return None
+    num = lambda k: srv.get(k) if isinstance(srv.get(k), (int, float)) else None  # noqa: E731
+    if all(num(k) is not None for k in ("encode", "diffuse", "decode", "publish")) and "pass_s" not in srv:
+        parts = {k: num(k) for k in ("queue", "encode", "diffuse", "decode", "publish") if num(k) is not None}
+        parts["load+first_token"] = ttft - sum(parts.values())
+        return parts
+    pa = num("published_after")
+    if pa is None:
+        return None
+    if all(num(k) is not None for k in ("encode", "diffuse", "decode", "pass_s")):
+        e, d, c, t = num("encode"), num("diffuse"), num("decode"), num("pass_s")
+        return {"wait": pa - t, "encode": e, "diffuse": d, "decode": c, "serialise": t - e - d - c,
+                "publish+load+first_token": ttft - pa}
+    return {"until_publish": pa, "publish+load+first_token": ttft - pa}
 
 
 def breakdown_summary(records: list[dict]) -> dict | None:
-    """Mean and p50 of each generation part over records that carry server timings.
-
-    `rest` is what the client saw beyond the reported parts: vLLM loading the adapter,
-    prefill and the first decode step, and HTTP (see `_rest`).
-    """
-    timed = [r for r in _ok(records) if r.get("server")]
-    if not timed:
+    """Summaries of each TTFT part (`ttft_parts`) over the requests that caused a generation."""
+    split = [(r, ttft_parts(r)) for r in _ok(records)]
+    split = [(r, p) for r, p in split if p]
+    if not split:
         return None
-    out: dict = {"n": len(timed), "source": sorted({r["server"].get("source", "?") for r in timed})}
-    parts = sorted({k for r in timed for k, v in r["server"].items() if isinstance(v, (int, float))
-                    and k not in ("batch_size",)})
-    for k in parts:
-        out[k] = summarize([r["server"].get(k) for r in timed])
-    out["rest"] = summarize([_rest(r) for r in timed])
-    sizes = [r["server"]["batch_size"] for r in timed if r["server"].get("batch_size")]
+    out: dict = {"n": len(split), "source": sorted({r["server"].get("source", "?") for r, _ in split})}
+    for k in PARTS:
+        vals = [p[k] for _, p in split if k in p]
+        if vals:
+            out[k] = summarize(vals)
+    sizes = [r["server"]["batch_size"] for r, _ in split if r["server"].get("batch_size")]
     if sizes:
         out["batch_size"] = summarize(sizes)
     return out
@@ -159,8 +170,7 @@ def _ttfts(records: list[dict]) -> list[float]:
 def _what_dominates(bd: dict | None) -> str:
     if not bd:
         return "no server-side breakdown available"
-    keys = [k for k in GEN_PARTS + ("load",) if k in bd] or ["published_after"]
-    parts = {k: bd[k]["mean"] for k in keys + ["rest"] if k in bd and bd[k].get("mean") is not None}
+    parts = {k: bd[k]["mean"] for k in PARTS if k in bd and bd[k].get("mean") is not None}
     dom = dominant_component(parts)
     if dom is None:
         return "no server-side breakdown available"

@@ -1,12 +1,16 @@
 """The server's side of a generated adapter's first request: where its time went.
 
-Two sources, both written by the server itself, matched to client requests by description:
-- the store's metadata (`<store>/adapters/<key>/loragen_meta.json`): its `created` timestamp
-  says when the adapter was published, so `published_after` = created - request start is
-  queueing + encode + diffuse + decode + publish as one number;
-- the plugin's timing log lines (see `parse_timing_lines`), where the plugin writes them:
-  encode / diffuse / decode / publish (and queue, batch size) per description.
-Only what the server reports is used; nothing is estimated here.
+Read from what the server writes, matched to client requests by description, never estimated:
+- the store's metadata (`<store>/adapters/<key>/loragen_meta.json`): `created` is stamped when
+  publishing starts, so `published_after` = created - request start (client clock; same
+  machine) covers validation, queueing, the generator pass and serialisation;
+- the in-process backend's log line per generator pass
+  (`generator pass N: B adapter(s) in T s (encode e, diffuse d, decode c)`) and the plugin's
+  line per generated adapter (`loragen generated adapter key=K in T s ...`), which follows
+  its pass's line: each adapter line is given to the latest earlier pass that still has room;
+- a structured line `loragen timing {json}` per adapter, if the plugin writes one (fields:
+  description or key, and seconds for any of queue, encode, diffuse, decode, publish, plus
+  batch_size); it takes precedence.
 """
 
 from __future__ import annotations
@@ -18,36 +22,53 @@ from pathlib import Path
 
 try:  # the project's own normalisation, so descriptions match the store's
     from loragen_vllm.descriptions import normalize_description
-except ImportError:  # pragma: no cover - the benchmark may run against a remote server
+except ImportError:  # pragma: no cover - the benchmark may run without the project installed
     import unicodedata
 
     def normalize_description(text: str) -> str:
         return re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip()
 
 
-def store_created(store_dir: Path | None) -> dict[str, float]:
-    """Normalised description -> publish time (Unix seconds) for every adapter in the store."""
-    out: dict[str, float] = {}
+_PASS_RE = re.compile(r"generator pass (?P<n>\d+): (?P<b>\d+) adapter\(s\) in (?P<t>[\d.]+) s "
+                      r"\(encode (?P<e>[\d.]+), diffuse (?P<d>[\d.]+), decode (?P<c>[\d.]+)\)")
+_GEN_RE = re.compile(r"loragen generated adapter key=(?P<key>[0-9a-f]{64}) in (?P<t>[\d.]+) s")
+_TIMING_RE = re.compile(r"loragen[-_ ]timing (?P<json>\{.*\})\s*$")
+
+
+def store_meta(store_dir: Path | None) -> dict[str, dict]:
+    """Store key -> {"description", "created" (Unix seconds)} for every adapter in the store."""
+    out: dict[str, dict] = {}
     if store_dir is None:
         return out
     for meta_path in Path(store_dir).glob("adapters/*/loragen_meta.json"):
         try:
             m = json.loads(meta_path.read_text())
-            out[m["description"]] = datetime.fromisoformat(m["created"].replace("Z", "+00:00")).timestamp()
+            created = datetime.fromisoformat(m["created"].replace("Z", "+00:00")).timestamp()
+            out[m.get("key", meta_path.parent.name)] = {"description": m["description"], "created": created}
         except (OSError, ValueError, KeyError):
             continue
     return out
 
 
-_TIMING_RE = re.compile(r"loragen[-_ ]timing (?P<json>\{.*\})\s*$")
+def parse_pass_lines(log_text: str) -> dict[str, dict]:
+    """Store key -> its generator pass {encode, diffuse, decode, pass_s, batch_size, gen_publish_s}."""
+    passes: list[dict] = []
+    out: dict[str, dict] = {}
+    for line in log_text.splitlines():
+        if m := _PASS_RE.search(line):
+            passes.append({"batch_size": int(m["b"]), "pass_s": float(m["t"]), "encode": float(m["e"]),
+                           "diffuse": float(m["d"]), "decode": float(m["c"]), "room": int(m["b"])})
+        elif m := _GEN_RE.search(line):
+            owner = next((p for p in reversed(passes) if p["room"] > 0), None)
+            if owner is None:
+                continue
+            owner["room"] -= 1
+            out[m["key"]] = {k: v for k, v in owner.items() if k != "room"} | {"gen_publish_s": float(m["t"])}
+    return out
 
 
 def parse_timing_lines(log_text: str) -> dict[str, dict]:
-    """Normalised description -> timings, from the plugin's `loragen timing {json}` log lines.
-
-    Each JSON object carries "description" and seconds for any of encode, diffuse, decode,
-    publish, queue, load, plus batch_size. Lines that do not parse are ignored.
-    """
+    """Normalised description (or key) -> timings, from `loragen timing {json}` lines."""
     out: dict[str, dict] = {}
     for line in log_text.splitlines():
         m = _TIMING_RE.search(line)
@@ -57,39 +78,45 @@ def parse_timing_lines(log_text: str) -> dict[str, dict]:
             d = json.loads(m.group("json"))
         except ValueError:
             continue
-        desc = d.pop("description", None)
-        if isinstance(desc, str):
-            out[normalize_description(desc)] = d
+        ident = d.pop("description", None)
+        ident = normalize_description(ident) if isinstance(ident, str) else d.pop("key", None)
+        if isinstance(ident, str):
+            out[ident] = d
     return out
 
 
 def attach_server_timings(phases: list[dict], log_text: str, store_dir: Path | None) -> dict:
-    """Add `server` timings to the first request of each generated description (in place).
+    """Add `server` timings to the request that caused each generation (in place).
 
-    A record gets them only if it is the request that caused the generation: the adapter was
-    published after the request started and before it ended. Returns what was found.
+    That is the first request for a description, and only if the adapter was published after
+    it started and before it ended. Returns counts of what was found.
     """
-    created = store_created(store_dir)
-    timings = parse_timing_lines(log_text)
+    meta = store_meta(store_dir)
+    by_desc = {m["description"]: (key, m) for key, m in meta.items()}
+    passes = parse_pass_lines(log_text)
+    structured = parse_timing_lines(log_text)
     first: dict[str, dict] = {}
     for p in phases:
         for r in p["records"]:
-            key = normalize_description(r["model"])
-            if (key in created or key in timings) and (key not in first or r["wall_start"] < first[key]["wall_start"]):
-                first[key] = r
+            d = normalize_description(r["model"])
+            if (d in by_desc or d in structured) and (d not in first or r["wall_start"] < first[d]["wall_start"]):
+                first[d] = r
     n_attached = 0
-    for key, r in first.items():
+    for d, r in first.items():
+        key, m = by_desc.get(d, (None, None))
         s: dict = {}
-        t_pub = created.get(key)
-        if t_pub is not None and r.get("e2e") is not None and r["wall_start"] <= t_pub <= r["wall_start"] + r["e2e"]:
-            s["published_after"] = t_pub - r["wall_start"]
-        if key in timings:
-            s.update({k: v for k, v in timings[key].items() if isinstance(v, (int, float))})
+        if m is not None and r.get("e2e") is not None and r["wall_start"] <= m["created"] <= r["wall_start"] + r["e2e"]:
+            s["published_after"] = m["created"] - r["wall_start"]
+            if key in passes:
+                s.update(passes[key])
+        timing = structured.get(d) or (structured.get(key) if key else None)
+        if timing:
+            s.update({f"plugin_{k}" if k in s else k: v for k, v in timing.items() if isinstance(v, (int, float))})
         if s:
-            s["source"] = "+".join(x for x, ok in (("store_meta", "published_after" in s),
-                                                    ("plugin_log", key in timings)) if ok)
+            s["source"] = "+".join(name for name, ok in (("store_meta", "published_after" in s),
+                                                         ("pass_log", "pass_s" in s),
+                                                         ("timing_log", bool(timing))) if ok)
             r["server"] = s
             n_attached += 1
-    return {"store_adapters": len(created), "plugin_timing_lines": len(timings),
-            "records_with_server_timings": n_attached,
-            "sources": "store metadata `created` (publish time); plugin log lines 'loragen timing {json}'"}
+    return {"store_adapters": len(meta), "pass_log_adapters": len(passes), "timing_lines": len(structured),
+            "records_with_server_timings": n_attached}
