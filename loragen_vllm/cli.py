@@ -1,7 +1,8 @@
 """``loragen-vllm``: serve adapters generated on demand, generate one, inspect the store.
 
     loragen-vllm serve [--base-model DIR] [--generator CKPT] [--store DIR] [--host H] [--port P]
-                       [--seed N] [--ray-address ADDR] [-- extra vLLM arguments]
+                       [--seed N] [--ray-address ADDR] [--device D] [--max-resolved N]
+                       [-- extra vLLM arguments]
     loragen-vllm generate TEXT [--generator CKPT] [--store DIR] [--seed N] [--json]
     loragen-vllm store ls [--json] | show KEY [--json] | rm KEY [--force] | gc   [--store DIR]
     loragen-vllm generator start | status | stop ...   (the Ray generator actor)
@@ -107,8 +108,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # generate
 
 
+def _env_seed() -> int:
+    """$LORAGEN_SEED (what a server started by `serve` uses), else 0."""
+    raw = os.environ.get("LORAGEN_SEED", "").strip()
+    try:
+        return int(raw) if raw else 0
+    except ValueError:
+        raise UsageError(f"$LORAGEN_SEED must be an integer, got {raw!r}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     text = validate_description(" ".join(args.text), max_chars=args.max_chars)
+    seed = args.seed if args.seed is not None else _env_seed()
     ckpt = Path(args.generator).expanduser() if args.generator else default_generator_checkpoint()
     if ckpt is None:
         raise UsageError(MISSING_GENERATOR)
@@ -128,21 +139,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         gen = load_generator(ckpt, device=args.device)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CommandFailed(f"cannot load the generator checkpoint {ckpt}: {e}") from e
-    key = store.key(text, gen.fingerprint, args.seed)
+    key = store.key(text, gen.fingerprint, seed)
     t0 = time.perf_counter()
     with store.key_lock(key):
         hit = store.get(key, record_hit=False)
         if hit is None:
             say(f"generating an adapter ({gen.kind} generator {gen.fingerprint[:12]}) ...")
             try:
-                adapter = gen.generate([text], seed=args.seed)[0]
+                adapter = gen.generate([text], seed=seed)[0]
             except Exception as e:  # noqa: BLE001 -- report any generator failure as such
                 raise CommandFailed(f"generation failed: {type(e).__name__}: {e}") from e
             hit = store.publish(
                 adapter.to_peft_files(),
                 description=text,
                 fingerprint=gen.fingerprint,
-                seed=args.seed,
+                seed=seed,
                 generator_kind=gen.kind,
             )
             say(f"published in {time.perf_counter() - t0:.2f} s")
@@ -152,7 +163,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             generated = False
     if args.json:
         _print_json({"key": hit.key, "path": str(hit.path), "generated": generated,
-                     "description": text, "seed": args.seed, "fingerprint": gen.fingerprint})
+                     "description": text, "seed": seed, "fingerprint": gen.fingerprint})
     else:
         print(f"key   {hit.key}")
         print(f"path  {hit.path}")
@@ -267,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--generator", metavar="CKPT", default=None,
         help="generator checkpoint folder (default: $LORAGEN_GENERATOR, else the shipped one)",
     )
-    gen_opt.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
+    gen_opt.add_argument("--seed", type=int, default=None,
+                         help="generation seed, part of every store key (default: $LORAGEN_SEED or 0)")
 
     s = sub.add_parser(
         "serve", parents=[store_opt, gen_opt],
@@ -283,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ray-address", metavar="ADDR", default=None,
                    help="generate through the generator actor of this Ray cluster instead of "
                    "in-process (see `loragen-vllm generator start`)")
+    s.add_argument("--device", default=None,
+                   help="torch device of the in-process generator (default: $LORAGEN_GENERATOR_DEVICE "
+                   "or cpu)")
+    s.add_argument("--max-resolved", type=int, default=None, metavar="N",
+                   help="descriptions vLLM remembers at once, each pinning one stored adapter "
+                   "(default: $LORAGEN_MAX_RESOLVED or 256)")
     s.set_defaults(func=cmd_serve)
 
     g = sub.add_parser(

@@ -148,6 +148,11 @@ def test_bad_input_gets_a_clear_message(store_dir, args, code, fragments):
     assert_clean_failure(run(*args, store=store_dir), code, *fragments)
 
 
+def test_bad_seed_in_environment_is_reported(tmp_path):
+    proc = run("generate", "A fine task.", store=tmp_path, env={"LORAGEN_SEED": "abc"})
+    assert_clean_failure(proc, 2, "LORAGEN_SEED must be an integer")
+
+
 @pytest.mark.skipif(default_generator_checkpoint() is not None,
                     reason="a default generator checkpoint is installed")
 def test_generate_without_a_generator_asks_for_one(tmp_path):
@@ -160,9 +165,10 @@ def test_serve_arguments_and_vllm_passthrough():
         ["serve", "--port", "9000", "--ray-address", "127.0.0.1:6379", "--",
          "--max-loras", "4", "--enforce-eager"])
     args = build_parser().parse_args(argv)
-    assert (args.port, args.ray_address, args.host, args.seed) == (9000, "127.0.0.1:6379",
-                                                                   "127.0.0.1", 0)
+    assert (args.port, args.ray_address, args.host) == (9000, "127.0.0.1:6379", "127.0.0.1")
+    assert args.seed is None  # unset: the server's $LORAGEN_SEED (or 0) applies
     assert args.base_model is None and args.generator is None and args.store is None
+    assert args.device is None and args.max_resolved is None  # serve.run's own defaults apply
     assert extra == ["--max-loras", "4", "--enforce-eager"]
     assert _split_vllm_args(["generate", "--", "-leading dash"]) == (
         ["generate", "--", "-leading dash"], [])
