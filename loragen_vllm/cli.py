@@ -245,8 +245,9 @@ def cmd_store_gc(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(msgspec.to_builtins(report.__dict__))
         return 0
-    limits = (f"limits: {store.max_adapters if store.max_adapters is not None else 'none'} "
-              f"adapters, {format_bytes(store.max_bytes) if store.max_bytes is not None else 'none'}")
+    count = store.max_adapters if store.max_adapters is not None else "none"
+    size = format_bytes(store.max_bytes) if store.max_bytes is not None else "none"
+    limits = f"limits: {count} adapters, {size}"
     print(f"evicted {len(report.evicted)} adapters ({format_bytes(report.freed_bytes)}); "
           f"{report.count} left ({format_bytes(report.bytes)}), {report.pinned} pinned; {limits}")
     for key in report.evicted:
@@ -279,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="generator checkpoint folder (default: $LORAGEN_GENERATOR, else the shipped one)",
     )
     gen_opt.add_argument("--seed", type=int, default=None,
-                         help="generation seed, part of every store key (default: $LORAGEN_SEED or 0)")
+                         help="generation seed, part of every store key "
+                         "(default: $LORAGEN_SEED or 0)")
 
     s = sub.add_parser(
         "serve", parents=[store_opt, gen_opt],
@@ -296,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generate through the generator actor of this Ray cluster instead of "
                    "in-process (see `loragen-vllm generator start`)")
     s.add_argument("--device", default=None,
-                   help="torch device of the in-process generator (default: $LORAGEN_GENERATOR_DEVICE "
-                   "or cpu)")
+                   help="torch device of the in-process generator "
+                   "(default: $LORAGEN_GENERATOR_DEVICE or cpu)")
     s.add_argument("--max-resolved", type=int, default=None, metavar="N",
                    help="descriptions vLLM remembers at once, each pinning one stored adapter "
                    "(default: $LORAGEN_MAX_RESOLVED or 256)")
@@ -338,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--json", action="store_true")
     gc.set_defaults(func=cmd_store_gc)
 
-    # ---- `generator start|status|stop`: the Ray generator actor (issue 4, loragen_vllm/ray_actor.py)
+    # ---- `generator start|status|stop`: the Ray generator actor (issue 4: ray_actor.py)
     ge = sub.add_parser("generator", help="start, inspect or stop the Ray generator actor")
     try:
         from loragen_vllm.ray_actor import add_generator_commands, run_generator_command

@@ -20,7 +20,7 @@ How an error raised in our LoRA resolver reaches the client (read from vLLM 0.32
   the ``GenerationError`` handler, which logs no stack trace); ``GracefulHTTPError`` -> its own
   status with the HTTP phrase as type; ``ValueError``/``TypeError`` -> 400; anything else -> 500
   "InternalServerError". The body is
-  ``{"error": {"message": sanitize_message(str(exc)), "type": ..., "param": ..., "code": <status>}}``
+  ``{"error": {"message": sanitize_message(str(exc)), "type", "param", "code": <status>}}``
   where ``sanitize_message`` strips file paths and memory addresses, so messages must not depend
   on paths. ``VLLMValidationError.__str__`` appends ``" (parameter=model)"`` to the message.
 * ``_check_model`` runs before a ``StreamingResponse`` exists, so streaming requests get the same
@@ -84,7 +84,7 @@ class GeneratorUnavailable(LoragenError):
 
 
 class StoreCorrupt(LoragenError):
-    """A stored adapter failed its integrity check. Internal: leads to regeneration, never served."""
+    """A stored adapter failed its integrity check. Internal: it is regenerated, never served."""
 
     code = "store_corrupt"
 

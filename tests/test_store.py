@@ -207,7 +207,8 @@ def test_concurrent_writers_different_keys_and_readers_see_whole_adapters(tmp_pa
 def test_key_lock_makes_cross_process_generation_happen_once(tmp_path):
     start, log = PROCS.Barrier(4), tmp_path / "generations.log"
     procs = _run_all([
-        PROCS.Process(target=_once_worker, args=(str(tmp_path / "s"), "Once only.", start, str(log)))
+        PROCS.Process(target=_once_worker,
+                      args=(str(tmp_path / "s"), "Once only.", start, str(log)))
         for _ in range(4)
     ])
     _join_all(procs)
