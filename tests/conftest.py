@@ -5,4 +5,5 @@ trained generator)."""
 pytest_plugins = [
     "tests.fixtures_generator",
     "tests.fixtures_serving",
+    "tests.fixtures_ray",
 ]

@@ -1,0 +1,217 @@
+"""`RayBackend`: generate adapters by asking the cluster's `GeneratorActor` (``serve --ray-address``).
+
+The resolver plugin awaits `generate`, which sends one call to the named actor and awaits the
+returned ObjectRef on vLLM's event loop (``asyncio.wrap_future(ref.future())``): nothing blocks
+the loop. Calls that talk to the GCS synchronously (``ray.init``, ``ray.get_actor``) run in a
+worker thread. Every call has one deadline (``timeout_s``) covering connecting, finding the actor
+and generating; past it, or when the actor is gone, the caller gets `GeneratorUnavailable`
+(HTTP 503) with a message saying what failed. Adapters already in the store never reach this
+backend, so they keep working while the actor is away.
+
+Recovery needs no restart of the server: a handle whose actor died for good (``generator stop``,
+then ``start`` again) is dropped and the actor is looked up by name again on the next call; a
+handle to an actor that Ray is restarting stays valid (Ray queues and retries the calls). A call
+that timed out is not cancelled: the actor finishes it and keeps the result in its cache, so the
+client's retry is answered at once.
+
+The fingerprint (part of every store key) is the actor's; it is learnt on first contact and from
+every answer, and kept, so store lookups work while the actor is unreachable. A server that
+starts while the actor is down can be given the fingerprint up front (`expected_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from loragen_vllm.errors import GeneratorUnavailable, InvalidDescription
+from loragen_vllm.ray_actor import ACTOR_NAME, NAMESPACE, AdapterFiles, AdapterMeta, decode_meta
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class RayBackend:
+    """Adapters from the named generator actor on the Ray cluster at `address`."""
+
+    name = "ray"
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        actor_name: str = ACTOR_NAME,
+        namespace: str = NAMESPACE,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        expected_fingerprint: str | None = None,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.address = address
+        self.actor_name = actor_name
+        self.namespace = namespace
+        self.timeout_s = timeout_s
+        self._fingerprint = expected_fingerprint
+        self._kind: str | None = None
+        self._handle: Any = None
+        self._init_lock = threading.Lock()  # ray.init / get_actor run in threads
+        self.last_meta: AdapterMeta | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # What the resolver needs besides adapters
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The actor's generator fingerprint, once known (None before first contact)."""
+        return self._fingerprint
+
+    @property
+    def kind(self) -> str | None:
+        return self._kind
+
+    @property
+    def where(self) -> str:
+        return f"generator actor {self.namespace}/{self.actor_name} on the Ray cluster at {self.address}"
+
+    async def get_fingerprint(self) -> str:
+        """The fingerprint, asking the actor if it is not known yet (bounded wait)."""
+        if self._fingerprint is None:
+            await self.refresh()
+        assert self._fingerprint is not None
+        return self._fingerprint
+
+    async def refresh(self) -> dict[str, Any]:
+        """Ask the actor for its health (fingerprint, kind, statistics); bounded wait."""
+        deadline = time.monotonic() + self.timeout_s
+        health = await self._call("health", (), deadline, "health check")
+        self._fingerprint, self._kind = health["fingerprint"], health["kind"]
+        return health
+
+    # ------------------------------------------------------------------------------------------
+    # Generation
+
+    async def generate(self, description: str, seed: int = 0) -> AdapterFiles:
+        """The adapter's PEFT files for a normalised description; `fingerprint`/`kind` updated."""
+        files, _ = await self.generate_with_meta(description, seed)
+        return files
+
+    async def generate_with_meta(self, description: str, seed: int = 0) -> tuple[AdapterFiles, AdapterMeta]:
+        deadline = time.monotonic() + self.timeout_s
+        files, meta_bytes = await self._call("generate", (description, seed), deadline, "generation")
+        meta = decode_meta(meta_bytes)
+        if self._fingerprint not in (None, meta.fingerprint):
+            logger.warning(
+                "%s now runs generator %s (was %s): new adapters are keyed by the new fingerprint",
+                self.where, meta.fingerprint[:12], self._fingerprint[:12],
+            )
+        self._fingerprint, self._kind, self.last_meta = meta.fingerprint, meta.kind, meta
+        return files, meta
+
+    def close(self) -> None:
+        """Forget the handle (the Ray connection stays: it belongs to the process)."""
+        self._handle = None
+
+    # ------------------------------------------------------------------------------------------
+    # Connection and error mapping
+
+    async def _call(self, method: str, args: tuple, deadline: float, what: str) -> Any:
+        """Call an actor method; if the cached handle's actor died for good, look it up by
+        name once more (it may have been stopped and started again) before giving up."""
+        for attempt in (0, 1):
+            handle = await self._get_handle(deadline)
+            try:
+                return await self._await(getattr(handle, method).remote(*args), deadline, what)
+            except GeneratorUnavailable as e:
+                if attempt or not isinstance(e.__cause__, _actor_died_types()):
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _get_handle(self, deadline: float) -> Any:
+        handle = self._handle
+        if handle is not None:
+            return handle
+        try:
+            handle = await asyncio.wait_for(asyncio.to_thread(self._lookup), self._left(deadline))
+        except asyncio.TimeoutError:
+            raise GeneratorUnavailable(
+                f"{self.where} could not be reached within {self.timeout_s:g} s; "
+                "stored adapters still work; retry later"
+            ) from None
+        self._handle = handle
+        return handle
+
+    def _lookup(self) -> Any:
+        """Connect to Ray (once per process) and find the actor by name. Runs in a thread."""
+        import ray
+
+        with self._init_lock:
+            if not ray.is_initialized():
+                try:
+                    ray.init(
+                        address=self.address,
+                        namespace=self.namespace,
+                        log_to_driver=False,
+                        logging_level="WARNING",
+                    )
+                except Exception as e:
+                    raise GeneratorUnavailable(
+                        f"cannot connect to the Ray cluster at {self.address} "
+                        f"({type(e).__name__}): new descriptions cannot be generated; retry later"
+                    ) from e
+            try:
+                return ray.get_actor(self.actor_name, namespace=self.namespace)
+            except ValueError:
+                raise GeneratorUnavailable(
+                    f"no {self.where} (start it with `loragen-vllm generator start "
+                    f"--ray-address {self.address}`); new descriptions cannot be generated"
+                ) from None
+
+    async def _await(self, ref: Any, deadline: float, what: str) -> Any:
+        """Await an ObjectRef on the running loop, mapping every failure to our errors."""
+        import ray
+
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(ref.future()), self._left(deadline))
+        except asyncio.TimeoutError:
+            # Not cancelled on purpose: the actor caches the result for the retry.
+            raise GeneratorUnavailable(
+                f"{what} by the {self.where} did not finish within {self.timeout_s:g} s "
+                "(the actor is busy or restarting); retry later"
+            ) from None
+        except ray.exceptions.ActorUnavailableError as e:  # restarting: keep the handle
+            raise GeneratorUnavailable(f"the {self.where} is restarting ({what} failed): retry later") from e
+        except ray.exceptions.RayActorError as e:  # died for good: look it up again next time
+            self._handle = None
+            raise GeneratorUnavailable(
+                f"the {self.where} is gone ({what} failed: {_first_line(e)}); retry later"
+            ) from e
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(e.cause, BaseException) else None
+            if isinstance(cause, InvalidDescription):
+                raise InvalidDescription(cause.message) from e
+            raise GeneratorUnavailable(
+                f"the {self.where} failed ({what}): {_first_line(cause or e)}"
+            ) from e
+        except ray.exceptions.RayError as e:  # object lost, node died, ...
+            raise GeneratorUnavailable(f"{what} by the {self.where} failed: {_first_line(e)}") from e
+
+    def _left(self, deadline: float) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise GeneratorUnavailable(f"{self.where} did not answer within {self.timeout_s:g} s; retry later")
+        return left
+
+
+def _actor_died_types() -> tuple[type[BaseException], ...]:
+    import ray
+
+    return (ray.exceptions.ActorDiedError,)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]

@@ -1,0 +1,188 @@
+"""A real two-node Ray cluster on this machine, started once per test session.
+
+`LocalRayCluster` runs ``ray start --head`` and ``ray start --address ...`` as child processes
+with ``--block``, each in its own process group, with free ports and a private temp dir, and a
+custom resource per node (``lg_head`` / ``lg_gen``) so tests can pin work to a node. Teardown
+is scoped to these processes: SIGTERM to each ``ray start --block`` process (Ray then stops the
+node's processes), then SIGKILL to anything left of the process trees it started. ``ray stop``
+is never used: it stops every Ray process on the machine, other people's included.
+
+Ray replaces a loopback ``--node-ip-address`` by the machine's own address (services.
+resolve_ip_for_localhost), so the nodes report that address; the cluster still runs on this
+machine only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+RAY_BIN = str(Path(sys.executable).with_name("ray"))
+HEAD_RESOURCE = "lg_head"
+GEN_RESOURCE = "lg_gen"  # the generator actor's node
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalRayCluster:
+    """A head node and worker nodes of a real Ray cluster, as child processes of this one."""
+
+    def __init__(self, root: Path, num_cpus: int = 2, object_store_mib: int = 128) -> None:
+        self.root = root
+        self.num_cpus = num_cpus
+        self.object_store_mib = object_store_mib
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.nodes: list[tuple[str, subprocess.Popen]] = []  # (name, `ray start --block` process)
+        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0")
+
+    def _node_args(self, name: str, resources: dict[str, float]) -> list[str]:
+        temp = self.root / name
+        temp.mkdir(parents=True, exist_ok=True)
+        p = _free_port
+        return [
+            "--node-ip-address", "127.0.0.1",
+            "--num-cpus", str(self.num_cpus),
+            "--num-gpus", "0",
+            "--resources", json.dumps(resources),
+            "--object-store-memory", str(self.object_store_mib * 2**20),
+            "--temp-dir", str(temp),
+            "--node-manager-port", str(p()),
+            "--object-manager-port", str(p()),
+            "--dashboard-agent-listen-port", str(p()),
+            "--dashboard-agent-grpc-port", str(p()),
+            "--metrics-export-port", str(p()),
+            "--runtime-env-agent-port", str(p()),
+            "--disable-usage-stats",
+            "--block",
+        ]  # fmt: skip
+
+    def _launch(self, name: str, args: list[str]) -> None:
+        log = open(self.root / f"{name}.log", "wb")
+        proc = subprocess.Popen(
+            [RAY_BIN, "start", *args], stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        self.nodes.append((name, proc))
+
+    def start_head(self, resources: dict[str, float]) -> None:
+        args = ["--head", "--port", str(self.port), "--include-dashboard=false",
+                "--ray-client-server-port", str(_free_port())]  # fmt: skip
+        self._launch("head", args + self._node_args("head", resources))
+
+    def add_node(self, name: str, resources: dict[str, float]) -> None:
+        self._launch(name, ["--address", self.address] + self._node_args(name, resources))
+
+    def wait_for_head(self, timeout_s: float = 120.0) -> None:
+        """Block until the head's GCS port accepts connections."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"Ray head at {self.address} did not come up in {timeout_s} s")
+
+    def wait_for_nodes(self, n: int, timeout_s: float = 120.0) -> None:
+        """Block until `n` nodes are alive (this process must be connected: ray.init)."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if len([x for x in ray.nodes() if x["Alive"]]) >= n:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"Ray cluster at {self.address} did not reach {n} nodes in {timeout_s} s")
+
+    def _check_alive(self) -> None:
+        for name, proc in self.nodes:
+            if proc.poll() is not None:
+                log = (self.root / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"ray node {name} exited with {proc.returncode}:\n{log}")
+
+    def node_id(self, resource: str) -> str:
+        """The id of the (alive) node that offers `resource`."""
+        import ray
+
+        (node,) = [x for x in ray.nodes() if x["Alive"] and resource in x["Resources"]]
+        return node["NodeID"]
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM each node's `ray start`, then SIGKILL what remains of the trees it started."""
+        import psutil
+
+        procs: list[psutil.Process] = []
+        for _, node in self.nodes:
+            try:
+                root = psutil.Process(node.pid)
+                procs += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for _, node in reversed(self.nodes):  # workers first, the head last
+            if node.poll() is None:
+                node.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(procs, timeout=grace_s)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        for _, node in self.nodes:
+            node.wait(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A two-node Ray cluster (head: ``lg_head``; second node: ``lg_gen``); this process is a driver."""
+    import ray
+
+    from loragen_vllm.ray_actor import NAMESPACE
+
+    # Short path: Ray's unix sockets live under the temp dir (107-byte path limit).
+    root = Path(tempfile.mkdtemp(prefix="lgray-", dir="/tmp"))
+    cluster = LocalRayCluster(root)
+    try:
+        cluster.start_head({HEAD_RESOURCE: 1})
+        cluster.wait_for_head()
+        cluster.add_node("gen", {GEN_RESOURCE: 1})
+        ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+        cluster.wait_for_nodes(2)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def generator_actor(ray_cluster, tiny_generator_ckpt):
+    """The generator actor on the ``lg_gen`` node, holding the tiny checkpoint; returns its health."""
+    from loragen_vllm.ray_actor import ActorConfig, start_actor
+
+    _, health, created = start_actor(
+        tiny_generator_ckpt,
+        num_gpus=0,
+        resources={GEN_RESOURCE: 1},
+        config=ActorConfig(batch_window_s=0.02),
+        max_task_retries=-1,
+        ready_timeout_s=180,
+    )
+    assert created
+    return health

@@ -1,0 +1,202 @@
+"""The generator actor and `RayBackend` on a real two-node Ray cluster (tests/fixtures_ray.py).
+
+The actor holds the tiny trained checkpoint (tests/fixtures_generator.py) and is pinned to the
+``lg_gen`` node. Tests that stop or kill the actor leave it running again when they end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from generator.adapter import LoRAAdapter  # noqa: E402
+from loragen_vllm.errors import GeneratorUnavailable, InvalidDescription  # noqa: E402
+from loragen_vllm.ray_actor import (  # noqa: E402
+    ACTOR_NAME,
+    NAMESPACE,
+    actor_class,
+    decode_meta,
+    find_actor,
+)
+from loragen_vllm.ray_backend import RayBackend  # noqa: E402
+from tests.fixtures_ray import GEN_RESOURCE  # noqa: E402
+
+
+def _health() -> dict:
+    return ray.get(find_actor().health.remote(), timeout=120)
+
+
+def _wait_healthy(timeout_s: float = 180.0) -> dict:
+    """Health of the (re)started actor, waiting through a restart."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return _health()
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, AttributeError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "loragen_vllm.ray_actor", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_actor_is_pinned_to_its_node(ray_cluster, generator_actor):
+    health = _health()
+    assert health["node_id"] == ray_cluster.node_id(GEN_RESOURCE)
+    assert health["node_id"] != ray_cluster.node_id("lg_head")
+    assert health["device"] == "cpu" and health["fingerprint"] == generator_actor["fingerprint"]
+
+
+def test_actor_returns_loadable_adapter_and_meta(generator_actor):
+    files, meta_bytes = ray.get(find_actor().generate.remote("Answer with the capital of the country.", 3))
+    meta = decode_meta(meta_bytes)
+    assert set(files) == {"adapter_config.json", "adapter_model.safetensors"}
+    adapter = LoRAAdapter.from_peft_files(files)
+    assert adapter.target.rank >= 1
+    assert (meta.description, meta.seed, meta.fingerprint) == (
+        "Answer with the capital of the country.", 3, generator_actor["fingerprint"],
+    )  # fmt: skip
+
+
+def test_concurrent_calls_are_batched(generator_actor):
+    before = _health()["stats"]
+    descriptions = [f"Classify the sentiment of review number {i}." for i in range(8)]
+    refs = [find_actor().generate.remote(d, 0) for d in descriptions]
+    results = ray.get(refs, timeout=300)
+    after = _health()["stats"]
+    metas = [decode_meta(m) for _, m in results]
+    assert [m.description for m in metas] == descriptions
+    assert after["generated"] - before["generated"] == 8  # each distinct description once
+    new_passes = {int(k): v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()}
+    assert max(k for k, v in new_passes.items() if v > 0) > 1, new_passes
+    assert max(m.batch_size for m in metas) > 1
+
+
+def test_same_description_is_generated_once(generator_actor):
+    before = _health()["stats"]
+    d = "Translate the sentence into French."
+    first = ray.get([find_actor().generate.remote(d, 0) for _ in range(3)])
+    again = ray.get(find_actor().generate.remote(d, 0))
+    after = _health()["stats"]
+    assert after["generated"] - before["generated"] == 1
+    assert (after["joined"] - before["joined"]) + (after["cache_hits"] - before["cache_hits"]) == 3
+    assert all(f == first[0][0] for f, _ in first) and again[0] == first[0][0]
+    assert decode_meta(again[1]).cached
+
+
+def test_backend_awaits_without_blocking_the_loop(generator_actor):
+    backend = RayBackend(ray.get_runtime_context().gcs_address, timeout_s=120)
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        t0 = time.monotonic()
+        files = await backend.generate("Summarize the paragraph in one sentence.", 7)
+        elapsed = time.monotonic() - t0
+        task.cancel()
+        return files, ticks, elapsed
+
+    files, ticks, elapsed = asyncio.run(main())
+    assert "adapter_model.safetensors" in files
+    assert backend.fingerprint == generator_actor["fingerprint"] and backend.kind == generator_actor["kind"]
+    # The loop kept running while the actor worked: about one tick per 10 ms.
+    assert ticks >= 0.3 * elapsed / 0.01, (ticks, elapsed)
+
+
+def test_backend_passes_invalid_description_through(generator_actor):
+    backend = RayBackend(ray.get_runtime_context().gcs_address, timeout_s=60)
+    with pytest.raises(InvalidDescription, match="control character"):
+        asyncio.run(backend.generate("bad\x00description", 0))
+
+
+def test_backend_wait_is_bounded_when_actor_cannot_start(ray_cluster, tiny_generator_ckpt):
+    name = "loragen-unplaceable"
+    handle = actor_class().options(
+        name=name, namespace=NAMESPACE, resources={"no_such_node": 1}, num_cpus=0
+    ).remote(str(tiny_generator_ckpt))
+    try:
+        backend = RayBackend(ray_cluster.address, actor_name=name, timeout_s=2)
+        t0 = time.monotonic()
+        with pytest.raises(GeneratorUnavailable, match="did not finish within 2 s"):
+            asyncio.run(backend.generate("Write a haiku about the sea.", 0))
+        assert time.monotonic() - t0 < 10
+    finally:
+        ray.kill(handle, no_restart=True)
+
+
+def test_kill_actor_while_requests_in_flight(ray_cluster, generator_actor):
+    """SIGKILL the actor's process mid-flight: each request ends in an adapter or a 503 message."""
+    before = _health()
+    backend = RayBackend(ray_cluster.address, timeout_s=60)
+    descriptions = [f"Extract every date mentioned in document {i}." for i in range(6)]
+
+    async def main():
+        tasks = [asyncio.create_task(backend.generate(d, 0)) for d in descriptions]
+        await asyncio.sleep(0.05)  # calls submitted, first pass under way
+        os.kill(before["pid"], signal.SIGKILL)
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(main())
+    for r in results:
+        if isinstance(r, BaseException):
+            assert isinstance(r, GeneratorUnavailable), repr(r)
+            assert "retry later" in str(r) and backend.where in str(r)
+        else:
+            assert "adapter_model.safetensors" in r
+    after = _wait_healthy()
+    assert after["pid"] != before["pid"] and after["reconstructed"]
+    assert after["node_id"] == before["node_id"]  # restarted on its pinned node
+    files = asyncio.run(backend.generate("Count the vowels in the word.", 0))
+    assert "adapter_model.safetensors" in files
+
+
+def test_cli_stop_then_start_and_backend_recovers(ray_cluster, generator_actor, tiny_generator_ckpt):
+    addr = ["--ray-address", ray_cluster.address]
+    backend = RayBackend(ray_cluster.address, timeout_s=30)
+    assert "adapter_model.safetensors" in asyncio.run(backend.generate("Name the largest planet.", 0))
+
+    status = _cli("status", *addr)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["fingerprint"] == generator_actor["fingerprint"]
+
+    stopped = _cli("stop", *addr)
+    assert stopped.returncode == 0 and "stopped" in stopped.stderr
+    with pytest.raises(GeneratorUnavailable, match="generator start"):
+        asyncio.run(backend.generate("Name the smallest planet.", 0))
+    assert _cli("status", *addr).returncode == 1
+
+    started = _cli(
+        "start", *addr, "--checkpoint", str(tiny_generator_ckpt), "--num-gpus", "0",
+        "--resources", json.dumps({GEN_RESOURCE: 1}), "--batch-window-ms", "20", "--max-task-retries", "-1",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    assert "started" in started.stderr
+    again = _cli("start", *addr, "--checkpoint", str(tiny_generator_ckpt))
+    assert again.returncode == 0 and "already running" in again.stderr
+    # The same backend object finds the new actor by name.
+    assert "adapter_model.safetensors" in asyncio.run(backend.generate("Name the smallest planet.", 0))
+    assert backend.fingerprint == generator_actor["fingerprint"]
+    assert find_actor(ACTOR_NAME, NAMESPACE) is not None
