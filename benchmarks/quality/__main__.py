@@ -1,0 +1,104 @@
+"""CLI of the quality benchmark (see benchmarks/quality/__init__.py).
+
+Baseline rows (needs the oracles of `python -m generator.oracle train`):
+
+    python -m benchmarks.quality generate --tasks data/sni/tasks --oracles runs/oracles \
+        --rows base system icl average multitask oracle --out runs/quality
+
+Generated adapters (a generator checkpoint; 3 evaluation descriptions x seeds per task):
+
+    python -m benchmarks.quality generate --tasks data/sni/tasks --rows loragen \
+        --generator runs/loragen --seeds 0 1 --task-set table --out runs/quality
+    python -m benchmarks.quality generate ... --rows loragen_random --conditioning random
+
+Scores (CPU), merged into the existing table:
+
+    python -m benchmarks.quality score --tasks data/sni/tasks --generations runs/quality/*.jsonl \
+        --results benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from generator.sni import load_splits, load_tasks
+
+from .generate import BASELINE_ROWS, run_rows
+from .score import merge_rows, write_outputs
+
+
+def _task_set(tasks, splits, which: str):
+    names = {t.name for t in tasks}
+    if which == "all":
+        return tasks
+    if which == "held_out":
+        keep = set(splits.held_out)
+    elif which == "in_distribution":
+        keep = set(splits.in_distribution_eval)
+    elif which == "table":
+        keep = set(splits.held_out) | set(splits.in_distribution_eval)
+    else:
+        raise SystemExit(f"unknown --task-set {which!r}")
+    return [t for t in tasks if t.name in keep and t.name in names]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="answers of rows -> <out>/<row>.jsonl (skips rows already there)")
+    g.add_argument("--tasks", required=True, help="task folder; splits.json beside it")
+    g.add_argument("--rows", nargs="+", required=True, help=f"baselines: {' '.join(BASELINE_ROWS)}; other names need --generator")
+    g.add_argument("--out", required=True)
+    g.add_argument("--oracles", type=Path, help="root written by generator.oracle (library/, held_out/, multitask/)")
+    g.add_argument("--generator", help="generator checkpoint folder (for generated-adapter rows)")
+    g.add_argument("--conditioning", default="description", choices=("description", "random", "other"))
+    g.add_argument("--seeds", type=int, nargs="+", default=[0])
+    g.add_argument("--task-set", default="all", choices=("all", "table", "held_out", "in_distribution"))
+    g.add_argument("--limit-tasks", type=int, help="first N tasks of the set (dry runs)")
+    g.add_argument("--only", nargs="+", help="only these tasks of the set (dry runs)")
+    g.add_argument("--limit-instances", type=int, help="first N test instances per task (dry runs)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--max-rows", type=int, help="rows per generation batch (default 512 on GPU, 8 on CPU)")
+    g.add_argument("--threads", type=int, default=1)
+    g.add_argument("--redo", action="store_true", help="regenerate rows whose file exists")
+    s = sub.add_parser("score", help="metrics of generation files, merged into quality.json/.md/.png")
+    s.add_argument("--tasks", required=True)
+    s.add_argument("--generations", nargs="+", required=True)
+    s.add_argument("--results", default="benchmarks/results")
+    s.add_argument("--stem", default="quality", help="output file names (<stem>.json/.md/.png)")
+    s.add_argument("--fresh", action="store_true", help="do not merge into the existing <stem>.json")
+    a = ap.parse_args(argv)
+
+    tasks = load_tasks(a.tasks)
+    splits = load_splits(a.tasks)
+    if a.cmd == "generate":
+        torch.set_num_threads(a.threads)
+        chosen = _task_set(tasks, splits, a.task_set)
+        if a.only:
+            chosen = [t for t in chosen if t.name in set(a.only)]
+        chosen = chosen[: a.limit_tasks]
+        max_rows = a.max_rows or (512 if torch.device(a.device).type == "cuda" else 8)
+        times = run_rows(
+            a.rows, chosen, Path(a.out), a.device, oracles=a.oracles,
+            train_task_names=splits.train_tasks([t.name for t in tasks]), max_rows=max_rows,
+            generator_ckpt=a.generator, conditioning=a.conditioning, seeds=a.seeds,
+            all_tasks={t.name: t for t in tasks}, skip_done=not a.redo, limit_instances=a.limit_instances,
+        )
+        print(json.dumps({k: round(v, 1) for k, v in times.items()}))
+    else:
+        path = Path(a.results) / f"{a.stem}.json"
+        existing = None if a.fresh or not path.is_file() else json.loads(path.read_text())
+        q = merge_rows(existing, a.generations, {t.name: t for t in tasks}, splits)
+        for p in write_outputs(q, a.results, a.stem):
+            print(p)
+        for name, r in q["rows"].items():
+            print(f"{name:12s} ID {r.get('in_distribution')}  ZS {r.get('zero_shot')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""Greedy, batched generation for the quality table's rows, all adapters in one `MultiLoRA` model.
+
+A *row* is a way of answering a task's test inputs: the base model alone, with the description
+as system prompt, with 3 in-context examples, with the average of the training oracles merged
+into the weights, with the multi-task LoRA, with each task's oracle, or with adapters generated
+by a generator from descriptions (several descriptions x seeds per task, averaged later).
+
+Every row writes one JSONL file: a first line `{"meta": {...}}` (row name, command, commit,
+machine, date, seconds), then one line per answer `{"task", "i" (test instance), "v" (variant:
+description/seed), "pred"}`. Scores are computed from these files by `benchmarks.quality.score`,
+which needs no GPU.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from generator.adapter import LoRAAdapter
+from generator.config import TargetSpec
+from generator.multilora import MultiLoRA
+from generator.oracle import load_adapters, load_base_model, prompt_ids, truncate_text
+from generator.sni import Task, chat_messages, shot_examples, split_descriptions, split_instances
+
+MAX_NEW_TOKENS = 128  # cap; each task gets min(cap, its longest train output + 16)
+MAX_INPUT_TOKENS = 384  # as in oracle training
+MAX_SHOT_TOKENS = 256  # per in-context example input
+NUM_DESCRIPTIONS = 3  # evaluation descriptions per task (as the papers do)
+
+
+@dataclass
+class Prompt:
+    """One generation: its task, test instance, variant, chat messages and adapter slot (-1: none)."""
+
+    task: str
+    i: int
+    v: str
+    messages: list[dict[str, str]]
+    slot: int = -1
+
+
+# ------------------------------------------------------------------------------------------------
+# Batched greedy generation
+
+
+def max_new_tokens(tokenizer, task: Task, cap: int = MAX_NEW_TOKENS) -> int:
+    """A task's generation budget: its longest train output (tokens) + 16, at most `cap`."""
+    train, _ = split_instances(task)
+    longest = max(len(tokenizer(o, add_special_tokens=False)["input_ids"]) for x in train for o in x.outputs[:1])
+    return min(cap, longest + 16)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    budgets: dict[str, int],
+    multi: MultiLoRA | None = None,
+    max_rows: int = 512,
+    max_tokens: int = 262144,
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[str]:
+    """Greedy answers to `prompts` (same order), batched by budget and length, left-padded.
+
+    Rows of one batch may use different adapters (`prompt.slot`, through `multi`).
+    """
+    device = next(model.parameters()).device
+    ids = [prompt_ids(tokenizer, p.messages) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda k: (budgets[prompts[k].task], len(ids[k])))
+    batches, cur = [], []
+    for k in order:
+        longest = max([len(ids[j]) for j in cur] + [len(ids[k])]) + budgets[prompts[k].task]
+        if cur and (len(cur) >= max_rows or longest * (len(cur) + 1) > max_tokens):
+            batches.append(cur)
+            cur = []
+        cur.append(k)
+    if cur:
+        batches.append(cur)
+    out: list[str] = [""] * len(prompts)
+    pad = tokenizer.pad_token_id
+    for batch in tqdm(batches, desc=desc, disable=not progress):
+        S = max(len(ids[k]) for k in batch)
+        input_ids = torch.full((len(batch), S), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), S), dtype=torch.long)
+        for b, k in enumerate(batch):  # left padding
+            input_ids[b, S - len(ids[k]) :] = torch.tensor(ids[k])
+            mask[b, S - len(ids[k]) :] = 1
+        budget = max(budgets[prompts[k].task] for k in batch)
+        slots = [prompts[k].slot for k in batch]
+        ctx = multi.use(slots) if multi is not None else _nullcontext()
+        with ctx:
+            gen = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=budget,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        texts = tokenizer.batch_decode(gen[:, S:], skip_special_tokens=True)
+        for k, t in zip(batch, texts):
+            out[k] = t.strip()
+    return out
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts of each row
+
+
+def input_prompts(tokenizer, tasks: Sequence[Task], slot_of: Callable[[str, str], int] | None = None,
+                  variants: Callable[[Task], Sequence[str]] = lambda t: ("0",)) -> list[Prompt]:
+    """The test inputs alone in the chat template, once per variant, each with its adapter slot."""
+    out = []
+    for t in tasks:
+        _, test = split_instances(t)
+        for v in variants(t):
+            slot = slot_of(t.name, v) if slot_of else -1
+            for i, x in enumerate(test):
+                out.append(Prompt(t.name, i, v, chat_messages(truncate_text(tokenizer, x.input, MAX_INPUT_TOKENS)), slot))
+    return out
+
+
+def eval_descriptions(task: Task, k: int = NUM_DESCRIPTIONS) -> list[str]:
+    """The first k of the task's evaluation descriptions (never trained on)."""
+    return split_descriptions(task)[1][:k]
+
+
+def system_prompts(tokenizer, tasks: Sequence[Task]) -> list[Prompt]:
+    """Each evaluation description as the system prompt, then the input."""
+    out = []
+    for t in tasks:
+        _, test = split_instances(t)
+        for j, d in enumerate(eval_descriptions(t)):
+            for i, x in enumerate(test):
+                msgs = chat_messages(truncate_text(tokenizer, x.input, MAX_INPUT_TOKENS), system=d)
+                out.append(Prompt(t.name, i, f"d{j}", msgs))
+    return out
+
+
+def icl_prompts(tokenizer, tasks: Sequence[Task], k: int = 3) -> list[Prompt]:
+    """k fixed training examples as earlier chat turns, then the input (no description)."""
+    from generator.sni import Instance
+
+    out = []
+    for t in tasks:
+        _, test = split_instances(t)
+        shots = [Instance(truncate_text(tokenizer, s.input, MAX_SHOT_TOKENS), s.outputs) for s in shot_examples(t, k)]
+        for i, x in enumerate(test):
+            msgs = chat_messages(truncate_text(tokenizer, x.input, MAX_INPUT_TOKENS), shots=shots)
+            out.append(Prompt(t.name, i, "0", msgs))
+    return out
+
+
+def random_description(task: str, j: int, seed: int, length: int) -> str:
+    """A control: a random string of lowercase words, `length` characters, seeded by (task, j, seed)."""
+    rng = random.Random(int(hashlib.sha256(f"random-desc\x00{task}\x00{j}\x00{seed}".encode()).hexdigest()[:15], 16))
+    words = []
+    while sum(len(w) + 1 for w in words) < length:
+        words.append("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))))
+    return " ".join(words)[:length].strip()
+
+
+def other_task(tasks_by_name: dict[str, Task], name: str) -> Task:
+    """A control: a fixed other task, of another category where possible (half-way round the sorted list)."""
+    names = sorted(tasks_by_name)
+    k = names.index(name)
+    for step in range(len(names) // 2, len(names) + len(names) // 2):
+        other = tasks_by_name[names[(k + step) % len(names)]]
+        if other.name != name and other.category != tasks_by_name[name].category:
+            return other
+    return tasks_by_name[names[(k + 1) % len(names)]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Adapters of each row
+
+
+def merge_mean_delta(model, target: TargetSpec, adapters: Sequence[LoRAAdapter]) -> None:
+    """W += mean_i dW_i at every location: the "average LoRA" baseline, merged exactly."""
+    for m, layer in target.locations:
+        lin = model.get_submodule(target.path(m, layer))
+        delta = sum(a.reorder(target).delta(m, layer).double() for a in adapters) / len(adapters)
+        with torch.no_grad():
+            lin.weight += delta.to(lin.weight.device, lin.weight.dtype)
+
+
+def multi_with(model, adapters: Sequence[LoRAAdapter]) -> MultiLoRA:
+    """A MultiLoRA over `model` holding `adapters` in slots 0..n-1 (kept as bf16 / the model's dtype)."""
+    target = adapters[0].target
+    multi = MultiLoRA(model, target, len(adapters), dtype=next(model.parameters()).dtype)
+    for slot, a in enumerate(adapters):
+        multi.load(slot, a)
+    return multi
+
+
+def generated_adapters(
+    ckpt: str | Path, tasks: Sequence[Task], conditioning: str, seeds: Sequence[int], device: str,
+    all_tasks: dict[str, Task],
+) -> tuple[list[LoRAAdapter], dict[tuple[str, str], int], dict]:
+    """Adapters from a generator checkpoint: per task, NUM_DESCRIPTIONS descriptions x seeds.
+
+    conditioning: "description" (the task's evaluation descriptions), "random" (random strings of
+    the same length) or "other" (another task's evaluation descriptions).
+    Returns (adapters, {(task, variant): slot}, info).
+    """
+    from generator.api import Generator
+
+    gen = Generator.load(ckpt, device=device)
+    adapters, slot_of, seconds = [], {}, 0.0
+    for seed in seeds:
+        descs, keys = [], []
+        for t in tasks:
+            src = other_task(all_tasks, t.name) if conditioning == "other" else t
+            for j, d in enumerate(eval_descriptions(src)):
+                if conditioning == "random":
+                    d = random_description(t.name, j, seed, len(d))
+                descs.append(d)
+                keys.append((t.name, f"d{j}s{seed}"))
+        t0 = time.perf_counter()
+        made = gen.generate(descs, seed=seed)
+        seconds += time.perf_counter() - t0
+        for key, a in zip(keys, made):
+            slot_of[key] = len(adapters)
+            adapters.append(a)
+    info = {"generator": str(ckpt), "kind": gen.kind, "fingerprint": gen.fingerprint, "conditioning": conditioning,
+            "seeds": list(seeds), "generate_seconds": round(seconds, 2)}
+    return adapters, slot_of, info
+
+
+# ------------------------------------------------------------------------------------------------
+# Running rows
+
+
+def run_meta(row: str, **extra) -> dict:
+    """Provenance of a row: command, commit, machine, date."""
+    commit = os.environ.get("LORAGEN_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+    machine = platform.node()
+    if torch.cuda.is_available():
+        machine = torch.cuda.get_device_name(0)
+    return {
+        "row": row,
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.quality"] + sys.argv[1:]),
+        "commit": commit,
+        "machine": machine,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **extra,
+    }
+
+
+def write_row(path: Path, meta: dict, prompts: Sequence[Prompt], preds: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"meta": meta}) + "\n")
+        for p, y in zip(prompts, preds):
+            f.write(json.dumps({"task": p.task, "i": p.i, "v": p.v, "pred": y}) + "\n")
+    os.replace(tmp, path)
+
+
+BASELINE_ROWS = ("base", "system", "icl", "average", "multitask", "oracle")
+
+
+def run_rows(
+    rows: Iterable[str],
+    tasks: Sequence[Task],
+    out: Path,
+    device: str,
+    oracles: Path | None = None,
+    train_task_names: Sequence[str] = (),
+    max_rows: int = 512,
+    generator_ckpt: str | None = None,
+    conditioning: str = "description",
+    seeds: Sequence[int] = (0,),
+    all_tasks: dict[str, Task] | None = None,
+    progress: bool = True,
+    skip_done: bool = True,
+    limit_instances: int | None = None,
+) -> dict[str, float]:
+    """Generate every requested row into `out/<row>.jsonl`; returns seconds per row.
+
+    Baseline rows are those of `BASELINE_ROWS`; any other row name needs `generator_ckpt` and is
+    generated adapters (with `conditioning` and `seeds`). A row whose file exists is skipped.
+    """
+    times, failed = {}, []
+    for row in rows:
+        path = out / f"{row}.jsonl"
+        if skip_done and path.is_file():
+            continue
+        try:
+            times[row] = _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, generator_ckpt,
+                                  conditioning, seeds, all_tasks, progress, limit_instances)
+        except Exception:  # one broken row must not cost the others (a GPU call is precious)
+            import traceback
+
+            traceback.print_exc()
+            failed.append(row)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if failed:
+        raise RuntimeError(f"rows failed: {failed} (the others were written)")
+    return times
+
+
+def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, generator_ckpt, conditioning, seeds,
+             all_tasks, progress, limit_instances) -> float:
+    """Generate one row into `path`; returns its seconds."""
+    t0 = time.perf_counter()
+    model, tok, _ = load_base_model(device)
+    budgets = {t.name: max_new_tokens(tok, t) for t in tasks}
+    multi, extra = None, {}
+    if row == "base":
+        prompts = input_prompts(tok, tasks)
+    elif row == "system":
+        prompts = system_prompts(tok, tasks)
+    elif row == "icl":
+        prompts = icl_prompts(tok, tasks)
+    elif row == "average":
+        lib = load_adapters(oracles / "library")
+        used = [lib[n] for n in train_task_names if n in lib]
+        if not used:
+            raise ValueError("the average LoRA needs the training tasks' oracles in <oracles>/library")
+        merge_mean_delta(model, used[0].target, used)
+        extra = {"averaged_adapters": len(used)}
+        prompts = input_prompts(tok, tasks)
+    elif row == "multitask":
+        multi = multi_with(model, [LoRAAdapter.load_peft(oracles / "multitask")])
+        prompts = input_prompts(tok, tasks, slot_of=lambda name, v: 0)
+    elif row == "oracle":
+        lib = load_adapters(oracles / "library", oracles / "held_out")
+        names = [t.name for t in tasks if t.name in lib]
+        missing = [t.name for t in tasks if t.name not in lib]
+        if missing:
+            print(f"oracle row: no oracle for {len(missing)} tasks, skipped: {missing[:5]}...", file=sys.stderr)
+        multi = multi_with(model, [lib[n] for n in names])
+        slot = {n: k for k, n in enumerate(names)}
+        prompts = input_prompts(tok, [t for t in tasks if t.name in slot], slot_of=lambda name, v: slot[name])
+    else:
+        if generator_ckpt is None:
+            raise ValueError(f"row {row!r} is not a baseline ({', '.join(BASELINE_ROWS)}); give --generator")
+        adapters, slot_of, extra = generated_adapters(generator_ckpt, tasks, conditioning, seeds, device, all_tasks or {t.name: t for t in tasks})
+        multi = multi_with(model, adapters)
+        variants = lambda t: [f"d{j}s{s}" for s in seeds for j in range(len(eval_descriptions(t)))]
+        prompts = input_prompts(tok, tasks, slot_of=lambda name, v: slot_of[(name, v)], variants=variants)
+    if limit_instances is not None:
+        prompts = [p for p in prompts if p.i < limit_instances]
+    preds = generate(model, tok, prompts, budgets, multi, max_rows=max_rows, progress=progress, desc=row)
+    seconds = time.perf_counter() - t0
+    write_row(path, run_meta(row, seconds=round(seconds, 1), prompts=len(prompts), **extra), prompts, preds)
+    print(f"row {row}: {len(prompts)} answers in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return seconds

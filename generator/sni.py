@@ -1,0 +1,250 @@
+"""Super-NaturalInstructions tasks: loading, the fixed splits, prompts and the SNI metrics.
+
+A task is one JSON file (see data/sni/README.md): `name`, `definition`, `categories`,
+`descriptions` (paraphrased task descriptions), `instances` (`{"input", "output": [...]}`).
+
+Everything here is deterministic and independent of library versions: orders come from sha256,
+never from a random generator, so the same files give the same splits on every machine.
+
+- Instance split: test = a fixed 40 instances where the task has >= 80, else half (rounded down);
+  the rest is train. The chosen test instances are the first in sha256 order of (task, index, input).
+- Description split: the first `NUM_EVAL_DESCRIPTIONS` descriptions in sha256 order of
+  (task, description) are evaluation descriptions; generators train on the others.
+- Task split: `data/sni/splits.json` lists the tasks held out from generator training (zero-shot)
+  and a fixed subset of training tasks for the in-distribution column.
+
+Metrics follow the SNI evaluation script (allenai/natural-instructions, eval/automatic): answers
+are lower-cased, punctuation removed and whitespace collapsed (articles are kept); exact match and
+ROUGE-L (the `rouge-score` package, stemming on) take the best over the task's references, x100.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+__all__ = [
+    "Instance",
+    "Task",
+    "TaskSplits",
+    "load_task",
+    "load_tasks",
+    "split_instances",
+    "split_descriptions",
+    "load_splits",
+    "chat_messages",
+    "normalize_answer",
+    "exact_match",
+    "rouge_l",
+    "TEST_SIZE",
+    "NUM_EVAL_DESCRIPTIONS",
+]
+
+TEST_SIZE = 40  # test instances of a task with >= 2 * TEST_SIZE instances
+NUM_EVAL_DESCRIPTIONS = 10  # per task, never seen by a generator in training
+SPLITS_FILE = "splits.json"
+
+
+# ------------------------------------------------------------------------------------------------
+# Tasks
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One example: the input text and every accepted output."""
+
+    input: str
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One SNI task as stored in the task folder."""
+
+    name: str
+    definition: str
+    categories: tuple[str, ...]
+    descriptions: tuple[str, ...]
+    instances: tuple[Instance, ...]
+
+    @property
+    def category(self) -> str:
+        """The task's first category, top level only ('Classification -> Verification' -> 'Classification')."""
+        return self.categories[0].split("->")[0].strip() if self.categories else "Uncategorised"
+
+
+def _require(cond: bool, path: Path, what: str) -> None:
+    if not cond:
+        raise ValueError(f"{path}: {what}")
+
+
+def load_task(path: str | Path) -> Task:
+    """Read and validate one task file; raises ValueError naming the file and the problem."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable JSON task file ({e})") from None
+    _require(isinstance(d, dict), path, "top level must be an object")
+    name = d.get("name", path.stem)
+    _require(isinstance(name, str) and name != "", path, "'name' must be a non-empty string")
+    _require(isinstance(d.get("definition", ""), str), path, "'definition' must be a string")
+    cats = d.get("categories", [])
+    _require(isinstance(cats, list) and all(isinstance(c, str) for c in cats), path, "'categories' must be strings")
+    descs = d.get("descriptions", [])
+    _require(
+        isinstance(descs, list) and all(isinstance(s, str) and s.strip() for s in descs),
+        path,
+        "'descriptions' must be non-empty strings",
+    )
+    raw = d.get("instances")
+    _require(isinstance(raw, list) and len(raw) >= 2, path, "'instances' must be a list of at least 2")
+    instances = []
+    for i, inst in enumerate(raw):
+        ok = (
+            isinstance(inst, dict)
+            and isinstance(inst.get("input"), str)
+            and isinstance(inst.get("output"), list)
+            and len(inst["output"]) > 0
+            and all(isinstance(o, str) for o in inst["output"])
+        )
+        _require(ok, path, f"instance {i} must be {{'input': str, 'output': [str, ...]}}")
+        instances.append(Instance(inst["input"], tuple(inst["output"])))
+    return Task(name, d.get("definition", ""), tuple(cats), tuple(descs), tuple(instances))
+
+
+def load_tasks(folder: str | Path, names: Sequence[str] | None = None) -> list[Task]:
+    """All tasks of a folder (`*.json`), sorted by name; or only `names`, in that order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"task folder {folder} does not exist")
+    if names is None:
+        tasks = [load_task(p) for p in sorted(folder.glob("*.json"))]
+        if not tasks:
+            raise ValueError(f"no task files (*.json) in {folder}")
+        return sorted(tasks, key=lambda t: t.name)
+    missing = [n for n in names if not (folder / f"{n}.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"tasks not found in {folder}: {missing}")
+    return [load_task(folder / f"{n}.json") for n in names]
+
+
+# ------------------------------------------------------------------------------------------------
+# Splits
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("\x00".join(str(p) for p in parts).encode()).hexdigest()
+
+
+def num_test_instances(num_instances: int) -> int:
+    """A fixed 40 where the task has >= 80 instances, else half (rounded down)."""
+    return TEST_SIZE if num_instances >= 2 * TEST_SIZE else num_instances // 2
+
+
+def split_instances(task: Task) -> tuple[list[Instance], list[Instance]]:
+    """(train, test), each in file order; test chosen by sha256 order of (task, index, input)."""
+    n = len(task.instances)
+    order = sorted(range(n), key=lambda i: _digest("sni-test", task.name, i, task.instances[i].input))
+    test_idx = set(order[: num_test_instances(n)])
+    train = [x for i, x in enumerate(task.instances) if i not in test_idx]
+    test = [x for i, x in enumerate(task.instances) if i in test_idx]
+    return train, test
+
+
+def split_descriptions(task: Task, num_eval: int = NUM_EVAL_DESCRIPTIONS) -> tuple[list[str], list[str]]:
+    """(train, eval) descriptions; eval = the first `num_eval` in sha256 order, both in that order.
+
+    A task with fewer than 2 * num_eval descriptions gives half of them to evaluation.
+    """
+    order = sorted(task.descriptions, key=lambda s: _digest("sni-desc", task.name, s))
+    k = min(num_eval, len(order) // 2)
+    return order[k:], order[:k]
+
+
+def shot_examples(task: Task, k: int = 3) -> list[Instance]:
+    """The k in-context examples of a task: the first k train instances in sha256 order."""
+    train, _ = split_instances(task)
+    return sorted(train, key=lambda x: _digest("sni-shot", task.name, x.input))[:k]
+
+
+@dataclass(frozen=True)
+class TaskSplits:
+    """Which tasks generators never train on, and the in-distribution evaluation subset."""
+
+    held_out: tuple[str, ...]
+    in_distribution_eval: tuple[str, ...]
+
+    def train_tasks(self, all_names: Sequence[str]) -> list[str]:
+        held = set(self.held_out)
+        return [n for n in all_names if n not in held]
+
+
+def load_splits(path: str | Path) -> TaskSplits:
+    """Read a splits file (default: `<task folder>/../splits.json`); accepts the task folder too."""
+    path = Path(path)
+    if path.is_dir():
+        path = path.parent / SPLITS_FILE
+    d = json.loads(path.read_text())
+    held, ind = tuple(d["held_out"]), tuple(d["in_distribution_eval"])
+    overlap = set(held) & set(ind)
+    if overlap:
+        raise ValueError(f"{path}: tasks both held out and in-distribution: {sorted(overlap)}")
+    return TaskSplits(held, ind)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def chat_messages(
+    input_text: str, system: str | None = None, shots: Sequence[Instance] = ()
+) -> list[dict[str, str]]:
+    """Chat messages for one instance: optional system prompt, optional shots as earlier turns, the input.
+
+    With neither, the prompt is the instance input alone (the model's chat template then adds its
+    default system prompt, as vLLM's chat endpoint does).
+    """
+    messages: list[dict[str, str]] = []
+    if system is not None:
+        messages.append({"role": "system", "content": system})
+    for shot in shots:
+        messages.append({"role": "user", "content": shot.input})
+        messages.append({"role": "assistant", "content": shot.outputs[0]})
+    messages.append({"role": "user", "content": input_text})
+    return messages
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """SNI normalisation: lower case, no punctuation, single spaces (articles kept)."""
+    return " ".join(s.lower().translate(_PUNCT).split())
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    """100 if the normalised prediction equals any normalised reference, else 0."""
+    p = normalize_answer(prediction)
+    return 100.0 if any(p == normalize_answer(r) for r in references) else 0.0
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """Best ROUGE-L F-measure over the references (rouge-score's default tokenizer, stemming), x100."""
+    scorer = _rouge_scorer()
+    return 100.0 * max(scorer.score(r, prediction)["rougeL"].fmeasure for r in references)

@@ -1,0 +1,86 @@
+"""MultiLoRA against peft on the real SmolLM2, and batched oracle training against training alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from generator.adapter import LoRAAdapter
+from generator.config import TargetSpec
+from generator.multilora import MultiLoRA
+from generator.oracle import Job, OracleConfig, _unwrap, train_adapters
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from generator.base_model import ensure_base_model
+
+    path = ensure_base_model()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(str(path)), path
+
+
+def _random_adapter(target: TargetSpec, seed: int) -> LoRAAdapter:
+    g = torch.Generator().manual_seed(seed)
+    A = {m: torch.randn(target.num_layers, target.rank, target.shapes[m][0], generator=g) * 0.05 for m in target.modules}
+    B = {m: torch.randn(target.num_layers, target.shapes[m][1], target.rank, generator=g) * 0.05 for m in target.modules}
+    return LoRAAdapter(target, A, B)
+
+
+def test_rows_match_peft_per_adapter(smollm2, tmp_path):
+    """Row i of one batched forward equals peft's forward with adapter i (and -1 equals the base)."""
+    from peft import PeftModel
+
+    model, tok, path = smollm2
+    target = TargetSpec.smollm2()
+    adapters = [_random_adapter(target, s) for s in (1, 2)]
+    batch = tok(["Name a colour.", "What is 2 + 2? Answer:", "Hello"], return_tensors="pt", padding=True)
+
+    with torch.no_grad():
+        base = model(**batch).logits
+    multi = MultiLoRA(model, target, num_adapters=2)
+    try:
+        for slot, a in enumerate(adapters):
+            multi.load(slot, a)
+        with torch.no_grad(), multi.use([1, 0, -1]):
+            got = model(**batch).logits
+        with torch.no_grad():  # no index set: the plain base model
+            unset = model(**batch).logits
+    finally:
+        _unwrap(model, multi)
+    torch.testing.assert_close(unset, base)
+    torch.testing.assert_close(got[2], base[2])
+
+    for row, slot in ((0, 1), (1, 0)):
+        folder = adapters[slot].save_peft(tmp_path / f"a{slot}", base_model_name_or_path=str(path))
+        peft_model = PeftModel.from_pretrained(model, str(folder)).eval()
+        with torch.no_grad():
+            want = peft_model(**batch).logits[row]
+        peft_model.unload()  # restores the plain modules in `model`
+        assert not torch.allclose(want, base[row], atol=1e-3)  # the adapter does change the output
+        torch.testing.assert_close(got[row], want, atol=2e-4, rtol=1e-4)
+
+
+def test_batched_training_equals_training_alone(smollm2):
+    """Two adapters trained together equal each trained alone; the slot round-trips to a LoRAAdapter."""
+    model, tok, path = smollm2
+    target = TargetSpec.smollm2()
+    cfg = OracleConfig(steps=2, batch_size=2, lr=1e-3)
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    job_a = Job("a", [(ids("Capital of France?"), ids("Paris") + [2]), (ids("Capital of Peru?"), ids("Lima") + [2])], 2)
+    job_b = Job("b", [(ids("Opposite of hot, please"), ids("cold") + [2]), (ids("Opposite of up"), ids("down") + [2])], 2)
+
+    together, _ = train_adapters(model, [job_a, job_b], target, cfg, progress=False)
+    alone_b, _ = train_adapters(model, [job_b], target, cfg, progress=False)
+    for m in target.modules:
+        assert together[1].B[m].abs().max() > 0  # it trained (B starts at zero)
+        # Compare dW = B A: Adam's g / sqrt(v) step turns float rounding of near-zero gradients into
+        # lr-sized differences of single factor entries, which dW averages out.
+        for layer in (0, 29):
+            got, want = together[1].delta(m, layer), alone_b[0].delta(m, layer)
+            assert (got - want).norm() / want.norm() < 1e-2
+    assert not torch.allclose(together[0].B["q_proj"], together[1].B["q_proj"])
+    # the model is the plain base model again
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear"

@@ -1,0 +1,89 @@
+"""The SNI data in the repo: splits (deterministic, the issue's sizes), prompts, metrics, task-file errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from generator.sni import (
+    chat_messages,
+    exact_match,
+    load_splits,
+    load_task,
+    load_tasks,
+    normalize_answer,
+    rouge_l,
+    split_descriptions,
+    split_instances,
+    num_test_instances,
+)
+
+TASKS = Path(__file__).resolve().parents[1] / "data" / "sni" / "tasks"
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return load_tasks(TASKS)
+
+
+def test_instance_split_sizes_and_determinism(tasks):
+    assert len(tasks) >= 100
+    for t in tasks:
+        train, test = split_instances(t)
+        n = len(t.instances)
+        assert len(test) == (40 if n >= 80 else n // 2)
+        assert len(train) + len(test) == n
+        assert sorted(map(repr, train + test)) == sorted(map(repr, t.instances))  # a partition
+        again = split_instances(load_task(TASKS / f"{t.name}.json"))
+        assert again == (train, test)
+    assert num_test_instances(79) == 39 and num_test_instances(80) == 40 and num_test_instances(263) == 40
+
+
+def test_description_split_is_disjoint_and_fixed(tasks):
+    t = tasks[0]
+    train, ev = split_descriptions(t)
+    assert len(ev) == 10 and not set(ev) & set(train)
+    assert sorted(train + ev) == sorted(t.descriptions)
+    assert split_descriptions(t) == (train, ev)
+
+
+def test_committed_task_splits(tasks):
+    splits = load_splits(TASKS)
+    names = {t.name for t in tasks}
+    by = {t.name: t for t in tasks}
+    assert len(splits.held_out) >= 12 and set(splits.held_out) <= names
+    assert len({by[n].category for n in splits.held_out}) >= 8  # spread over categories
+    siblings = json.loads((TASKS.parent / "splits.json").read_text())["siblings"]
+    for held in splits.held_out:
+        assert siblings[held] and all(s in names and s not in splits.held_out for s in siblings[held])
+    assert len(splits.in_distribution_eval) >= 24
+    assert set(splits.in_distribution_eval) <= set(splits.train_tasks(sorted(names)))
+
+
+def test_prompt_is_the_input_alone():
+    assert chat_messages("Capital of Peru?") == [{"role": "user", "content": "Capital of Peru?"}]
+    msgs = chat_messages("x", system="Answer with a capital city.")
+    assert msgs[0] == {"role": "system", "content": "Answer with a capital city."}
+
+
+def test_metrics_on_known_strings():
+    assert normalize_answer("  The  Cat,   sat! ") == "the cat sat"
+    assert exact_match("Paris.", ["Lima", "paris"]) == 100.0
+    assert exact_match("Paris is the capital", ["Paris"]) == 0.0
+    # LCS 3 of prediction (3 tokens) and reference (6 tokens): P = 1, R = 0.5, F = 2/3.
+    assert rouge_l("the cat sat", ["the cat sat on the mat"]) == pytest.approx(200 / 3)
+    assert rouge_l("dogs", ["a cat", "the dog"]) == pytest.approx(100 * 2 * 0.5 / 1.5)  # stemming: dogs ~ dog
+
+
+def test_bad_task_files_give_clear_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        load_task(bad)
+    bad.write_text(json.dumps({"name": "x", "instances": [{"input": "a", "output": "b"}, {"input": "c", "output": ["d"]}]}))
+    with pytest.raises(ValueError, match="instance 0"):
+        load_task(bad)
+    with pytest.raises(FileNotFoundError):
+        load_tasks(tmp_path / "nowhere")
