@@ -325,12 +325,12 @@ def train_library(
     target = TargetSpec.from_model(model_dir, cfg.modules, cfg.rank, cfg.alpha, base_model=BASE_MODEL_NAME)
     tpm = tokens_per_microbatch or (49152 if torch.device(device).type == "cuda" else 2048)
 
-    jobs = [Job(t.name, task_examples(tok, t, cfg), cfg.batch_size) for t in tqdm(todo, desc="tokenising", disable=not progress)]
     train_names = [t.name for t in tasks if t.name not in held]
+    need = {t.name for t in todo} | (set(train_names) if want_multi else set())
+    examples_of = {t.name: task_examples(tok, t, cfg) for t in tqdm(tasks, desc="tokenising", disable=not progress) if t.name in need}
+    jobs = [Job(t.name, examples_of[t.name], cfg.batch_size) for t in todo]
     if want_multi:
-        by = {t.name: t for t in tasks}
-        examples = [e for n in train_names for e in task_examples(tok, by[n], cfg)]
-        jobs.append(Job(MULTITASK, examples, cfg.multitask_batch_size))
+        jobs.append(Job(MULTITASK, [e for n in train_names for e in examples_of[n]], cfg.multitask_batch_size))
     size = group_size or len(jobs)
     seconds, stats = 0.0, []
     by_name = {t.name: t for t in tasks}
