@@ -217,12 +217,13 @@ class InProcessBackend:
     def _run_pass(self, descriptions: list[str], seed: int) -> list[AdapterFiles]:
         """Worker thread: one generator pass, adapters serialised to PEFT files."""
         gen = self._load()
+        self.passes += 1
+        logger.info("generator pass %d started: %d description(s)", self.passes, len(descriptions))
         t0 = time.perf_counter()
         adapters, seconds = gen.generate_timed(descriptions, seed=seed)
         files = [a.to_peft_files() for a in adapters]
-        self.passes += 1
         logger.info(
-            "generator pass %d: %d adapter(s) in %.3f s (encode %.3f, diffuse %.3f, decode %.3f)",
+            "generator pass %d finished: %d adapter(s) in %.3f s (encode %.3f, diffuse %.3f, decode %.3f)",
             self.passes, len(descriptions), time.perf_counter() - t0,
             seconds.get("encode", 0.0), seconds.get("diffuse", 0.0), seconds.get("decode", 0.0),
         )

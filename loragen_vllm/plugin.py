@@ -35,6 +35,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NoReturn
 
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
@@ -128,7 +129,7 @@ class LoRAGenResolver(LoRAResolver):
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         try:
             stored = await self._resolve(lora_name)
-        except LoragenError as e:
+        except Exception as e:  # noqa: BLE001 -- every failure leaves through the one mapping
             _raise_for_vllm(e, lora_name)
         return LoRARequest(lora_name=lora_name, lora_int_id=lora_int_id(stored.key), lora_path=str(stored.path))
 
@@ -154,7 +155,9 @@ class LoRAGenResolver(LoRAResolver):
             else:
                 del self._resolving[key]
                 if key not in self._holders:  # failed, or superseded by a new fingerprint's key
-                    self._unpin_later(key)
+                    done = self._unpin_later(key)
+                    if done is not None:
+                        await done
 
     async def _get_or_generate(self, key: str, description: str, fingerprint: str) -> StoredAdapter:
         loop = asyncio.get_running_loop()
@@ -222,8 +225,11 @@ class LoRAGenResolver(LoRAResolver):
         if key not in self._resolving:
             self._unpin_later(key)
 
-    def _unpin_later(self, key: str) -> None:
-        """Unpin ``key`` off the event loop, if no name uses it and no request resolves it by then."""
+    def _unpin_later(self, key: str) -> asyncio.Future[None] | None:
+        """Unpin ``key`` off the event loop, if no name uses it and no request resolves it by then.
+
+        Returns the future of that unpin when a loop runs (else it is done at once).
+        """
 
         def unpin() -> None:
             with self.store.key_lock(key):  # a concurrent resolution pins under this lock
@@ -231,9 +237,11 @@ class LoRAGenResolver(LoRAResolver):
                     self.store.unpin(key)
 
         try:
-            asyncio.get_running_loop().run_in_executor(self._io, unpin)
-        except RuntimeError:  # no running loop (shutdown): do it now
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no running loop (shutdown, tests): do it now
             unpin()
+            return None
+        return loop.run_in_executor(self._io, unpin)
 
     @property
     def remembered(self) -> int:
@@ -241,10 +249,18 @@ class LoRAGenResolver(LoRAResolver):
         return len(self._names)
 
 
-def _raise_for_vllm(err: LoragenError, lora_name: str) -> None:
-    """The one place a failure becomes an HTTP error: raise what vLLM renders as its status."""
-    level = logging.WARNING if isinstance(err, GeneratorUnavailable) else logging.INFO
-    logger.log(level, "loragen refused model %.60r: %s (%s)", lora_name, err, err.status.value)
+def _raise_for_vllm(err: Exception, lora_name: str) -> NoReturn:
+    """The one place a failure becomes an HTTP error: raise what vLLM renders as its status.
+
+    `LoragenError`s keep their message and status (400 invalid description, 503 generator
+    unavailable); anything else is a bug or an I/O failure: logged with its traceback, and
+    the client gets a 500 that does not leak internals.
+    """
+    if isinstance(err, LoragenError):
+        level = logging.WARNING if isinstance(err, GeneratorUnavailable) else logging.INFO
+        logger.log(level, "loragen refused model %.60r: %s (%s)", lora_name, err, err.status.value)
+    else:
+        logger.error("loragen failed on model %.60r", lora_name, exc_info=err)
     raise to_vllm_exception(err) from err
 
 

@@ -40,11 +40,6 @@ DEFAULT_MAX_RESOLVED = 256  # names vLLM remembers at once (each pins one stored
 DEFAULT_MAX_LORAS = 4  # adapters in one batch (vLLM --max-loras)
 DEFAULT_MAX_CPU_LORAS = 32  # adapters vLLM's workers keep loaded (vLLM --max-cpu-loras)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
-NO_GENERATOR_MESSAGE = (
-    "loragen-vllm serve needs a generator checkpoint: pass --generator CKPT_DIR (a folder with "
-    "config.json and model.safetensors, e.g. one written by `python -m generator train`). "
-    "A trained default generator is not shipped yet."
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,19 +230,22 @@ def _announce_when_ready(host: str, port: int, served_name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Start the server (blocks until it stops). Returns a process exit code.
 
-    Reads ``args.base_model``, ``args.generator``, ``args.store``, ``args.host``, ``args.port``
-    and ``args.vllm_args`` (what followed ``--``), and if present ``args.ray_address``,
-    ``args.seed``, ``args.device``, ``args.max_resolved``.
+    Reads ``args.base_model``, ``args.generator`` (None: the default checkpoint), ``args.store``,
+    ``args.host``, ``args.port`` and ``args.vllm_args`` (what followed ``--``), and if present
+    ``args.ray_address``, ``args.seed``, ``args.device``, ``args.max_resolved``.
     """
     from loragen_vllm.backends import CheckpointInfo
+    from loragen_vllm.defaults import MISSING_GENERATOR, default_generator_checkpoint
     from loragen_vllm.store import default_store_dir
 
-    generator = getattr(args, "generator", None)
     ray_address = getattr(args, "ray_address", None)
+    generator = getattr(args, "generator", None)
     if generator is None and ray_address is None:
-        print(f"error: {NO_GENERATOR_MESSAGE}", file=sys.stderr)
-        return 2
-    lora_rank = 8
+        generator = default_generator_checkpoint()
+        if generator is None:
+            print(f"error: {MISSING_GENERATOR}", file=sys.stderr)
+            return 2
+    lora_rank = 16  # a Ray generator: unknown until it answers; --max-lora-rank after -- overrides
     if generator is not None:
         try:
             info = CheckpointInfo.read(generator)
