@@ -39,8 +39,11 @@ def free_port() -> int:
 class ServerProcess:
     """One ``loragen-vllm serve`` subprocess (and its vLLM children) with a captured log."""
 
-    def __init__(self, generator: Path, store: Path, log_path: Path, port: int | None = None) -> None:
+    def __init__(
+        self, generator: Path, store: Path, log_path: Path, port: int | None = None, serve_args: tuple[str, ...] = ()
+    ) -> None:
         self.generator = generator
+        self.serve_args = serve_args  # more `serve` options, e.g. ("--ray-address", ADDR) (tests/fixtures_ray.py)
         self.store = store
         self.log_path = log_path
         self.port = port or free_port()
@@ -63,7 +66,7 @@ class ServerProcess:
         cmd = [
             sys.executable, "-m", "loragen_vllm", "serve",
             "--generator", str(self.generator), "--store", str(self.store),
-            "--host", "127.0.0.1", "--port", str(self.port),
+            "--host", "127.0.0.1", "--port", str(self.port), *self.serve_args,
             "--", "--max-model-len", "512", "--max-num-seqs", "16",
         ]
         self._run_start = self.log_path.stat().st_size if self.log_path.exists() else 0
