@@ -95,15 +95,16 @@ class ServerProcess:
         raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        """Ctrl-C the server's process group (vLLM shuts down cleanly), SIGKILL if stuck.
+        """SIGINT the server (vLLM shuts its engine down), then SIGKILL what is left of its group.
 
-        SIGINT, not SIGTERM: under uvloop the API server was seen to ignore SIGTERM.
+        SIGINT to the API server alone, not to the group (the engine would die first) and not
+        SIGTERM (under uvloop the API server was seen to ignore it).
         """
         if self.proc is None:
             return
         pgid = self.proc.pid  # start_new_session: the server leads its own group
         if self.proc.poll() is None:
-            os.killpg(pgid, signal.SIGINT)
+            self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:

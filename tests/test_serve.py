@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -183,6 +185,21 @@ def test_vllm_memory_stays_bounded(vllm_server: ServerProcess) -> None:
     assert vllm_server.generations() == generated
 
 
+def test_examples_run_against_the_server(vllm_server: ServerProcess) -> None:
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    url = f"{vllm_server.url}/v1"
+    for script in ("chat_blocking.py", "chat_streaming.py"):
+        out = subprocess.run([sys.executable, str(examples / script), "--base-url", url, "--max-tokens", "8"],
+                             capture_output=True, text=True, timeout=TIMEOUT)
+        assert out.returncode == 0 and out.stdout.strip(), out.stderr
+    if shutil.which("curl"):
+        out = subprocess.run(["bash", str(examples / "curl.sh"), vllm_server.url],
+                             capture_output=True, text=True, timeout=TIMEOUT)
+        assert out.returncode == 0, out.stderr
+        assert '"object":"chat.completion"' in out.stdout and "data: [DONE]" in out.stdout
+        assert "whitespace only" in out.stdout
+
+
 # ----------------------------------------------------------------------------------------------
 # After a restart on the same store
 
@@ -254,3 +271,4 @@ def test_corrupt_adapter_is_regenerated_never_served(restarted: ServerProcess, d
     assert restarted.generations(key) == 1  # detected by its sha256 check and regenerated
     assert store_of(restarted).get(key, record_hit=False) is not None  # the new one verifies
     assert any(p.name.startswith(key) for p in (restarted.store / "quarantine").iterdir())
+
