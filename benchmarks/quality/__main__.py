@@ -72,6 +72,7 @@ def main(argv=None) -> None:
     s.add_argument("--results", default="benchmarks/results")
     s.add_argument("--stem", default="quality", help="output file names (<stem>.json/.md/.png)")
     s.add_argument("--fresh", action="store_true", help="do not merge into the existing <stem>.json")
+    s.add_argument("--oracle-summary", help="oracles.json of generator.oracle: its settings and speed go into the table")
     a = ap.parse_args(argv)
 
     tasks = load_tasks(a.tasks)
@@ -94,6 +95,10 @@ def main(argv=None) -> None:
         path = Path(a.results) / f"{a.stem}.json"
         existing = None if a.fresh or not path.is_file() else json.loads(path.read_text())
         q = merge_rows(existing, a.generations, {t.name: t for t in tasks}, splits)
+        if a.oracle_summary:
+            q["oracle_training"] = json.loads(Path(a.oracle_summary).read_text())
+        elif existing and "oracle_training" in existing:
+            q["oracle_training"] = existing["oracle_training"]
         for p in write_outputs(q, a.results, a.stem):
             print(p)
         for name, r in q["rows"].items():

@@ -148,6 +148,13 @@ def markdown(q: dict) -> str:
             f"| {_fmt(z, 'exact_match')} | {_fmt(z, 'rougeL')} | {_rel(z, 'exact_match')} / {_rel(z, 'rougeL')} "
             f"| {_fmt(a, 'exact_match')} / {_fmt(a, 'rougeL')} |"
         )
+    tr = q.get("oracle_training", {}).get("runs", [])
+    if tr:
+        r, c = tr[-1], tr[-1]["config"]
+        lines += ["", f"Oracles: {r['tasks_trained']} task adapters + the multi-task LoRA trained together in one batched "
+                  f"model on {r['device']}: {c['steps']} steps x {c['batch_size']} examples per task (multi-task: x "
+                  f"{c['multitask_batch_size']}), lr {c['lr']}, seed {c['seed']}; {r['train_seconds']:.0f} s, "
+                  f"**{r['adapters_per_minute']} adapters per minute**."]
     lines += ["", "## Provenance", "", "| row | commit | machine | date | command |", "|---|---|---|---|---|"]
     for name, r in q["rows"].items():
         m = r["meta"]
