@@ -188,31 +188,41 @@ class InProcessBackend:
 
     async def _flush(self) -> None:
         """Run passes until nothing waits: wait out the window, take a batch, run it off-loop."""
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            await asyncio.sleep(self.batch_window_s)
-            seed = self._pending[0].seed
-            batch = [p for p in self._pending if p.seed == seed][: self.max_batch]
-            taken = {id(p) for p in batch}
-            self._pending = [p for p in self._pending if id(p) not in taken]
-            batch = [p for p in batch if not p.future.done()]  # callers that gave up
-            if not batch:
-                continue
-            descriptions = [p.description for p in batch]
-            try:
-                files = await loop.run_in_executor(self._executor, self._run_pass, descriptions, seed)
-            except Exception as e:  # the pass failed: fail its requests, keep serving
-                err = e if isinstance(e, GeneratorUnavailable) else GeneratorUnavailable(
-                    f"adapter generation failed ({type(e).__name__}: {e})"
-                )
-                logger.error("generator pass of %d description(s) failed: %s", len(batch), err)
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(err)
-                continue
-            for p, f in zip(batch, files):
+        try:
+            while self._pending:
+                await asyncio.sleep(self.batch_window_s)
+                await self._run_batch()
+        except BaseException as e:  # a bug or shutdown: nobody may wait forever
+            for p in self._pending:
                 if not p.future.done():
-                    p.future.set_result(f)
+                    p.future.set_exception(GeneratorUnavailable(f"the generator stopped ({type(e).__name__})"))
+            self._pending.clear()
+            raise
+
+    async def _run_batch(self) -> None:
+        """One generator pass for the oldest waiting seed's descriptions (at most ``max_batch``)."""
+        seed = self._pending[0].seed
+        batch = [p for p in self._pending if p.seed == seed][: self.max_batch]
+        taken = {id(p) for p in batch}
+        self._pending = [p for p in self._pending if id(p) not in taken]
+        batch = [p for p in batch if not p.future.done()]  # callers that gave up
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            files = await loop.run_in_executor(self._executor, self._run_pass, [p.description for p in batch], seed)
+        except Exception as e:  # the pass failed: fail its requests, keep serving
+            err = e if isinstance(e, GeneratorUnavailable) else GeneratorUnavailable(
+                f"adapter generation failed ({type(e).__name__}: {e})"
+            )
+            logger.error("generator pass of %d description(s) failed: %s", len(batch), err)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(err)
+            return
+        for p, f in zip(batch, files):
+            if not p.future.done():
+                p.future.set_result(f)
 
     def _run_pass(self, descriptions: list[str], seed: int) -> list[AdapterFiles]:
         """Worker thread: one generator pass, adapters serialised to PEFT files."""

@@ -24,12 +24,14 @@ Environment:
     LORAGEN_SEED            generation seed (0)
     LORAGEN_MAX_DESCRIPTION_CHARS  longest accepted description (1000)
     LORAGEN_BATCH_WINDOW_MS micro-batching window of the in-process backend (20)
+    LORAGEN_GENERATE_TIMEOUT_S  longest wait for one generation before a 503 (600)
     LORAGEN_STORE, LORAGEN_STORE_MAX_ADAPTERS, LORAGEN_STORE_MAX_BYTES  the store (store.py)
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import time
@@ -60,6 +62,7 @@ class PluginConfig:
     seed: int = 0
     max_description_chars: int = MAX_DESCRIPTION_CHARS
     batch_window_s: float = DEFAULT_BATCH_WINDOW_S
+    generate_timeout_s: float = 600.0  # a generation taking longer is a 503
 
     @classmethod
     def from_env(cls) -> PluginConfig | None:
@@ -76,13 +79,17 @@ class PluginConfig:
             seed=int(env.get("LORAGEN_SEED", "0")),
             max_description_chars=int(env.get("LORAGEN_MAX_DESCRIPTION_CHARS", MAX_DESCRIPTION_CHARS)),
             batch_window_s=float(env.get("LORAGEN_BATCH_WINDOW_MS", DEFAULT_BATCH_WINDOW_S * 1e3)) / 1e3,
+            generate_timeout_s=float(env.get("LORAGEN_GENERATE_TIMEOUT_S", 600.0)),
         )
 
     def make_backend(self) -> GeneratorBackend:
         if self.ray_address is not None:
-            from loragen_vllm.ray_backend import RayBackend
+            from loragen_vllm.ray_backend import RayBackend, checkpoint_fingerprint
 
-            return RayBackend(self.ray_address)
+            # A local copy of the actor's checkpoint (serve --generator) gives the fingerprint up
+            # front, so stored adapters are found even before the actor first answers.
+            expected = checkpoint_fingerprint(self.generator) if self.generator else None
+            return RayBackend(self.ray_address, expected_fingerprint=expected)
         from loragen_vllm.backends import InProcessBackend
 
         assert self.generator is not None
@@ -178,9 +185,14 @@ class LoRAGenResolver(LoRAResolver):
             if hit is not None:
                 return hit
             t0 = time.perf_counter()
-            files = asyncio.run_coroutine_threadsafe(
-                self.backend.generate(description, self.config.seed), loop
-            ).result()
+            pending = asyncio.run_coroutine_threadsafe(self.backend.generate(description, self.config.seed), loop)
+            try:
+                files = pending.result(timeout=self.config.generate_timeout_s)
+            except concurrent.futures.TimeoutError:
+                pending.cancel()
+                raise GeneratorUnavailable(
+                    f"adapter generation took longer than {self.config.generate_timeout_s:.0f} s"
+                ) from None
             stored = store.publish(
                 files,
                 description=description,
@@ -242,6 +254,10 @@ class LoRAGenResolver(LoRAResolver):
             unpin()
             return None
         return loop.run_in_executor(self._io, unpin)
+
+    def resolved(self, lora_name: str) -> bool:
+        """Whether ``lora_name`` was resolved here and not forgotten since."""
+        return lora_name in self._names
 
     @property
     def remembered(self) -> int:

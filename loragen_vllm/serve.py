@@ -47,19 +47,27 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max
 
 
 class BoundedLoRARequests(MutableMapping[str, V]):
-    """A dict that keeps the ``max_entries`` most recently used names; calls ``on_evict(name)``
-    for each one it drops (LRU) or that is deleted.
+    """A dict that keeps the ``max_entries`` most recently used evictable names; calls
+    ``on_evict(name)`` for each one it drops (LRU) or that is deleted.
 
     Stands in for ``OpenAIServingModels.lora_requests`` (read with ``in``, ``[]``, ``.get``,
     ``.values()``; written with ``[]=`` and ``del``). A read moves the name to the young end;
-    iteration works on a snapshot, so reads during it are safe.
+    iteration works on a snapshot, so reads during it are safe. Names ``evictable`` says no to
+    (adapters loaded with ``--lora-modules`` or ``/v1/load_lora_adapter``) are kept and do not
+    count against the bound.
     """
 
-    def __init__(self, max_entries: int, on_evict: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        max_entries: int,
+        on_evict: Callable[[str], None] | None = None,
+        evictable: Callable[[str], bool] | None = None,
+    ) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         self.max_entries = max_entries
         self.on_evict = on_evict
+        self.evictable = evictable or (lambda name: True)
         self._data: OrderedDict[str, V] = OrderedDict()
         self.evicted = 0  # names dropped for the bound so far
 
@@ -74,8 +82,9 @@ class BoundedLoRARequests(MutableMapping[str, V]):
     def __setitem__(self, name: str, value: V) -> None:
         self._data[name] = value
         self._data.move_to_end(name)
-        while len(self._data) > self.max_entries:
-            old, _ = self._data.popitem(last=False)
+        candidates = [n for n in self._data if self.evictable(n)]  # oldest first
+        for old in candidates[: max(0, len(candidates) - self.max_entries)]:
+            del self._data[old]
             self.evicted += 1
             self._notify(old)
 
@@ -132,9 +141,17 @@ def bound_vllm_memory(max_resolved: int) -> None:
 
     from loragen_vllm.plugin import RESOLVER_NAME
 
-    def forget(name: str) -> None:
+    def resolver() -> Any:
         if RESOLVER_NAME in LoRAResolverRegistry.get_supported_resolvers():
-            LoRAResolverRegistry.get_resolver(RESOLVER_NAME).forget(name)  # type: ignore[attr-defined]
+            return LoRAResolverRegistry.get_resolver(RESOLVER_NAME)
+        return None
+
+    def forget(name: str) -> None:
+        if (r := resolver()) is not None:
+            r.forget(name)
+
+    def ours(name: str) -> bool:  # resolved by the loragen resolver (not a static adapter)
+        return (r := resolver()) is not None and r.resolved(name)
 
     original = OpenAIServingModels.__init__
     if getattr(original, "_loragen_bounded", False):
@@ -143,7 +160,7 @@ def bound_vllm_memory(max_resolved: int) -> None:
     @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        self.lora_requests = BoundedLoRARequests(max_resolved, on_evict=forget)
+        self.lora_requests = BoundedLoRARequests(max_resolved, on_evict=forget, evictable=ours)
         self.lora_resolver_lock = LockTable(max(4 * max_resolved, 64))
         logger.info("vLLM remembers at most %d resolved adapter names (LRU)", max_resolved)
 

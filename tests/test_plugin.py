@@ -172,10 +172,12 @@ def test_bounded_lora_requests_is_an_lru_that_reports_what_it_drops() -> None:
         table.get("c")
     del table["a"]
     assert dropped == ["b", "a"] and len(table) == 2 and "a" not in table
-    many: BoundedLoRARequests[int] = BoundedLoRARequests(10)
+    # names it may not evict (adapters loaded with --lora-modules) stay and do not count
+    many: BoundedLoRARequests[int] = BoundedLoRARequests(10, evictable=lambda n: n != "static")
+    many["static"] = -1
     for i in range(10_000):
         many[f"description {i}"] = i
-    assert len(many) == 10 and many.evicted == 9_990
+    assert len(many) == 11 and many.evicted == 9_990 and "static" in many
 
 
 def test_lock_table_drops_only_idle_locks() -> None:
