@@ -33,11 +33,13 @@ def run_parser() -> argparse.ArgumentParser:
     g.add_argument("--base-model", help="base model folder (default: generator.base_model.ensure_base_model())")
     g.add_argument("--base-name", help="served name of the base model (default: the first of /v1/models)")
     g.add_argument("--generator", help="generator checkpoint folder for the server")
+    g.add_argument("--generator-device", help="torch device of the server's in-process generator "
+                   "(LORAGEN_GENERATOR_DEVICE; the server's default is cpu), e.g. cuda")
     g.add_argument("--store", help="adapter store folder (default with --start-server: a fresh temporary one)")
     g.add_argument("--port", type=int, default=0, help="port for a started server (0: a free one)")
     g.add_argument("--max-loras", type=int, default=8, help="vLLM --max-loras (adapters in one batch)")
     g.add_argument("--max-cpu-loras", type=int, default=8, help="vLLM --max-cpu-loras (LRU cache of loaded adapters)")
-    g.add_argument("--kv-cache-gib", type=float, default=None, help="VLLM_CPU_KVCACHE_SPACE for a CPU server")
+    g.add_argument("--kv-cache-gib", type=int, default=None, help="VLLM_CPU_KVCACHE_SPACE for a CPU server")
     g.add_argument("--serve-arg", action="append", default=[],
                    help="extra option(s) for `loragen-vllm serve` (e.g. '--ray-address auto'), split on "
                    "spaces; repeatable")

@@ -1,7 +1,9 @@
 """The clients: streaming chat requests through the OpenAI API, timed from the client side.
 
 A request's clock starts before anything is sent. Time to first token (TTFT) stops at the
-first streamed chunk that carries text; end-to-end latency (E2E) stops when the stream ends.
+first streamed chunk with a choice: vLLM sends it (the assistant role, then the text) once the
+engine has produced the first token, so a first token that decodes to no text still counts.
+End-to-end latency (E2E) stops when the stream ends.
 Greedy decoding with `ignore_eos` (a vLLM extension) makes every request produce exactly
 `max_tokens` tokens, so throughput compares like with like across adapters.
 
@@ -88,10 +90,11 @@ async def run_request(
         )
         chunks_with_text = 0
         async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
+            if chunk.choices:
                 if rec.ttft is None:
                     rec.ttft = time.perf_counter() - t_start
-                chunks_with_text += 1
+                if chunk.choices[0].delta.content:
+                    chunks_with_text += 1
             if chunk.usage is not None:
                 rec.output_tokens = chunk.usage.completion_tokens
                 rec.prompt_tokens = chunk.usage.prompt_tokens
@@ -99,7 +102,7 @@ async def run_request(
         if not rec.output_tokens:
             rec.output_tokens = chunks_with_text  # no usage chunk: one chunk ~ one token
         if rec.ttft is None:
-            rec.error = "stream ended without text"
+            rec.error = "stream ended without a choice"
     except openai.APIStatusError as e:
         rec.error = f"HTTP {e.status_code}: {str(e.message)[:300]}"
     except Exception as e:  # timeouts, dropped connections: a benchmark records, not crashes

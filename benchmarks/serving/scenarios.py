@@ -98,6 +98,8 @@ class Bench:
         self.cfg = cfg
         self.descriptions = DescriptionSource(workload.descriptions, run_tag)
         self.phases: list[Phase] = []
+        self.setup_errors: list[dict] = []
+        self.load_rtt: list[float] = []
         self.t0 = time.perf_counter()
         self._prompt_i = 0
 
@@ -118,12 +120,21 @@ class Bench:
         return await run_request(self.client, job, scenario, max_tokens or self.cfg.max_tokens, self.t0)
 
     async def touch(self, models: list[str], max_tokens: int = 1, concurrency: int = 1) -> None:
-        """Unmeasured requests that make vLLM use (load) each model once; failures raise."""
+        """Unmeasured requests that make vLLM use (load) each model once.
+
+        A failed one is retried once (and the failure kept in `setup_errors` for the results);
+        a second failure stops the run.
+        """
         jobs = [Job(m, self.prompt()) for m in models]
-        recs, _ = await run_jobs(self.client, jobs, concurrency, "touch", max_tokens, self.t0)
+        recs, _ = await run_jobs(self.client, jobs, concurrency, "setup", max_tokens, self.t0)
         bad = [r for r in recs if r.error]
+        self.setup_errors += [{"model": r.model[:100], "error": r.error} for r in bad]
         if bad:
-            raise RuntimeError(f"{len(bad)} set-up requests failed, first: {bad[0].model[:60]!r}: {bad[0].error}")
+            retry = [Job(r.model, self.prompt()) for r in bad]
+            recs, _ = await run_jobs(self.client, retry, concurrency, "setup", max_tokens, self.t0)
+            bad = [r for r in recs if r.error]
+            if bad:
+                raise RuntimeError(f"{len(bad)} set-up requests failed twice, first: {bad[0].model[:60]!r}: {bad[0].error}")
 
     async def load_oracles(self, oracles: list[Oracle]) -> None:
         for o in oracles:
@@ -140,6 +151,20 @@ class Bench:
         o = self.take_oracles(1)[0]
         await self.one(Job(o.name, self.prompt(), load_path=o.path), "warmup")
         await self.touch(self.descriptions.take(1), c.max_tokens)
+        await self.load_endpoint_rtt()
+
+    async def load_endpoint_rtt(self, n: int = 20) -> None:
+        """Round trip of the load endpoint when it loads nothing (the name is already loaded:
+        vLLM answers 400 at once). Oracle first use pays this on top of the load itself, a
+        generated adapter does not (its load happens inside the chat request)."""
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            try:
+                await load_adapter(self.client, self.preloaded.name, self.preloaded.path)
+            except openai.BadRequestError:
+                times.append(time.perf_counter() - t)
+        self.load_rtt = times
 
     async def single(self) -> None:
         """Base, oracle preloaded / first use / loaded, generated cold / warm; interleaved."""

@@ -5,7 +5,7 @@ Read from what the server writes, matched to client requests by description, nev
   publishing starts, so `published_after` = created - request start (client clock; same
   machine) covers validation, queueing, the generator pass and serialisation;
 - the in-process backend's log line per generator pass
-  (`generator pass N: B adapter(s) in T s (encode e, diffuse d, decode c)`) and the plugin's
+  (`generator pass N [finished]: B adapter(s) in T s (encode e, diffuse d, decode c)`) and the plugin's
   line per generated adapter (`loragen generated adapter key=K in T s ...`), which follows
   its pass's line: each adapter line is given to the latest earlier pass that still has room;
 - a structured line `loragen timing {json}` per adapter, if the plugin writes one (fields:
@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - the benchmark may run without the proj
         return re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip()
 
 
-_PASS_RE = re.compile(r"generator pass (?P<n>\d+): (?P<b>\d+) adapter\(s\) in (?P<t>[\d.]+) s "
+_PASS_RE = re.compile(r"generator pass (?P<n>\d+)(?: finished)?: (?P<b>\d+) adapter\(s\) in (?P<t>[\d.]+) s "
                       r"\(encode (?P<e>[\d.]+), diffuse (?P<d>[\d.]+), decode (?P<c>[\d.]+)\)")
 _GEN_RE = re.compile(r"loragen generated adapter key=(?P<key>[0-9a-f]{64}) in (?P<t>[\d.]+) s")
 _TIMING_RE = re.compile(r"loragen[-_ ]timing (?P<json>\{.*\})\s*$")
@@ -118,5 +118,8 @@ def attach_server_timings(phases: list[dict], log_text: str, store_dir: Path | N
                                                          ("timing_log", bool(timing))) if ok)
             r["server"] = s
             n_attached += 1
+    # An oracle name that vLLM forgot would reach our resolver and be generated as a
+    # "description": that would make the oracle arm measure generated adapters. Say so.
+    leaked = sorted(m["description"] for m in meta.values() if m["description"].startswith("oracle-"))
     return {"store_adapters": len(meta), "pass_log_adapters": len(passes), "timing_lines": len(structured),
-            "records_with_server_timings": n_attached}
+            "records_with_server_timings": n_attached, "oracle_names_generated": leaked}
