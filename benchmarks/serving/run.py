@@ -44,9 +44,7 @@ def serve_command(args: argparse.Namespace, base_model: str, port: int, preloade
             "--lora-modules", f"{preloaded_name}={preloaded_path}"]
     for extra in args.vllm_arg:
         cmd += extra.split()
-    # LORAGEN_MAX_RESOLVED: vLLM must never forget an oracle name (it would then reach our
-    # resolver as a "description"); the run uses far fewer names than this.
-    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "LORAGEN_MAX_RESOLVED": "100000"}
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     if args.generator_device:
         env["LORAGEN_GENERATOR_DEVICE"] = args.generator_device
     if args.kv_cache_gib is not None:
