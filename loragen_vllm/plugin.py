@@ -113,9 +113,11 @@ class LoRAGenResolver(LoRAResolver):
         self.config = config
         self._store = store
         self._backend = backend
-        # Store I/O (hashing, fsync, file locks) and waiting for a key's cross-process lock run
-        # here, never on vLLM's event loop. Generous: a thread may wait on a generation.
-        self._io = ThreadPoolExecutor(max_workers=32, thread_name_prefix="loragen-store")
+        # Store I/O (hashing, fsync, file locks) runs in threads, never on vLLM's event loop:
+        # lookups in `_io`, misses (a thread waits on a key's lock and its generation) in
+        # `_misses`, so many generations in flight never hold up lookups that hit.
+        self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="loragen-store")
+        self._misses = ThreadPoolExecutor(max_workers=64, thread_name_prefix="loragen-miss")
         self._inflight: dict[str, asyncio.Future[StoredAdapter]] = {}
         self._names: dict[str, str] = {}  # lora_name handed to vLLM -> store key (pinned)
         self._holders: dict[str, int] = {}  # store key -> how many remembered names use it
@@ -168,12 +170,23 @@ class LoRAGenResolver(LoRAResolver):
 
     async def _get_or_generate(self, key: str, description: str, fingerprint: str) -> StoredAdapter:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._io, self._locked_get_or_generate, key, description, fingerprint, loop)
+        hit = await loop.run_in_executor(self._io, self._pinned_get, key)
+        if hit is not None:
+            return hit
+        return await loop.run_in_executor(
+            self._misses, self._locked_get_or_generate, key, description, fingerprint, loop
+        )
+
+    def _pinned_get(self, key: str) -> StoredAdapter | None:
+        """Store thread: pin, then the verified adapter or None (absent, or corrupt: quarantined)."""
+        self.store.pin(key)
+        return self.store.get(key)
 
     def _locked_get_or_generate(
         self, key: str, description: str, fingerprint: str, loop: asyncio.AbstractEventLoop
     ) -> StoredAdapter:
-        """Store thread: under the key's cross-process lock, a verified hit or a new adapter.
+        """Miss thread: under the key's cross-process lock, a verified hit (another process or
+        thread was first) or a new adapter.
 
         Pinned before it is looked up, so another process's eviction cannot remove it between
         the lookup and vLLM loading it. (Unpinned by `_resolve` if it is not used after all.)
