@@ -294,9 +294,17 @@ def _raise_for_vllm(err: Exception, lora_name: str) -> NoReturn:
 
 
 def register() -> None:
-    """Entry point of ``vllm.general_plugins``: register the resolver if a generator is configured."""
+    """Entry point of ``vllm.general_plugins``: register the resolver if a generator is configured.
+
+    Idempotent: ``serve`` calls it itself (so it works where the entry point is not installed)
+    and vLLM calls it again through the entry point; the configured resolver stays.
+    """
     config = PluginConfig.from_env()
     if config is None:
         logger.debug("loragen resolver not registered: neither LORAGEN_GENERATOR nor LORAGEN_RAY_ADDRESS is set")
         return
+    if RESOLVER_NAME in LoRAResolverRegistry.get_supported_resolvers():
+        current = LoRAResolverRegistry.get_resolver(RESOLVER_NAME)
+        if isinstance(current, LoRAGenResolver) and current.config == config:
+            return
     LoRAResolverRegistry.register_resolver(RESOLVER_NAME, LoRAGenResolver(config))

@@ -310,6 +310,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"loragen-vllm: vllm serve {shlex.join(argv)}", flush=True)
 
     _configure_logging()
+    from loragen_vllm.plugin import register
+
+    register()  # here too: the API server (this process) is the one that resolves names
     bound_vllm_memory(max_resolved)
     _announce_when_ready(args.host, args.port, served_name)
     return _run_vllm_serve(argv)

@@ -152,6 +152,8 @@ def test_register_reads_the_environment(ckpt: Path, tmp_path: Path, monkeypatch:
         resolver = LoRAResolverRegistry.get_resolver(RESOLVER_NAME)
         assert isinstance(resolver, LoRAGenResolver) and resolver.config.seed == 7
         assert resolver._backend is None and resolver._store is None  # nothing opened yet
+        register()  # vLLM calls it again in the same process: the resolver stays
+        assert LoRAResolverRegistry.get_resolver(RESOLVER_NAME) is resolver
     finally:
         LoRAResolverRegistry.resolvers.pop(RESOLVER_NAME, None)
 
