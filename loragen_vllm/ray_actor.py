@@ -36,6 +36,7 @@ import asyncio
 import collections
 import json
 import os
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -123,7 +124,12 @@ class GeneratorActor:
         cpus = ctx.get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
         self.device = "cuda" if ray.get_gpu_ids() else "cpu"
+        t0 = time.perf_counter()
         self.generator = load_generator(checkpoint, device=self.device)
+        # One pass before the first call: loads the text encoder and warms torch, so that the
+        # actor answers `health` (and `generator start` returns) only once it is really ready.
+        self.generator.generate(["warm-up"], seed=0)
+        self.load_s = time.perf_counter() - t0
         self.started = time.time()
         self.reconstructed = bool(ctx.was_current_actor_reconstructed)
         self.node_id = ctx.get_node_id()
@@ -187,6 +193,7 @@ class GeneratorActor:
             "pid": os.getpid(),
             "host": os.uname().nodename,
             "uptime_s": round(time.time() - self.started, 3),
+            "load_s": round(self.load_s, 3),  # checkpoint load + warm-up pass
             "reconstructed": self.reconstructed,
             "queued": self._queue.qsize() if self._queue is not None else 0,
             "inflight": len(self._inflight),
@@ -288,12 +295,28 @@ def actor_class(max_restarts: int = -1, max_task_retries: int = 3):
 # Starting, finding and stopping the actor (driver side)
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Raise ConnectionError unless the GCS port of a ``HOST:PORT`` address accepts connections.
+
+    ``ray.init`` retries an unreachable GCS for many minutes without giving up (and ignores
+    SIGTERM meanwhile), so the address is tried first. Other address forms are not checked.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"nothing answers at {address} ({e.strerror or e}); is the Ray head running?") from None
+
+
 def connect(address: str, namespace: str = NAMESPACE) -> None:
     """Connect this process to the Ray cluster at `address` as a driver (idempotent)."""
     import ray
 
     if ray.is_initialized():
         return
+    check_reachable(address)
     ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="WARNING")
 
 
@@ -389,7 +412,7 @@ def add_generator_commands(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="generator_command", required=True, metavar="{start,status,stop}")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--ray-address", required=True, help="Ray cluster address, e.g. 10.0.0.1:6379")
+        p.add_argument("--ray-address", required=True, metavar="ADDR", help="Ray cluster address, e.g. 10.0.0.1:6379")
         p.add_argument("--name", default=ACTOR_NAME, help=f"actor name (default {ACTOR_NAME})")
         p.add_argument("--namespace", default=NAMESPACE, help=f"Ray namespace (default {NAMESPACE})")
 
@@ -397,23 +420,31 @@ def add_generator_commands(parser: argparse.ArgumentParser) -> None:
     common(p)
     p.add_argument(
         "--checkpoint",
+        "--generator",
+        dest="checkpoint",
+        metavar="CKPT",
         default=None,
         help="generator checkpoint folder; must be readable at this path on the actor's node "
-        "(default: the project's default checkpoint)",
+        "(default: $LORAGEN_GENERATOR, else the shipped checkpoint)",
     )
-    p.add_argument("--num-gpus", type=float, default=None, help="GPUs for the actor (default: 1 if the cluster has one, else 0)")
-    p.add_argument("--num-cpus", type=float, default=1, help="CPUs for the actor (default 1)")
+    p.add_argument("--num-gpus", type=float, default=None, metavar="N", help="GPUs for the actor (default: 1 if the cluster has one, else 0)")
+    p.add_argument("--num-cpus", type=float, default=1, metavar="N", help="CPUs for the actor (default 1)")
     p.add_argument(
         "--resources",
         type=json.loads,
         default=None,
+        metavar="JSON",
         help='custom Ray resources, to pin the actor to a node, e.g. \'{"generator_node": 1}\'',
     )
-    p.add_argument("--batch-window-ms", type=float, default=ActorConfig.batch_window_s * 1000)
-    p.add_argument("--max-batch-size", type=int, default=ActorConfig.max_batch_size)
-    p.add_argument("--cache-mib", type=float, default=ActorConfig.cache_bytes / 2**20, help="result cache (MiB)")
-    p.add_argument("--max-restarts", type=int, default=-1, help="-1: restart forever")
-    p.add_argument("--max-task-retries", type=int, default=3)
+    p.add_argument("--batch-window-ms", type=float, default=ActorConfig.batch_window_s * 1000, metavar="MS",
+                   help="calls arriving this soon after the first share one generator pass (default 5)")
+    p.add_argument("--max-batch-size", type=int, default=ActorConfig.max_batch_size, metavar="N",
+                   help="descriptions per generator pass at most (default 32)")
+    p.add_argument("--cache-mib", type=float, default=ActorConfig.cache_bytes / 2**20, metavar="MIB",
+                   help="memory for recent results, so a description several servers ask for is generated once (default 256)")
+    p.add_argument("--max-restarts", type=int, default=-1, metavar="N", help="-1: restart forever (default)")
+    p.add_argument("--max-task-retries", type=int, default=3, metavar="N",
+                   help="times a call in flight when the actor died is re-sent to the restarted one (default 3; -1: always)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the actor to be ready")
     p.set_defaults(generator_func=_cmd_start)
 
@@ -437,16 +468,20 @@ def run_generator_command(args: argparse.Namespace) -> int:
     return args.generator_func(args)
 
 
-def _default_checkpoint() -> str:
-    try:
-        from generator import default_checkpoint  # the project's trained checkpoint, if provided
-    except ImportError:
-        raise SystemExit("error: --checkpoint is required (no default generator checkpoint)") from None
-    return str(default_checkpoint())
+def _default_checkpoint() -> str | None:
+    from loragen_vllm.defaults import default_generator_checkpoint
+
+    ckpt = default_generator_checkpoint()  # $LORAGEN_GENERATOR, else the shipped checkpoint
+    return None if ckpt is None else str(ckpt)
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or _default_checkpoint()
+    if checkpoint is None:
+        from loragen_vllm.defaults import MISSING_GENERATOR
+
+        print(f"error: {MISSING_GENERATOR.replace('--generator', '--checkpoint')}", file=sys.stderr)
+        return 2
     config = ActorConfig(
         batch_window_s=args.batch_window_ms / 1000,
         max_batch_size=args.max_batch_size,

@@ -17,18 +17,22 @@ client's retry is answered at once.
 The fingerprint (part of every store key) is the actor's; it is learnt on first contact and from
 every answer, and kept, so store lookups work while the actor is unreachable. A server that
 starts while the actor is down can be given the fingerprint up front (`expected_fingerprint`).
+
+Environment: ``LORAGEN_RAY_TIMEOUT_S`` (default 60) is the bound on one call when `timeout_s`
+is not given (the plugin does not give it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from typing import Any
 
 from loragen_vllm.errors import GeneratorUnavailable, InvalidDescription
-from loragen_vllm.ray_actor import ACTOR_NAME, NAMESPACE, AdapterFiles, AdapterMeta, decode_meta
+from loragen_vllm.ray_actor import ACTOR_NAME, NAMESPACE, AdapterFiles, AdapterMeta, connect, decode_meta
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +50,11 @@ class RayBackend:
         *,
         actor_name: str = ACTOR_NAME,
         namespace: str = NAMESPACE,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float | None = None,
         expected_fingerprint: str | None = None,
     ) -> None:
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("LORAGEN_RAY_TIMEOUT_S", DEFAULT_TIMEOUT_S))
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.address = address
@@ -151,16 +157,11 @@ class RayBackend:
         with self._init_lock:
             if not ray.is_initialized():
                 try:
-                    ray.init(
-                        address=self.address,
-                        namespace=self.namespace,
-                        log_to_driver=False,
-                        logging_level="WARNING",
-                    )
+                    connect(self.address, self.namespace)
                 except Exception as e:
                     raise GeneratorUnavailable(
-                        f"cannot connect to the Ray cluster at {self.address} "
-                        f"({type(e).__name__}): new descriptions cannot be generated; retry later"
+                        f"cannot connect to the Ray cluster at {self.address} ({_first_line(e)}): "
+                        "new descriptions cannot be generated; retry later"
                     ) from e
             try:
                 return ray.get_actor(self.actor_name, namespace=self.namespace)
@@ -204,6 +205,17 @@ class RayBackend:
         if left <= 0:
             raise GeneratorUnavailable(f"{self.where} did not answer within {self.timeout_s:g} s; retry later")
         return left
+
+
+def checkpoint_fingerprint(ckpt_dir: str) -> str | None:
+    """The fingerprint in a checkpoint's ``config.json``, or None if it cannot be read."""
+    from loragen_vllm.backends import CheckpointInfo
+
+    try:
+        return CheckpointInfo.read(ckpt_dir).fingerprint
+    except (OSError, ValueError) as e:
+        logger.warning("cannot read the generator fingerprint from %s: %s", ckpt_dir, e)
+        return None
 
 
 def _actor_died_types() -> tuple[type[BaseException], ...]:

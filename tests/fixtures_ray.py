@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,7 @@ class LocalRayCluster:
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[tuple[str, subprocess.Popen]] = []  # (name, `ray start --block` process)
+        self._relaunch: dict[str, tuple[Callable[[], list[str]], int]] = {}  # name -> (args, attempt)
         self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0")
 
     def _node_args(self, name: str, resources: dict[str, float]) -> list[str]:
@@ -71,22 +73,27 @@ class LocalRayCluster:
             "--block",
         ]  # fmt: skip
 
-    def _launch(self, name: str, args: list[str]) -> None:
-        log = open(self.root / f"{name}.log", "wb")
-        proc = subprocess.Popen(
-            [RAY_BIN, "start", *args], stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-        )
-        self.nodes.append((name, proc))
+    def _launch(self, name: str, make_args: Callable[[], list[str]], attempt: int = 1) -> None:
+        with open(self.root / f"{name}.log", "ab") as log:
+            log.write(f"\n===== {name}: attempt {attempt}\n".encode())
+            proc = subprocess.Popen(
+                [RAY_BIN, "start", *make_args()], stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                start_new_session=True,
+            )  # fmt: skip
+        self.nodes = [n for n in self.nodes if n[0] != name] + [(name, proc)]
+        self._relaunch[name] = (make_args, attempt)
 
     def start_head(self, resources: dict[str, float]) -> None:
-        args = ["--head", "--port", str(self.port), "--include-dashboard=false",
-                "--ray-client-server-port", str(_free_port())]  # fmt: skip
-        self._launch("head", args + self._node_args("head", resources))
+        def args() -> list[str]:
+            return ["--head", "--port", str(self.port), "--include-dashboard=false",
+                    "--ray-client-server-port", str(_free_port())] + self._node_args("head", resources)  # fmt: skip
+
+        self._launch("head", args)
 
     def add_node(self, name: str, resources: dict[str, float]) -> None:
-        self._launch(name, ["--address", self.address] + self._node_args(name, resources))
+        self._launch(name, lambda: ["--address", self.address] + self._node_args(name, resources))
 
-    def wait_for_head(self, timeout_s: float = 120.0) -> None:
+    def wait_for_head(self, timeout_s: float = 180.0) -> None:
         """Block until the head's GCS port accepts connections."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -98,7 +105,7 @@ class LocalRayCluster:
                 time.sleep(0.5)
         raise TimeoutError(f"Ray head at {self.address} did not come up in {timeout_s} s")
 
-    def wait_for_nodes(self, n: int, timeout_s: float = 120.0) -> None:
+    def wait_for_nodes(self, n: int, timeout_s: float = 180.0) -> None:
         """Block until `n` nodes are alive (this process must be connected: ray.init)."""
         import ray
 
@@ -110,11 +117,17 @@ class LocalRayCluster:
             time.sleep(0.5)
         raise TimeoutError(f"Ray cluster at {self.address} did not reach {n} nodes in {timeout_s} s")
 
-    def _check_alive(self) -> None:
-        for name, proc in self.nodes:
-            if proc.poll() is not None:
-                log = (self.root / f"{name}.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"ray node {name} exited with {proc.returncode}:\n{log}")
+    def _check_alive(self, max_attempts: int = 3) -> None:
+        """Start again a node whose `ray start` exited while starting (seen on an overloaded
+        2-core machine: the raylet gives up waiting on the GCS); fail after `max_attempts`."""
+        for name, proc in list(self.nodes):
+            if proc.poll() is None:
+                continue
+            make_args, attempt = self._relaunch[name]
+            log = (self.root / f"{name}.log").read_text(errors="replace")
+            if attempt >= max_attempts:
+                raise RuntimeError(f"ray node {name} exited with {proc.returncode} ({attempt} attempts):\n{log[-4000:]}")
+            self._launch(name, make_args, attempt + 1)
 
     def node_id(self, resource: str) -> str:
         """The id of the (alive) node that offers `resource`."""
@@ -158,17 +171,22 @@ def ray_cluster():
     # Short path: Ray's unix sockets live under the temp dir (107-byte path limit).
     root = Path(tempfile.mkdtemp(prefix="lgray-", dir="/tmp"))
     cluster = LocalRayCluster(root)
+    started = False
     try:
         cluster.start_head({HEAD_RESOURCE: 1})
         cluster.wait_for_head()
         cluster.add_node("gen", {GEN_RESOURCE: 1})
         ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
         cluster.wait_for_nodes(2)
+        started = True
         yield cluster
     finally:
         ray.shutdown()
         cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        if started:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"\nRay cluster did not start; its logs are in {root}")
 
 
 @pytest.fixture(scope="session")
@@ -186,3 +204,32 @@ def generator_actor(ray_cluster, tiny_generator_ckpt):
     )
     assert created
     return health
+
+
+@pytest.fixture(scope="module")
+def ray_servers(ray_cluster, generator_actor, tiny_generator_ckpt, tmp_path_factory):
+    """Two ``loragen-vllm serve --ray-address`` servers with separate stores (as on two nodes).
+
+    Module-scoped: only tests/test_ray.py uses them, and they (~2-3 GiB each) are gone before
+    other modules start their own server. Started in parallel (each start is ~30-60 s).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.fixtures_serving import ServerProcess
+
+    root = tmp_path_factory.mktemp("ray-serving")
+    servers = [
+        ServerProcess(
+            tiny_generator_ckpt, root / f"store{i}", root / f"server{i}.log",
+            serve_args=("--ray-address", ray_cluster.address),
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        with ThreadPoolExecutor(len(servers)) as pool:
+            list(pool.map(ServerProcess.start, servers))
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+            print(f"\nvLLM server log: {server.log_path}")

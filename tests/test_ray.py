@@ -13,7 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -23,9 +25,12 @@ from loragen_vllm.errors import GeneratorUnavailable, InvalidDescription  # noqa
 from loragen_vllm.ray_actor import (  # noqa: E402
     ACTOR_NAME,
     NAMESPACE,
+    ActorConfig,
     actor_class,
     decode_meta,
     find_actor,
+    start_actor,
+    stop_actor,
 )
 from loragen_vllm.ray_backend import RayBackend  # noqa: E402
 from tests.fixtures_ray import GEN_RESOURCE  # noqa: E402
@@ -54,6 +59,27 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+def test_backend_without_cluster_is_unavailable_at_once():
+    """No Ray head at the address: a 503-type error within seconds (ray.init alone would hang)."""
+    from tests.fixtures_ray import _free_port
+
+    code = (
+        "import asyncio, time\n"
+        "from loragen_vllm.errors import GeneratorUnavailable\n"
+        "from loragen_vllm.ray_backend import RayBackend\n"
+        f"b = RayBackend('127.0.0.1:{_free_port()}', timeout_s=30)\n"
+        "t0 = time.monotonic()\n"
+        "try:\n"
+        "    asyncio.run(b.generate('Write a haiku about the sea.', 0))\n"
+        "except GeneratorUnavailable as e:\n"
+        "    print(round(time.monotonic() - t0, 1), e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    seconds, message = out.stdout.split(" ", 1)
+    assert "cannot connect to the Ray cluster" in message and "is the Ray head running?" in message
+    assert float(seconds) < 10
 
 
 def test_actor_is_pinned_to_its_node(ray_cluster, generator_actor):
@@ -200,3 +226,81 @@ def test_cli_stop_then_start_and_backend_recovers(ray_cluster, generator_actor, 
     assert "adapter_model.safetensors" in asyncio.run(backend.generate("Name the smallest planet.", 0))
     assert backend.fingerprint == generator_actor["fingerprint"]
     assert find_actor(ACTOR_NAME, NAMESPACE) is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: two vLLM servers (serve --ray-address) share the actor
+
+
+def _chat(server, model: str) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": model, "max_tokens": 4, "temperature": 0,
+              "messages": [{"role": "user", "content": "The soup was cold and the waiter rude."}]},
+        timeout=300,
+    )  # fmt: skip
+
+
+def _parallel(fn, args: list) -> list:
+    with ThreadPoolExecutor(len(args)) as pool:
+        return list(pool.map(fn, args))
+
+
+def _assert_ok_or_503(r: httpx.Response) -> None:
+    assert r.status_code in (200, 503), (r.status_code, r.text)
+    if r.status_code == 503:
+        message = r.json()["error"]["message"]
+        assert "generator actor" in message and "retry later" in message, message
+
+
+def test_description_asked_on_two_servers_is_generated_once(ray_servers):
+    a, b = ray_servers
+    d = "Classify the restaurant review as positive or negative."
+    before = _health()["stats"]
+    replies = _parallel(lambda s: _chat(s, d), [a, b])
+    assert [r.status_code for r in replies] == [200, 200], [r.text for r in replies]
+    assert all(r.json()["model"] == d for r in replies)
+    after = _health()["stats"]
+    assert after["generated"] - before["generated"] == 1  # one generator pass for both servers
+    shared = (after["joined"] - before["joined"]) + (after["cache_hits"] - before["cache_hits"])
+    assert shared == 1
+    assert a.generations() >= 1 and b.generations() >= 1  # each published it into its own store
+    assert _chat(a, d).status_code == 200  # now from a's store: the actor is not asked
+    assert _health()["stats"]["calls"] == after["calls"]
+
+
+def test_servers_survive_actor_killed_mid_flight(ray_servers):
+    before = _health()
+    descriptions = [f"Rewrite the customer email number {i} politely." for i in range(4)]
+    jobs = [(ray_servers[i % 2], d) for i, d in enumerate(descriptions)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(_chat, s, d) for s, d in jobs]
+        time.sleep(0.5)  # requests reach the actor
+        os.kill(before["pid"], signal.SIGKILL)
+        replies = [f.result() for f in futures]
+    for r in replies:
+        _assert_ok_or_503(r)
+    for server in ray_servers:
+        assert server.proc.poll() is None and httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    after = _wait_healthy()
+    assert after["pid"] != before["pid"]
+    r = _chat(ray_servers[0], "List the ingredients named in the recipe.")
+    assert r.status_code == 200, r.text
+
+
+def test_actor_gone_503_stored_still_served_then_recovers(ray_cluster, ray_servers, tiny_generator_ckpt):
+    a, _ = ray_servers
+    stored = "Classify the restaurant review as positive or negative."  # generated above
+    assert _chat(a, stored).status_code == 200
+    assert stop_actor()
+    try:
+        r = _chat(a, "Name the capital city of the country in the question.")
+        assert r.status_code == 503
+        assert "generator start" in r.json()["error"]["message"]
+        assert _chat(a, stored).status_code == 200  # stored adapters keep working
+    finally:
+        start_actor(tiny_generator_ckpt, num_gpus=0, resources={GEN_RESOURCE: 1},
+                    config=ActorConfig(batch_window_s=0.02), max_task_retries=-1)  # fmt: skip
+    # The server finds the new actor by name by itself.
+    r = _chat(a, "Name the capital city of the country in the question.")
+    assert r.status_code == 200, r.text
