@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -84,3 +86,23 @@ def test_batched_training_equals_training_alone(smollm2):
     assert not torch.allclose(together[0].B["q_proj"], together[1].B["q_proj"])
     # the model is the plain base model again
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+
+
+def test_library_travels_as_bf16_shards(tmp_path):
+    """pack -> unpack keeps every adapter (bf16-rounded), its side files and the folder layout."""
+    from generator.oracle import pack_library, unpack_library
+
+    target = TargetSpec.smollm2()
+    root = tmp_path / "oracles"
+    for k, sub in enumerate(("library/task_a", "library/task_b", "held_out/task_c", "multitask")):
+        folder = _random_adapter(target, k).save_peft(root / sub)
+        if sub != "multitask":
+            (folder / "descriptions.json").write_text(json.dumps([f"description {k}"]))
+    shards = pack_library(root, tmp_path / "shards", num_shards=3)
+    names = unpack_library(shards, tmp_path / "back")
+    assert sorted(names) == ["held_out/task_c", "library/task_a", "library/task_b", "multitask"]
+    got = LoRAAdapter.load_peft(tmp_path / "back" / "held_out" / "task_c")
+    want = _random_adapter(target, 2)
+    torch.testing.assert_close(got.B["v_proj"], want.B["v_proj"].bfloat16().float())
+    assert json.loads((tmp_path / "back/library/task_b/descriptions.json").read_text()) == ["description 1"]
+    assert not (tmp_path / "back/multitask/descriptions.json").exists()

@@ -87,3 +87,27 @@ def test_bad_task_files_give_clear_errors(tmp_path):
         load_task(bad)
     with pytest.raises(FileNotFoundError):
         load_tasks(tmp_path / "nowhere")
+
+
+def test_table_scores_from_generation_files(tasks, tmp_path):
+    """Scores are means over instances and variants; % of oracle is relative to the oracle row's tasks."""
+    from benchmarks.quality.generate import Prompt, write_row
+    from benchmarks.quality.score import merge_rows
+
+    splits = load_splits(TASKS)
+    by = {t.name: t for t in tasks}
+    name = splits.held_out[0]
+    _, test = split_instances(by[name])
+    right = [x.outputs[0] for x in test]
+    prompts = [Prompt(name, i, "0", []) for i in range(len(test))]
+    write_row(tmp_path / "oracle.jsonl", {"row": "oracle", "commit": "c", "machine": "m", "date": "d", "command": "x"}, prompts, right)
+    half = [y if i % 2 == 0 else "wrong answer" for i, y in enumerate(right)]
+    two = [Prompt(name, i, v, []) for v in ("d0s0", "d1s0") for i in range(len(test))]
+    write_row(tmp_path / "loragen.jsonl", {"row": "loragen", "commit": "c", "machine": "m", "date": "d", "command": "x"}, two, right + half)
+    q = merge_rows(None, [tmp_path / "oracle.jsonl", tmp_path / "loragen.jsonl"], by, splits)
+    assert q["rows"]["oracle"]["per_task"][name]["exact_match"] == 100.0
+    expected = 100.0 * (len(test) + (len(test) + 1) // 2) / (2 * len(test))
+    assert q["rows"]["loragen"]["per_task"][name]["exact_match"] == pytest.approx(expected, abs=1e-3)
+    zs = q["rows"]["loragen"]["zero_shot"]
+    assert zs["tasks"] == 1 and zs["relative_to_oracle"]["exact_match"] == pytest.approx(expected, abs=0.1)
+    assert q["rows"]["loragen"]["in_distribution"] is None  # none of its tasks evaluated

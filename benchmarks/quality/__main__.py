@@ -9,7 +9,7 @@ Generated adapters (a generator checkpoint; 3 evaluation descriptions x seeds pe
 
     python -m benchmarks.quality generate --tasks data/sni/tasks --rows loragen \
         --generator runs/loragen --seeds 0 1 --task-set table --out runs/quality
-    python -m benchmarks.quality generate ... --rows loragen_random --conditioning random
+    python -m benchmarks.quality generate ... --rows loragen_random loragen_other   # controls (by row name)
 
 Scores (CPU), merged into the existing table:
 
@@ -56,7 +56,8 @@ def main(argv=None) -> None:
     g.add_argument("--out", required=True)
     g.add_argument("--oracles", type=Path, help="root written by generator.oracle (library/, held_out/, multitask/)")
     g.add_argument("--generator", help="generator checkpoint folder (for generated-adapter rows)")
-    g.add_argument("--conditioning", default="description", choices=("description", "random", "other"))
+    g.add_argument("--conditioning", default="description", choices=("description", "random", "other"),
+                   help="for generated rows; a row named <name>_random / <name>_other is that control whatever this says")
     g.add_argument("--seeds", type=int, nargs="+", default=[0])
     g.add_argument("--task-set", default="all", choices=("all", "table", "held_out", "in_distribution"))
     g.add_argument("--limit-tasks", type=int, help="first N tasks of the set (dry runs)")

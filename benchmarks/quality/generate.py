@@ -288,6 +288,14 @@ def write_row(path: Path, meta: dict, prompts: Sequence[Prompt], preds: Sequence
 BASELINE_ROWS = ("base", "system", "icl", "average", "multitask", "oracle")
 
 
+def row_conditioning(row: str, default: str = "description") -> str:
+    """Conditioning controls by row name: `<name>_random` -> random strings, `<name>_other` -> another task's."""
+    for suffix in ("random", "other"):
+        if row.endswith("_" + suffix):
+            return suffix
+    return default
+
+
 def run_rows(
     rows: Iterable[str],
     tasks: Sequence[Task],
@@ -365,7 +373,8 @@ def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, gene
     else:
         if generator_ckpt is None:
             raise ValueError(f"row {row!r} is not a baseline ({', '.join(BASELINE_ROWS)}); give --generator")
-        adapters, slot_of, extra = generated_adapters(generator_ckpt, tasks, conditioning, seeds, device, all_tasks or {t.name: t for t in tasks})
+        cond = row_conditioning(row, conditioning)
+        adapters, slot_of, extra = generated_adapters(generator_ckpt, tasks, cond, seeds, device, all_tasks or {t.name: t for t in tasks})
         multi = multi_with(model, adapters)
         variants = lambda t: [f"d{j}s{s}" for s in seeds for j in range(len(eval_descriptions(t)))]
         prompts = input_prompts(tok, tasks, slot_of=lambda name, v: slot_of[(name, v)], variants=variants)

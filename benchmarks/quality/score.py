@@ -32,6 +32,13 @@ ROW_LABELS = {
     "t2l_recon": "T2L (recon)",
     "t2l_sft": "T2L (SFT)",
     "loragen": "LoRAGen",
+    "loragen_no_moe": "LoRAGen w/o MoE decoder",
+    "loragen_no_direction": "LoRAGen w/o direction loss",
+    "loragen_no_spectral": "LoRAGen w/o spectral loss",
+    "loragen_random": "LoRAGen, random-string description (control)",
+    "loragen_other": "LoRAGen, another task's description (control)",
+    "t2l_sft_random": "T2L (SFT), random-string description (control)",
+    "t2l_sft_other": "T2L (SFT), another task's description (control)",
     "oracle": "Oracle LoRAs",
 }
 
