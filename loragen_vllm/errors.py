@@ -36,9 +36,10 @@ So the plugin catches `LoragenError` at its edge and raises ``to_vllm_exception(
 the client then sees the status, type and param that ``to_http(err)`` describes (checked against
 vLLM's own ``create_error_response`` in ``tests/test_descriptions.py``). `StoreCorrupt` is
 internal: the store turns it into a miss, the adapter is regenerated, and it never reaches a
-client; should it ever escape it maps to 500. On vLLM versions without ``VLLMValidationError`` /
-``RetryableRequestError`` in ``vllm.exceptions`` (before 0.29), `to_vllm_exception` falls back to
-``ValueError`` for 4xx (400 in those versions) and ``RuntimeError`` for 5xx (500).
+client; should it ever escape it maps to 500. Each vLLM class is imported on its own; where
+one is missing (older vLLM, e.g. 0.26 on the GPU machines: not verified here) the fallback is
+``ValueError`` for 4xx (vLLM maps it to 400) and ``RuntimeError`` for 5xx (500, so a 503 would
+degrade to a 500 there).
 """
 
 from __future__ import annotations
@@ -138,18 +139,23 @@ def to_vllm_exception(exc: BaseException) -> Exception:
     status, body = to_http(exc)
     message = body["error"]["message"]
     param = body["error"]["param"]
-    try:
-        from vllm.exceptions import RetryableRequestError, VLLMValidationError
-    except ImportError:  # vLLM < 0.29: only ValueError is mapped to a 4xx there
-        return ValueError(message) if status < 500 else RuntimeError(message)
     if status == HTTPStatus.BAD_REQUEST:
+        try:
+            from vllm.exceptions import VLLMValidationError
+        except ImportError:  # older vLLM: ValueError is what it maps to 400
+            return ValueError(message)
         return VLLMValidationError(message, parameter=param)
     if status == HTTPStatus.SERVICE_UNAVAILABLE:
-        return RetryableRequestError(message)
-    if status >= 500:
+        try:
+            from vllm.exceptions import RetryableRequestError
+        except ImportError:
+            pass
+        else:
+            return RetryableRequestError(message)
+    if status >= 500 and status != HTTPStatus.SERVICE_UNAVAILABLE:
         return RuntimeError(message)  # -> 500 "InternalServerError"
     try:
         from vllm.exceptions import GracefulHTTPError
-    except ImportError:
-        return ValueError(message)
+    except ImportError:  # older vLLM: 4xx as ValueError (400), 503 as a plain error (500)
+        return ValueError(message) if status < 500 else RuntimeError(message)
     return GracefulHTTPError(message, status)  # other 4xx: type is the HTTP phrase
