@@ -27,7 +27,10 @@ from safetensors.torch import save as st_save
 
 from .config import TargetSpec
 
-__all__ = ["TargetSpec", "LoRAAdapter", "AdapterFiles", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
+__all__ = [
+    "TargetSpec", "LoRAAdapter", "AdapterFiles", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS",
+    "write_peft_files", "stack_adapters", "unstack_adapters",
+]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -249,3 +252,28 @@ def write_peft_files(files: Mapping[str, bytes], out_dir: str | Path) -> Path:
                 os.unlink(tmp)
             raise
     return out
+
+
+def stack_adapters(adapters: list[LoRAAdapter]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Stack adapters of one target: A[m] (N, L, r, d_in), B[m] (N, L, d_out, r)."""
+    if not adapters:
+        raise ValueError("no adapters to stack")
+    target = adapters[0].target
+    A = {m: torch.stack([a.A[m].float() for a in adapters]) for m in target.modules}
+    B = {m: torch.stack([a.B[m].float() for a in adapters]) for m in target.modules}
+    return A, B
+
+
+def unstack_adapters(
+    target: TargetSpec, A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor]
+) -> list[LoRAAdapter]:
+    """Inverse of `stack_adapters` (detached, contiguous, float32, on CPU)."""
+    n = next(iter(A.values())).shape[0]
+    return [
+        LoRAAdapter(
+            target,
+            {m: A[m][i].detach().float().cpu().contiguous() for m in target.modules},
+            {m: B[m][i].detach().float().cpu().contiguous() for m in target.modules},
+        )
+        for i in range(n)
+    ]

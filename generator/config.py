@@ -195,11 +195,11 @@ class LAEConfig(_JSONMixin):
 
     d_z: int = 64                 # latent size per location
     enc_hidden: int = 256         # per-location encoder MLP width
-    d_struct: int = 32            # size of each of the module and layer embeddings e_m, e_l
+    d_struct: int = 32            # size of e_m and e_l, and of the encoder's row features
     num_experts: int = 4          # E, per output head
     top_k: int = 1                # experts used per token
     tau: float = 1.5              # router softmax temperature
-    expert_hidden: int = 256      # expert MLP hidden width (SiLU)
+    expert_hidden: int = 64       # expert MLP hidden width (SiLU); paper: 256 (see lae.py on size)
     w_direction: float = 1.0      # alpha_adapter split: direction loss weight
     w_spectral: float = 2.0       # spectral loss weight
     beta_kl: float = 1e-4         # KL weight (small: the latent must stay informative)
@@ -211,7 +211,7 @@ class LAEConfig(_JSONMixin):
 class DiffusionConfig(_JSONMixin):
     """Latent diffusion (LoRAGen stage 2): DiT denoiser + schedule + sampler defaults."""
 
-    d_model: int = 256
+    d_model: int = 160
     depth: int = 4
     num_heads: int = 4
     mlp_ratio: float = 4.0
@@ -226,13 +226,11 @@ class DiffusionConfig(_JSONMixin):
 
 @dataclass
 class T2LConfig(_JSONMixin):
-    """Text-to-LoRA 'M' hypernetwork (Charakorn et al., ICML 2025)."""
+    """Text-to-LoRA 'M' hypernetwork (Charakorn et al., ICML 2025); sizes as in its defaults."""
 
-    d_cond: int = 384              # description-embedding size
-    d_module: int = 32             # learned module embedding
-    d_layer: int = 32              # learned layer embedding
-    d_ab: int = 32                 # learned A/B embedding (the "M" variant emits A or B per pass)
-    hidden: int = 512              # MLP width
+    d_cond: int = 384              # description-embedding size (all-MiniLM-L6-v2)
+    latent_size: int = 128         # trunk width: task code (latent/2) ++ layer (latent/4) ++ module (latent/4)
+    head_in: int = 512             # width entering the per-module output heads
     dropout: float = 0.05
 
 
@@ -242,7 +240,8 @@ class TrainConfig(_JSONMixin):
 
     steps: int = 2000              # LAE steps (loragen) or hypernetwork steps (t2l)
     diffusion_steps: int = 2000    # DiT steps (loragen only)
-    batch_size: int = 16           # adapters per step
+    batch_size: int = 16           # descriptions per step (t2l, dit)
+    tokens_per_step: int = 64      # LAE: locations per module per step, drawn from all adapters
     lr: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0

@@ -8,9 +8,11 @@
 `make_synthetic_library()` writes a library of random low-rank adapters for tests and demos.
 Real LoRA libraries are not independent random matrices: adapters trained from one
 initialisation seed share most of A, and task updates lie near a low-dimensional family. The
-synthetic adapters mimic that: at each location, A = A0 + sum_k c_k A_k and B = sum_k c_k B_k +
-noise, with location-specific random A0, A_k, B_k shared by all tasks and a task code c ~ N(0, I)
-of `num_factors` entries. dW = B A is then a task-specific quadratic function of c plus noise.
+synthetic adapters mimic that: at each location, A = A0 + sum_k c_k A_k (small A_k) and
+B = sum_k c_k B_k + noise, with random A0, A_k, B_k shared by all tasks and a task code c ~ N(0, I)
+of `num_factors` entries. B_k is common to all layers up to a per-layer part of relative size
+`layer_var` (one task's updates are correlated across layers). dW = B A is then a task-specific
+function of c plus noise.
 Each task gets its own descriptions built from a distinct (skill, subject) pair.
 """
 
@@ -160,6 +162,7 @@ def synthetic_adapters(
     num_factors: int = 8,
     b_scale: float = 0.02,
     noise: float = 0.1,
+    layer_var: float = 0.2,
 ) -> list[LoRAAdapter]:
     """`num_tasks` adapters from the low-dimensional family described in the module docstring."""
     L, r, K = target.num_layers, target.rank, num_factors
@@ -169,8 +172,11 @@ def synthetic_adapters(
     for m in target.modules:
         d_in, d_out = target.shapes[m]
         A0 = torch.randn(L, r, d_in, generator=generator) / d_in**0.5  # the shared "init"
-        Ak = torch.randn(K, L, r, d_in, generator=generator) / d_in**0.5 * 0.5
-        Bk = torch.randn(K, L, d_out, r, generator=generator) * b_scale / K**0.5
+        Ak = torch.randn(K, L, r, d_in, generator=generator) / d_in**0.5 * 0.1  # A moves little from init
+        # Task directions of B: shared by all layers, plus a per-layer part (layers of one task
+        # adapter are correlated in real libraries).
+        Bk = torch.randn(K, 1, d_out, r, generator=generator) + layer_var * torch.randn(K, L, d_out, r, generator=generator)
+        Bk = Bk * b_scale / (K * (1 + layer_var**2)) ** 0.5
         A = A0 + torch.einsum("nk,klrd->nlrd", codes, Ak)  # (N, L, r, d_in)
         B = torch.einsum("nk,klor->nlor", codes, Bk)  # (N, L, d_out, r)
         B = B + noise * b_scale * torch.randn(B.shape, generator=generator)

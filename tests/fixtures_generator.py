@@ -25,3 +25,31 @@ def synthetic_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from generator.library import make_synthetic_library
 
     return make_synthetic_library(tmp_path_factory.mktemp("library"), num_tasks=8, descriptions_per_task=2, seed=0)
+
+
+# A small LoRAGen for tests that need *a* generator (serving, API, CLI): SmolLM2 target
+# (q_proj, v_proj, 30 layers, r=8), small LAE and DiT, short training.
+TINY_CONFIGS = {
+    "lae": {"d_z": 16, "enc_hidden": 64, "expert_hidden": 32},
+    "diffusion": {"d_model": 64, "depth": 2, "num_heads": 2, "sample_steps": 10},
+}
+TINY_TRAIN = {"steps": 120, "diffusion_steps": 120, "tokens_per_step": 32, "batch_size": 8, "lr": 3e-3,
+              "checkpoint_every": 0}
+
+
+@pytest.fixture(scope="session")
+def tiny_generator_ckpt(tmp_path_factory: pytest.TempPathFactory, synthetic_library: Path) -> Path:
+    """Checkpoint folder of a LoRAGen generator trained on `synthetic_library` (~10-30 s on 2 cores)."""
+    import torch
+
+    from generator.config import TrainConfig
+    from generator.train import train
+
+    out = tmp_path_factory.mktemp("tiny_generator")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train("loragen", synthetic_library, out, TrainConfig(**TINY_TRAIN), TINY_CONFIGS, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return out

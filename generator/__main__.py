@@ -1,0 +1,103 @@
+"""Command line: `python -m generator train ...` and `python -m generator generate ...`.
+
+    python -m generator train --kind loragen|t2l --library DIR --out CKPT [--steps N] [--resume]
+    python -m generator generate --checkpoint CKPT --description TEXT [--seed N] --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import TrainConfig
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .train import train
+
+    torch.set_num_threads(max(1, args.threads))
+    configs: dict = {}
+    if args.model_config:
+        configs = json.loads(Path(args.model_config).read_text())
+        unknown = set(configs) - {"lae", "diffusion", "t2l"}
+        if unknown:
+            raise ValueError(f"--model-config: unknown sections {sorted(unknown)} (use lae, diffusion, t2l)")
+    defaults = TrainConfig()
+    cfg = TrainConfig(
+        steps=args.steps if args.steps is not None else defaults.steps,
+        diffusion_steps=args.diffusion_steps if args.diffusion_steps is not None else defaults.diffusion_steps,
+        batch_size=args.batch_size, tokens_per_step=args.tokens_per_step, lr=args.lr, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, num_threads=args.threads,
+    )
+    gen = train(args.kind, args.library, args.out, cfg, configs, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps({"checkpoint": str(Path(args.out).resolve()), "kind": gen.kind,
+                      "fingerprint": gen.fingerprint, "parameters": gen.num_parameters}))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .api import Generator
+
+    gen = Generator.load(args.checkpoint, device=args.device)
+    adapters, timings = gen.generate_timed([args.description], seed=args.seed, steps=args.steps, guidance=args.guidance)
+    out = adapters[0].save_peft(args.out, base_model_name_or_path=args.base_model_path)
+    print(json.dumps({"adapter": str(out.resolve()), "fingerprint": gen.fingerprint, "seed": args.seed,
+                      "seconds": {k: round(v, 6) for k, v in timings.items()}}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m generator", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a generator on a LoRA library folder")
+    t.add_argument("--kind", choices=["loragen", "t2l"], required=True)
+    t.add_argument("--library", required=True, help="folder with one sub-folder per task (PEFT adapter + descriptions.json)")
+    t.add_argument("--out", required=True, help="checkpoint folder to write")
+    t.add_argument("--steps", type=int, help="LAE steps (loragen) or hypernetwork steps (t2l)")
+    t.add_argument("--diffusion-steps", type=int, help="denoiser training steps (loragen)")
+    t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    t.add_argument("--tokens-per-step", type=int, default=TrainConfig.tokens_per_step,
+                   help="LAE locations per module per step (loragen)")
+    t.add_argument("--lr", type=float, default=TrainConfig.lr)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every,
+                   help="steps between training-state checkpoints (for --resume)")
+    t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    t.add_argument("--model-config", help='JSON file {"lae": {...}, "diffusion": {...}, "t2l": {...}}')
+    t.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt if present")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_train)
+
+    g = sub.add_parser("generate", help="generate a PEFT adapter folder for one description")
+    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--description", required=True)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True, help="adapter folder to write")
+    g.add_argument("--steps", type=int, help="sampler steps (loragen; default from the checkpoint)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (loragen)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--base-model-path", help="base_model_name_or_path to write (default: the checkpoint's base model)")
+    g.set_defaults(func=_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (use --resume to continue training)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Public API: a trained generator loaded from its checkpoint folder, turning descriptions into adapters.
+
+Checkpoint folder:
+    config.json         kind, target, model configs, encoder, sampler settings, fingerprint
+    model.safetensors   all weights and buffers of the generator (float32)
+
+The fingerprint is a sha256 over the canonical JSON config (without the fingerprint) and every
+tensor's name, dtype, shape and bytes; it changes when the weights change, and `load` checks it.
+
+Determinism: the diffusion noise of each description comes from its own `torch.Generator`, seeded
+by sha256(seed, description) and drawn on the CPU, so a description's adapter does not depend on
+what else is in the batch (up to float rounding of batched matmuls) nor on the device's RNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save
+
+from .adapter import LoRAAdapter, unstack_adapters, write_peft_files
+from .config import DiffusionConfig, LAEConfig, T2LConfig, TargetSpec
+from .encoder import ENCODER_DIM, ENCODER_NAME, DescriptionEncoder
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+KINDS = ("loragen", "t2l")
+
+_encoders: dict[str, DescriptionEncoder] = {}
+_encoders_lock = threading.Lock()
+
+
+def shared_encoder(device: str | torch.device = "cpu") -> DescriptionEncoder:
+    """One DescriptionEncoder per device and process (it is ~90 MB)."""
+    key = str(torch.device(device))
+    with _encoders_lock:
+        if key not in _encoders:
+            _encoders[key] = DescriptionEncoder(device=key)
+        return _encoders[key]
+
+
+def noise_seed(seed: int, description: str) -> int:
+    """64-bit (non-negative, < 2**63) seed of one description's noise: sha256(seed, description)."""
+    digest = hashlib.sha256(f"{int(seed)}\x00{description}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def build_model(kind: str, target: TargetSpec, configs: dict[str, Any]) -> torch.nn.Module:
+    """The untrained model of a kind from its config dicts."""
+    if kind == "t2l":
+        from .t2l import T2L
+
+        return T2L(target, T2LConfig.from_dict(configs.get("t2l", {})))
+    if kind == "loragen":
+        from .loragen import LoRAGen
+
+        return LoRAGen(target, LAEConfig.from_dict(configs.get("lae", {})),
+                       DiffusionConfig.from_dict(configs.get("diffusion", {})))
+    raise ValueError(f"unknown generator kind {kind!r}; expected one of {KINDS}")
+
+
+def compute_fingerprint(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the config (fingerprint field excluded) and all tensors, hex."""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in config.items() if k != "fingerprint"}, sort_keys=True).encode())
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"\x00{name}\x00{t.dtype}\x00{tuple(t.shape)}\x00".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class Generator:
+    """A trained generator (LoRAGen or T2L) on one device."""
+
+    def __init__(
+        self,
+        kind: str,
+        target: TargetSpec,
+        model: torch.nn.Module,
+        configs: dict[str, Any],
+        sampler: dict[str, Any] | None = None,
+        device: str | torch.device = "cpu",
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown generator kind {kind!r}")
+        self.kind = kind
+        self.target = target
+        self.configs = configs
+        self.sampler = {"steps": 20, "guidance": 1.0, **(sampler or {})}
+        self.extra = dict(extra or {})
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self._encoder: DescriptionEncoder | None = None
+        self.fingerprint = compute_fingerprint(self.config_dict(include_fingerprint=False), self.model.state_dict())
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoint
+
+    def config_dict(self, include_fingerprint: bool = True) -> dict[str, Any]:
+        cfg: dict[str, Any] = {
+            "format": FORMAT_VERSION,
+            "kind": self.kind,
+            "base_model": self.target.base_model,
+            "target": self.target.to_dict(),
+            "configs": self.configs,
+            "encoder": {"name": ENCODER_NAME, "dim": ENCODER_DIM},
+            "sampler": self.sampler,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+        if include_fingerprint:
+            cfg["fingerprint"] = self.fingerprint
+        return cfg
+
+    def save(self, ckpt_dir: str | Path) -> Path:
+        """Write config.json + model.safetensors (each file atomically)."""
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
+        files = {
+            WEIGHTS_FILE: save(state, metadata={"format": "pt", "fingerprint": self.fingerprint}),
+            CONFIG_FILE: json.dumps(self.config_dict(), indent=2, sort_keys=True).encode(),
+        }
+        return write_peft_files(files, ckpt_dir)  # weights first, config last: config marks completion
+
+    @classmethod
+    def load(cls, ckpt_dir: str | Path, device: str | torch.device = "cpu") -> "Generator":
+        """Load a checkpoint folder; raises FileNotFoundError / ValueError if it is missing or corrupt."""
+        ckpt = Path(ckpt_dir)
+        cfg_path, w_path = ckpt / CONFIG_FILE, ckpt / WEIGHTS_FILE
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise FileNotFoundError(f"{ckpt} is not a generator checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+        if cfg.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{ckpt}: unsupported checkpoint format {cfg.get('format')!r}")
+        target = TargetSpec.from_dict(cfg["target"])
+        model = build_model(cfg["kind"], target, cfg["configs"])
+        try:
+            state = load_file(str(w_path))
+        except Exception as e:
+            raise ValueError(f"{w_path} is not a valid safetensors file: {e}") from None
+        model.load_state_dict(state, strict=True)
+        gen = cls(cfg["kind"], target, model, cfg["configs"], cfg.get("sampler"), device, cfg.get("extra"))
+        if cfg.get("fingerprint") != gen.fingerprint:
+            raise ValueError(f"{ckpt}: fingerprint mismatch (corrupt or edited checkpoint)")
+        return gen
+
+    # ------------------------------------------------------------------------------------------
+    # Generation
+
+    @property
+    def encoder(self) -> DescriptionEncoder:
+        if self._encoder is None:
+            self._encoder = shared_encoder(self.device)
+        return self._encoder
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @staticmethod
+    def _check(descriptions: Sequence[str]) -> list[str]:
+        if isinstance(descriptions, str):
+            raise TypeError("generate() takes a sequence of descriptions, not one string")
+        out = list(descriptions)
+        for d in out:
+            if not isinstance(d, str):
+                raise TypeError(f"a description must be a string, got {type(d).__name__}")
+            if not d.strip():
+                raise ValueError("a description must not be empty")
+        return out
+
+    @torch.inference_mode()
+    def generate_factors(
+        self,
+        cond: torch.Tensor,
+        descriptions: Sequence[str],
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Embeddings (N, 384) -> stacked factors A[m] (N, L, r, d_in), B[m] (N, L, d_out, r) on the device."""
+        timings = timings if timings is not None else {}
+        cond = cond.to(self.device)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        t0 = time.perf_counter()
+        if self.kind == "t2l":
+            timings["diffuse"] = 0.0
+            A, B = self.model.generate(cond)
+        else:
+            gens = [torch.Generator().manual_seed(noise_seed(seed, d)) for d in descriptions]
+            z = self.model.sample_latents(
+                cond, gens,
+                steps=int(steps or self.sampler["steps"]),
+                guidance=float(self.sampler["guidance"] if guidance is None else guidance),
+            )
+            sync()
+            t1 = time.perf_counter()
+            timings["diffuse"] = t1 - t0
+            t0 = t1
+            A, B = self.model.decode(z)
+        sync()
+        timings["decode"] = time.perf_counter() - t0
+        return A, B
+
+    def generate_timed(
+        self, descriptions: Sequence[str], seed: int = 0, steps: int | None = None, guidance: float | None = None
+    ) -> tuple[list[LoRAAdapter], dict[str, float]]:
+        """Adapters for `descriptions` plus seconds spent: {"encode", "diffuse", "decode"}."""
+        descriptions = self._check(descriptions)
+        if not descriptions:
+            return [], {"encode": 0.0, "diffuse": 0.0, "decode": 0.0}
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        cond = self.encoder.encode(descriptions)
+        timings["encode"] = time.perf_counter() - t0
+        A, B = self.generate_factors(cond, descriptions, seed, steps, guidance, timings)
+        t0 = time.perf_counter()
+        adapters = unstack_adapters(self.target, A, B)
+        timings["decode"] += time.perf_counter() - t0
+        return adapters, timings
+
+    def generate(
+        self, descriptions: Sequence[str], seed: int = 0, steps: int | None = None, guidance: float | None = None
+    ) -> list[LoRAAdapter]:
+        """One adapter per description (same order). Same description + seed + checkpoint -> same adapter."""
+        return self.generate_timed(descriptions, seed, steps, guidance)[0]
+
+
+load_generator = Generator.load

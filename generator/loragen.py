@@ -1,0 +1,67 @@
+"""LoRAGen (Huang et al., ICLR 2026): LAE (stage 1) + latent diffusion with a DiT (stage 2).
+
+Generation: description embedding -> DDIM sampling of the normalised latent tokens (N, P, d_z)
+with the DiT -> un-normalise -> LAE decoder -> factors. The latents the diffusion model learns
+are the LAE posterior means of the library's adapters, normalised by their per-dimension mean
+and one global std (the usual latent-diffusion "scale factor"), stored as buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .config import DiffusionConfig, LAEConfig, TargetSpec
+from .diffusion import GaussianDiffusion, initial_noise
+from .dit import DiT
+from .lae import LoRAAutoencoder
+
+
+class LoRAGen(nn.Module):
+    """The LoRAGen generator: all weights and buffers in one state dict."""
+
+    kind = "loragen"
+
+    def __init__(self, target: TargetSpec, lae_cfg: LAEConfig, diff_cfg: DiffusionConfig) -> None:
+        super().__init__()
+        self.target, self.lae_cfg, self.diff_cfg = target, lae_cfg, diff_cfg
+        self.lae = LoRAAutoencoder(target, lae_cfg)
+        self.dit = DiT(lae_cfg.d_z, len(target.modules), target.num_layers, diff_cfg)
+        self.diffusion = GaussianDiffusion(diff_cfg.num_timesteps, diff_cfg.beta_start, diff_cfg.beta_end)
+        self.register_buffer("z_mean", torch.zeros(lae_cfg.d_z))
+        self.register_buffer("z_std", torch.ones(()))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.target.num_locations
+
+    @torch.no_grad()
+    def fit_latent_scale(self, z: Tensor) -> None:
+        """z: (T, P, d_z) posterior means of the library."""
+        self.z_mean.copy_(z.mean(dim=(0, 1)))
+        self.z_std.copy_((z - self.z_mean).std().clamp_min(1e-6))
+
+    def diffusion_loss(
+        self, z: Tensor, cond: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """v-prediction MSE on normalised latents z (N, P, d_z) given description embeddings (N, d_cond)."""
+        x0 = (z - self.z_mean) / self.z_std
+        loss = self.diffusion.training_loss(self.dit, x0, cond, self.diff_cfg.cond_dropout, generator)
+        return loss, {"v_mse": loss.item()}
+
+    @torch.no_grad()
+    def sample_latents(
+        self, cond: Tensor, generators: Sequence[torch.Generator], steps: int, guidance: float = 1.0
+    ) -> Tensor:
+        """cond: (N, d_cond) -> latents (N, P, d_z); noise of row i from generators[i]."""
+        noise = initial_noise((self.num_tokens, self.lae_cfg.d_z), generators).to(cond)
+        x0 = self.diffusion.ddim_sample(self.dit, cond, noise, steps=steps, guidance=guidance)
+        return x0 * self.z_std + self.z_mean
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Latents (N, P, d_z) -> A[m] (N, L, r, d_in), B[m] (N, L, d_out, r)."""
+        A, B, _ = self.lae.decode(z)
+        return A, B

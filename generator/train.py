@@ -1,0 +1,253 @@
+"""Training loops for both generator kinds: resumable, reproducible from a seed, with tqdm.
+
+* T2L: one stage, reconstruction of the library's factors from description embeddings.
+* LoRAGen: stage "lae" trains the LoRA autoencoder on the library's adapters; the posterior means
+  of all adapters are then the latents; stage "dit" trains the diffusion denoiser on
+  (description embedding, latent) pairs.
+
+Every `checkpoint_every` steps the full training state (weights, optimiser, stage, step) is
+written atomically to `<out>/train_state.pt`; `resume=True` continues from it. Batches are drawn
+from a generator seeded by (seed, stage, step), so a resumed run sees the batches an
+uninterrupted run would. The finished checkpoint is `<out>/config.json` + `<out>/model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapter import stack_adapters
+from .api import Generator, build_model
+from .config import DiffusionConfig, LAEConfig, T2LConfig, TargetSpec, TrainConfig
+from .encoder import DescriptionEncoder
+from .library import load_library
+
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class TrainingData:
+    """A library as tensors: factors per task and embeddings per description."""
+
+    target: TargetSpec
+    task_names: list[str]
+    A: dict[str, torch.Tensor]  # module -> (T, L, r, d_in)
+    B: dict[str, torch.Tensor]  # module -> (T, L, d_out, r)
+    cond: torch.Tensor  # (D, 384), one row per description
+    desc_task: torch.Tensor  # (D,) task index of each description
+    descriptions: list[str]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+
+def load_training_data(
+    library: str | Path, target: TargetSpec | None = None, encoder: DescriptionEncoder | None = None
+) -> TrainingData:
+    """Load a library folder and embed all its descriptions."""
+    tasks = load_library(library, target)
+    A, B = stack_adapters([t.adapter for t in tasks])
+    descriptions = [d for t in tasks for d in t.descriptions]
+    desc_task = torch.tensor([i for i, t in enumerate(tasks) for _ in t.descriptions])
+    from .api import shared_encoder
+
+    cond = (encoder or shared_encoder("cpu")).encode(descriptions)
+    return TrainingData(tasks[0].adapter.target, [t.name for t in tasks], A, B, cond, desc_task, descriptions)
+
+
+def _batch_generator(seed: int, stage: str, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + {"t2l": 1, "lae": 2, "dit": 3}[stage] * 7_919 + step) % 2**63)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class _Run:
+    """Shared bookkeeping: state file, resume, optimisers, progress bars."""
+
+    def __init__(
+        self, kind: str, out: Path, identity: dict[str, Any], resume: bool, progress: bool,
+        callback: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.kind, self.out, self.identity, self.progress, self.callback = kind, out, identity, progress, callback
+        out.mkdir(parents=True, exist_ok=True)
+        self.state: dict[str, Any] | None = None
+        path = out / STATE_FILE
+        if resume and path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if state.get("identity") != identity:
+                raise ValueError(f"{path} belongs to a different training run (kind, target, configs or library differ)")
+            self.state = state
+
+    def save(self, model: torch.nn.Module, stage: str, step: int, optim: torch.optim.Optimizer, extra: dict | None = None) -> None:
+        _atomic_torch_save(
+            {"identity": self.identity, "stage": stage, "step": step, "model": model.state_dict(),
+             "optim": optim.state_dict(), "rng": torch.get_rng_state(), "extra": extra or {}},
+            self.out / STATE_FILE,
+        )
+
+    def loop(
+        self,
+        model: torch.nn.Module,
+        stage: str,
+        steps: int,
+        params: list[torch.nn.Parameter],
+        cfg: TrainConfig,
+        step_fn: Callable[[torch.Generator], tuple[torch.Tensor, dict[str, float]]],
+        stages_order: list[str],
+    ) -> dict[str, float]:
+        """Run (or resume, or skip if already done) one stage of `steps` optimiser steps."""
+        optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+        def lr_at(s: int) -> float:  # 50-step warm-up, then linear decay to 10%
+            return cfg.lr * min(1.0, (s + 1) / 50) * (0.1 + 0.9 * (1 - s / max(1, steps)))
+        start = 0
+        if self.state is not None:
+            done_stage = self.state["stage"]
+            if stages_order.index(done_stage) > stages_order.index(stage):
+                model.load_state_dict(self.state["model"])  # this stage finished before the interruption
+                model.eval()
+                return {}
+            if done_stage == stage:
+                model.load_state_dict(self.state["model"])
+                optim.load_state_dict(self.state["optim"])
+                start = int(self.state["step"])
+                torch.set_rng_state(self.state["rng"])  # dropout draws continue as if never stopped
+        logs: dict[str, float] = {}
+        model.train()
+        bar = tqdm(range(start, steps), desc=f"{self.kind}:{stage}", disable=not self.progress, initial=start, total=steps)
+        for step in bar:
+            for group in optim.param_groups:
+                group["lr"] = lr_at(step)
+            loss, logs = step_fn(_batch_generator(cfg.seed, stage, step))
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optim.step()
+            if step % 10 == 0:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+                self.save(model, stage, step + 1, optim)
+            if self.callback is not None:
+                self.callback(stage, step + 1)
+        self.save(model, stage, steps, optim)  # stage complete
+        model.eval()
+        return logs
+
+    def finish(self) -> None:
+        (self.out / STATE_FILE).unlink(missing_ok=True)
+
+
+def _identity(kind: str, target: TargetSpec, configs: dict, cfg: TrainConfig, data: TrainingData) -> dict[str, Any]:
+    train = cfg.to_dict()
+    train.pop("checkpoint_every", None)
+    train.pop("num_threads", None)
+    return json.loads(json.dumps({"kind": kind, "target": target.to_dict(), "configs": configs, "train": train,
+                                  "tasks": data.task_names, "num_descriptions": len(data.descriptions)}))
+
+
+def train_t2l(
+    data: TrainingData, out: str | Path, model_cfg: T2LConfig | None = None, cfg: TrainConfig | None = None,
+    resume: bool = False, progress: bool = True, callback: Callable[[str, int], None] | None = None,
+) -> Generator:
+    """Train the T2L hypernetwork on a library; writes and returns the checkpoint.
+
+    `callback(stage, step)` runs after every optimiser step (e.g. to stop a run early).
+    """
+    model_cfg, cfg = model_cfg or T2LConfig(), cfg or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    configs = {"t2l": model_cfg.to_dict()}
+    model = build_model("t2l", data.target, configs)
+    model.standardizer.fit(data.A, data.B)
+    run = _Run("t2l", Path(out), _identity("t2l", data.target, configs, cfg, data), resume, progress, callback)
+
+    def step_fn(g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        idx = torch.randint(len(data.descriptions), (cfg.batch_size,), generator=g)
+        tasks = data.desc_task[idx]
+        A = {m: data.A[m][tasks] for m in data.target.modules}
+        B = {m: data.B[m][tasks] for m in data.target.modules}
+        return model.loss(data.cond[idx], A, B)
+
+    logs = run.loop(model, "t2l", cfg.steps, list(model.parameters()), cfg, step_fn, ["t2l"])
+    gen = Generator("t2l", data.target, model, configs, {"steps": 1, "guidance": 1.0},
+                    extra={"library": {"tasks": data.task_names}, "train": cfg.to_dict(), "final": logs})
+    gen.save(out)
+    run.finish()
+    return gen
+
+
+def train_loragen(
+    data: TrainingData, out: str | Path, lae_cfg: LAEConfig | None = None, diff_cfg: DiffusionConfig | None = None,
+    cfg: TrainConfig | None = None, resume: bool = False, progress: bool = True,
+    callback: Callable[[str, int], None] | None = None,
+) -> Generator:
+    """Train LoRAGen (LAE, then latent diffusion) on a library; writes and returns the checkpoint."""
+    lae_cfg, diff_cfg, cfg = lae_cfg or LAEConfig(), diff_cfg or DiffusionConfig(), cfg or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    configs = {"lae": lae_cfg.to_dict(), "diffusion": diff_cfg.to_dict()}
+    model = build_model("loragen", data.target, configs)
+    model.lae.fit_scales(data.A, data.B)
+    run = _Run("loragen", Path(out), _identity("loragen", data.target, configs, cfg, data), resume, progress, callback)
+    order = ["lae", "dit"]
+
+    def lae_step(g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        tokens = {}
+        for m in data.target.modules:  # random (task, layer) locations of every module
+            ti = torch.randint(data.num_tasks, (cfg.tokens_per_step,), generator=g)
+            li = torch.randint(data.target.num_layers, (cfg.tokens_per_step,), generator=g)
+            tokens[m] = (data.A[m][ti, li], data.B[m][ti, li], li)
+        return model.lae.loss(tokens, generator=g)
+
+    lae_logs = run.loop(model, "lae", cfg.steps, list(model.lae.parameters()), cfg, lae_step, order)
+    # Stage 2 targets: posterior means of every library adapter.
+    with torch.no_grad():
+        model.eval()
+        z_tasks = model.lae.encode_mean(data.A, data.B)  # (T, P, d_z)
+        model.fit_latent_scale(z_tasks)  # deterministic given the LAE, so also right when resuming
+
+    def dit_step(g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        idx = torch.randint(len(data.descriptions), (cfg.batch_size,), generator=g)
+        return model.diffusion_loss(z_tasks[data.desc_task[idx]], data.cond[idx], generator=g)
+
+    dit_logs = run.loop(model, "dit", cfg.diffusion_steps, list(model.dit.parameters()), cfg, dit_step, order)
+    final = {**{f"lae_{k}": v for k, v in lae_logs.items()}, **{f"dit_{k}": v for k, v in dit_logs.items()}}
+    gen = Generator("loragen", data.target, model, configs,
+                    {"steps": diff_cfg.sample_steps, "guidance": diff_cfg.guidance},
+                    extra={"library": {"tasks": data.task_names}, "train": cfg.to_dict(), "final": final})
+    gen.save(out)
+    run.finish()
+    return gen
+
+
+def train(
+    kind: str, library: str | Path, out: str | Path, cfg: TrainConfig | None = None,
+    configs: dict[str, Any] | None = None, target: TargetSpec | None = None,
+    resume: bool = False, progress: bool = True, callback: Callable[[str, int], None] | None = None,
+) -> Generator:
+    """Train a generator of `kind` ("loragen" | "t2l") on a library folder."""
+    configs = configs or {}
+    if kind not in ("loragen", "t2l"):
+        raise ValueError(f"unknown generator kind {kind!r}; expected 'loragen' or 't2l'")
+    data = load_training_data(library, target)
+    if kind == "t2l":
+        return train_t2l(data, out, T2LConfig.from_dict(configs.get("t2l", {})), cfg, resume, progress, callback)
+    if kind == "loragen":
+        return train_loragen(data, out, LAEConfig.from_dict(configs.get("lae", {})),
+                             DiffusionConfig.from_dict(configs.get("diffusion", {})), cfg, resume, progress, callback)
+    raise ValueError(f"unknown generator kind {kind!r}; expected 'loragen' or 't2l'")
