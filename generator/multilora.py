@@ -43,6 +43,7 @@ class MultiLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(num_adapters, d_out, rank, device=dev, dtype=dtype))
         self.index: Tensor | None = None  # (b,) long, set by MultiLoRA.use(); None = base only
         self._cached: tuple[Tensor, Tensor] | None = None  # rows' (A^T, scaled B^T) while not training
+        self.factors: tuple[Tensor, Tensor] | None = None  # per-row (A (b, r, d_in), B (b, d_out, r)), e.g. from a hypernetwork
 
     def rows_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(A^T (b, d_in, r), scaling * B^T (b, r, d_out)) of the rows' adapters; zero for index -1."""
@@ -55,6 +56,11 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
+        if self.factors is not None:  # factors given per row (differentiable), not slots
+            A, B = self.factors
+            h = x.unsqueeze(1) if x.dim() == 2 else x  # (b, s, d_in)
+            h = torch.bmm(torch.bmm(h, A.to(x.dtype).transpose(1, 2)), B.to(x.dtype).transpose(1, 2))  # (b, s, d_out)
+            return y + self.scaling * (h.squeeze(1) if x.dim() == 2 else h)
         if self.index is None:
             return y
         if x.shape[0] != self.index.shape[0]:
@@ -138,6 +144,21 @@ class MultiLoRA:
             yield
         finally:
             self.set_index(None)
+
+    @contextmanager
+    def use_factors(self, A: dict[str, Tensor], B: dict[str, Tensor]) -> Iterator[None]:
+        """`with multi.use_factors(A, B): model(...)`: row i uses A[m][i] (L, r, d_in), B[m][i] (L, d_out, r).
+
+        The factors are used as given (gradients flow back into them): how a hypernetwork is
+        trained through the base model.
+        """
+        for (m, layer), lin in self.layers.items():
+            lin.factors = (A[m][:, layer], B[m][:, layer])
+        try:
+            yield
+        finally:
+            for lin in self.layers.values():
+                lin.factors = None
 
     # -- the adapters' factors ------------------------------------------------------------------------
 

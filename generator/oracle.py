@@ -44,6 +44,7 @@ __all__ = [
     "Job",
     "load_base_model",
     "encode_example",
+    "output_token_ce",
     "train_adapters",
     "train_library",
     "load_adapters",
@@ -169,6 +170,31 @@ def _microbatches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return groups
 
 
+def output_token_ce(model, seqs: Sequence[tuple[list[int], int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every output token of right-padded sequences, and the row of each token.
+
+    seqs: (token ids, prompt length) per row; tokens after the prompt are the outputs. Logits are
+    computed only where an output token is predicted (the vocabulary is large, outputs are short).
+    Returns ce (n_out,), row (n_out,) on the model's device.
+    """
+    device = next(model.parameters()).device
+    S = max(len(seq) for seq, _ in seqs)
+    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), S), dtype=torch.long)
+    rows, pos, tgt = [], [], []
+    for b, (seq, P) in enumerate(seqs):
+        ids[b, : len(seq)] = torch.tensor(seq)
+        mask[b, : len(seq)] = 1
+        rows += [b] * (len(seq) - P)
+        pos += range(P - 1, len(seq) - 1)  # the hidden state at t predicts token t + 1
+        tgt += seq[P:]
+    rows_t, pos_t = torch.tensor(rows, device=device), torch.tensor(pos, device=device)
+    hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[rows_t, pos_t]).float()  # (n_out, vocab)
+    ce = torch.nn.functional.cross_entropy(logits, torch.tensor(tgt, device=device), reduction="none")
+    return ce, rows_t
+
+
 def train_adapters(
     model,
     jobs: Sequence[Job],
@@ -199,7 +225,6 @@ def train_adapters(
             return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-        decoder, head = model.base_model, model.get_output_embeddings()
         losses: list[list[float]] = []
         t0 = time.perf_counter()
         bar = tqdm(range(cfg.steps), desc=f"training {len(jobs)} adapters", disable=not progress)
@@ -214,26 +239,10 @@ def train_adapters(
             weight_of_slot = (1.0 / out_tokens).to(device)  # mean over the job's output tokens
             step_loss = torch.zeros(len(jobs), device=device)
             for group in _microbatches([len(r[1]) for r in rows], tokens_per_microbatch):
-                S = max(len(rows[i][1]) for i in group)
-                ids = torch.full((len(group), S), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(group), S), dtype=torch.long)
-                slots = torch.tensor([rows[i][0] for i in group])
-                b_idx, pos, tgt = [], [], []
-                for b, i in enumerate(group):
-                    _, seq, P = rows[i]
-                    ids[b, : len(seq)] = torch.tensor(seq)
-                    mask[b, : len(seq)] = 1
-                    n_out = len(seq) - P
-                    b_idx += [b] * n_out
-                    pos += range(P - 1, len(seq) - 1)  # hidden state at t predicts token t + 1
-                    tgt += seq[P:]
-                b_idx_t, pos_t = torch.tensor(b_idx, device=device), torch.tensor(pos, device=device)
-                tgt_t = torch.tensor(tgt, device=device)
-                with multi.use(slots.to(device)):
-                    hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-                logits = head(hidden[b_idx_t, pos_t]).float()  # (n_out_tokens, vocab): only where needed
-                ce = torch.nn.functional.cross_entropy(logits, tgt_t, reduction="none")
-                tok_slot = slots.to(device)[b_idx_t]
+                slots = torch.tensor([rows[i][0] for i in group], device=device)
+                with multi.use(slots):
+                    ce, b_idx_t = output_token_ce(model, [(rows[i][1], rows[i][2]) for i in group], pad_id)
+                tok_slot = slots[b_idx_t]
                 w = weight_of_slot[tok_slot]
                 (ce * w).sum().backward()
                 step_loss.index_add_(0, tok_slot, (ce * w).detach())

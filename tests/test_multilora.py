@@ -50,9 +50,16 @@ def test_rows_match_peft_per_adapter(smollm2, tmp_path):
             got = model(**batch).logits
         with torch.no_grad():  # no index set: the plain base model
             unset = model(**batch).logits
+        # the same adapters given as per-row factors (how a hypernetwork is trained through the model)
+        zero = {m: torch.zeros_like(adapters[0].A[m]) for m in target.modules}
+        rows_A = {m: torch.stack([adapters[1].A[m], adapters[0].A[m], zero[m]]) for m in target.modules}
+        rows_B = {m: torch.stack([adapters[1].B[m], adapters[0].B[m], torch.zeros_like(adapters[0].B[m])]) for m in target.modules}
+        with torch.no_grad(), multi.use_factors(rows_A, rows_B):
+            by_factors = model(**batch).logits
     finally:
         _unwrap(model, multi)
     torch.testing.assert_close(unset, base)
+    torch.testing.assert_close(by_factors, got, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[2], base[2])
 
     for row, slot in ((0, 1), (1, 0)):
