@@ -162,6 +162,14 @@ def markdown(q: dict) -> str:
                   f"model on {r['device']}: {c['steps']} steps x {c['batch_size']} examples per task (multi-task: x "
                   f"{c['multitask_batch_size']}), lr {c['lr']}, seed {c['seed']}; {r['train_seconds']:.0f} s, "
                   f"**{r['adapters_per_minute']} adapters per minute**."]
+    o, b = q["rows"].get("oracle", {}).get("per_task"), q["rows"].get("base", {}).get("per_task")
+    if o and b:
+        common = [t for t in o if t in b]
+        wins = [t for t in common if o[t]["exact_match"] > b[t]["exact_match"] or o[t]["rougeL"] > b[t]["rougeL"]]
+        rest = [f"{t} (EM {o[t]['exact_match']:.0f} / RL {o[t]['rougeL']:.0f} vs base {b[t]['exact_match']:.0f} / "
+                f"{b[t]['rougeL']:.0f})" for t in common if t not in wins]
+        lines += ["", f"Oracles that beat the base model on their own test split (EM or ROUGE-L): "
+                  f"{len(wins)} of {len(common)}" + (f"; not: {', '.join(rest)}." if rest else ".")]
     lines += ["", "## Provenance", "", "| row | commit | machine | date | command |", "|---|---|---|---|---|"]
     for name, r in q["rows"].items():
         m = r["meta"]
