@@ -66,10 +66,21 @@ class BenchConfig:
         return self.max_cpu_loras + 1
 
     def oracles_needed(self) -> int:
-        """Preloaded + first-use + loaded set (cycle, steady, pool) + burst + mixed new ones."""
-        loaded = max(self.cycle_size, self.steady_adapters, self.mixed_pool)
-        new_mixed = sum(self.mixed_requests(c) for c in self.mixed_concurrency)  # upper bound
-        return 1 + 1 + self.n_single + loaded + self.burst_size + new_mixed
+        """Exactly how many oracles the run loads: preloaded, warm-up, first use, the loaded set
+        (eviction cycle, steady state, pool), burst, and the mixed streams' new ones."""
+        loaded = max(self.cycle_size if "evicted" not in self.skip else 0,
+                     self.steady_adapters if "steady" not in self.skip else 0,
+                     self.mixed_pool if "mixed" not in self.skip else 0)
+        first_use = self.n_single if ("single" not in self.skip or "evicted" not in self.skip) else 0
+        burst = self.burst_size if "burst" not in self.skip else 0
+        new_mixed = 0 if "mixed" in self.skip else sum(
+            sum(1 for s in self.mixed_stream(k, c) if s < 0) for k, c in enumerate(self.mixed_concurrency))
+        return 1 + 1 + first_use + loaded + burst + new_mixed
+
+    def mixed_stream(self, level: int, concurrency: int) -> list[int]:
+        """The mixed stream of the `level`-th concurrency (see `workload.mixed_stream`)."""
+        return mixed_stream(self.mixed_requests(concurrency), self.mixed_pool, self.mixed_new_share,
+                            self.mixed_zipf_s, self.seed + level)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -255,8 +266,8 @@ class Bench:
         await self.touch(pool_d, concurrency=min(len(pool_d), c.max_loras))
         pool_o = [o.name for o in (await self.ensure_loaded(c.mixed_pool))]
         for k, conc in enumerate(c.mixed_concurrency):
-            n = c.mixed_requests(conc)
-            stream = mixed_stream(n, c.mixed_pool, c.mixed_new_share, c.mixed_zipf_s, c.seed + k)
+            stream = c.mixed_stream(k, conc)
+            n = len(stream)
             n_new = sum(1 for s in stream if s < 0)
             new_d = iter(self.descriptions.take(n_new))
             new_o = iter(self.take_oracles(n_new))
