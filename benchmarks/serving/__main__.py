@@ -78,6 +78,7 @@ def run_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--machine", default="cpu", help="label in the results and the default file name")
     g.add_argument("--out", help="result JSON (default: benchmarks/results/serving_<machine>.json)")
+    g.add_argument("--server-log", help="log of a started server (default: beside --out, .server.log)")
     g.add_argument("--note", action="append", default=[], help="free-text note for the results; repeatable")
     g.add_argument("--keep-scratch", action="store_true", help="keep the temporary oracle/store folder")
     return p

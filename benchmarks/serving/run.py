@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
             store_dir = Path(args.store) if args.store else scratch / "store"
             port = args.port or free_port()
             cmd, env = serve_command(args, base_model, port, oracles[0].name, oracles[0].path, store_dir)
-            log_path = out.with_suffix(".server.log")
+            log_path = Path(args.server_log) if args.server_log else out.with_suffix(".server.log")
             print(f"starting the server (log: {log_path})\n  {' '.join(cmd)}", flush=True)
             t = time.perf_counter()
             server = server_mod.start(cmd, env, port, log_path, timeout_s=args.start_timeout)
