@@ -18,6 +18,13 @@ The fingerprint (part of every store key) is the actor's; it is learnt on first 
 every answer, and kept, so store lookups work while the actor is unreachable. A server that
 starts while the actor is down can be given the fingerprint up front (`expected_fingerprint`).
 
+Losing the Ray head: Ray ends a driver process whose GCS has been unreachable for 60 s
+(``RAY_gcs_rpc_server_reconnect_timeout_s``). A vLLM server must not die with the head, so the
+backend raises that limit for its process (unless it is set already) before connecting. Without
+the head, stored adapters are served and new descriptions get 503 after the bounded wait; a
+restarted head (without GCS fault tolerance) is a new cluster, and the server must be restarted
+to join it.
+
 Environment: ``LORAGEN_RAY_TIMEOUT_S`` (default 60) is the bound on one call when `timeout_s`
 is not given (the plugin does not give it).
 """
@@ -27,8 +34,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from loragen_vllm.errors import GeneratorUnavailable, InvalidDescription
@@ -37,6 +44,7 @@ from loragen_vllm.ray_actor import ACTOR_NAME, NAMESPACE, AdapterFiles, AdapterM
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 60.0
+HEAD_LOSS_TOLERANCE_S = 10**9  # RAY_gcs_rpc_server_reconnect_timeout_s of a server process
 
 
 class RayBackend:
@@ -64,7 +72,9 @@ class RayBackend:
         self._fingerprint = expected_fingerprint
         self._kind: str | None = None
         self._handle: Any = None
-        self._init_lock = threading.Lock()  # ray.init / get_actor run in threads
+        # ray.init and get_actor block on the GCS: they run on this thread, one at a time.
+        self._lookup_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loragen-ray")
+        self._lookup_future: Future[Any] | None = None
         self.last_meta: AdapterMeta | None = None
 
     # ------------------------------------------------------------------------------------------
@@ -120,6 +130,7 @@ class RayBackend:
     def close(self) -> None:
         """Forget the handle (the Ray connection stays: it belongs to the process)."""
         self._handle = None
+        self._lookup_thread.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------------------------------
     # Connection and error mapping
@@ -140,8 +151,13 @@ class RayBackend:
         handle = self._handle
         if handle is not None:
             return handle
+        # One lookup at a time, shared by every caller: a lookup that hangs (the GCS is gone)
+        # holds one thread of our own, never the loop's default executor.
+        lookup = self._lookup_future
+        if lookup is None or lookup.done():
+            lookup = self._lookup_future = self._lookup_thread.submit(self._lookup)
         try:
-            handle = await asyncio.wait_for(asyncio.to_thread(self._lookup), self._left(deadline))
+            handle = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(lookup)), self._left(deadline))
         except asyncio.TimeoutError:
             raise GeneratorUnavailable(
                 f"{self.where} could not be reached within {self.timeout_s:g} s; "
@@ -151,25 +167,27 @@ class RayBackend:
         return handle
 
     def _lookup(self) -> Any:
-        """Connect to Ray (once per process) and find the actor by name. Runs in a thread."""
+        """Connect to Ray (once per process) and find the actor by name. Runs in our thread."""
         import ray
 
-        with self._init_lock:
-            if not ray.is_initialized():
-                try:
-                    connect(self.address, self.namespace)
-                except Exception as e:
-                    raise GeneratorUnavailable(
-                        f"cannot connect to the Ray cluster at {self.address} ({_first_line(e)}): "
-                        "new descriptions cannot be generated; retry later"
-                    ) from e
+        if not ray.is_initialized():
+            # Ray ends a driver process that has lost the GCS (head node) for 60 s; this process
+            # is a vLLM server, which must outlive the head and keep serving stored adapters.
+            os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(HEAD_LOSS_TOLERANCE_S))
             try:
-                return ray.get_actor(self.actor_name, namespace=self.namespace)
-            except ValueError:
+                connect(self.address, self.namespace)
+            except Exception as e:
                 raise GeneratorUnavailable(
-                    f"no {self.where} (start it with `loragen-vllm generator start "
-                    f"--ray-address {self.address}`); new descriptions cannot be generated"
-                ) from None
+                    f"cannot connect to the Ray cluster at {self.address} ({_first_line(e)}): "
+                    "new descriptions cannot be generated; retry later"
+                ) from e
+        try:
+            return ray.get_actor(self.actor_name, namespace=self.namespace)
+        except ValueError:
+            raise GeneratorUnavailable(
+                f"no {self.where} (start it with `loragen-vllm generator start "
+                f"--ray-address {self.address}`); new descriptions cannot be generated"
+            ) from None
 
     async def _await(self, ref: Any, deadline: float, what: str) -> Any:
         """Await an ObjectRef on the running loop, mapping every failure to our errors."""

@@ -50,7 +50,10 @@ class LocalRayCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[tuple[str, subprocess.Popen]] = []  # (name, `ray start --block` process)
         self._relaunch: dict[str, tuple[Callable[[], list[str]], int]] = {}  # name -> (args, attempt)
-        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0")
+        # Token auth off, explicitly: with RAY_AUTH_MODE unset, `ray start --head` turns it on
+        # whenever ~/.ray/auth_token exists (any local `ray.init()` writes one), and drivers that
+        # connect by address (unset = disabled) are then refused with InvalidAuthToken.
+        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0", RAY_AUTH_MODE="disabled")
 
     def _node_args(self, name: str, resources: dict[str, float]) -> list[str]:
         temp = self.root / name
