@@ -152,6 +152,11 @@ def to_vllm_exception(exc: BaseException) -> Exception:
             pass
         else:
             return RetryableRequestError(message)
+        # vLLM 0.26 has neither RetryableRequestError nor GracefulHTTPError, but its server
+        # renders a FastAPI HTTPException as an OpenAI-style error with that status.
+        from fastapi import HTTPException
+
+        return HTTPException(status_code=int(status), detail=message)
     if status >= 500 and status != HTTPStatus.SERVICE_UNAVAILABLE:
         return RuntimeError(message)  # -> 500 "InternalServerError"
     try:

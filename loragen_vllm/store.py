@@ -601,6 +601,14 @@ class AdapterStore:
 
     def _clean_aside(self) -> None:
         now = time.time()
+
+        def age(entry: os.DirEntry[str]) -> float:
+            # a concurrent publish or cleaner may rename/remove the entry under us
+            try:
+                return now - entry.stat().st_mtime
+            except FileNotFoundError:
+                return 0.0
+
         for entry in os.scandir(self._tmp):
             # name: <key>.<host>.<pid>.<rand>; the owner's liveness decides on this host
             parts = entry.name.split(".")
@@ -610,12 +618,12 @@ class AdapterStore:
                 and parts[-2].isdigit()
                 and not _pid_alive(int(parts[-2]))
             )
-            if owner_dead or now - entry.stat().st_mtime > STALE_TMP_SECONDS:
+            if owner_dead or age(entry) > STALE_TMP_SECONDS:
                 shutil.rmtree(entry.path, ignore_errors=True)
         for entry in os.scandir(self._trash):
             shutil.rmtree(entry.path, ignore_errors=True)
         for entry in os.scandir(self._quarantine):
-            if now - entry.stat().st_mtime > QUARANTINE_SECONDS:
+            if age(entry) > QUARANTINE_SECONDS:
                 shutil.rmtree(entry.path, ignore_errors=True)
         present = set(self.keys())
         for name in os.listdir(self._usage):
