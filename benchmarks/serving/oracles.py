@@ -28,7 +28,7 @@ class Oracle:
 
 def library_adapters(library: Path) -> list[Path]:
     """Adapter folders (those holding adapter_config.json) under `library`, sorted by path."""
-    return sorted(p.parent for p in Path(library).rglob(ADAPTER_CONFIG))
+    return sorted(p.parent.resolve() for p in Path(library).rglob(ADAPTER_CONFIG))  # vLLM wants absolute paths
 
 
 def adapter_shape(path: Path) -> dict:
