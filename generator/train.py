@@ -48,6 +48,14 @@ class TrainingData:
     def num_tasks(self) -> int:
         return len(self.task_names)
 
+    def to(self, device: str | torch.device) -> "TrainingData":
+        """The same data with its tensors on `device` (training runs where the data is)."""
+        return TrainingData(
+            self.target, self.task_names,
+            {m: a.to(device) for m, a in self.A.items()}, {m: b.to(device) for m, b in self.B.items()},
+            self.cond.to(device), self.desc_task.to(device), self.descriptions,
+        )
+
 
 def load_training_data(
     library: str | Path, target: TargetSpec | None = None, encoder: DescriptionEncoder | None = None
@@ -173,12 +181,12 @@ def train_t2l(
     model_cfg, cfg = model_cfg or T2LConfig(), cfg or TrainConfig()
     torch.manual_seed(cfg.seed)
     configs = {"t2l": model_cfg.to_dict()}
-    model = build_model("t2l", data.target, configs)
+    model = build_model("t2l", data.target, configs).to(data.cond.device)
     model.standardizer.fit(data.A, data.B)
     run = _Run("t2l", Path(out), _identity("t2l", data.target, configs, cfg, data), resume, progress, callback)
 
     def step_fn(g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        idx = torch.randint(len(data.descriptions), (cfg.batch_size,), generator=g)
+        idx = torch.randint(len(data.descriptions), (cfg.batch_size,), generator=g).to(data.cond.device)
         tasks = data.desc_task[idx]
         A = {m: data.A[m][tasks] for m in data.target.modules}
         B = {m: data.B[m][tasks] for m in data.target.modules}
@@ -201,7 +209,7 @@ def train_loragen(
     lae_cfg, diff_cfg, cfg = lae_cfg or LAEConfig(), diff_cfg or DiffusionConfig(), cfg or TrainConfig()
     torch.manual_seed(cfg.seed)
     configs = {"lae": lae_cfg.to_dict(), "diffusion": diff_cfg.to_dict()}
-    model = build_model("loragen", data.target, configs)
+    model = build_model("loragen", data.target, configs).to(data.cond.device)
     model.lae.fit_scales(data.A, data.B)
     run = _Run("loragen", Path(out), _identity("loragen", data.target, configs, cfg, data), resume, progress, callback)
     order = ["lae", "dit"]
@@ -211,6 +219,7 @@ def train_loragen(
         for m in data.target.modules:  # random (task, layer) locations of every module
             ti = torch.randint(data.num_tasks, (cfg.tokens_per_step,), generator=g)
             li = torch.randint(data.target.num_layers, (cfg.tokens_per_step,), generator=g)
+            ti, li = ti.to(data.cond.device), li.to(data.cond.device)
             tokens[m] = (data.A[m][ti, li], data.B[m][ti, li], li)
         return model.lae.loss(tokens, generator=g)
 
@@ -222,7 +231,7 @@ def train_loragen(
         model.fit_latent_scale(z_tasks)  # deterministic given the LAE, so also right when resuming
 
     def dit_step(g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        idx = torch.randint(len(data.descriptions), (cfg.batch_size,), generator=g)
+        idx = torch.randint(len(data.descriptions), (cfg.batch_size,), generator=g).to(data.cond.device)
         return model.diffusion_loss(z_tasks[data.desc_task[idx]], data.cond[idx], generator=g)
 
     dit_logs = run.loop(model, "dit", cfg.diffusion_steps, list(model.dit.parameters()), cfg, dit_step, order)
@@ -239,12 +248,19 @@ def train(
     kind: str, library: str | Path, out: str | Path, cfg: TrainConfig | None = None,
     configs: dict[str, Any] | None = None, target: TargetSpec | None = None,
     resume: bool = False, progress: bool = True, callback: Callable[[str, int], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> Generator:
-    """Train a generator of `kind` ("loragen" | "t2l") on a library folder."""
+    """Train a generator of `kind` ("loragen" | "t2l") on a library folder, on `device`.
+
+    Batches are drawn on the CPU from the seeded generator, so a run is reproducible on a
+    device up to that device's float arithmetic.
+    """
     configs = configs or {}
     if kind not in ("loragen", "t2l"):
         raise ValueError(f"unknown generator kind {kind!r}; expected 'loragen' or 't2l'")
-    data = load_training_data(library, target)
+    from .api import shared_encoder
+
+    data = load_training_data(library, target, encoder=shared_encoder(device)).to(device)
     if kind == "t2l":
         return train_t2l(data, out, T2LConfig.from_dict(configs.get("t2l", {})), cfg, resume, progress, callback)
     if kind == "loragen":
