@@ -76,6 +76,11 @@ class OracleConfig:
     max_output_tokens: int = 128
     seed: int = 0
     multitask_batch_size: int = 128  # examples per step for the multi-task LoRA
+    # Every task's A starts from the same draw (seeded by `seed` alone). B starts at zero, so
+    # adapters then differ only by what training wrote into them: a library a generator can
+    # compress (the shared A0 is a bias it learns once), instead of one where most of each A
+    # is that task's own random initialisation. False: A's init seeded by (seed, task name).
+    shared_init: bool = True
 
 
 @dataclass
@@ -214,7 +219,8 @@ def train_adapters(
         for slot, job in enumerate(jobs):
             if not job.examples:
                 raise ValueError(f"job {job.name!r} has no training examples")
-            multi.init_slot(slot, torch.Generator().manual_seed(_seed_of("init", cfg.seed, job.name)))
+            init_seed = _seed_of("init", cfg.seed) if cfg.shared_init else _seed_of("init", cfg.seed, job.name)
+            multi.init_slot(slot, torch.Generator().manual_seed(init_seed))
         samplers = [_Sampler(len(j.examples), _seed_of("data", cfg.seed, j.name)) for j in jobs]
         params = multi.parameters()
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
@@ -487,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     t.add_argument("--threads", type=int, default=1, help="CPU threads")
     for f in ("steps", "batch_size", "lr", "seed", "max_input_tokens", "multitask_batch_size", "rank"):
         t.add_argument("--" + f.replace("_", "-"), type=type(getattr(OracleConfig, f)), default=getattr(OracleConfig, f))
+    t.add_argument("--per-task-init", action="store_true",
+                   help="seed each task's A init by its name (default: one shared A init for all tasks)")
     p = sub.add_parser("pack", help="every adapter under a root -> bf16 shards")
     p.add_argument("root")
     p.add_argument("out")
@@ -500,6 +508,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = OracleConfig(
             steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, max_input_tokens=a.max_input_tokens,
             multitask_batch_size=a.multitask_batch_size, rank=a.rank, alpha=2.0 * a.rank,
+            shared_init=not a.per_task_init,
         )
         only = a.only
         if a.limit:

