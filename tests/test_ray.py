@@ -54,7 +54,7 @@ def _wait_healthy(timeout_s: float = 180.0) -> dict:
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "loragen_vllm.ray_actor", *args],
+        [sys.executable, "-m", "loragen_vllm", "generator", *args],  # the `loragen-vllm` CLI
         capture_output=True,
         text=True,
         timeout=timeout,
