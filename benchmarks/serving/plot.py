@@ -40,7 +40,8 @@ def plot_result(result_path: Path) -> list[Path]:
     ax.bar(range(len(names)), p50, color=colors, label="p50")
     ax.scatter(range(len(names)), p95, marker="_", s=400, color="black", zorder=3, label="p95")
     for i, (a, b) in enumerate(zip(p50, p95)):  # p50 value above the p95 mark
-        ax.text(i, max(a, b) * 1.04, f"{a:.0f}" if a >= 10 else f"{a:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.text(i, max(a, b) * 1.04, f"p50 {a:.0f}" if a >= 10 else f"p50 {a:.1f}", ha="center", va="bottom",
+                fontsize=7)
     ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=8)
     ax.set_ylabel("time to first token (ms)")
     if p50 and max(p95) / max(min(p50), 1e-9) > 20:
