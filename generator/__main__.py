@@ -34,7 +34,7 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, num_threads=args.threads,
     )
     gen = train(args.kind, args.library, args.out, cfg, configs, resume=args.resume, progress=not args.no_progress,
-                device=args.device)
+                device=args.device, max_descriptions=args.max_descriptions)
     print(json.dumps({"checkpoint": str(Path(args.out).resolve()), "kind": gen.kind,
                       "fingerprint": gen.fingerprint, "parameters": gen.num_parameters}))
     return 0
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps between training-state checkpoints (for --resume)")
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     t.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
+    t.add_argument("--max-descriptions", type=int, help="use the first N descriptions of each task")
     t.add_argument("--model-config", help='JSON file {"lae": {...}, "diffusion": {...}, "t2l": {...}}')
     t.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt if present")
     t.add_argument("--no-progress", action="store_true")

@@ -58,13 +58,15 @@ class TrainingData:
 
 
 def load_training_data(
-    library: str | Path, target: TargetSpec | None = None, encoder: DescriptionEncoder | None = None
+    library: str | Path, target: TargetSpec | None = None, encoder: DescriptionEncoder | None = None,
+    max_descriptions: int | None = None,
 ) -> TrainingData:
-    """Load a library folder and embed all its descriptions."""
+    """Load a library folder and embed its descriptions (the first `max_descriptions` of each task)."""
     tasks = load_library(library, target)
     A, B = stack_adapters([t.adapter for t in tasks])
-    descriptions = [d for t in tasks for d in t.descriptions]
-    desc_task = torch.tensor([i for i, t in enumerate(tasks) for _ in t.descriptions])
+    per_task = [t.descriptions[:max_descriptions] for t in tasks]
+    descriptions = [d for ds in per_task for d in ds]
+    desc_task = torch.tensor([i for i, ds in enumerate(per_task) for _ in ds])
     from .api import shared_encoder
 
     cond = (encoder or shared_encoder("cpu")).encode(descriptions)
@@ -248,7 +250,7 @@ def train(
     kind: str, library: str | Path, out: str | Path, cfg: TrainConfig | None = None,
     configs: dict[str, Any] | None = None, target: TargetSpec | None = None,
     resume: bool = False, progress: bool = True, callback: Callable[[str, int], None] | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", max_descriptions: int | None = None,
 ) -> Generator:
     """Train a generator of `kind` ("loragen" | "t2l") on a library folder, on `device`.
 
@@ -260,7 +262,7 @@ def train(
         raise ValueError(f"unknown generator kind {kind!r}; expected 'loragen' or 't2l'")
     from .api import shared_encoder
 
-    data = load_training_data(library, target, encoder=shared_encoder(device)).to(device)
+    data = load_training_data(library, target, shared_encoder(device), max_descriptions).to(device)
     if kind == "t2l":
         return train_t2l(data, out, T2LConfig.from_dict(configs.get("t2l", {})), cfg, resume, progress, callback)
     if kind == "loragen":
