@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from loragen_vllm.defaults import default_generator_checkpoint
-    from loragen_vllm.ray_actor import NAMESPACE, start_actor, stop_actor
+    from loragen_vllm.ray_actor import NAMESPACE, find_actor, start_actor, stop_actor
 
     ckpt = args.checkpoint or default_generator_checkpoint()
     if ckpt is None:
@@ -197,11 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
         t0 = time.perf_counter()
         _, health, _ = start_actor(ckpt, num_gpus=0 if args.cpu else 1, resources={GEN_RESOURCE: 1})
-        result["actor"] = {"start_s": time.perf_counter() - t0, **{k: health[k] for k in ("device", "kind", "fingerprint", "load_s")}}
+        facts = {k: health[k] for k in ("device", "kind", "fingerprint", "load_s")}
+        result["actor"] = {"start_s": time.perf_counter() - t0, **facts}
         print(f"actor ready on {health['device']} in {result['actor']['start_s']:.1f} s", flush=True)
 
         direct = measure_actor_direct(descriptions(f"{args.tag}-direct", max(args.n, 4)))
-        result["actor_direct"] = {"records": direct, **{k: summarize([r[k] for r in direct]) for k in ("rtt_s", "pass_s", "hop_s")}}
+        result["actor_direct"] = {"records": direct,
+                                  **{k: summarize([r[k] for r in direct]) for k in ("rtt_s", "pass_s", "hop_s")}}
 
         for mode in ("ray", "in_process"):
             records, base = serve(mode, args, root, ckpt, address)
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             }  # fmt: skip
             shutil.copy(root / f"server-{mode}.log", out / f"server-{mode}.log")
             print(f"{mode}: TTFT new p50 {result[mode]['ttft_new']['p50']}", flush=True)
-        result["actor"]["stats"] = ray.get(ray.get_actor("loragen-generator", namespace=NAMESPACE).health.remote())["stats"]
+        result["actor"]["stats"] = ray.get(find_actor().health.remote())["stats"]
         a, b = result["ray"]["ttft_new"]["p50"], result["in_process"]["ttft_new"]["p50"]
         result["ray_overhead_p50_s"] = None if a is None or b is None else a - b
     finally:

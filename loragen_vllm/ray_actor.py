@@ -427,7 +427,8 @@ def add_generator_commands(parser: argparse.ArgumentParser) -> None:
         help="generator checkpoint folder; must be readable at this path on the actor's node "
         "(default: $LORAGEN_GENERATOR, else the shipped checkpoint)",
     )
-    p.add_argument("--num-gpus", type=float, default=None, metavar="N", help="GPUs for the actor (default: 1 if the cluster has one, else 0)")
+    p.add_argument("--num-gpus", type=float, default=None, metavar="N",
+                   help="GPUs for the actor (default: 1 if the cluster has one, else 0)")
     p.add_argument("--num-cpus", type=float, default=1, metavar="N", help="CPUs for the actor (default 1)")
     p.add_argument(
         "--resources",
@@ -441,10 +442,12 @@ def add_generator_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=ActorConfig.max_batch_size, metavar="N",
                    help="descriptions per generator pass at most (default 32)")
     p.add_argument("--cache-mib", type=float, default=ActorConfig.cache_bytes / 2**20, metavar="MIB",
-                   help="memory for recent results, so a description several servers ask for is generated once (default 256)")
+                   help="memory for recent results, so that a description several servers ask for "
+                   "is generated once (default 256)")
     p.add_argument("--max-restarts", type=int, default=-1, metavar="N", help="-1: restart forever (default)")
     p.add_argument("--max-task-retries", type=int, default=3, metavar="N",
-                   help="times a call in flight when the actor died is re-sent to the restarted one (default 3; -1: always)")
+                   help="times a call in flight when the actor died is re-sent to the restarted one "
+                   "(default 3; -1: always)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the actor to be ready")
     p.set_defaults(generator_func=_cmd_start)
 

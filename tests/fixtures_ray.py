@@ -129,7 +129,9 @@ class LocalRayCluster:
             make_args, attempt = self._relaunch[name]
             log = (self.root / f"{name}.log").read_text(errors="replace")
             if attempt >= max_attempts:
-                raise RuntimeError(f"ray node {name} exited with {proc.returncode} ({attempt} attempts):\n{log[-4000:]}")
+                raise RuntimeError(
+                    f"ray node {name} exited with {proc.returncode} ({attempt} attempts):\n{log[-4000:]}"
+                )
             self._launch(name, make_args, attempt + 1)
 
     def node_id(self, resource: str) -> str:
