@@ -53,3 +53,34 @@ def tiny_generator_ckpt(tmp_path_factory: pytest.TempPathFactory, synthetic_libr
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+@pytest.fixture(scope="session")
+def library32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """32 synthetic adapters at SmolLM2 shapes (q_proj, v_proj, 30 layers, r=8), 2 descriptions each."""
+    from generator.library import make_synthetic_library
+
+    return make_synthetic_library(tmp_path_factory.mktemp("library32"), num_tasks=32, descriptions_per_task=2, seed=1)
+
+
+@pytest.fixture(scope="session")
+def loragen32(tmp_path_factory: pytest.TempPathFactory, library32: Path):
+    """LoRAGen (default LAE, smaller DiT) trained on `library32`: (Generator, TrainingData). ~1-2 min."""
+    import torch
+
+    from generator.config import DiffusionConfig, LAEConfig, TrainConfig
+    from generator.train import load_training_data, train_loragen
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models: one thread beats two contending ones
+    try:
+        data = load_training_data(library32)
+        gen = train_loragen(
+            data, tmp_path_factory.mktemp("loragen32"), LAEConfig(),
+            DiffusionConfig(d_model=96, depth=2, num_heads=2, sample_steps=20),
+            TrainConfig(steps=400, diffusion_steps=1000, tokens_per_step=64, batch_size=32, lr=3e-3, checkpoint_every=0),
+            progress=False,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return gen, data
