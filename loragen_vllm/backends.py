@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -243,8 +244,16 @@ class InProcessBackend:
         """The loaded generator (loaded on first use; a failed load is retried next time)."""
         with self._load_lock:
             if self._generator is None:
+                import torch
+
                 from generator.api import Generator
 
+                if torch.device(self.device).type == "cpu":
+                    # This process is vLLM's API server: torch computes nothing else here, and
+                    # the engine's workers own the cores. A generator pass on every core
+                    # (OpenMP spin-waits) would starve them; one thread keeps requests of
+                    # other users moving while an adapter is generated.
+                    torch.set_num_threads(int(os.environ.get("LORAGEN_GENERATOR_THREADS", "1")))
                 t0 = time.perf_counter()
                 try:
                     gen = Generator.load(self.info.path, device=self.device)
