@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "generation_latency",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        "commit": git_commit(),
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.generation_latency", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine_info(device),
         "checkpoint": {"path": str(ckpt), "kind": gen.kind, "fingerprint": gen.fingerprint,
