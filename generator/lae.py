@@ -57,6 +57,11 @@ class MoEHead(nn.Module):
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Returns outputs (N, d_out) and the load-balancing loss of this head (scalar)."""
         gates, idx, probs = self.route(h)
+        if h.is_cuda:  # dense: every expert on every token, weighted by its gate (0 if not chosen);
+            # a few wasted FLOPs instead of a host sync per expert for the sparse dispatch below
+            weight = h.new_zeros(probs.shape).scatter_add(1, idx, gates)  # (N, E)
+            out = sum(weight[:, e : e + 1] * expert(h) for e, expert in enumerate(self.experts))
+            return out, moe_balance_loss(probs, idx)
         out = h.new_zeros(h.shape[0], self.experts[0][-1].out_features)
         for j in range(self.top_k):
             for e, expert in enumerate(self.experts):
@@ -208,8 +213,11 @@ class LoRAAutoencoder(nn.Module):
             _, s_b = self._stats("B", m, layers)
             a_t, b_t, a_p, b_p = A / s_a, B / s_b, A_hat / s_a, B_hat / s_b
             d_terms.append(direction_loss(a_p, b_p, a_t, b_t))
-            k = delta_norm(a_t, b_t).detach().clamp_min(1e-12)[:, None, None]  # ||dW_true||_F
-            s_terms.append(spectral_loss(a_p, b_p / k, a_t, b_t / k, rho=cfg.rho))
+            if cfg.w_spectral:  # (the ablation without it skips its cost too)
+                k = delta_norm(a_t, b_t).detach().clamp_min(1e-12)[:, None, None]  # ||dW_true||_F
+                s_terms.append(spectral_loss(a_p, b_p / k, a_t, b_t / k, rho=cfg.rho))
+            else:
+                s_terms.append(A.new_zeros(()))
             kl_terms.append(kl_divergence(mu, logvar))
             aux_terms.append(aux)
         l_dir, l_spec = torch.stack(d_terms).mean(), torch.stack(s_terms).mean()

@@ -6,7 +6,10 @@ computed from the factors, never materialising a d_out x d_in matrix (LoRAGen Ap
 
 * Frobenius inner product: <B1 A1, B2 A2>_F = tr((B1^T B2)(A2 A1^T)), an r x r product.
 * Singular values: with A^T = Q_A R_A and B = Q_B R_B (thin QR), B A = Q_B (R_B R_A^T) Q_A^T, so the
-  singular values of dW are those of the r x r core R_B R_A^T.
+  singular values of dW are those of the r x r core R_B R_A^T. R_A^T R_A = A A^T, so R_A is the
+  Cholesky factor of the r x r Gram A A^T (likewise R_B of B^T B) up to signs that leave singular
+  values alone: the core comes from two r x r Grams and Cholesky, not from a batched QR of tall
+  matrices (which is slow on CUDA: hundreds of small cuSOLVER calls per step).
 
 Shapes: factors carry any leading batch dims, `A: (..., r, d_in)`, `B: (..., d_out, r)`; the
 LoRA scaling alpha / r is a constant factor and is left out (cosines ignore it; callers of the
@@ -43,10 +46,22 @@ def direction_loss(A_pred: Tensor, B_pred: Tensor, A_true: Tensor, B_true: Tenso
 
 
 def delta_singular_values(A: Tensor, B: Tensor) -> Tensor:
-    """Singular values of B A, descending, via QR of the factors and SVD of the r x r core -> (..., r)."""
-    _, R_A = torch.linalg.qr(A.transpose(-1, -2))  # A^T = Q_A R_A, R_A: (..., r, r)
-    _, R_B = torch.linalg.qr(B)  # B = Q_B R_B, R_B: (..., r, r)
-    return torch.linalg.svdvals(R_B @ R_A.transpose(-1, -2))
+    """Singular values of B A, descending, from the Cholesky factors of the r x r Grams -> (..., r).
+
+    The r x r algebra runs in float64 with a tiny relative jitter on the Grams, so that
+    rank-deficient factors (a zero-initialised B) stay finite.
+    """
+    r = A.shape[-2]
+    eye = torch.eye(r, dtype=torch.float64, device=A.device)
+
+    def chol(G: Tensor) -> Tensor:  # (..., r, r) PSD -> lower-triangular L with L L^T ~ G
+        G = G.double()
+        jitter = 1e-10 * G.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(1e-30)
+        return torch.linalg.cholesky_ex(G + jitter * eye)[0]
+
+    L_A = chol(A @ A.transpose(-1, -2))  # A A^T = R_A^T R_A, L_A = R_A^T
+    L_B = chol(B.transpose(-1, -2) @ B)  # B^T B = R_B^T R_B, L_B = R_B^T
+    return torch.linalg.svdvals(L_B.transpose(-1, -2) @ L_A).to(A.dtype)  # core R_B R_A^T
 
 
 def energy_topk_mask(S: Tensor, rho: float = 0.85) -> Tensor:

@@ -62,8 +62,14 @@ def train_t2l_sft(
     resume: bool = False,
     progress: bool = True,
     data: TrainingData | None = None,
+    max_seconds: float | None = None,
 ) -> Generator:
-    """Train T2L by SFT on the library's tasks (their train descriptions and train instances)."""
+    """Train T2L by SFT on the library's tasks (their train descriptions and train instances).
+
+    With `max_seconds`, training stops at the first step boundary after that long and the
+    checkpoint is written from the weights so far (its `extra.stopped_at` says at which step);
+    the training state stays, so `resume=True` continues the run.
+    """
     model_cfg, cfg, sft = model_cfg or T2LConfig(), cfg or TrainConfig(), sft or SFTConfig()
     torch.manual_seed(cfg.seed)
     data = data or load_training_data(library)  # task names, train descriptions + embeddings, factors
@@ -107,6 +113,7 @@ def train_t2l_sft(
         surrogate = sum((A[m] * A_leaf[m].grad).sum() + (B[m] * B_leaf[m].grad).sum() for m in A)
         return surrogate, {"sft_loss": total}
 
+    run.stop_after(max_seconds)
     try:
         logs = run.loop(model, "t2l", cfg.steps, list(model.hypernet.parameters()), cfg, step_fn, ["t2l"])
     finally:
@@ -114,10 +121,11 @@ def train_t2l_sft(
     gen = Generator(
         "t2l", data.target, model.cpu(), configs, {"steps": 1, "guidance": 1.0},
         extra={"training": "sft", "library": {"tasks": data.task_names}, "train": cfg.to_dict(), "sft": vars(sft),
-               "final": logs},
+               "final": logs, "stopped_at": run.stopped_at},
     )
     gen.save(out)
-    run.finish()
+    if run.stopped_at is None:
+        run.finish()
     return gen
 
 
@@ -136,12 +144,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="stop early after this long and write the checkpoint so far (resumable)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = TrainConfig(steps=a.steps, lr=a.lr, seed=a.seed, checkpoint_every=a.checkpoint_every, batch_size=a.tasks_per_step)
     sft = SFTConfig(a.tasks_per_step, a.examples_per_task, a.tokens_per_microbatch)
-    gen = train_t2l_sft(a.tasks, a.library, a.out, cfg=cfg, sft=sft, device=a.device, resume=a.resume)
-    print(f"T2L (SFT) checkpoint {a.out}: fingerprint {gen.fingerprint[:12]}, {gen.num_parameters} parameters")
+    gen = train_t2l_sft(a.tasks, a.library, a.out, cfg=cfg, sft=sft, device=a.device, resume=a.resume,
+                         max_seconds=a.max_seconds)
+    stopped = gen.extra.get("stopped_at")
+    note = f", stopped by --max-seconds at step {stopped} of {a.steps}" if stopped is not None else ""
+    print(f"T2L (SFT) checkpoint {a.out}: fingerprint {gen.fingerprint[:12]}, {gen.num_parameters} parameters{note}")
 
 
 if __name__ == "__main__":

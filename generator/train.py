@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -96,6 +97,8 @@ class _Run:
         callback: Callable[[str, int], None] | None = None,
     ) -> None:
         self.kind, self.out, self.identity, self.progress, self.callback = kind, out, identity, progress, callback
+        self.deadline: float | None = None  # time.monotonic() after which `loop` stops early (see stop_after)
+        self.stopped_at: int | None = None  # the step a stage stopped at, if the deadline ended it
         out.mkdir(parents=True, exist_ok=True)
         self.state: dict[str, Any] | None = None
         path = out / STATE_FILE
@@ -104,6 +107,10 @@ class _Run:
             if state.get("identity") != identity:
                 raise ValueError(f"{path} belongs to a different training run (kind, target, configs or library differ)")
             self.state = state
+
+    def stop_after(self, seconds: float | None) -> None:
+        """End the current stage early, at a step boundary, once `seconds` have passed from now."""
+        self.deadline = None if seconds is None else time.monotonic() + seconds
 
     def save(self, model: torch.nn.Module, stage: str, step: int, optim: torch.optim.Optimizer, extra: dict | None = None) -> None:
         _atomic_torch_save(
@@ -143,6 +150,12 @@ class _Run:
         model.train()
         bar = tqdm(range(start, steps), desc=f"{self.kind}:{stage}", disable=not self.progress, initial=start, total=steps)
         for step in bar:
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                self.stopped_at = step  # the state saved below resumes here
+                self.save(model, stage, step, optim)
+                bar.close()
+                model.eval()
+                return logs
             for group in optim.param_groups:
                 group["lr"] = lr_at(step)
             loss, logs = step_fn(_batch_generator(cfg.seed, stage, step))
