@@ -69,6 +69,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
+    """$LORAGEN_COMMIT (set where the tree was copied without its history, e.g. a lent GPU), else git's HEAD."""
+    if os.environ.get("LORAGEN_COMMIT"):
+        return os.environ["LORAGEN_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or None

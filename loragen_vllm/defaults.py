@@ -1,8 +1,9 @@
 """Where the default generator checkpoint is, in one place (used by `generate` and `serve`).
 
 Order: ``$LORAGEN_GENERATOR`` if set, else the checkpoint shipped inside the ``generator``
-package at ``generator/checkpoints/default/`` (issue 7 ships it there), else none -- until it
-ships, commands that need a generator ask for ``--generator`` with `MISSING_GENERATOR`.
+package at ``generator/checkpoints/default/`` (LoRAGen trained on the SNI library for
+SmolLM2-135M-Instruct; see benchmarks/results/quality.md), else none -- then commands that need
+a generator ask for ``--generator`` with `MISSING_GENERATOR`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ CHECKPOINT_FILES = ("config.json", "model.safetensors")  # what makes a folder a
 
 MISSING_GENERATOR = (
     "no generator checkpoint given: pass --generator CKPT (a folder written by "
-    "`python -m generator train ... --out CKPT`) or set $LORAGEN_GENERATOR; the trained "
-    "default checkpoint does not ship with this version yet"
+    "`python -m generator train ... --out CKPT`) or set $LORAGEN_GENERATOR; the default "
+    "checkpoint (generator/checkpoints/default/) is missing from this installation"
 )
 
 

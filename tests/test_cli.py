@@ -153,11 +153,19 @@ def test_bad_seed_in_environment_is_reported(tmp_path):
     assert_clean_failure(proc, 2, "LORAGEN_SEED must be an integer")
 
 
-@pytest.mark.skipif(default_generator_checkpoint() is not None,
-                    reason="a default generator checkpoint is installed")
-def test_generate_without_a_generator_asks_for_one(tmp_path):
-    assert_clean_failure(run("generate", "A fine task.", store=tmp_path), 2, "--generator",
-                         "LORAGEN_GENERATOR")
+def test_generate_uses_the_shipped_default_checkpoint(tmp_path):
+    shipped = default_generator_checkpoint()
+    assert shipped is not None and shipped.name == "default", "the trained default checkpoint must ship"
+    proc = run("generate", "Classify the sentiment of a movie review as positive or negative.", "--json",
+               store=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    fingerprint = json.loads((shipped / "config.json").read_text())["fingerprint"]
+    assert json.loads(proc.stdout)["fingerprint"] == fingerprint
+
+
+def test_an_explicit_generator_path_that_is_wrong_fails_loudly(tmp_path):
+    proc = run("generate", "A fine task.", store=tmp_path, env={"LORAGEN_GENERATOR": str(tmp_path / "nope")})
+    assert_clean_failure(proc, 1, "not a generator checkpoint")
 
 
 def test_serve_arguments_and_vllm_passthrough():

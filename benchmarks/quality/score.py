@@ -29,7 +29,7 @@ ROW_LABELS = {
     "icl": "Base + 3-shot in-context examples",
     "average": "Average LoRA (mean dW of training oracles)",
     "multitask": "Multi-task LoRA",
-    "t2l_recon": "T2L (recon)",
+    "t2l": "T2L (recon)",
     "t2l_sft": "T2L (SFT)",
     "loragen": "LoRAGen",
     "loragen_no_moe": "LoRAGen w/o MoE decoder",
@@ -155,12 +155,20 @@ def markdown(q: dict) -> str:
             f"| {_fmt(z, 'exact_match')} | {_fmt(z, 'rougeL')} | {_rel(z, 'exact_match')} / {_rel(z, 'rougeL')} "
             f"| {_fmt(a, 'exact_match')} / {_fmt(a, 'rougeL')} |"
         )
+    missing = [label for row, label in ROW_LABELS.items() if row not in q["rows"]]
+    if missing:
+        lines += ["", f"Not in the table yet (no run): {'; '.join(missing)}."]
+    lines += _findings(q)
     tr = q.get("oracle_training", {}).get("runs", [])
     if tr:
         r, c = tr[-1], tr[-1]["config"]
-        lines += ["", f"Oracles: {r['tasks_trained']} task adapters + the multi-task LoRA trained together in one batched "
-                  f"model on {r['device']}: {c['steps']} steps x {c['batch_size']} examples per task (multi-task: x "
-                  f"{c['multitask_batch_size']}), lr {c['lr']}, seed {c['seed']}; {r['train_seconds']:.0f} s, "
+        multi = r.get("adapters_trained", 0) > r["tasks_trained"]  # the multi-task LoRA trained alongside
+        init = "one shared A initialisation" if c.get("shared_init") else "A initialised per task"
+        with_multi = " + the multi-task LoRA" if multi else ""
+        multi_batch = f" (multi-task: x {c['multitask_batch_size']})" if multi else ""
+        lines += ["", f"Oracles: {r['tasks_trained']} task adapters{with_multi} trained together in one batched model "
+                  f"on {r['device']}: {c['steps']} steps x {c['batch_size']} examples per task{multi_batch}, "
+                  f"lr {c['lr']}, {init}, seed {c['seed']}; {r['train_seconds']:.0f} s, "
                   f"**{r['adapters_per_minute']} adapters per minute**."]
     o, b = q["rows"].get("oracle", {}).get("per_task"), q["rows"].get("base", {}).get("per_task")
     if o and b:
@@ -173,7 +181,8 @@ def markdown(q: dict) -> str:
     lines += ["", "## Provenance", "", "| row | commit | machine | date | command |", "|---|---|---|---|---|"]
     for name, r in q["rows"].items():
         m = r["meta"]
-        lines.append(f"| {name} | {m['commit'][:10]} | {m['machine']} | {m['date']} | `{m['command']}` |")
+        gen = f" (generator {m['fingerprint'][:12]})" if m.get("fingerprint") else ""
+        lines.append(f"| {name}{gen} | {m['commit'][:10]} | {m['machine']} | {m['date']} | `{m['command']}` |")
     cats = sorted({c for r in q["rows"].values() for c in r.get("per_category", {})})
     if cats:
         names = list(q["rows"])
@@ -183,6 +192,42 @@ def markdown(q: dict) -> str:
             cells = [_fmt(q["rows"][n].get("per_category", {}).get(c), "exact_match") for n in names]
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+NON_GENERATIVE = ("base", "system", "icl", "average", "multitask")
+
+
+def _findings(q: dict) -> list[str]:
+    """The issue's checks, computed from the rows present: conditioning controls and targets."""
+    rows = q["rows"]
+
+    def em(row: str, col: str) -> float | None:
+        cell = rows.get(row, {}).get(col)
+        return cell["exact_match"] if cell else None
+
+    out = []
+    for gen in ("loragen", "t2l_sft"):
+        right, rand, other = em(gen, "zero_shot"), em(f"{gen}_random", "zero_shot"), em(f"{gen}_other", "zero_shot")
+        if None in (right, rand, other):
+            continue
+        verdict = "the description matters" if right > max(rand, other) else "the description does NOT matter yet"
+        out.append(f"Conditioning ({ROW_LABELS[gen]}, zero-shot EM): right description {right:.1f}, random string "
+                   f"{rand:.1f}, another task's description {other:.1f}: {verdict}.")
+    lg_id, lg_zs = rows.get("loragen", {}).get("in_distribution"), em("loragen", "zero_shot")
+    if lg_id and lg_id.get("relative_to_oracle") and lg_zs is not None:
+        rel = lg_id["relative_to_oracle"]["exact_match"]
+        checks = [f"LoRAGen in-distribution >= 97% of oracle (EM): {rel:.0f}% ({'met' if rel >= 97 else 'missed'})"]
+        for t2l in ("t2l", "t2l_sft"):
+            if em(t2l, "zero_shot") is not None:
+                v = em(t2l, "zero_shot")
+                checks.append(f"zero-shot above {ROW_LABELS[t2l]} ({v:.1f}): {lg_zs:.1f} ({'met' if lg_zs > v else 'missed'})")
+        base_rows = [(em(r, "zero_shot"), r) for r in NON_GENERATIVE if em(r, "zero_shot") is not None]
+        if base_rows:
+            v, r = max(base_rows)
+            checks.append(f"zero-shot above the best non-generative row ({ROW_LABELS[r]}, {v:.1f}): "
+                          f"{lg_zs:.1f} ({'met' if lg_zs > v else 'missed'})")
+        out.append("Targets: " + "; ".join(checks) + ".")
+    return ["", *out] if out else []
 
 
 def bar_chart(q: dict, path: str | Path) -> None:

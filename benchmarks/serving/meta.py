@@ -23,11 +23,15 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def git_state() -> dict:
-    """Commit of the checkout and whether tracked files differ from it ($LORAGEN_GIT_COMMIT
-    stands in where there is no .git, e.g. a copied working tree on the GPU machine)."""
+    """Commit of the checkout and whether tracked files differ from it. $LORAGEN_COMMIT (or
+    $LORAGEN_GIT_COMMIT) wins where it is set: a working tree copied to a lent GPU machine has no
+    history of its own (a stale .git there once reported the wrong commit)."""
+    env = os.environ.get("LORAGEN_COMMIT") or os.environ.get("LORAGEN_GIT_COMMIT")
+    if env:
+        return {"commit": env, "dirty": None}
     commit = _run(["git", "rev-parse", "HEAD"])
     if commit is None:
-        return {"commit": os.environ.get("LORAGEN_GIT_COMMIT", "unknown (no git checkout)"), "dirty": None}
+        return {"commit": "unknown (no git checkout)", "dirty": None}
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"]) or ""
     return {"commit": commit, "dirty": bool(status), "dirty_files": status.splitlines()[:20]}
 
