@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .api import Generator, build_model
+from .api import Generator, build_model, shared_encoder
 from .config import T2LConfig, TrainConfig
 from .multilora import MultiLoRA
 from .oracle import OracleConfig, _microbatches, _unwrap, load_base_model, output_token_ce, task_examples
@@ -66,13 +67,15 @@ def train_t2l_sft(
 ) -> Generator:
     """Train T2L by SFT on the library's tasks (their train descriptions and train instances).
 
-    With `max_seconds`, training stops at the first step boundary after that long and the
-    checkpoint is written from the weights so far (its `extra.stopped_at` says at which step);
-    the training state stays, so `resume=True` continues the run.
+    With `max_seconds` (counted from this call, set-up included), training stops at the first
+    step boundary after that long and the checkpoint is written from the weights so far (its
+    `extra.stopped_at` says at which step); the training state stays, so `resume=True` continues.
     """
+    started = time.monotonic()
     model_cfg, cfg, sft = model_cfg or T2LConfig(), cfg or TrainConfig(), sft or SFTConfig()
     torch.manual_seed(cfg.seed)
-    data = data or load_training_data(library)  # task names, train descriptions + embeddings, factors
+    # task names, train descriptions + embeddings (on the training device: ~19k descriptions), factors
+    data = data or load_training_data(library, encoder=shared_encoder(device))
     base, tok, _ = load_base_model(device)
     tasks = load_tasks(tasks_dir, data.task_names)
     ocfg = OracleConfig()
@@ -113,7 +116,7 @@ def train_t2l_sft(
         surrogate = sum((A[m] * A_leaf[m].grad).sum() + (B[m] * B_leaf[m].grad).sum() for m in A)
         return surrogate, {"sft_loss": total}
 
-    run.stop_after(max_seconds)
+    run.stop_after(None if max_seconds is None else max_seconds - (time.monotonic() - started))
     try:
         logs = run.loop(model, "t2l", cfg.steps, list(model.hypernet.parameters()), cfg, step_fn, ["t2l"])
     finally:

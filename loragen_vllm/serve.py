@@ -244,6 +244,27 @@ def _announce_when_ready(host: str, port: int, served_name: str) -> None:
     threading.Thread(target=wait, name="loragen-announce", daemon=True).start()
 
 
+CPU_KV_CACHE_GIB = 4  # SmolLM2-135M: ~23 KB of KV cache per token, so ~180k tokens
+
+
+def default_cpu_kv_cache(env: MutableMapping[str, str], vllm_args: list[str]) -> str | None:
+    """On a CPU-only machine, give vLLM a fixed KV cache unless the user chose its memory.
+
+    vLLM's CPU backend otherwise reserves ``--gpu-memory-utilization`` (0.92) of *all* RAM and
+    refuses to start when a tenth of it is in use by anything else. Returns a note, or None.
+    """
+    chosen = ("--gpu-memory-utilization", "--kv-cache-memory", "--kv-cache-memory-bytes")
+    if "VLLM_CPU_KVCACHE_SPACE" in env or any(a.split("=")[0] in chosen for a in vllm_args):
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(CPU_KV_CACHE_GIB)
+    return (f"CPU: KV cache of {CPU_KV_CACHE_GIB} GiB (set VLLM_CPU_KVCACHE_SPACE, or pass "
+            "-- --gpu-memory-utilization F, to change it)")
+
+
 def run(args: argparse.Namespace) -> int:
     """Start the server (blocks until it stops). Returns a process exit code.
 
@@ -302,9 +323,12 @@ def run(args: argparse.Namespace) -> int:
     if plugins is not None and "loragen_resolver" not in plugins.split(","):
         env["VLLM_PLUGINS"] = plugins + ",loragen_resolver"
     env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # what `vllm serve` sets
+    extra = list(getattr(args, "vllm_args", None) or [])
+    kv_note = default_cpu_kv_cache(env, extra)
+    if kv_note:
+        print(f"loragen-vllm: {kv_note}", flush=True)
 
     max_resolved = getattr(args, "max_resolved", None) or int(env.get("LORAGEN_MAX_RESOLVED", DEFAULT_MAX_RESOLVED))
-    extra = list(getattr(args, "vllm_args", None) or [])
     argv = vllm_serve_argv(model_dir, served_name, lora_rank, args.host, args.port, extra)
     print(f"loragen-vllm: adapter store {store_dir}", flush=True)
     print(f"loragen-vllm: vllm serve {shlex.join(argv)}", flush=True)

@@ -182,6 +182,24 @@ def test_serve_arguments_and_vllm_passthrough():
         ["generate", "--", "-leading dash"], [])
 
 
+def test_serve_gives_vllm_a_fixed_kv_cache_on_cpu_unless_told():
+    import torch
+
+    from loragen_vllm.serve import CPU_KV_CACHE_GIB, default_cpu_kv_cache
+
+    env: dict[str, str] = {}
+    note = default_cpu_kv_cache(env, [])
+    if torch.cuda.is_available():
+        assert note is None and env == {}
+    else:  # vLLM's CPU default (0.92 of all RAM) refuses to start on a machine in use
+        assert env == {"VLLM_CPU_KVCACHE_SPACE": str(CPU_KV_CACHE_GIB)} and "KV cache" in note
+    for args in (["--gpu-memory-utilization", "0.5"], ["--kv-cache-memory-bytes=1000000000"]):
+        env = {}
+        assert default_cpu_kv_cache(env, args) is None and env == {}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert default_cpu_kv_cache(env, []) is None and env == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
 # ----------------------------------------------------------------------------------------------
 # generate, end to end
 
