@@ -4,30 +4,51 @@ Sizes a training run before it is started on a lent GPU (no model files or encod
 
     python benchmarks/train_step_time.py [cuda|cpu] [steps]
 
-Batches as in benchmarks/quality/gpu_generators.sh (256 LAE tokens per module, 128 descriptions).
+Batches as in benchmarks/quality/gpu_generators.sh: 256 LAE tokens per module, 128 descriptions
+per DiT or T2L step, a library of 100 synthetic adapters with 1000 random description embeddings.
+Measured on an H100 (2026-11-23): LAE 35.1 ms, DiT 20.8 ms, T2L 16.9 ms per step.
 """
-import sys, time, torch
-from generator.config import TargetSpec, TrainConfig
-from generator.train import TrainingData, train_loragen, train_t2l
-from generator.library import synthetic_adapters
-from generator.adapter import stack_adapters
 
-dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
-steps = int(sys.argv[2]) if len(sys.argv) > 2 else 60
-tgt = TargetSpec.smollm2()
-g = torch.Generator().manual_seed(0)
-A, B = stack_adapters(synthetic_adapters(tgt, 100, g))
-D = 1000
-data = TrainingData(tgt, [f"t{i}" for i in range(100)], A, B, torch.nn.functional.normalize(torch.randn(D, 384), dim=-1),
-                    torch.arange(D) % 100, [f"d{i}" for i in range(D)]).to(dev)
-marks = {}
-def cb(stage, step):
-    if step in (10, steps):
-        if dev == "cuda": torch.cuda.synchronize()
-        marks[(stage, step)] = time.perf_counter()
-cfg = TrainConfig(steps=steps, diffusion_steps=steps, batch_size=128, tokens_per_step=256, checkpoint_every=0)
-train_loragen(data, f"/tmp/step_time_{dev}_loragen", cfg=cfg, progress=False, callback=cb)
-train_t2l(data, f"/tmp/step_time_{dev}_t2l", cfg=cfg, progress=False, callback=cb)
-for stage in ("lae", "dit", "t2l"):
-    ms = 1000 * (marks[(stage, steps)] - marks[(stage, 10)]) / (steps - 10)
-    print(f"{dev}: {stage} {ms:.1f} ms per step")
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+
+import torch
+
+from generator.adapter import stack_adapters
+from generator.config import TargetSpec, TrainConfig
+from generator.library import synthetic_adapters
+from generator.train import TrainingData, train_loragen, train_t2l
+
+WARMUP = 10  # steps excluded from the timing (allocator, kernel selection)
+
+
+def main(device: str = "cuda", steps: int = 60) -> dict[str, float]:
+    target = TargetSpec.smollm2()
+    A, B = stack_adapters(synthetic_adapters(target, 100, torch.Generator().manual_seed(0)))
+    num_desc = 1000
+    cond = torch.nn.functional.normalize(torch.randn(num_desc, 384), dim=-1)
+    data = TrainingData(target, [f"t{i}" for i in range(100)], A, B, cond, torch.arange(num_desc) % 100,
+                        [f"d{i}" for i in range(num_desc)]).to(device)
+    marks: dict[tuple[str, int], float] = {}
+
+    def mark(stage: str, step: int) -> None:
+        if step in (WARMUP, steps):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            marks[(stage, step)] = time.perf_counter()
+
+    cfg = TrainConfig(steps=steps, diffusion_steps=steps, batch_size=128, tokens_per_step=256, checkpoint_every=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_loragen(data, f"{tmp}/loragen", cfg=cfg, progress=False, callback=mark)
+        train_t2l(data, f"{tmp}/t2l", cfg=cfg, progress=False, callback=mark)
+    ms = {s: 1000 * (marks[(s, steps)] - marks[(s, WARMUP)]) / (steps - WARMUP) for s in ("lae", "dit", "t2l")}
+    for stage, v in ms.items():
+        print(f"{device}: {stage} {v:.1f} ms per step")
+    return ms
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "cuda", int(sys.argv[2]) if len(sys.argv) > 2 else 60)
