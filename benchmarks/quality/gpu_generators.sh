@@ -4,7 +4,8 @@
 #   bash benchmarks/quality/gpu_generators.sh train   # ~8 min on an H100
 #     1. the oracle library again, with one shared A init for every task (generator.oracle's
 #        default since the baseline run, which seeded each task's init by its name);
-#     2. in parallel on the one GPU (LAE ~35 ms, DiT ~21 ms, T2L ~17 ms per step alone): LoRAGen, its three ablations (no MoE decoder, no direction
+#     2. in parallel on the one GPU (alone: LAE ~35 ms, DiT ~21 ms, T2L ~17 ms per step):
+#        LoRAGen, its three ablations (no MoE decoder, no direction
 #        loss, no spectral loss), T2L (reconstruction) and T2L (SFT through the base model).
 #   bash benchmarks/quality/gpu_generators.sh eval    # ~6 min
 #     3. answers of every generator row and the conditioning controls, plus the oracle and
