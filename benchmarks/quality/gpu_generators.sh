@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU block of the quality table's generator rows, in two calls on one warm machine:
 #
-#   bash benchmarks/quality/gpu_generators.sh train   # ~8 min on an H100
+#   bash benchmarks/quality/gpu_generators.sh train   # H100, 2026-11-23: 563 s, then RESUME=1 400 s
 #     1. the oracle library again, with one shared A init for every task (generator.oracle's
 #        default since the baseline run, which seeded each task's init by its name);
 #     2. in parallel on the one GPU (alone: LAE ~35 ms, DiT ~21 ms, T2L ~17 ms per step):
-#        LoRAGen, its three ablations (no MoE decoder, no direction
-#        loss, no spectral loss), T2L (reconstruction) and T2L (SFT through the base model).
-#   bash benchmarks/quality/gpu_generators.sh eval    # ~6 min
+#        LoRAGen, its three ablations (no MoE decoder, no direction loss, no spectral loss),
+#        T2L (reconstruction) and T2L (SFT through the base model).
+#   bash benchmarks/quality/gpu_generators.sh eval    # 143 s (97 s of answers)
 #     3. answers of every generator row and the conditioning controls, plus the oracle and
 #        average-LoRA rows of the new library, several row groups in parallel;
 #     4. the generation-latency benchmark on this GPU.
