@@ -264,6 +264,17 @@ def stack_adapters(adapters: list[LoRAAdapter]) -> tuple[dict[str, torch.Tensor]
     return A, B
 
 
+def factor_stats(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Library statistics of one stacked factor, X: (T, L, ...) -> mean (L, ...), std (L,).
+
+    The mean is per element over the T tasks (zero for a single task, whose factor is then its
+    own residual); the std is one scalar per layer, of the residuals from that mean (>= 1e-8).
+    Both generators standardise their factors with these (`FactorStandardizer`, the LAE).
+    """
+    mean = X.mean(0) if X.shape[0] > 1 else torch.zeros_like(X[0])
+    return mean, (X - mean).flatten(2).std(dim=(0, 2)).clamp_min(1e-8)
+
+
 def unstack_adapters(
     target: TargetSpec, A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor]
 ) -> list[LoRAAdapter]:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapter import factor_stats
 from .config import LAEConfig, TargetSpec
 from .losses import delta_norm, direction_loss, kl_divergence, moe_balance_loss, spectral_loss
 
@@ -130,10 +131,9 @@ class LoRAAutoencoder(nn.Module):
         """Library statistics; A[m]: (T, L, r, d_in), B[m]: (T, L, d_out, r)."""
         for m in self.target.modules:
             for name, X in (("A", A[m]), ("B", B[m])):
-                mean = X.mean(0) if X.shape[0] > 1 else torch.zeros_like(X[0])
-                scale = (X - mean).flatten(2).std(dim=(0, 2))
+                mean, scale = factor_stats(X)
                 getattr(self, f"{name}_mean_{m}").copy_(mean)
-                getattr(self, f"{name}_scale_{m}").copy_(scale.clamp_min(1e-8))
+                getattr(self, f"{name}_scale_{m}").copy_(scale)
 
     def _stats(self, name: str, m: str, layers: Tensor) -> tuple[Tensor, Tensor]:
         """Mean (n, ., .) and scale (n, 1, 1) of `name` in {"A", "B"} at the given layers."""

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapter import factor_stats
 from .config import T2LConfig, TargetSpec
 
 
@@ -111,10 +112,9 @@ class FactorStandardizer(nn.Module):
         """A[m]: (T, L, r, d_in), B[m]: (T, L, d_out, r) over the library's T tasks."""
         for m in self.modules_:
             for name, X in (("A", A[m]), ("B", B[m])):
-                mean = X.mean(0)
-                std = (X - mean).flatten(2).std(dim=(0, 2)) if X.shape[0] > 1 else X.flatten(2).std(dim=(0, 2))
+                mean, std = factor_stats(X)
                 getattr(self, f"{name}_mean_{m}").copy_(mean)
-                getattr(self, f"{name}_std_{m}").copy_(std.clamp_min(1e-8))
+                getattr(self, f"{name}_std_{m}").copy_(std)
 
     def _stats(self, name: str, m: str) -> tuple[Tensor, Tensor]:
         return getattr(self, f"{name}_mean_{m}"), getattr(self, f"{name}_std_{m}")[:, None, None]
