@@ -14,7 +14,9 @@
 #
 # Results go to $OUT (at most 8 files of 16 MiB: the default checkpoint comes back split).
 # Scores are computed afterwards on any machine: python -m benchmarks.quality score ...
-# Env: WORK (default /tmp/runs), CK (default /tmp/ck), DEADLINE_S (per phase), DRY=1 (tiny CPU dry run).
+# Env: WORK (default /tmp/runs), CK (default /tmp/ck), DEADLINE_S (per phase), DRY=1 (tiny CPU dry run),
+#      JOBS (what to train / answer; default: all of ALL_JOBS below; the oracle library is always
+#      trained first, which skips the adapters already in $WORK/oracles).
 set -euo pipefail
 phase=${1:?usage: gpu_generators.sh train|eval}
 OUT=${OUT:?set OUT}
@@ -48,42 +50,63 @@ else
   ALL=(--task-set all) HELD=(--task-set held_out)
 fi
 
+# LoRAGen variants: the ablations of LoRAGen's Table 4 and a lower spectral-loss weight.
+variant_config() {
+  case "$1" in
+    no_moe) echo '{"lae": {"num_experts": 1}}' ;;
+    no_direction) echo '{"lae": {"w_direction": 0.0}}' ;;
+    no_spectral) echo '{"lae": {"w_spectral": 0.0}}' ;;
+    ws02) echo '{"lae": {"w_spectral": 0.2}}' ;;
+    *) echo "unknown LoRAGen variant $1" >&2; return 2 ;;
+  esac
+}
+# oracle, average: eval rows only (the library itself is trained in every train phase).
+ALL_JOBS="oracle average loragen loragen_no_moe loragen_no_direction loragen_no_spectral t2l t2l_sft"
+JOBS=${JOBS:-$ALL_JOBS}
+
 case "$phase" in
 train)
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
   $PY -m generator.oracle train --tasks data/sni/tasks --out "$WORK/oracles" --device $DEV "${ORACLE[@]}" \
-    2>&1 | tee "$WORK/oracles.log" | grep -v '%|' || true
+    2>&1 | tee "$WORK/oracles.log" | grep --line-buffered -v '%|' || true
   test -f "$WORK/oracles/oracles.json"
   cp "$WORK/oracles/oracles.json" "$OUT/"
   echo "oracles done at $((SECONDS - start)) s"
   lib="$WORK/oracles/library"
-  mkdir -p "$WORK/cfg"
-  echo '{"lae": {"num_experts": 1}}' > "$WORK/cfg/no_moe.json"
-  echo '{"lae": {"w_direction": 0.0}}' > "$WORK/cfg/no_direction.json"
-  echo '{"lae": {"w_spectral": 0.0}}' > "$WORK/cfg/no_spectral.json"
   pids=()
   # Each run stops before the call's 10-minute limit; a stopped run resumes with --resume.
   left=$((${DEADLINE_S:-560} - (SECONDS - start)))
   run() { local name=$1; shift; ( timeout "$left" "$@" > "$WORK/train_$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
   common=(--library "$lib" --device $DEV --no-progress --threads 2)
   common+=(${RESUME:+--resume})
-  run loragen $PY -m generator train --kind loragen --out "$CK/loragen" "${common[@]}" "${GEN[@]}"
-  for abl in no_moe no_direction no_spectral; do
-    run "loragen_$abl" $PY -m generator train --kind loragen --out "$CK/loragen_$abl" "${common[@]}" "${GEN[@]}" \
-      --model-config "$WORK/cfg/$abl.json"
+  mkdir -p "$WORK/cfg"
+  for job in $JOBS; do
+    case "$job" in
+      loragen) run loragen $PY -m generator train --kind loragen --out "$CK/loragen" "${common[@]}" "${GEN[@]}" ;;
+      loragen_*)
+        variant_config "${job#loragen_}" > "$WORK/cfg/$job.json"
+        run "$job" $PY -m generator train --kind loragen --out "$CK/$job" "${common[@]}" "${GEN[@]}" \
+          --model-config "$WORK/cfg/$job.json" ;;
+      t2l) run t2l $PY -m generator train --kind t2l --out "$CK/t2l" "${common[@]}" "${T2L[@]}" ;;
+      # SFT stops itself 30 s before the others' deadline and keeps what it learned (extra.stopped_at).
+      t2l_sft) run t2l_sft $PY -m generator.sft --tasks data/sni/tasks --library "$lib" --out "$CK/t2l_sft" \
+        --device $DEV "${SFT[@]}" --max-seconds $((left > 60 ? left - 30 : 30)) ${RESUME:+--resume} ;;
+      oracle|average) ;;
+      *) echo "unknown job $job" >&2; exit 2 ;;
+    esac
   done
-  run t2l $PY -m generator train --kind t2l --out "$CK/t2l" "${common[@]}" "${T2L[@]}"
-  # SFT stops itself 30 s before the others' deadline and keeps what it learned (extra.stopped_at).
-  run t2l_sft $PY -m generator.sft --tasks data/sni/tasks --library "$lib" --out "$CK/t2l_sft" --device $DEV "${SFT[@]}" \
-    --max-seconds $((left > 60 ? left - 30 : 30)) ${RESUME:+--resume}
   for p in "${pids[@]}"; do wait "$p" || true; done
   for f in "$WORK"/train_*.log; do echo "== $f"; tail -n 3 "$f"; done
   mkdir -p "$WORK/configs"
   for d in "$CK"/*/; do [ -f "$d/config.json" ] && cp "$d/config.json" "$WORK/configs/$(basename "$d").json"; done
   (cd "$WORK" && tar czf "$OUT/train_logs.tgz" oracles.log train_*.log configs)
-  # The default checkpoint: config + weights, split below the 16 MiB per-file limit.
-  cp "$CK/loragen/config.json" "$OUT/loragen_config.json"
-  split -b 15M -d "$CK/loragen/model.safetensors" "$OUT/loragen_model.safetensors.part"
+  # LoRAGen checkpoints (candidates for the default): config + weights, split below the 16 MiB
+  # per-file limit (at most 8 files come back: two checkpoints fit beside the oracles and logs).
+  for job in $JOBS; do
+    [[ $job == loragen* && -f "$CK/$job/model.safetensors" ]] || continue
+    cp "$CK/$job/config.json" "$OUT/${job}_config.json"
+    split -b 15M -d "$CK/$job/model.safetensors" "$OUT/${job}_model.safetensors.part"
+  done
   echo "train phase done at $((SECONDS - start)) s"
   ;;
 eval)
@@ -94,14 +117,17 @@ eval)
       --seeds 0 "${EVAL[@]}" "$@" > "$WORK/eval_$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
   # Oracles on every task (the "beats the base model" check), the average LoRA on the table's tasks,
   # conditioning controls on the held-out tasks only (the claim they test is zero-shot).
-  gen oracle --oracles "$WORK/oracles" --rows oracle "${ALL[@]}"
-  gen average --oracles "$WORK/oracles" --rows average
-  gen loragen --generator "$CK/loragen" --rows loragen
-  gen loragen_controls --generator "$CK/loragen" --rows loragen_random loragen_other "${HELD[@]}"
-  gen t2l_sft --generator "$CK/t2l_sft" --rows t2l_sft
-  gen t2l_sft_controls --generator "$CK/t2l_sft" --rows t2l_sft_random t2l_sft_other "${HELD[@]}"
-  gen t2l --generator "$CK/t2l" --rows t2l
-  for abl in no_moe no_direction no_spectral; do gen "loragen_$abl" --generator "$CK/loragen_$abl" --rows "loragen_$abl"; done
+  for job in $JOBS; do
+    case "$job" in
+      oracle) gen oracle --oracles "$WORK/oracles" --rows oracle "${ALL[@]}" ;;
+      average) gen average --oracles "$WORK/oracles" --rows average ;;
+      *) gen "$job" --generator "$CK/$job" --rows "$job" ;;
+    esac
+    # The conditioning controls, for the generators the issue names (and a candidate default).
+    case "$job" in loragen|t2l_sft|loragen_ws02)
+      gen "${job}_controls" --generator "$CK/$job" --rows "${job}_random" "${job}_other" "${HELD[@]}" ;;
+    esac
+  done
   for p in "${pids[@]}"; do wait "$p" || true; done
   for f in "$WORK"/eval_*.log; do echo "== $f"; tail -n 2 "$f"; done
   tar czf "$OUT/generations_generators.tgz" -C "$WORK" quality $(cd "$WORK" && ls eval_*.log)
