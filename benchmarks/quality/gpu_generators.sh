@@ -3,10 +3,11 @@
 #
 #   bash benchmarks/quality/gpu_generators.sh train   # H100, 2026-11-23: 563 s, then RESUME=1 400 s
 #     1. the oracle library again, with one shared A init for every task (generator.oracle's
-#        default since the baseline run, which seeded each task's init by its name);
+#        default since the baseline run, which seeded each task's init by its name); 161-168 s;
 #     2. in parallel on the one GPU (alone: LAE ~35 ms, DiT ~21 ms, T2L ~17 ms per step):
-#        LoRAGen, its three ablations (no MoE decoder, no direction loss, no spectral loss),
-#        T2L (reconstruction) and T2L (SFT through the base model).
+#        LoRAGen, the first run's spectral weight 2.0 and its three ablations (no MoE decoder,
+#        no direction loss, no spectral loss), T2L (reconstruction) and T2L (SFT through the base
+#        model; ~1.6 steps/s beside one LoRAGen run: 600 steps need a second call with RESUME=1).
 #   bash benchmarks/quality/gpu_generators.sh eval    # 143 s (97 s of answers)
 #     3. answers of every generator row and the conditioning controls, plus the oracle and
 #        average-LoRA rows of the new library, several row groups in parallel;
@@ -50,18 +51,19 @@ else
   ALL=(--task-set all) HELD=(--task-set held_out)
 fi
 
-# LoRAGen variants: the ablations of LoRAGen's Table 4 and a lower spectral-loss weight.
+# LoRAGen variants: the first run's spectral-loss weight (2.0; the default is 0.2) and the ablations
+# of LoRAGen's Table 4, which were run on that 2.0 configuration (the table's rows say so).
 variant_config() {
   case "$1" in
-    no_moe) echo '{"lae": {"num_experts": 1}}' ;;
-    no_direction) echo '{"lae": {"w_direction": 0.0}}' ;;
+    ws2) echo '{"lae": {"w_spectral": 2.0}}' ;;
+    no_moe) echo '{"lae": {"num_experts": 1, "w_spectral": 2.0}}' ;;
+    no_direction) echo '{"lae": {"w_direction": 0.0, "w_spectral": 2.0}}' ;;
     no_spectral) echo '{"lae": {"w_spectral": 0.0}}' ;;
-    ws02) echo '{"lae": {"w_spectral": 0.2}}' ;;
     *) echo "unknown LoRAGen variant $1" >&2; return 2 ;;
   esac
 }
 # oracle, average: eval rows only (the library itself is trained in every train phase).
-ALL_JOBS="oracle average loragen loragen_no_moe loragen_no_direction loragen_no_spectral t2l t2l_sft"
+ALL_JOBS="oracle average loragen loragen_ws2 loragen_no_moe loragen_no_direction loragen_no_spectral t2l t2l_sft"
 JOBS=${JOBS:-$ALL_JOBS}
 
 case "$phase" in
@@ -100,13 +102,11 @@ train)
   mkdir -p "$WORK/configs"
   for d in "$CK"/*/; do [ -f "$d/config.json" ] && cp "$d/config.json" "$WORK/configs/$(basename "$d").json"; done
   (cd "$WORK" && tar czf "$OUT/train_logs.tgz" oracles.log train_*.log configs)
-  # LoRAGen checkpoints (candidates for the default): config + weights, split below the 16 MiB
-  # per-file limit (at most 8 files come back: two checkpoints fit beside the oracles and logs).
-  for job in $JOBS; do
-    [[ $job == loragen* && -f "$CK/$job/model.safetensors" ]] || continue
-    cp "$CK/$job/config.json" "$OUT/${job}_config.json"
-    split -b 15M -d "$CK/$job/model.safetensors" "$OUT/${job}_model.safetensors.part"
-  done
+  # The default checkpoint's candidate: config + weights, split below the 16 MiB per-file limit.
+  if [ -f "$CK/loragen/model.safetensors" ]; then
+    cp "$CK/loragen/config.json" "$OUT/loragen_config.json"
+    split -b 15M -d "$CK/loragen/model.safetensors" "$OUT/loragen_model.safetensors.part"
+  fi
   echo "train phase done at $((SECONDS - start)) s"
   ;;
 eval)
@@ -123,8 +123,8 @@ eval)
       average) gen average --oracles "$WORK/oracles" --rows average ;;
       *) gen "$job" --generator "$CK/$job" --rows "$job" ;;
     esac
-    # The conditioning controls, for the generators the issue names (and a candidate default).
-    case "$job" in loragen|t2l_sft|loragen_ws02)
+    # The conditioning controls, for the generators the issue names (and the first LoRAGen run).
+    case "$job" in loragen|t2l_sft|loragen_ws2)
       gen "${job}_controls" --generator "$CK/$job" --rows "${job}_random" "${job}_other" "${HELD[@]}" ;;
     esac
   done

@@ -32,15 +32,20 @@ ROW_LABELS = {
     "t2l": "T2L (recon)",
     "t2l_sft": "T2L (SFT)",
     "loragen": "LoRAGen",
-    "loragen_no_moe": "LoRAGen w/o MoE decoder",
-    "loragen_no_direction": "LoRAGen w/o direction loss",
+    # The first LoRAGen run weighted the spectral loss 2.0; its ablations share that setting.
+    "loragen_ws2": "LoRAGen, spectral-loss weight 2.0 (first run)",
+    "loragen_no_moe": "LoRAGen (2.0) w/o MoE decoder",
+    "loragen_no_direction": "LoRAGen (2.0) w/o direction loss",
     "loragen_no_spectral": "LoRAGen w/o spectral loss",
     "loragen_random": "LoRAGen, random-string description (control)",
     "loragen_other": "LoRAGen, another task's description (control)",
     "t2l_sft_random": "T2L (SFT), random-string description (control)",
     "t2l_sft_other": "T2L (SFT), another task's description (control)",
+    "loragen_ws2_random": "LoRAGen (2.0), random-string description (control)",
+    "loragen_ws2_other": "LoRAGen (2.0), another task's description (control)",
     "oracle": "Oracle LoRAs",
 }
+OPTIONAL_ROWS = ("loragen_ws2", "loragen_ws2_random", "loragen_ws2_other")  # not listed as missing
 
 
 def read_row(path: str | Path) -> tuple[dict, list[dict]]:
@@ -155,7 +160,7 @@ def markdown(q: dict) -> str:
             f"| {_fmt(z, 'exact_match')} | {_fmt(z, 'rougeL')} | {_rel(z, 'exact_match')} / {_rel(z, 'rougeL')} "
             f"| {_fmt(a, 'exact_match')} / {_fmt(a, 'rougeL')} |"
         )
-    missing = [label for row, label in ROW_LABELS.items() if row not in q["rows"]]
+    missing = [label for row, label in ROW_LABELS.items() if row not in q["rows"] and row not in OPTIONAL_ROWS]
     if missing:
         lines += ["", f"Not in the table yet (no run): {'; '.join(missing)}."]
     lines += _findings(q)
@@ -182,6 +187,7 @@ def markdown(q: dict) -> str:
     for name, r in q["rows"].items():
         m = r["meta"]
         gen = f" (generator {m['fingerprint'][:12]})" if m.get("fingerprint") else ""
+        gen += f" (ran as `{m['renamed_from']}`)" if m.get("renamed_from") else ""
         lines.append(f"| {name}{gen} | {m['commit'][:10]} | {m['machine']} | {m['date']} | `{m['command']}` |")
     cats = sorted({c for r in q["rows"].values() for c in r.get("per_category", {})})
     if cats:
@@ -206,12 +212,12 @@ def _findings(q: dict) -> list[str]:
         return cell["exact_match"] if cell else None
 
     out = []
-    for gen in ("loragen", "t2l_sft"):
+    for gen in ("loragen", "t2l_sft", "loragen_ws2"):
         right, rand, other = em(gen, "zero_shot"), em(f"{gen}_random", "zero_shot"), em(f"{gen}_other", "zero_shot")
         if None in (right, rand, other):
             continue
         verdict = "the description matters" if right > max(rand, other) else "the description does NOT matter yet"
-        out.append(f"Conditioning ({ROW_LABELS[gen]}, zero-shot EM): right description {right:.1f}, random string "
+        out.append(f"Conditioning ({rows[gen]['label']}, zero-shot EM): right description {right:.1f}, random string "
                    f"{rand:.1f}, another task's description {other:.1f}: {verdict}.")
     lg_id, lg_zs = rows.get("loragen", {}).get("in_distribution"), em("loragen", "zero_shot")
     if lg_id and lg_id.get("relative_to_oracle") and lg_zs is not None:
@@ -227,6 +233,12 @@ def _findings(q: dict) -> list[str]:
             checks.append(f"zero-shot above the best non-generative row ({ROW_LABELS[r]}, {v:.1f}): "
                           f"{lg_zs:.1f} ({'met' if lg_zs > v else 'missed'})")
         out.append("Targets: " + "; ".join(checks) + ".")
+    weights = [(w, em(r, "in_distribution"), em(r, "zero_shot"))
+               for w, r in (("0", "loragen_no_spectral"), ("0.2", "loragen"), ("2.0", "loragen_ws2"))]
+    if all(i is not None and z is not None for _, i, z in weights):
+        out.append("Spectral-loss weight (EM in-distribution / zero-shot): " + ", ".join(
+            f"{w}: {i:.1f} / {z:.1f}" for w, i, z in weights) + ". The default (0.2) was chosen on this "
+            "table's test split (there is no separate validation split).")
     return ["", *out] if out else []
 
 
