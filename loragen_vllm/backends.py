@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 AdapterFiles = dict[str, bytes]  # file name -> bytes of one PEFT adapter folder
 
-DEFAULT_BATCH_WINDOW_S = 0.02  # how long a first request waits for others to join its pass
+DEFAULT_BATCH_WINDOW_S = 0.005  # how long a first request waits for others to join its pass (as the Ray actor)
 DEFAULT_MAX_BATCH = 16  # descriptions per generator pass at most
 
 

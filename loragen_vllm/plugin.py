@@ -23,7 +23,7 @@ Environment:
     LORAGEN_GENERATOR_DEVICE  device of the in-process generator ("cpu")
     LORAGEN_SEED            generation seed (0)
     LORAGEN_MAX_DESCRIPTION_CHARS  longest accepted description (1000)
-    LORAGEN_BATCH_WINDOW_MS micro-batching window of the in-process backend (20)
+    LORAGEN_BATCH_WINDOW_MS micro-batching window of the in-process backend (5)
     LORAGEN_GENERATE_TIMEOUT_S  longest wait for one generation before a 503 (600)
     LORAGEN_STORE, LORAGEN_STORE_MAX_ADAPTERS, LORAGEN_STORE_MAX_BYTES  the store (store.py)
 """
