@@ -40,7 +40,7 @@ if [ "${SERVE_CHECK:-1}" = 1 ]; then
   setsid $PY -m loragen_vllm serve --port $port > "$OUT/serve_gpu.log" 2>&1 &
   pg=$!
   up=0
-  for _ in $(seq 240); do
+  for _ in $(seq 420); do  # a fresh machine: ~4 min (vLLM compiles and autotunes)
     if curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1; then up=1; break; fi
     kill -0 $pg 2>/dev/null || break
     sleep 1
