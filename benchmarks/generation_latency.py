@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import git_commit  # noqa: E402
 from generator.adapter import unstack_adapters  # noqa: E402
 from generator.api import Generator  # noqa: E402
 from generator.config import DiffusionConfig, LAEConfig, TrainConfig  # noqa: E402
@@ -66,17 +66,6 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     except OSError:
         pass
     return info
-
-
-def git_commit() -> str | None:
-    """$LORAGEN_COMMIT (set where the tree was copied without its history, e.g. a lent GPU), else git's HEAD."""
-    if os.environ.get("LORAGEN_COMMIT"):
-        return os.environ["LORAGEN_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def prepare(workdir: Path, lae_steps: int, dit_steps: int) -> tuple[Path, Path]:

@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.provenance import git_commit
 from generator.adapter import LoRAAdapter
 from generator.config import TargetSpec
 from generator.multilora import MultiLoRA
@@ -256,12 +256,7 @@ def generated_adapters(
 
 def run_meta(row: str, **extra) -> dict:
     """Provenance of a row: command, commit, machine, date."""
-    commit = os.environ.get("LORAGEN_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
+    commit = git_commit() or "unknown"
     machine = platform.node()
     if torch.cuda.is_available():
         machine = torch.cuda.get_device_name(0)

