@@ -9,8 +9,9 @@ a generator ask for ``--generator`` with `MISSING_GENERATOR`.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
+
+from loragen_vllm import envs
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors")  # what makes a folder a checkpoint
 
@@ -31,9 +32,9 @@ def shipped_checkpoint_dir() -> Path | None:
 
 def default_generator_checkpoint() -> Path | None:
     """The checkpoint to use when none is given, or None if there is none."""
-    env = os.environ.get("LORAGEN_GENERATOR", "").strip()
-    if env:
-        return Path(env).expanduser()  # explicit: a wrong path fails loudly when loaded
+    explicit = envs.LORAGEN_GENERATOR
+    if explicit is not None:
+        return explicit  # a wrong path fails loudly when loaded
     shipped = shipped_checkpoint_dir()
     if shipped is not None and all((shipped / f).is_file() for f in CHECKPOINT_FILES):
         return shipped

@@ -19,9 +19,11 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from loragen_vllm import envs
 from loragen_vllm.errors import InvalidDescription
 
-MAX_DESCRIPTION_CHARS = 1000  # default limit, in characters (code points) after normalisation
+# default limit, in characters (code points) after normalisation: 1000
+MAX_DESCRIPTION_CHARS: int = envs.default("LORAGEN_MAX_DESCRIPTION_CHARS")
 
 _WHITESPACE = re.compile(r"\s+")  # str.isspace() white space, Unicode-aware
 

@@ -1,0 +1,214 @@
+"""Every ``LORAGEN_*`` environment variable loragen-vllm reads, declared once (as vLLM's envs.py).
+
+Other modules read a setting as an attribute of this module, ``envs.LORAGEN_SEED``: the variable
+is read, parsed and validated on each access (so a test or a parent process may change it), an
+unset or blank variable gives its default, and a misspelt name is an ``AttributeError``, not a
+silent default. A value that does not parse raises `InvalidSetting` naming the variable, what it
+must be and what it was (the CLI answers with exit code 2; vLLM refuses to start).
+
+``loragen-vllm serve`` passes its flags to the resolver plugin, which vLLM loads in each of its
+processes, through these variables: `export` writes them, by the same names, into an
+environment. The table `SETTINGS` is also what the README's environment table lists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+
+class InvalidSetting(ValueError):
+    """A ``LORAGEN_*`` variable is set to a value it cannot have."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsers: text -> value, or ValueError("what the value must be")
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+def _optional_text(raw: str) -> str | None:
+    return raw or None
+
+
+def _optional_path(raw: str) -> Path | None:
+    return Path(raw).expanduser() if raw else None
+
+
+def _path(raw: str) -> Path:
+    return Path(raw).expanduser()
+
+
+def _integer(minimum: int | None = None) -> Callable[[str], int]:
+    what = "an integer" if minimum is None else f"an integer >= {minimum}"
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(what) from None
+        if minimum is not None and value < minimum:
+            raise ValueError(what)
+        return value
+
+    return parse
+
+
+def _limit(raw: str) -> int | None:
+    """A non-negative integer, or ``none`` for no limit."""
+    if raw.lower() == "none":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError('an integer >= 0 or "none"') from None
+    if value < 0:
+        raise ValueError('an integer >= 0 or "none"')
+    return value
+
+
+def _number(positive: bool) -> Callable[[str], float]:
+    what = "a number > 0" if positive else "a number >= 0"
+
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(what) from None
+        if value != value or value < 0 or (positive and value == 0):  # NaN, negative, zero
+            raise ValueError(what)
+        return value
+
+    return parse
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise ValueError("a logging level (DEBUG, INFO, WARNING, ERROR, CRITICAL)")
+    return level
+
+
+def _flag(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("1 or 0 (true/false, yes/no, on/off)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: its name, default (as text) and parser, and what it means."""
+
+    name: str
+    default: str  # as it would be written in the environment; "" = unset
+    parse: Callable[[str], Any]
+    doc: str
+
+    def read(self, environ: MutableMapping[str, str] | None = None) -> Any:
+        """The parsed value of the variable in ``environ`` (default: this process's)."""
+        raw = (os.environ if environ is None else environ).get(self.name, "").strip()
+        if not raw:
+            return self.parse(self.default)
+        try:
+            return self.parse(raw)
+        except ValueError as e:
+            raise InvalidSetting(f"${self.name} must be {e}, got {raw!r}") from None
+
+
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        # -- what `loragen-vllm serve` passes to the resolver plugin (from its flags)
+        Setting("LORAGEN_GENERATOR", "", _optional_path,
+                "generator checkpoint folder (unset: the checkpoint shipped in the package)"),
+        Setting("LORAGEN_RAY_ADDRESS", "", _optional_text,
+                "Ray cluster address: generate in the Ray generator actor instead"),
+        Setting("LORAGEN_STORE", "~/.cache/loragen-vllm/store", _path, "adapter store folder"),
+        Setting("LORAGEN_SEED", "0", _integer(), "generation seed (part of every store key)"),
+        Setting("LORAGEN_GENERATOR_DEVICE", "cpu", _text, "torch device of the in-process generator"),
+        Setting("LORAGEN_MAX_RESOLVED", "256", _integer(1),
+                "descriptions vLLM keeps resolved at once (LRU); see `--max-resolved`"),
+        # -- the resolver plugin and the store
+        Setting("LORAGEN_GENERATOR_THREADS", "1", _integer(1),
+                "torch threads of the in-process generator on CPU (vLLM's workers own the cores)"),
+        Setting("LORAGEN_STORE_MAX_ADAPTERS", "1000", _limit,
+                "store eviction limit: adapters (`none`: no limit)"),
+        Setting("LORAGEN_STORE_MAX_BYTES", str(4 << 30), _limit,
+                "store eviction limit: bytes (`none`: no limit)"),
+        Setting("LORAGEN_MAX_DESCRIPTION_CHARS", "1000", _integer(1),
+                "longest description accepted (after normalisation)"),
+        Setting("LORAGEN_BATCH_WINDOW_MS", "5", _number(positive=False),
+                "how long a generation waits for others to share its generator pass (requests "
+                "arriving during a pass join the next one)"),
+        Setting("LORAGEN_GENERATE_TIMEOUT_S", "600", _number(positive=True),
+                "longest wait for one generation before answering 503"),
+        Setting("LORAGEN_RAY_TIMEOUT_S", "60", _number(positive=True),
+                "longest wait for the Ray generator actor before answering 503"),
+        Setting("LORAGEN_LOG_LEVEL", "INFO", _log_level, "level of loragen's log lines in the server output"),
+        # -- the command line
+        Setting("LORAGEN_DEBUG", "0", _flag,
+                "`1`: the CLI shows the traceback of an unexpected error instead of one line"),
+    )
+}
+
+if TYPE_CHECKING:  # the attributes `__getattr__` provides, with their types
+    LORAGEN_GENERATOR: Path | None
+    LORAGEN_RAY_ADDRESS: str | None
+    LORAGEN_STORE: Path
+    LORAGEN_SEED: int
+    LORAGEN_GENERATOR_DEVICE: str
+    LORAGEN_MAX_RESOLVED: int
+    LORAGEN_GENERATOR_THREADS: int
+    LORAGEN_STORE_MAX_ADAPTERS: int | None
+    LORAGEN_STORE_MAX_BYTES: int | None
+    LORAGEN_MAX_DESCRIPTION_CHARS: int
+    LORAGEN_BATCH_WINDOW_MS: float
+    LORAGEN_GENERATE_TIMEOUT_S: float
+    LORAGEN_RAY_TIMEOUT_S: float
+    LORAGEN_LOG_LEVEL: str
+    LORAGEN_DEBUG: bool
+
+
+def __getattr__(name: str) -> Any:
+    setting = SETTINGS.get(name)
+    if setting is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return setting.read()
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *SETTINGS])
+
+
+def default(name: str) -> Any:
+    """The value ``name`` has when it is not set (for Python APIs that share the default)."""
+    setting = SETTINGS[name]
+    return setting.parse(setting.default)
+
+
+def export(environ: MutableMapping[str, str], **values: object) -> None:
+    """Write settings into ``environ`` (e.g. for vLLM's processes); None leaves one as it is.
+
+    Each value is checked by its setting's parser, so a child never starts with a value it
+    would refuse. Raises KeyError for a name that is not a setting.
+    """
+    for name, value in values.items():
+        setting = SETTINGS[name]
+        if value is None:
+            continue
+        raw = str(value)
+        setting.read({name: raw})  # raises InvalidSetting
+        environ[name] = raw
