@@ -70,8 +70,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 def prepare(workdir: Path, lae_steps: int, dit_steps: int) -> tuple[Path, Path]:
     """Synthetic 32-task library + a default-size LoRAGen trained on it (cached in workdir)."""
-    from generator.library import make_synthetic_library
-    from generator.train import load_training_data, train_loragen
+    from generator.data.synthetic import make_synthetic_library
+    from generator.training.train import load_training_data, train_loragen
 
     library, ckpt = workdir / "library32", workdir / "loragen32"
     if not (library / "task_031" / "descriptions.json").is_file():
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     # One description per library task, with its target adapter, for the quality numbers.
     descriptions, targets = [], []
     if library is not None:
-        from generator.library import load_library
+        from generator.data.library import load_library
 
         for task in load_library(library, gen.target):
             descriptions.append(task.descriptions[0])

@@ -19,8 +19,8 @@ import torch
 
 from generator.adapter import stack_adapters
 from generator.config import TargetSpec, TrainConfig
-from generator.library import synthetic_adapters
-from generator.train import TrainingData, train_loragen, train_t2l
+from generator.data.synthetic import synthetic_adapters
+from generator.training.train import TrainingData, train_loragen, train_t2l
 
 WARMUP = 10  # steps excluded from the timing (allocator, kernel selection)
 

@@ -1,8 +1,14 @@
 """LoRAGen: task description -> LoRA adapter weights (with the T2L hypernetwork as baseline).
 
-Public API (see /work/notes/contracts.md): `TargetSpec`, `LoRAAdapter`, `Generator`,
-`load_generator`, `ensure_base_model`, `DescriptionEncoder`. This package never imports the
-serving package `loragen_vllm`.
+Public API: `TargetSpec`, `LoRAAdapter`, `Generator`, `load_generator`, `ensure_base_model`,
+`DescriptionEncoder` and the configs. Layers, each importing only the ones above it:
+
+    api, config, adapter, encoder, base_model     the public surface (top level)
+    models/      LoRAGen (LAE, DiT, diffusion), T2L, the weight-space losses; a registry by kind
+    training/    generator training (reconstruction, SFT), oracle LoRAs, batched multi-LoRA, prompts
+    data/        Super-NaturalInstructions tasks and splits, LoRA libraries (real and synthetic)
+
+This package never imports the serving package `loragen_vllm`.
 """
 
 from __future__ import annotations

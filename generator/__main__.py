@@ -1,7 +1,8 @@
-"""Command line: `python -m generator train ...` and `python -m generator generate ...`.
+"""Command line: train a generator, generate an adapter, import Super-NaturalInstructions tasks.
 
     python -m generator train --kind loragen|t2l --library DIR --out CKPT [--steps N] [--resume]
     python -m generator generate --checkpoint CKPT --description TEXT [--seed N] --out DIR
+    python -m generator import-sni --natural-instructions DIR --t2l DIR --tasks LIST --out DIR
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .config import TrainConfig
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from .train import train
+    from .training.train import train
 
     torch.set_num_threads(max(1, args.threads))
     configs: dict = {}
@@ -33,8 +34,11 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, tokens_per_step=args.tokens_per_step, lr=args.lr, seed=args.seed,
         checkpoint_every=args.checkpoint_every, num_threads=args.threads,
     )
+    only = None
+    if args.tasks_file:
+        only = [n.strip() for n in Path(args.tasks_file).read_text().splitlines() if n.strip() and not n.startswith("#")]
     gen = train(args.kind, args.library, args.out, cfg, configs, resume=args.resume, progress=not args.no_progress,
-                device=args.device, max_descriptions=args.max_descriptions)
+                device=args.device, max_descriptions=args.max_descriptions, only=only, snapshots=args.snapshots)
     print(json.dumps({"checkpoint": str(Path(args.out).resolve()), "kind": gen.kind,
                       "fingerprint": gen.fingerprint, "parameters": gen.num_parameters}))
     return 0
@@ -49,6 +53,18 @@ def _generate(args: argparse.Namespace) -> int:
     print(json.dumps({"adapter": str(out.resolve()), "fingerprint": gen.fingerprint, "seed": args.seed,
                       "seconds": {k: round(v, 6) for k, v in timings.items()}}))
     return 0
+
+
+def _import_sni(args: argparse.Namespace) -> int:
+    from .data.sni_import import import_tasks, read_task_list
+
+    report = import_tasks(args.natural_instructions, args.t2l, read_task_list(args.tasks), args.out,
+                          max_instances=args.max_instances, overwrite=args.overwrite, progress=not args.no_progress)
+    for name, why in report.failed.items():
+        print(f"failed: {name}: {why}", file=sys.stderr)
+    print(json.dumps({"written": len(report.written), "kept": len(report.kept), "failed": len(report.failed),
+                      "instances": sum(report.instances.values()), "out": str(Path(args.out).resolve())}))
+    return 1 if report.failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     t.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
     t.add_argument("--max-descriptions", type=int, help="use the first N descriptions of each task")
+    t.add_argument("--tasks-file", help="train on the library's tasks named in this file (one a line)")
+    t.add_argument("--snapshots", type=int, nargs="*", default=[],
+                   help="loragen: denoiser steps at which to also write <out>/snapshots/dit-<step>/")
     t.add_argument("--model-config", help='JSON file {"lae": {...}, "diffusion": {...}, "t2l": {...}}')
     t.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt if present")
     t.add_argument("--no-progress", action="store_true")
@@ -87,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--base-model-path", help="base_model_name_or_path to write (default: the checkpoint's base model)")
     g.set_defaults(func=_generate)
+
+    s = sub.add_parser("import-sni", help="build or extend a task library from natural-instructions + text-to-lora copies")
+    s.add_argument("--natural-instructions", required=True, help="copy of allenai/natural-instructions (tasks/<name>.json)")
+    s.add_argument("--t2l", required=True, help="copy of SakanaAI/text-to-lora (tasks/lol_*/metadata.yaml)")
+    s.add_argument("--tasks", required=True, help="file of task names, one a line")
+    s.add_argument("--out", required=True, help="task folder to write (e.g. data/sni/tasks)")
+    s.add_argument("--max-instances", type=int, default=200, help="first N distinct instances of each task")
+    s.add_argument("--overwrite", action="store_true", help="replace task files that exist")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_import_sni)
     return p
 
 

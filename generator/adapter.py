@@ -71,7 +71,7 @@ class LoRAAdapter:
 
         Computed from the factors (see `losses.frobenius_inner`), never materialising dW.
         """
-        from .losses import delta_cosine
+        from .models.losses import delta_cosine
 
         if other.target.modules != self.target.modules or other.target.num_layers != self.target.num_layers:
             raise ValueError("adapters target different locations")
@@ -150,9 +150,8 @@ class LoRAAdapter:
             raise ValueError(f"{ADAPTER_CONFIG} is not valid JSON: {e}") from None
         if config.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"not a LoRA adapter: peft_type={config.get('peft_type')!r}")
-        for flag in ("use_dora",):
-            if config.get(flag):
-                raise ValueError(f"unsupported LoRA variant: {flag}")
+        if config.get("use_dora"):
+            raise ValueError("unsupported LoRA variant: use_dora")
         if config.get("rank_pattern") or config.get("alpha_pattern"):
             raise ValueError("per-module rank/alpha patterns are not supported")
         rank, alpha = int(config["r"]), float(config["lora_alpha"])

@@ -25,13 +25,13 @@ import torch
 from safetensors.torch import load_file, save
 
 from .adapter import LoRAAdapter, unstack_adapters, write_peft_files
-from .config import DiffusionConfig, LAEConfig, T2LConfig, TargetSpec
+from .config import SamplerConfig, TargetSpec
 from .encoder import ENCODER_DIM, ENCODER_NAME, DescriptionEncoder
+from .models import KINDS, build_model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
-KINDS = ("loragen", "t2l")
 
 _encoders: dict[str, DescriptionEncoder] = {}
 _encoders_lock = threading.Lock()
@@ -50,20 +50,6 @@ def noise_seed(seed: int, description: str) -> int:
     """64-bit (non-negative, < 2**63) seed of one description's noise: sha256(seed, description)."""
     digest = hashlib.sha256(f"{int(seed)}\x00{description}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def build_model(kind: str, target: TargetSpec, configs: dict[str, Any]) -> torch.nn.Module:
-    """The untrained model of a kind from its config dicts."""
-    if kind == "t2l":
-        from .t2l import T2L
-
-        return T2L(target, T2LConfig.from_dict(configs.get("t2l", {})))
-    if kind == "loragen":
-        from .loragen import LoRAGen
-
-        return LoRAGen(target, LAEConfig.from_dict(configs.get("lae", {})),
-                       DiffusionConfig.from_dict(configs.get("diffusion", {})))
-    raise ValueError(f"unknown generator kind {kind!r}; expected one of {KINDS}")
 
 
 def compute_fingerprint(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
@@ -89,18 +75,21 @@ class Generator:
         sampler: dict[str, Any] | None = None,
         device: str | torch.device = "cpu",
         extra: dict[str, Any] | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"unknown generator kind {kind!r}")
+        if kind not in KINDS or getattr(model, "kind", None) != kind:
+            raise ValueError(f"generator kind {kind!r} does not match its model ({type(model).__name__})")
         self.kind = kind
         self.target = target
         self.configs = configs
-        self.sampler = {"steps": 20, "guidance": 1.0, **(sampler or {})}
+        self.sampler = {**SamplerConfig().to_dict(), **(sampler or {})}
         self.extra = dict(extra or {})
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self._encoder: DescriptionEncoder | None = None
         self.fingerprint = compute_fingerprint(self.config_dict(include_fingerprint=False), self.model.state_dict())
+        if self.device.type == "cuda" and hasattr(self.model, "use_cuda_graphs"):
+            self.model.use_cuda_graphs(cuda_graphs)  # same adapters as eager up to float rounding
 
     # ------------------------------------------------------------------------------------------
     # Checkpoint
@@ -130,8 +119,11 @@ class Generator:
         return write_peft_files(files, ckpt_dir)  # weights first, config last: config marks completion
 
     @classmethod
-    def load(cls, ckpt_dir: str | Path, device: str | torch.device = "cpu") -> "Generator":
-        """Load a checkpoint folder; raises FileNotFoundError / ValueError if it is missing or corrupt."""
+    def load(cls, ckpt_dir: str | Path, device: str | torch.device = "cpu", cuda_graphs: bool = True) -> "Generator":
+        """Load a checkpoint folder; raises FileNotFoundError / ValueError if it is missing or corrupt.
+
+        On a CUDA device, LoRAGen generates through CUDA graphs unless `cuda_graphs=False`.
+        """
         ckpt = Path(ckpt_dir)
         cfg_path, w_path = ckpt / CONFIG_FILE, ckpt / WEIGHTS_FILE
         if not cfg_path.is_file() or not w_path.is_file():
@@ -149,10 +141,18 @@ class Generator:
         except Exception as e:
             raise ValueError(f"{w_path} is not a valid safetensors file: {e}") from None
         model.load_state_dict(state, strict=True)
-        gen = cls(cfg["kind"], target, model, cfg["configs"], cfg.get("sampler"), device, cfg.get("extra"))
+        gen = cls(cfg["kind"], target, model, cfg["configs"], cfg.get("sampler"), device, cfg.get("extra"), cuda_graphs)
         if cfg.get("fingerprint") != gen.fingerprint:
             raise ValueError(f"{ckpt}: fingerprint mismatch (corrupt or edited checkpoint)")
         return gen
+
+    def with_sampler(self, **sampler: Any) -> "Generator":
+        """The same weights with other sampler defaults (`steps`, `guidance`): a new fingerprint."""
+        unknown = set(sampler) - set(SamplerConfig().to_dict())
+        if unknown:
+            raise ValueError(f"unknown sampler settings {sorted(unknown)}")
+        return Generator(self.kind, self.target, self.model, self.configs, {**self.sampler, **sampler}, self.device,
+                         self.extra)
 
     # ------------------------------------------------------------------------------------------
     # Generation
@@ -193,24 +193,21 @@ class Generator:
         timings = timings if timings is not None else {}
         cond = cond.to(self.device)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        t0 = time.perf_counter()
-        if self.kind == "t2l":
-            timings["diffuse"] = 0.0
-            A, B = self.model.generate(cond)
-        else:
-            gens = [torch.Generator().manual_seed(noise_seed(seed, d)) for d in descriptions]
-            z = self.model.sample_latents(
-                cond, gens,
-                steps=int(steps or self.sampler["steps"]),
-                guidance=float(self.sampler["guidance"] if guidance is None else guidance),
-            )
+        last = [time.perf_counter()]
+
+        def mark(stage: str) -> None:
             sync()
-            t1 = time.perf_counter()
-            timings["diffuse"] = t1 - t0
-            t0 = t1
-            A, B = self.model.decode(z)
-        sync()
-        timings["decode"] = time.perf_counter() - t0
+            now = time.perf_counter()
+            timings[stage] = now - last[0]
+            last[0] = now
+
+        gens = [torch.Generator().manual_seed(noise_seed(seed, d)) for d in descriptions]
+        A, B = self.model.generate_factors(
+            cond, gens,
+            steps=int(steps or self.sampler["steps"]),
+            guidance=float(self.sampler["guidance"] if guidance is None else guidance),
+            mark=mark,
+        )
         return A, B
 
     def generate_timed(

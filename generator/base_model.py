@@ -21,8 +21,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock
+
+if TYPE_CHECKING:
+    import torch
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -114,3 +118,21 @@ def _convert(gguf: Path, out: Path) -> None:
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     (out / _DONE_MARKER).write_text(json.dumps({"version": _CONVERSION_VERSION, "source": gguf.name}))
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on CUDA, float32 elsewhere."""
+    import torch
+
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_base_model(device: str = "cpu", dtype: torch.dtype | None = None, model_dir: str | Path | None = None):
+    """(model, tokenizer, model_dir): the base model in eval mode on `device` (default: SmolLM2, converted once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir) if model_dir else ensure_base_model()
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype or default_dtype(device))
+    model.to(device).eval()
+    return model, tok, model_dir

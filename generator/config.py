@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -211,6 +211,17 @@ class LAEConfig(_JSONMixin):
 
 
 @dataclass
+class SamplerConfig(_JSONMixin):
+    """Generation-time sampler settings: the one place their defaults are defined.
+
+    A checkpoint records its own (`config.json: sampler`); `Generator.generate` takes overrides.
+    """
+
+    steps: int = 20                # DDIM steps (LoRAGen)
+    guidance: float = 1.0          # classifier-free guidance scale (1.0 = conditional only)
+
+
+@dataclass
 class DiffusionConfig(_JSONMixin):
     """Latent diffusion (LoRAGen stage 2): DiT denoiser + schedule + sampler defaults."""
 
@@ -223,8 +234,8 @@ class DiffusionConfig(_JSONMixin):
     beta_start: float = 1e-4
     beta_end: float = 2e-2
     cond_dropout: float = 0.1      # classifier-free guidance: P(drop the description)
-    sample_steps: int = 20         # default DDIM steps at generation
-    guidance: float = 1.0          # default CFG scale (1.0 = conditional only)
+    sample_steps: int = SamplerConfig.steps    # the sampler a trained checkpoint records
+    guidance: float = SamplerConfig.guidance
 
 
 @dataclass

@@ -22,7 +22,7 @@ def base_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from generator.library import make_synthetic_library
+    from generator.data.synthetic import make_synthetic_library
 
     return make_synthetic_library(tmp_path_factory.mktemp("library"), num_tasks=8, descriptions_per_task=2, seed=0)
 
@@ -43,7 +43,7 @@ def tiny_generator_ckpt(tmp_path_factory: pytest.TempPathFactory, synthetic_libr
     import torch
 
     from generator.config import TrainConfig
-    from generator.train import train
+    from generator.training.train import train
 
     out = tmp_path_factory.mktemp("tiny_generator")
     threads = torch.get_num_threads()
@@ -58,7 +58,7 @@ def tiny_generator_ckpt(tmp_path_factory: pytest.TempPathFactory, synthetic_libr
 @pytest.fixture(scope="session")
 def library32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """32 synthetic adapters at SmolLM2 shapes (q_proj, v_proj, 30 layers, r=8), 2 descriptions each."""
-    from generator.library import make_synthetic_library
+    from generator.data.synthetic import make_synthetic_library
 
     return make_synthetic_library(tmp_path_factory.mktemp("library32"), num_tasks=32, descriptions_per_task=2, seed=1)
 
@@ -69,7 +69,7 @@ def loragen32(tmp_path_factory: pytest.TempPathFactory, library32: Path):
     import torch
 
     from generator.config import DiffusionConfig, LAEConfig, TrainConfig
-    from generator.train import load_training_data, train_loragen
+    from generator.training.train import load_training_data, train_loragen
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread beats two contending ones

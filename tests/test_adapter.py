@@ -9,7 +9,8 @@ import torch
 
 from generator.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAAdapter
 from generator.config import TargetSpec
-from generator.library import load_library, make_synthetic_library, save_task, synthetic_adapters
+from generator.data.library import load_library, save_task
+from generator.data.synthetic import make_synthetic_library, synthetic_adapters
 
 
 def _small_target() -> TargetSpec:

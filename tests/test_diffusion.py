@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from generator.config import DiffusionConfig
-from generator.diffusion import GaussianDiffusion, initial_noise
-from generator.dit import DiT
+from generator.models.diffusion import GaussianDiffusion, initial_noise
+from generator.models.dit import DiT
 
 
 def test_linear_schedule_and_v_identities():

@@ -58,7 +58,7 @@ def test_cli_reports_bad_input_clearly(tmp_path):
 
 def test_interrupted_training_resumes_to_the_same_weights(synthetic_library, tmp_path):
     from generator.config import T2LConfig, TrainConfig
-    from generator.train import STATE_FILE, load_training_data, train_t2l
+    from generator.training.train import STATE_FILE, load_training_data, train_t2l
 
     data = load_training_data(synthetic_library)
     small = T2LConfig(latent_size=32, head_in=32)  # dropout on: the RNG state must be restored too

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from generator.config import LAEConfig, TargetSpec
-from generator.lae import LoRAAutoencoder, MoEHead
+from generator.models.lae import LoRAAutoencoder, MoEHead
 
 
 def test_gates_of_chosen_experts_sum_to_one():
@@ -64,7 +64,7 @@ def test_lae_reconstructs_a_32_adapter_library(loragen32):
     gen, data = loragen32
     lae = gen.model.lae
     A_hat, B_hat = lae.reconstruct(data.A, data.B)
-    from generator.losses import delta_cosine
+    from generator.models.losses import delta_cosine
 
     cos = torch.cat([delta_cosine(A_hat[m].double(), B_hat[m].double(), data.A[m].double(), data.B[m].double()).flatten()
                      for m in data.target.modules])  # every (adapter, location)
@@ -72,7 +72,7 @@ def test_lae_reconstructs_a_32_adapter_library(loragen32):
     assert cos.mean() >= 0.9, cos.mean()
     assert cos.quantile(0.05) >= 0.75, cos.quantile(0.05)
     # Magnitudes too, not only directions (the spectral loss): ||dW_hat|| / ||dW|| near 1.
-    from generator.losses import delta_norm
+    from generator.models.losses import delta_norm
 
     ratio = torch.cat([(delta_norm(A_hat[m], B_hat[m]) / delta_norm(data.A[m], data.B[m])).flatten() for m in data.target.modules])
     assert (ratio.median() - 1).abs() < 0.15

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from generator.losses import (
+from generator.models.losses import (
     delta_cosine,
     delta_singular_values,
     direction_loss,

@@ -9,8 +9,8 @@ import torch
 
 from generator.adapter import LoRAAdapter
 from generator.config import TargetSpec
-from generator.multilora import MultiLoRA
-from generator.oracle import Job, OracleConfig, _unwrap, train_adapters
+from generator.training.multilora import MultiLoRA
+from generator.training.oracles import Job, OracleConfig, train_adapters
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_rows_match_peft_per_adapter(smollm2, tmp_path):
         with torch.no_grad(), multi.use_factors(rows_A, rows_B):
             by_factors = model(**batch).logits
     finally:
-        _unwrap(model, multi)
+        multi.unload()
     torch.testing.assert_close(unset, base)
     torch.testing.assert_close(by_factors, got, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[2], base[2])
@@ -97,7 +97,7 @@ def test_batched_training_equals_training_alone(smollm2):
 
 def test_library_travels_as_bf16_shards(tmp_path):
     """pack -> unpack keeps every adapter (bf16-rounded), its side files and the folder layout."""
-    from generator.oracle import pack_library, unpack_library
+    from generator.data.library import pack_library, unpack_library
 
     target = TargetSpec.smollm2()
     root = tmp_path / "oracles"

@@ -10,10 +10,11 @@ import torch
 
 from generator import Generator
 from generator.config import T2LConfig, TargetSpec, TrainConfig
-from generator.library import save_task, synthetic_adapters
-from generator.sft import SFTConfig, train_t2l_sft
-from generator.sni import load_tasks
-from generator.train import STATE_FILE
+from generator.data.library import save_task
+from generator.data.synthetic import synthetic_adapters
+from generator.training.sft import SFTConfig, train_t2l_sft
+from generator.data.sni import load_tasks
+from generator.training.train import STATE_FILE
 
 from .fixtures_generator import base_model_dir  # noqa: F401  (fixture)
 

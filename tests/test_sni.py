@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from generator.sni import (
-    chat_messages,
+from generator.training.prompts import chat_messages
+from generator.data.sni import (
     exact_match,
     load_splits,
-    load_task,
+    load_sni_task,
     load_tasks,
     normalize_answer,
     rouge_l,
@@ -36,7 +36,7 @@ def test_instance_split_sizes_and_determinism(tasks):
         assert len(test) == (40 if n >= 80 else n // 2)
         assert len(train) + len(test) == n
         assert sorted(map(repr, train + test)) == sorted(map(repr, t.instances))  # a partition
-        again = split_instances(load_task(TASKS / f"{t.name}.json"))
+        again = split_instances(load_sni_task(TASKS / f"{t.name}.json"))
         assert again == (train, test)
     assert num_test_instances(79) == 39 and num_test_instances(80) == 40 and num_test_instances(263) == 40
 
@@ -52,14 +52,27 @@ def test_description_split_is_disjoint_and_fixed(tasks):
 def test_committed_task_splits(tasks):
     splits = load_splits(TASKS)
     names = {t.name for t in tasks}
-    by = {t.name: t for t in tasks}
-    assert len(splits.held_out) >= 12 and set(splits.held_out) <= names
-    assert len({by[n].category for n in splits.held_out}) >= 8  # spread over categories
-    siblings = json.loads((TASKS.parent / "splits.json").read_text())["siblings"]
-    for held in splits.held_out:
-        assert siblings[held] and all(s in names and s not in splits.held_out for s in siblings[held])
+    assert set(splits.train) | set(splits.validation) | set(splits.test) == names  # every task, once
+    assert len(splits.test) >= 12 and len({t.category for t in tasks if t.name in splits.test}) >= 8
     assert len(splits.in_distribution_eval) >= 24
-    assert set(splits.in_distribution_eval) <= set(splits.train_tasks(sorted(names)))
+    assert set(splits.in_distribution_eval) <= set(splits.train)
+    assert splits.split_of(splits.test[0]) == "test"
+
+
+def test_splits_are_checked(tmp_path):
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps({"train": ["a", "b"], "validation": ["b"], "test": []}))
+    with pytest.raises(ValueError, match="'b' is in both 'train' and 'validation'"):
+        load_splits(path)
+    path.write_text(json.dumps({"train": ["a"], "validation": []}))
+    with pytest.raises(ValueError, match="not a valid splits file"):
+        load_splits(path)
+    path.write_text(json.dumps({"train": ["a"], "validation": [], "test": ["c"], "user_descriptions": {"a": ["x"]}}))
+    with pytest.raises(ValueError, match="outside the test split"):
+        load_splits(path)
+    path.write_text(json.dumps({"train": ["a"], "validation": [], "test": ["c"]}))
+    with pytest.raises(ValueError, match="in no split"):
+        load_splits(path).split_of("z")
 
 
 def test_prompt_is_the_input_alone():
@@ -81,10 +94,10 @@ def test_bad_task_files_give_clear_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):
-        load_task(bad)
+        load_sni_task(bad)
     bad.write_text(json.dumps({"name": "x", "instances": [{"input": "a", "output": "b"}, {"input": "c", "output": ["d"]}]}))
     with pytest.raises(ValueError, match="instance 0"):
-        load_task(bad)
+        load_sni_task(bad)
     with pytest.raises(FileNotFoundError):
         load_tasks(tmp_path / "nowhere")
 
@@ -96,7 +109,7 @@ def test_table_scores_from_generation_files(tasks, tmp_path):
 
     splits = load_splits(TASKS)
     by = {t.name: t for t in tasks}
-    name = splits.held_out[0]
+    name = splits.test[0]
     _, test = split_instances(by[name])
     right = [x.outputs[0] for x in test]
     prompts = [Prompt(name, i, "0", []) for i in range(len(test))]
@@ -108,6 +121,6 @@ def test_table_scores_from_generation_files(tasks, tmp_path):
     assert q["rows"]["oracle"]["per_task"][name]["exact_match"] == 100.0
     expected = 100.0 * (len(test) + (len(test) + 1) // 2) / (2 * len(test))
     assert q["rows"]["loragen"]["per_task"][name]["exact_match"] == pytest.approx(expected, abs=1e-3)
-    zs = q["rows"]["loragen"]["zero_shot"]
+    zs = q["rows"]["loragen"]["test"]
     assert zs["tasks"] == 1 and zs["relative_to_oracle"]["exact_match"] == pytest.approx(expected, abs=0.1)
     assert q["rows"]["loragen"]["in_distribution"] is None  # none of its tasks evaluated

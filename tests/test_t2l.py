@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from generator.config import T2LConfig, TargetSpec, TrainConfig
-from generator.t2l import T2L
+from generator.models.t2l import T2L
 
 SMALL = T2LConfig(latent_size=64, head_in=64, dropout=0.0)
 
@@ -35,7 +35,7 @@ def test_standardizer_roundtrip():
 
 @pytest.fixture(scope="module")
 def trained_t2l(synthetic_library, tmp_path_factory):
-    from generator.train import load_training_data, train_t2l
+    from generator.training.train import load_training_data, train_t2l
 
     torch.set_num_threads(1)
     data = load_training_data(synthetic_library)

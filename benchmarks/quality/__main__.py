@@ -1,6 +1,6 @@
 """CLI of the quality benchmark (see benchmarks/quality/__init__.py).
 
-Baseline rows (needs the oracles of `python -m generator.oracle train`):
+Baseline rows (needs the oracles of `python -m generator.training.oracles train`):
 
     python -m benchmarks.quality generate --tasks data/sni/tasks --oracles runs/oracles \
         --rows base system icl average multitask oracle --out runs/quality
@@ -26,25 +26,30 @@ from pathlib import Path
 
 import torch
 
-from generator.sni import load_splits, load_tasks
+from generator.data.sni import load_splits, load_tasks
 
 from .generate import BASELINE_ROWS, run_rows
 from .score import merge_rows, write_outputs
 
 
+TASK_SETS = ("all", "table", "evaluated", "validation", "test", "in_distribution", "held_out")
+
+
 def _task_set(tasks, splits, which: str):
-    names = {t.name for t in tasks}
+    """Tasks of a named set: held_out = validation + test; table = test + in-distribution."""
     if which == "all":
         return tasks
-    if which == "held_out":
-        keep = set(splits.held_out)
-    elif which == "in_distribution":
-        keep = set(splits.in_distribution_eval)
-    elif which == "table":
-        keep = set(splits.held_out) | set(splits.in_distribution_eval)
-    else:
-        raise SystemExit(f"unknown --task-set {which!r}")
-    return [t for t in tasks if t.name in keep and t.name in names]
+    keep = {
+        "validation": set(splits.validation),
+        "test": set(splits.test),
+        "held_out": set(splits.evaluation),
+        "in_distribution": set(splits.in_distribution_eval),
+        "table": set(splits.test) | set(splits.in_distribution_eval),
+        "evaluated": set(splits.evaluation) | set(splits.in_distribution_eval),
+    }.get(which)
+    if keep is None:
+        raise SystemExit(f"unknown --task-set {which!r}; expected one of {TASK_SETS}")
+    return [t for t in tasks if t.name in keep]
 
 
 def main(argv=None) -> None:
@@ -54,12 +59,19 @@ def main(argv=None) -> None:
     g.add_argument("--tasks", required=True, help="task folder; splits.json beside it")
     g.add_argument("--rows", nargs="+", required=True, help=f"baselines: {' '.join(BASELINE_ROWS)}; other names need --generator")
     g.add_argument("--out", required=True)
-    g.add_argument("--oracles", type=Path, help="root written by generator.oracle (library/, held_out/, multitask/)")
+    g.add_argument("--oracles", type=Path, help="root written by generator.training.oracles (library/, held_out/, multitask/)")
     g.add_argument("--generator", help="generator checkpoint folder (for generated-adapter rows)")
     g.add_argument("--conditioning", default="description", choices=("description", "random", "other"),
                    help="for generated rows; a row named <name>_random / <name>_other is that control whatever this says")
     g.add_argument("--seeds", type=int, nargs="+", default=[0])
-    g.add_argument("--task-set", default="all", choices=("all", "table", "held_out", "in_distribution"))
+    g.add_argument("--task-set", default="all", choices=TASK_SETS)
+    g.add_argument("--user-descriptions", action="store_true",
+                   help="generated rows: the test tasks' user-style descriptions (splits.json) instead of the "
+                        "evaluation descriptions")
+    g.add_argument("--system-prompt", action="store_true",
+                   help="generated rows: the description also as the system prompt, with the adapter")
+    g.add_argument("--sampler-steps", type=int, help="generated rows: sampler steps (default: the checkpoint's)")
+    g.add_argument("--guidance", type=float, help="generated rows: guidance scale (default: the checkpoint's)")
     g.add_argument("--limit-tasks", type=int, help="first N tasks of the set (dry runs)")
     g.add_argument("--only", nargs="+", help="only these tasks of the set (dry runs)")
     g.add_argument("--limit-instances", type=int, help="first N test instances per task (dry runs)")
@@ -73,11 +85,21 @@ def main(argv=None) -> None:
     s.add_argument("--results", default="benchmarks/results")
     s.add_argument("--stem", default="quality", help="output file names (<stem>.json/.md/.png)")
     s.add_argument("--fresh", action="store_true", help="do not merge into the existing <stem>.json")
-    s.add_argument("--oracle-summary", help="oracles.json of generator.oracle: its settings and speed go into the table")
+    s.add_argument("--oracle-summary", help="oracles.json of generator.training.oracles: its settings and speed go into the table")
+    c = sub.add_parser("choose", help="pick the sampler and system-prompt setting with the best validation EM")
+    c.add_argument("--tasks", required=True)
+    c.add_argument("--validation", required=True, help="folder of validation rows loragen_g<G>_s<S>.jsonl, loragen_sys.jsonl")
+    c.add_argument("--checkpoint", required=True, help="LoRAGen checkpoint: the chosen sampler is written into it")
+    c.add_argument("--out", required=True, help="JSON file of the choice and every candidate's score")
     a = ap.parse_args(argv)
 
     tasks = load_tasks(a.tasks)
     splits = load_splits(a.tasks)
+    if a.cmd == "choose":
+        from .choose import choose
+
+        print(json.dumps(choose(a.validation, {t.name: t for t in tasks}, splits, a.checkpoint, a.out), indent=1))
+        return
     if a.cmd == "generate":
         torch.set_num_threads(a.threads)
         chosen = _task_set(tasks, splits, a.task_set)
@@ -90,6 +112,8 @@ def main(argv=None) -> None:
             train_task_names=splits.train_tasks([t.name for t in tasks]), max_rows=max_rows,
             generator_ckpt=a.generator, conditioning=a.conditioning, seeds=a.seeds,
             all_tasks={t.name: t for t in tasks}, skip_done=not a.redo, limit_instances=a.limit_instances,
+            user_descriptions=dict(splits.user_descriptions) if a.user_descriptions else None,
+            system_prompt=a.system_prompt, steps=a.sampler_steps, guidance=a.guidance,
         )
         print(json.dumps({k: round(v, 1) for k, v in times.items()}))
     else:
@@ -103,7 +127,8 @@ def main(argv=None) -> None:
         for p in write_outputs(q, a.results, a.stem):
             print(p)
         for name, r in q["rows"].items():
-            print(f"{name:12s} ID {r.get('in_distribution')}  ZS {r.get('zero_shot')}", file=sys.stderr)
+            print(f"{name:12s} ID {r.get('in_distribution')}  val {r.get('validation')}  test {r.get('test')}",
+                  file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,11 @@ from tqdm.auto import tqdm
 from benchmarks.provenance import git_commit
 from generator.adapter import LoRAAdapter
 from generator.config import TargetSpec
-from generator.multilora import MultiLoRA
-from generator.oracle import load_adapters, load_base_model, prompt_ids, truncate_text
-from generator.sni import Task, chat_messages, shot_examples, split_descriptions, split_instances
+from generator.training.multilora import MultiLoRA
+from generator.base_model import load_base_model
+from generator.data.library import load_adapters
+from generator.data.sni import Task, shot_examples, split_descriptions, split_instances
+from generator.training.prompts import chat_messages, prompt_ids, truncate_text
 
 MAX_NEW_TOKENS = 128  # cap; each task gets min(cap, its longest train output + 16)
 MAX_INPUT_TOKENS = 384  # as in oracle training
@@ -131,15 +133,19 @@ class _nullcontext:
 
 
 def input_prompts(tokenizer, tasks: Sequence[Task], slot_of: Callable[[str, str], int] | None = None,
-                  variants: Callable[[Task], Sequence[str]] = lambda t: ("0",)) -> list[Prompt]:
-    """The test inputs alone in the chat template, once per variant, each with its adapter slot."""
+                  variants: Callable[[Task], Sequence[str]] = lambda t: ("0",),
+                  system_of: Callable[[str, str], str | None] = lambda task, v: None) -> list[Prompt]:
+    """The test inputs in the chat template (after `system_of`'s system prompt, if any), once per
+    variant, each with its adapter slot."""
     out = []
     for t in tasks:
         _, test = split_instances(t)
         for v in variants(t):
             slot = slot_of(t.name, v) if slot_of else -1
+            system = system_of(t.name, v)
             for i, x in enumerate(test):
-                out.append(Prompt(t.name, i, v, chat_messages(truncate_text(tokenizer, x.input, MAX_INPUT_TOKENS)), slot))
+                msgs = chat_messages(truncate_text(tokenizer, x.input, MAX_INPUT_TOKENS), system=system)
+                out.append(Prompt(t.name, i, v, msgs, slot))
     return out
 
 
@@ -162,7 +168,7 @@ def system_prompts(tokenizer, tasks: Sequence[Task]) -> list[Prompt]:
 
 def icl_prompts(tokenizer, tasks: Sequence[Task], k: int = 3) -> list[Prompt]:
     """k fixed training examples as earlier chat turns, then the input (no description)."""
-    from generator.sni import Instance
+    from generator.data.sni import Instance
 
     out = []
     for t in tasks:
@@ -218,36 +224,40 @@ def multi_with(model, adapters: Sequence[LoRAAdapter]) -> MultiLoRA:
 
 def generated_adapters(
     ckpt: str | Path, tasks: Sequence[Task], conditioning: str, seeds: Sequence[int], device: str,
-    all_tasks: dict[str, Task],
-) -> tuple[list[LoRAAdapter], dict[tuple[str, str], int], dict]:
-    """Adapters from a generator checkpoint: per task, NUM_DESCRIPTIONS descriptions x seeds.
+    all_tasks: dict[str, Task], descriptions_of: Callable[[Task], Sequence[str]] = eval_descriptions,
+    steps: int | None = None, guidance: float | None = None,
+) -> tuple[list[LoRAAdapter], dict[tuple[str, str], int], dict[tuple[str, str], str], dict]:
+    """Adapters from a generator checkpoint: per task, its descriptions (`descriptions_of`) x seeds.
 
-    conditioning: "description" (the task's evaluation descriptions), "random" (random strings of
-    the same length) or "other" (another task's evaluation descriptions).
-    Returns (adapters, {(task, variant): slot}, info).
+    conditioning: "description" (the task's descriptions), "random" (random strings of the same
+    length) or "other" (another task's descriptions). `steps` / `guidance` override the
+    checkpoint's sampler. Returns (adapters, {(task, variant): slot}, {(task, variant): the text
+    the adapter was generated from}, info).
     """
     from generator.api import Generator
 
     gen = Generator.load(ckpt, device=device)
-    adapters, slot_of, seconds = [], {}, 0.0
+    adapters, slot_of, text_of, seconds = [], {}, {}, 0.0
     for seed in seeds:
         descs, keys = [], []
         for t in tasks:
             src = other_task(all_tasks, t.name) if conditioning == "other" else t
-            for j, d in enumerate(eval_descriptions(src)):
+            for j, d in enumerate(descriptions_of(src)):
                 if conditioning == "random":
                     d = random_description(t.name, j, seed, len(d))
                 descs.append(d)
                 keys.append((t.name, f"d{j}s{seed}"))
         t0 = time.perf_counter()
-        made = gen.generate(descs, seed=seed)
+        made = gen.generate(descs, seed=seed, steps=steps, guidance=guidance)
         seconds += time.perf_counter() - t0
-        for key, a in zip(keys, made):
+        for key, d, a in zip(keys, descs, made):
             slot_of[key] = len(adapters)
+            text_of[key] = d
             adapters.append(a)
+    sampler = {**gen.sampler, **({"steps": steps} if steps else {}), **({"guidance": guidance} if guidance else {})}
     info = {"generator": str(ckpt), "kind": gen.kind, "fingerprint": gen.fingerprint, "conditioning": conditioning,
-            "seeds": list(seeds), "generate_seconds": round(seconds, 2)}
-    return adapters, slot_of, info
+            "seeds": list(seeds), "sampler": sampler, "generate_seconds": round(seconds, 2)}
+    return adapters, slot_of, text_of, info
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,6 +316,10 @@ def run_rows(
     progress: bool = True,
     skip_done: bool = True,
     limit_instances: int | None = None,
+    user_descriptions: dict[str, Sequence[str]] | None = None,
+    system_prompt: bool = False,
+    steps: int | None = None,
+    guidance: float | None = None,
 ) -> dict[str, float]:
     """Generate every requested row into `out/<row>.jsonl`; returns seconds per row.
 
@@ -319,7 +333,8 @@ def run_rows(
             continue
         try:
             times[row] = _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, generator_ckpt,
-                                  conditioning, seeds, all_tasks, progress, limit_instances)
+                                  conditioning, seeds, all_tasks, progress, limit_instances,
+                                  user_descriptions, system_prompt, steps, guidance)
         except Exception:  # one broken row must not cost the others (a GPU call is precious)
             import traceback
 
@@ -333,7 +348,8 @@ def run_rows(
 
 
 def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, generator_ckpt, conditioning, seeds,
-             all_tasks, progress, limit_instances) -> float:
+             all_tasks, progress, limit_instances, user_descriptions=None, system_prompt=False, steps=None,
+             guidance=None) -> float:
     """Generate one row into `path`; returns its seconds."""
     t0 = time.perf_counter()
     model, tok, _ = load_base_model(device)
@@ -369,10 +385,21 @@ def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, gene
         if generator_ckpt is None:
             raise ValueError(f"row {row!r} is not a baseline ({', '.join(BASELINE_ROWS)}); give --generator")
         cond = row_conditioning(row, conditioning)
-        adapters, slot_of, extra = generated_adapters(generator_ckpt, tasks, cond, seeds, device, all_tasks or {t.name: t for t in tasks})
+        if user_descriptions is not None:
+            lacking = [t.name for t in tasks if not user_descriptions.get(t.name)]
+            if lacking:
+                raise ValueError(f"no user-style descriptions for {len(lacking)} tasks, e.g. {lacking[:3]}")
+            descriptions_of = lambda t: list(user_descriptions[t.name])
+        else:
+            descriptions_of = eval_descriptions
+        adapters, slot_of, text_of, extra = generated_adapters(
+            generator_ckpt, tasks, cond, seeds, device, all_tasks or {t.name: t for t in tasks},
+            descriptions_of, steps, guidance)
+        extra |= {"descriptions": "user" if user_descriptions is not None else "eval", "system_prompt": system_prompt}
         multi = multi_with(model, adapters)
-        variants = lambda t: [f"d{j}s{s}" for s in seeds for j in range(len(eval_descriptions(t)))]
-        prompts = input_prompts(tok, tasks, slot_of=lambda name, v: slot_of[(name, v)], variants=variants)
+        variants = lambda t: [f"d{j}s{s}" for s in seeds for j in range(len(descriptions_of(t)))]
+        prompts = input_prompts(tok, tasks, slot_of=lambda name, v: slot_of[(name, v)], variants=variants,
+                                system_of=(lambda name, v: text_of[(name, v)]) if system_prompt else (lambda n, v: None))
     if limit_instances is not None:
         prompts = [p for p in prompts if p.i < limit_instances]
     preds = generate(model, tok, prompts, budgets, multi, max_rows=max_rows, progress=progress, desc=row)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU block of the quality table's non-generative rows, as one command:
-#   1. the oracle LoRAs of every task + the multi-task LoRA, trained together (generator.oracle);
+#   1. the oracle LoRAs of every task + the multi-task LoRA, trained together (generator.training.oracles);
 #   2. the library packed into 8 bf16 shards (it travels back in two calls: 4 shards each);
 #   3. the baseline rows' answers (benchmarks.quality generate), within a deadline.
 # Scores are computed afterwards on any machine: python -m benchmarks.quality score ...
@@ -27,9 +27,9 @@ fi
 
 $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
 $PY -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
-$PY -m generator.oracle train --tasks data/sni/tasks --out "$WORK/oracles" --multitask "${ONLY[@]}" "${TRAIN[@]}"
+$PY -m generator.training.oracles train --tasks data/sni/tasks --out "$WORK/oracles" --multitask "${ONLY[@]}" "${TRAIN[@]}"
 cp "$WORK/oracles/oracles.json" "$OUT/"
-$PY -m generator.oracle pack "$WORK/oracles" "$WORK/shards" --shards 8
+$PY -m generator.training.oracles pack "$WORK/oracles" "$WORK/shards" --shards 8
 cp "$WORK"/shards/oracles-0[0-3].safetensors "$OUT/"
 echo "oracles done at $((SECONDS - start)) s"
 

@@ -2,7 +2,7 @@
 # The GPU block of the quality table's generator rows, in two calls on one warm machine:
 #
 #   bash benchmarks/quality/gpu_generators.sh train   # H100, 2026-11-23: 563 s, then RESUME=1 400 s
-#     1. the oracle library again, with one shared A init for every task (generator.oracle's
+#     1. the oracle library again, with one shared A init for every task (generator.training.oracles's
 #        default since the baseline run, which seeded each task's init by its name); 161-168 s;
 #     2. in parallel on the one GPU (alone: LAE ~35 ms, DiT ~21 ms, T2L ~17 ms per step):
 #        LoRAGen, the first run's spectral weight 2.0 and its three ablations (no MoE decoder,
@@ -63,7 +63,7 @@ JOBS=${JOBS:-$ALL_JOBS}
 case "$phase" in
 train)
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
-  $PY -m generator.oracle train --tasks data/sni/tasks --out "$WORK/oracles" --device $DEV "${ORACLE[@]}" \
+  $PY -m generator.training.oracles train --tasks data/sni/tasks --out "$WORK/oracles" --device $DEV "${ORACLE[@]}" \
     2>&1 | tee "$WORK/oracles.log" | grep --line-buffered -v '%|' || true
   test -f "$WORK/oracles/oracles.json"
   cp "$WORK/oracles/oracles.json" "$OUT/"

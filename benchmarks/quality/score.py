@@ -1,10 +1,11 @@
-"""Scores of the quality table from generation files: per task, per category, in-distribution and zero-shot.
+"""Scores of the quality table from generation files: per task, per category, per split.
 
 A task's score in a row is the mean over its test instances and the row's variants (descriptions x
-seeds) of SNI exact match and ROUGE-L (generator.sni). Columns:
+seeds) of SNI exact match and ROUGE-L (generator.data.sni). Columns (data/sni/splits.json):
 
-- in_distribution: mean over the fixed in-distribution subset of training tasks (data/sni/splits.json);
-- zero_shot: mean over the held-out tasks;
+- in_distribution: mean over the fixed in-distribution subset of training tasks;
+- validation: mean over the validation tasks (where choices are made);
+- test: mean over the test tasks (reported once; zero-shot: no generator trained on them);
 - relative_to_oracle: the row's mean / the oracle row's mean on the same tasks, in %.
 
 Rows merge into an existing quality.json (a row is replaced by a newer file of the same name), so
@@ -19,7 +20,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Iterable, Sequence
 
-from generator.sni import Task, TaskSplits, exact_match, rouge_l, split_instances
+from generator.data.sni import Task, TaskSplits, exact_match, rouge_l, split_instances
 
 METRICS = ("exact_match", "rougeL")
 # Display names and order of the known rows; other rows follow in the order they were added.
@@ -44,8 +45,13 @@ ROW_LABELS = {
     "loragen_ws2_random": "LoRAGen (2.0), random-string description (control)",
     "loragen_ws2_other": "LoRAGen (2.0), another task's description (control)",
     "oracle": "Oracle LoRAs",
+    "loragen_user": "LoRAGen, user-style descriptions",
+    "loragen_sys": "LoRAGen + description as system prompt",
+    "loragen_user_sys": "LoRAGen + user-style description as system prompt",
 }
-OPTIONAL_ROWS = ("loragen_ws2", "loragen_ws2_random", "loragen_ws2_other")  # not listed as missing
+OPTIONAL_ROWS = ("loragen_ws2", "loragen_ws2_random", "loragen_ws2_other", "loragen_no_moe", "loragen_no_direction",
+                 "loragen_no_spectral", "t2l_sft_random", "t2l_sft_other", "loragen_ws2_random", "loragen_user_sys",
+                 "loragen_sys")  # not listed as missing
 
 
 def read_row(path: str | Path) -> tuple[dict, list[dict]]:
@@ -81,11 +87,9 @@ def _avg(per_task: dict[str, dict], names: Sequence[str]) -> dict | None:
 
 
 def aggregate(rows: dict[str, dict], tasks: dict[str, Task], splits: TaskSplits) -> dict[str, dict]:
-    """Adds in_distribution / zero_shot / train_all / per_category and relative_to_oracle to each row."""
-    held = list(splits.held_out)
-    ind = list(splits.in_distribution_eval)
-    train_all = [n for n in sorted(tasks) if n not in set(held)]
-    columns = {"in_distribution": ind, "zero_shot": held, "train_all": train_all}
+    """Adds in_distribution / validation / test / train_all / per_category and relative_to_oracle to each row."""
+    columns = {"in_distribution": list(splits.in_distribution_eval), "validation": list(splits.validation),
+               "test": list(splits.test), "train_all": [n for n in sorted(tasks) if n in set(splits.train)]}
     oracle = rows.get("oracle", {}).get("per_task", {})
     for row in rows.values():
         per_task = row["per_task"]
@@ -118,7 +122,8 @@ def merge_rows(existing: dict | None, files: Sequence[str | Path], tasks: dict[s
     return {
         "about": __doc__.split("\n")[0],
         "metrics": "SNI exact match and ROUGE-L (x100), mean over test instances and variants, then over tasks",
-        "splits": {"held_out": list(splits.held_out), "in_distribution_eval": list(splits.in_distribution_eval)},
+        "splits": {"validation": list(splits.validation), "test": list(splits.test),
+                   "in_distribution_eval": list(splits.in_distribution_eval)},
         "rows": rows,
     }
 
@@ -144,21 +149,22 @@ def markdown(q: dict) -> str:
     lines = [
         "# Quality on Super-NaturalInstructions (SmolLM2-135M-Instruct, LoRA r=8 on q_proj, v_proj)",
         "",
-        f"In-distribution: {len(q['splits']['in_distribution_eval'])} fixed training tasks; zero-shot: "
-        f"{len(q['splits']['held_out'])} held-out tasks (data/sni/splits.json). Test split: 40 instances "
-        "per task (half for tasks under 80). Exact match (EM) and ROUGE-L (RL) x100, SNI normalisation; "
-        "% of oracle = row mean / oracle mean on the same tasks. Generated-adapter rows average 3 unseen "
-        "descriptions x seeds per task. * = only some of the column's tasks were evaluated.",
+        f"In-distribution (ID): {len(q['splits']['in_distribution_eval'])} fixed training tasks; validation: "
+        f"{len(q['splits']['validation'])} tasks (choices were made there); test: {len(q['splits']['test'])} tasks "
+        "(each row scored once; no generator trained on validation or test tasks). 40 test instances per task "
+        "(half for tasks under 80). Exact match (EM) and ROUGE-L (RL) x100, SNI normalisation; % of oracle = row "
+        "mean / oracle mean on the same tasks. Generated-adapter rows average 3 unseen descriptions (or the 2 "
+        "user-style ones) x seeds per task. * = only some of the column's tasks were evaluated.",
         "",
-        "| row | ID EM | ID RL | ID % oracle (EM / RL) | ZS EM | ZS RL | ZS % oracle (EM / RL) | all train tasks EM / RL |",
+        "| row | test EM | test RL | test % oracle (EM) | validation EM | ID EM | ID % oracle (EM) | generator |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in q["rows"].items():
-        i, z, a = r.get("in_distribution"), r.get("zero_shot"), r.get("train_all")
+        i, v, t = r.get("in_distribution"), r.get("validation"), r.get("test")
+        fp = r["meta"].get("fingerprint", "")[:12]
         lines.append(
-            f"| {r['label']} | {_fmt(i, 'exact_match')} | {_fmt(i, 'rougeL')} | {_rel(i, 'exact_match')} / {_rel(i, 'rougeL')} "
-            f"| {_fmt(z, 'exact_match')} | {_fmt(z, 'rougeL')} | {_rel(z, 'exact_match')} / {_rel(z, 'rougeL')} "
-            f"| {_fmt(a, 'exact_match')} / {_fmt(a, 'rougeL')} |"
+            f"| {r['label']} | {_fmt(t, 'exact_match')} | {_fmt(t, 'rougeL')} | {_rel(t, 'exact_match')} "
+            f"| {_fmt(v, 'exact_match')} | {_fmt(i, 'exact_match')} | {_rel(i, 'exact_match')} | {fp} |"
         )
     missing = [label for row, label in ROW_LABELS.items() if row not in q["rows"] and row not in OPTIONAL_ROWS]
     if missing:
@@ -204,41 +210,40 @@ NON_GENERATIVE = ("base", "system", "icl", "average", "multitask")
 
 
 def _findings(q: dict) -> list[str]:
-    """The issue's checks, computed from the rows present: conditioning controls and targets."""
+    """The targets, computed from the rows present (test column): conditioning controls, 3-shot, oracles."""
     rows = q["rows"]
 
-    def em(row: str, col: str) -> float | None:
+    def em(row: str, col: str = "test") -> float | None:
         cell = rows.get(row, {}).get(col)
         return cell["exact_match"] if cell else None
 
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "missed"
+
     out = []
-    for gen in ("loragen", "t2l_sft", "loragen_ws2"):
-        right, rand, other = em(gen, "zero_shot"), em(f"{gen}_random", "zero_shot"), em(f"{gen}_other", "zero_shot")
+    for gen in ("loragen", "t2l_sft", "t2l"):
+        right, rand, other = em(gen), em(f"{gen}_random"), em(f"{gen}_other")
         if None in (right, rand, other):
             continue
-        verdict = "the description matters" if right > max(rand, other) else "the description does NOT matter yet"
-        out.append(f"Conditioning ({rows[gen]['label']}, zero-shot EM): right description {right:.1f}, random string "
-                   f"{rand:.1f}, another task's description {other:.1f}: {verdict}.")
-    lg_id, lg_zs = rows.get("loragen", {}).get("in_distribution"), em("loragen", "zero_shot")
-    if lg_id and lg_id.get("relative_to_oracle") and lg_zs is not None:
-        rel = lg_id["relative_to_oracle"]["exact_match"]
-        checks = [f"LoRAGen in-distribution >= 97% of oracle (EM): {rel:.0f}% ({'met' if rel >= 97 else 'missed'})"]
-        for t2l in ("t2l", "t2l_sft"):
-            if em(t2l, "zero_shot") is not None:
-                v = em(t2l, "zero_shot")
-                checks.append(f"zero-shot above {ROW_LABELS[t2l]} ({v:.1f}): {lg_zs:.1f} ({'met' if lg_zs > v else 'missed'})")
-        base_rows = [(em(r, "zero_shot"), r) for r in NON_GENERATIVE if em(r, "zero_shot") is not None]
-        if base_rows:
-            v, r = max(base_rows)
-            checks.append(f"zero-shot above the best non-generative row ({ROW_LABELS[r]}, {v:.1f}): "
-                          f"{lg_zs:.1f} ({'met' if lg_zs > v else 'missed'})")
-        out.append("Targets: " + "; ".join(checks) + ".")
-    weights = [(w, em(r, "in_distribution"), em(r, "zero_shot"))
-               for w, r in (("0", "loragen_no_spectral"), ("0.2", "loragen"), ("2.0", "loragen_ws2"))]
-    if all(i is not None and z is not None for _, i, z in weights):
-        out.append("Spectral-loss weight (EM in-distribution / zero-shot): " + ", ".join(
-            f"{w}: {i:.1f} / {z:.1f}" for w, i, z in weights) + ". The default (0.2) was chosen on this "
-            "table's test split (there is no separate validation split).")
+        worst = max(rand, other)
+        out.append(f"Conditioning ({rows[gen]['label']}, test EM): right description {right:.1f}, random string "
+                   f"{rand:.1f}, another task's description {other:.1f}: right >= 2x both controls "
+                   f"{verdict(right >= 2 * worst and right > 0)}.")
+    icl = em("icl")
+    checks = []
+    for row in ("loragen", "loragen_sys"):
+        if em(row) is not None and icl is not None:
+            checks.append(f"{rows[row]['label']} >= 3-shot ICL ({icl:.1f}): {em(row):.1f} ({verdict(em(row) >= icl)})")
+    for row in ("loragen_user", "loragen_user_sys"):
+        if em(row) is not None and icl is not None:
+            checks.append(f"{rows[row]['label']} >= 80% of 3-shot ICL ({0.8 * icl:.1f}): {em(row):.1f} "
+                          f"({verdict(em(row) >= 0.8 * icl)})")
+    ind = rows.get("loragen", {}).get("in_distribution")
+    if ind and ind.get("relative_to_oracle") and ind["relative_to_oracle"]["exact_match"] is not None:
+        rel = ind["relative_to_oracle"]["exact_match"]
+        checks.append(f"LoRAGen in-distribution >= 90% of the oracles (EM): {rel:.0f}% ({verdict(rel >= 90)})")
+    if checks:
+        out.append("Targets (test split, EM): " + "; ".join(checks) + ".")
     return ["", *out] if out else []
 
 
@@ -252,10 +257,10 @@ def bar_chart(q: dict, path: str | Path) -> None:
     names = list(q["rows"])
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(names) + 3), 4.5), sharey=True)
     for ax, m, title in ((axes[0], "exact_match", "Exact match"), (axes[1], "rougeL", "ROUGE-L")):
-        for k, (col, lab) in enumerate((("in_distribution", "in-distribution"), ("zero_shot", "zero-shot"))):
+        for k, (col, lab) in enumerate((("in_distribution", "in-distribution"), ("test", "test (unseen tasks)"))):
             vals = [(q["rows"][n].get(col) or {}).get(m, 0.0) for n in names]
             ax.bar([x + 0.4 * k for x in range(len(names))], vals, width=0.4, label=lab)
-        ax.set_xticks([x + 0.2 for x in range(len(names))], names, rotation=35, ha="right")
+        ax.set_xticks([x + 0.2 for x in range(len(names))], names, rotation=40, ha="right")
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("score (x100)")

@@ -26,10 +26,19 @@ class GaussianDiffusion:
         self.T = num_timesteps
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - betas, 0)  # abar_t, (T,)
+        self._on_device: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def schedule(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """abar (T,) on `device` in `dtype`, copied there once (sampling then never copies from the
+        host, so that it can be captured as a CUDA graph)."""
+        key = (torch.device(device), dtype)
+        if key not in self._on_device:
+            self._on_device[key] = self.alphas_cumprod.to(device=key[0], dtype=dtype)
+        return self._on_device[key]
 
     def _abar(self, t: Tensor, like: Tensor) -> Tensor:
         """abar at integer timesteps t (N,), shaped to broadcast against `like` (N, ...)."""
-        a = self.alphas_cumprod.to(like.device)[t].to(like.dtype)
+        a = self.schedule(like.device, like.dtype)[t]
         return a.view(-1, *([1] * (like.dim() - 1)))
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -71,15 +80,15 @@ class GaussianDiffusion:
         N = noise.shape[0]
         x = noise
         ts = self.timesteps(steps)
-        abar = self.alphas_cumprod.to(x.device)
+        abar = self.schedule(x.device, x.dtype)
         use_cfg = guidance != 1.0
         drop = None
         if use_cfg:
             cond2 = torch.cat([cond, cond])
-            drop = torch.cat([torch.zeros(N, dtype=torch.bool), torch.ones(N, dtype=torch.bool)]).to(x.device)
+            drop = torch.arange(2 * N, device=x.device) >= N  # the second half: the null condition
         for i, t in enumerate(ts):
-            a_t = abar[t].to(x.dtype)
-            a_prev = abar[ts[i + 1]].to(x.dtype) if i + 1 < len(ts) else torch.ones((), dtype=x.dtype, device=x.device)
+            a_t = abar[t]
+            a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), dtype=x.dtype, device=x.device)
             t_batch = torch.full((N,), t, dtype=torch.long, device=x.device)
             if use_cfg:
                 v_c, v_u = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]), cond2, drop).chunk(2)

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapter import factor_stats
-from .config import LAEConfig, TargetSpec
+from ..adapter import factor_stats
+from ..config import LAEConfig, TargetSpec
 from .losses import delta_norm, direction_loss, kl_divergence, moe_balance_loss, spectral_loss
 
 

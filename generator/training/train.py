@@ -19,16 +19,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import stack_adapters
-from .api import Generator, build_model
-from .config import DiffusionConfig, LAEConfig, T2LConfig, TargetSpec, TrainConfig
-from .encoder import DescriptionEncoder
-from .library import load_library
+from ..adapter import stack_adapters
+from ..api import Generator, shared_encoder
+from ..config import DiffusionConfig, LAEConfig, T2LConfig, TargetSpec, TrainConfig
+from ..data.library import load_library
+from ..encoder import DescriptionEncoder
+from ..models import build_model, model_class
 
 STATE_FILE = "train_state.pt"
 
@@ -60,16 +61,17 @@ class TrainingData:
 
 def load_training_data(
     library: str | Path, target: TargetSpec | None = None, encoder: DescriptionEncoder | None = None,
-    max_descriptions: int | None = None,
+    max_descriptions: int | None = None, only: Sequence[str] | None = None,
 ) -> TrainingData:
-    """Load a library folder and embed its descriptions (the first `max_descriptions` of each task)."""
-    tasks = load_library(library, target)
+    """Load a library folder (or its tasks named in `only`) and embed its descriptions.
+
+    `max_descriptions`: use only the first N descriptions of each task.
+    """
+    tasks = load_library(library, target, only)
     A, B = stack_adapters([t.adapter for t in tasks])
     per_task = [t.descriptions[:max_descriptions] for t in tasks]
     descriptions = [d for ds in per_task for d in ds]
     desc_task = torch.tensor([i for i, ds in enumerate(per_task) for _ in ds])
-    from .api import shared_encoder
-
     cond = (encoder or shared_encoder("cpu")).encode(descriptions)
     return TrainingData(tasks[0].adapter.target, [t.name for t in tasks], A, B, cond, desc_task, descriptions)
 
@@ -89,8 +91,8 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
             os.unlink(tmp)
 
 
-class _Run:
-    """Shared bookkeeping: state file, resume, optimisers, progress bars."""
+class TrainingRun:
+    """One resumable training run: state file, resume, optimisers, progress bars, a time limit."""
 
     def __init__(
         self, kind: str, out: Path, identity: dict[str, Any], resume: bool, progress: bool,
@@ -177,7 +179,7 @@ class _Run:
         (self.out / STATE_FILE).unlink(missing_ok=True)
 
 
-def _identity(kind: str, target: TargetSpec, configs: dict, cfg: TrainConfig, data: TrainingData) -> dict[str, Any]:
+def run_identity(kind: str, target: TargetSpec, configs: dict, cfg: TrainConfig, data: TrainingData) -> dict[str, Any]:
     train = cfg.to_dict()
     train.pop("checkpoint_every", None)
     train.pop("num_threads", None)
@@ -198,7 +200,7 @@ def train_t2l(
     configs = {"t2l": model_cfg.to_dict()}
     model = build_model("t2l", data.target, configs).to(data.cond.device)
     model.standardizer.fit(data.A, data.B)
-    run = _Run("t2l", Path(out), _identity("t2l", data.target, configs, cfg, data), resume, progress, callback)
+    run = TrainingRun("t2l", Path(out), run_identity("t2l", data.target, configs, cfg, data), resume, progress, callback)
 
     def step_fn(g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         idx = torch.randint(len(data.descriptions), (cfg.batch_size,), generator=g).to(data.cond.device)
@@ -208,7 +210,7 @@ def train_t2l(
         return model.loss(data.cond[idx], A, B)
 
     logs = run.loop(model, "t2l", cfg.steps, list(model.parameters()), cfg, step_fn, ["t2l"])
-    gen = Generator("t2l", data.target, model, configs, {"steps": 1, "guidance": 1.0},
+    gen = Generator("t2l", data.target, model, configs, model.sampler_defaults(),
                     extra={"library": {"tasks": data.task_names}, "train": cfg.to_dict(), "final": logs})
     gen.save(out)
     run.finish()
@@ -218,15 +220,31 @@ def train_t2l(
 def train_loragen(
     data: TrainingData, out: str | Path, lae_cfg: LAEConfig | None = None, diff_cfg: DiffusionConfig | None = None,
     cfg: TrainConfig | None = None, resume: bool = False, progress: bool = True,
-    callback: Callable[[str, int], None] | None = None,
+    callback: Callable[[str, int], None] | None = None, snapshots: Sequence[int] = (),
 ) -> Generator:
-    """Train LoRAGen (LAE, then latent diffusion) on a library; writes and returns the checkpoint."""
+    """Train LoRAGen (LAE, then latent diffusion) on a library; writes and returns the checkpoint.
+
+    `snapshots`: denoiser steps at which a generator checkpoint of the model so far is also written,
+    to `<out>/snapshots/dit-<step>/` (quality against training steps).
+    """
     lae_cfg, diff_cfg, cfg = lae_cfg or LAEConfig(), diff_cfg or DiffusionConfig(), cfg or TrainConfig()
     torch.manual_seed(cfg.seed)
     configs = {"lae": lae_cfg.to_dict(), "diffusion": diff_cfg.to_dict()}
     model = build_model("loragen", data.target, configs).to(data.cond.device)
     model.lae.fit_scales(data.A, data.B)
-    run = _Run("loragen", Path(out), _identity("loragen", data.target, configs, cfg, data), resume, progress, callback)
+
+    def on_step(stage: str, step: int) -> None:
+        if stage == "dit" and step in set(snapshots):
+            copy = build_model("loragen", data.target, configs)
+            copy.load_state_dict(model.state_dict())
+            Generator("loragen", data.target, copy, configs, copy.sampler_defaults(),
+                      extra={"library": {"tasks": data.task_names}, "train": cfg.to_dict(),
+                             "snapshot": {"dit_step": step}}).save(Path(out) / "snapshots" / f"dit-{step}")
+        if callback is not None:
+            callback(stage, step)
+
+    run = TrainingRun("loragen", Path(out), run_identity("loragen", data.target, configs, cfg, data), resume, progress,
+                      on_step)
     order = ["lae", "dit"]
 
     def lae_step(g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
@@ -251,8 +269,7 @@ def train_loragen(
 
     dit_logs = run.loop(model, "dit", cfg.diffusion_steps, list(model.dit.parameters()), cfg, dit_step, order)
     final = {**{f"lae_{k}": v for k, v in lae_logs.items()}, **{f"dit_{k}": v for k, v in dit_logs.items()}}
-    gen = Generator("loragen", data.target, model, configs,
-                    {"steps": diff_cfg.sample_steps, "guidance": diff_cfg.guidance},
+    gen = Generator("loragen", data.target, model, configs, model.sampler_defaults(),
                     extra={"library": {"tasks": data.task_names}, "train": cfg.to_dict(), "final": final})
     gen.save(out)
     run.finish()
@@ -263,22 +280,19 @@ def train(
     kind: str, library: str | Path, out: str | Path, cfg: TrainConfig | None = None,
     configs: dict[str, Any] | None = None, target: TargetSpec | None = None,
     resume: bool = False, progress: bool = True, callback: Callable[[str, int], None] | None = None,
-    device: str | torch.device = "cpu", max_descriptions: int | None = None,
+    device: str | torch.device = "cpu", max_descriptions: int | None = None, only: Sequence[str] | None = None,
+    snapshots: Sequence[int] = (),
 ) -> Generator:
     """Train a generator of `kind` ("loragen" | "t2l") on a library folder, on `device`.
 
-    Batches are drawn on the CPU from the seeded generator, so a run is reproducible on a
-    device up to that device's float arithmetic.
+    `only`: train on these tasks of the library. Batches are drawn on the CPU from the seeded
+    generator, so a run is reproducible on a device up to that device's float arithmetic.
     """
+    model_class(kind)  # ValueError naming the known kinds
     configs = configs or {}
-    if kind not in ("loragen", "t2l"):
-        raise ValueError(f"unknown generator kind {kind!r}; expected 'loragen' or 't2l'")
-    from .api import shared_encoder
-
-    data = load_training_data(library, target, shared_encoder(device), max_descriptions).to(device)
+    data = load_training_data(library, target, shared_encoder(device), max_descriptions, only).to(device)
     if kind == "t2l":
         return train_t2l(data, out, T2LConfig.from_dict(configs.get("t2l", {})), cfg, resume, progress, callback)
-    if kind == "loragen":
-        return train_loragen(data, out, LAEConfig.from_dict(configs.get("lae", {})),
-                             DiffusionConfig.from_dict(configs.get("diffusion", {})), cfg, resume, progress, callback)
-    raise ValueError(f"unknown generator kind {kind!r}; expected 'loragen' or 't2l'")
+    return train_loragen(data, out, LAEConfig.from_dict(configs.get("lae", {})),
+                         DiffusionConfig.from_dict(configs.get("diffusion", {})), cfg, resume, progress, callback,
+                         snapshots)

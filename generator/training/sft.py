@@ -15,7 +15,7 @@ The standardiser (scale of the factors) is fitted to the oracle library, the onl
 library's weights; the checkpoint is a normal T2L generator (kind "t2l", extra.training = "sft"),
 loaded and used like any other (`generator.Generator.load`).
 
-    python -m generator.sft --tasks data/sni/tasks --library runs/oracles/library --out runs/t2l_sft
+    python -m generator.training.sft --tasks data/sni/tasks --library runs/oracles/library --out runs/t2l_sft
 """
 
 from __future__ import annotations
@@ -29,12 +29,15 @@ from typing import Sequence
 
 import torch
 
-from .api import Generator, build_model, shared_encoder
-from .config import T2LConfig, TrainConfig
+from ..api import Generator, shared_encoder
+from ..base_model import load_base_model
+from ..config import T2LConfig, TrainConfig
+from ..data.sni import load_tasks
+from ..models import build_model
 from .multilora import MultiLoRA
-from .oracle import OracleConfig, _microbatches, _unwrap, load_base_model, output_token_ce, task_examples
-from .sni import load_tasks
-from .train import TrainingData, _identity, _Run, load_training_data
+from .oracles import OracleConfig
+from .prompts import microbatches, output_token_ce, task_examples
+from .train import TrainingData, TrainingRun, load_training_data, run_identity
 
 __all__ = ["SFTConfig", "train_t2l_sft"]
 
@@ -79,14 +82,14 @@ def train_t2l_sft(
     base, tok, _ = load_base_model(device)
     tasks = load_tasks(tasks_dir, data.task_names)
     ocfg = OracleConfig()
-    examples = [task_examples(tok, t, ocfg) for t in tasks]
+    examples = [task_examples(tok, t, ocfg.max_input_tokens, ocfg.max_output_tokens) for t in tasks]
     descs_of = [torch.nonzero(data.desc_task == i).flatten() for i in range(data.num_tasks)]
 
     configs = {"t2l": model_cfg.to_dict()}
     model = build_model("t2l", data.target, configs).to(device)
     model.standardizer.fit({m: a.to(device) for m, a in data.A.items()}, {m: b.to(device) for m, b in data.B.items()})
-    identity = _identity("t2l", data.target, configs, cfg, data) | {"training": "sft", "sft": vars(sft)}
-    run = _Run("t2l_sft", Path(out), identity, resume, progress)
+    identity = run_identity("t2l", data.target, configs, cfg, data) | {"training": "sft", "sft": vars(sft)}
+    run = TrainingRun("t2l_sft", Path(out), identity, resume, progress)
     multi = MultiLoRA(base, data.target, num_adapters=1)
     cond_all = data.cond.to(device)
     k = min(sft.tasks_per_step, data.num_tasks)
@@ -106,7 +109,7 @@ def train_t2l_sft(
                 out_tokens[j] += len(o)
         weight = (1.0 / (out_tokens * k)).to(device)  # mean over a task's tokens, then over tasks
         total = 0.0
-        for group in _microbatches([len(r[1]) for r in rows], sft.tokens_per_microbatch):
+        for group in microbatches([len(r[1]) for r in rows], sft.tokens_per_microbatch):
             which = torch.tensor([rows[i][0] for i in group], device=device)
             with multi.use_factors({m: a[which] for m, a in A_leaf.items()}, {m: b[which] for m, b in B_leaf.items()}):
                 ce, row = output_token_ce(base, [(rows[i][1], rows[i][2]) for i in group], tok.pad_token_id)
@@ -120,9 +123,9 @@ def train_t2l_sft(
     try:
         logs = run.loop(model, "t2l", cfg.steps, list(model.hypernet.parameters()), cfg, step_fn, ["t2l"])
     finally:
-        _unwrap(base, multi)
+        multi.unload()
     gen = Generator(
-        "t2l", data.target, model.cpu(), configs, {"steps": 1, "guidance": 1.0},
+        "t2l", data.target, model.cpu(), configs, model.sampler_defaults(),
         extra={"training": "sft", "library": {"tasks": data.task_names}, "train": cfg.to_dict(), "sft": vars(sft),
                "final": logs, "stopped_at": run.stopped_at},
     )
@@ -133,7 +136,7 @@ def train_t2l_sft(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m generator.sft", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m generator.training.sft", description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", required=True, help="task folder (instances)")
     ap.add_argument("--library", required=True, help="oracle library of the training tasks (descriptions, standardiser)")
     ap.add_argument("--out", required=True, help="checkpoint folder")

@@ -1,120 +1,24 @@
-"""A LoRA library: one sub-folder per task, each a PEFT adapter plus `descriptions.json`.
+"""A synthetic LoRA library for tests and demos: random low-rank adapters of a realistic shape.
 
-    library/
-      <task>/adapter_config.json
-      <task>/adapter_model.safetensors
-      <task>/descriptions.json        # JSON list of description strings
-
-`make_synthetic_library()` writes a library of random low-rank adapters for tests and demos.
 Real LoRA libraries are not independent random matrices: adapters trained from one
 initialisation seed share most of A, and task updates lie near a low-dimensional family. The
 synthetic adapters mimic that: at each location, A = A0 + sum_k c_k A_k (small A_k) and
 B = sum_k c_k B_k + noise, with random A0, A_k, B_k shared by all tasks and a task code c ~ N(0, I)
 of `num_factors` entries. B_k is common to all layers up to a per-layer part of relative size
 `layer_var` (one task's updates are correlated across layers). dW = B A is then a task-specific
-function of c plus noise.
-Each task gets its own descriptions built from a distinct (skill, subject) pair.
+function of c plus noise. Each task gets its own descriptions built from a distinct (skill, subject) pair.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAAdapter, write_peft_files
-from .config import TargetSpec
+from ..adapter import LoRAAdapter
+from ..config import TargetSpec
+from .library import save_task
 
-DESCRIPTIONS_FILE = "descriptions.json"
-_TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-@dataclass
-class LibraryTask:
-    """One task of a library: its name, adapter and descriptions."""
-
-    name: str
-    adapter: LoRAAdapter
-    descriptions: list[str]
-
-
-def _check_descriptions(descriptions: object, where: str) -> list[str]:
-    if not isinstance(descriptions, list) or not descriptions:
-        raise ValueError(f"{where}: descriptions must be a non-empty JSON list of strings")
-    for d in descriptions:
-        if not isinstance(d, str) or not d.strip():
-            raise ValueError(f"{where}: every description must be a non-empty string, got {d!r}")
-    return list(descriptions)
-
-
-def save_task(root: str | Path, name: str, adapter: LoRAAdapter, descriptions: Sequence[str]) -> Path:
-    """Write one task folder `root/name`."""
-    if not _TASK_NAME_RE.match(name):
-        raise ValueError(f"bad task name {name!r} (letters, digits, '_', '.', '-')")
-    folder = Path(root) / name
-    files = adapter.to_peft_files()
-    files[DESCRIPTIONS_FILE] = json.dumps(_check_descriptions(list(descriptions), name), indent=1).encode()
-    write_peft_files(files, folder)
-    return folder
-
-
-def load_task(folder: str | Path) -> LibraryTask:
-    folder = Path(folder)
-    path = folder / DESCRIPTIONS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        descriptions = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    return LibraryTask(folder.name, LoRAAdapter.load_peft(folder), _check_descriptions(descriptions, str(path)))
-
-
-def task_folders(root: str | Path) -> list[Path]:
-    """Sub-folders of `root` that hold an adapter and descriptions, sorted by name."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"library folder {root} not found")
-    return sorted(
-        p
-        for p in root.iterdir()
-        if p.is_dir()
-        and (p / ADAPTER_CONFIG).is_file()
-        and (p / ADAPTER_WEIGHTS).is_file()
-        and (p / DESCRIPTIONS_FILE).is_file()
-    )
-
-
-def load_library(root: str | Path, target: TargetSpec | None = None) -> list[LibraryTask]:
-    """All tasks of a library, sorted by name; every adapter is expressed in one `TargetSpec`.
-
-    With `target` given, adapters are checked against it (and re-ordered to its module order);
-    otherwise the first task's target is used for all. The base model name of `target` wins.
-    """
-    folders = task_folders(root)
-    if not folders:
-        raise ValueError(f"library {root} has no task folders (each needs {ADAPTER_CONFIG}, "
-                         f"{ADAPTER_WEIGHTS}, {DESCRIPTIONS_FILE})")
-    tasks = [load_task(f) for f in folders]
-    if target is None:
-        first = tasks[0].adapter.target
-        target = first if first.base_model else TargetSpec.from_dict({**first.to_dict(), "base_model": "unknown"})
-    out = []
-    for t in tasks:
-        try:
-            adapter = t.adapter.reorder(target)
-        except ValueError as e:
-            raise ValueError(f"task {t.name!r} does not match the library's target: {e}") from None
-        out.append(LibraryTask(t.name, adapter, t.descriptions))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Synthetic library
 
 _SKILLS = [
     "Translate", "Summarize", "Classify the sentiment of", "Extract the named entities from",

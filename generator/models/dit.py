@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .config import DiffusionConfig
+from ..config import DiffusionConfig
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

@@ -10,8 +10,10 @@ never from a random generator, so the same files give the same splits on every m
   the rest is train. The chosen test instances are the first in sha256 order of (task, index, input).
 - Description split: the first `NUM_EVAL_DESCRIPTIONS` descriptions in sha256 order of
   (task, description) are evaluation descriptions; generators train on the others.
-- Task split: `data/sni/splits.json` lists the tasks held out from generator training (zero-shot)
-  and a fixed subset of training tasks for the in-distribution column.
+- Task split: `data/sni/splits.json` assigns every task to `train`, `validation` or `test`
+  (generators train on `train` only; choices are made on `validation`; tables report `test`),
+  with short user-style descriptions of the test tasks; a fixed subset of training tasks (sha256
+  order) is the in-distribution column.
 
 Metrics follow the SNI evaluation script (allenai/natural-instructions, eval/automatic): answers
 are lower-cased, punctuation removed and whitespace collapsed (articles are kept); exact match and
@@ -23,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -32,12 +34,11 @@ __all__ = [
     "Instance",
     "Task",
     "TaskSplits",
-    "load_task",
+    "load_sni_task",
     "load_tasks",
     "split_instances",
     "split_descriptions",
     "load_splits",
-    "chat_messages",
     "normalize_answer",
     "exact_match",
     "rouge_l",
@@ -83,7 +84,7 @@ def _require(cond: bool, path: Path, what: str) -> None:
         raise ValueError(f"{path}: {what}")
 
 
-def load_task(path: str | Path) -> Task:
+def load_sni_task(path: str | Path) -> Task:
     """Read and validate one task file; raises ValueError naming the file and the problem."""
     path = Path(path)
     try:
@@ -124,14 +125,14 @@ def load_tasks(folder: str | Path, names: Sequence[str] | None = None) -> list[T
     if not folder.is_dir():
         raise FileNotFoundError(f"task folder {folder} does not exist")
     if names is None:
-        tasks = [load_task(p) for p in sorted(folder.glob("*.json"))]
+        tasks = [load_sni_task(p) for p in sorted(folder.glob("*.json"))]
         if not tasks:
             raise ValueError(f"no task files (*.json) in {folder}")
         return sorted(tasks, key=lambda t: t.name)
     missing = [n for n in names if not (folder / f"{n}.json").is_file()]
     if missing:
         raise FileNotFoundError(f"tasks not found in {folder}: {missing}")
-    return [load_task(folder / f"{n}.json") for n in names]
+    return [load_sni_task(folder / f"{n}.json") for n in names]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,16 +174,50 @@ def shot_examples(task: Task, k: int = 3) -> list[Instance]:
     return sorted(train, key=lambda x: _digest("sni-shot", task.name, x.input))[:k]
 
 
+SPLIT_NAMES = ("train", "validation", "test")
+NUM_IN_DISTRIBUTION_EVAL = 32  # training tasks scored for the in-distribution column
+
+
 @dataclass(frozen=True)
 class TaskSplits:
-    """Which tasks generators never train on, and the in-distribution evaluation subset."""
+    """The task split: generators train on `train`; every choice is made on `validation`; rows are
+    scored once on `test`. `user_descriptions` holds, per test task, short descriptions written
+    the way a user would type them (not from the task files)."""
 
-    held_out: tuple[str, ...]
-    in_distribution_eval: tuple[str, ...]
+    train: tuple[str, ...]
+    validation: tuple[str, ...]
+    test: tuple[str, ...]
+    user_descriptions: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        seen: dict[str, str] = {}
+        for split in SPLIT_NAMES:
+            for name in getattr(self, split):
+                if name in seen:
+                    raise ValueError(f"task {name!r} is in both {seen[name]!r} and {split!r}")
+                seen[name] = split
+
+    def split_of(self, name: str) -> str:
+        """"train", "validation" or "test"; ValueError for a task the split does not list."""
+        for split in SPLIT_NAMES:
+            if name in getattr(self, split):
+                return split
+        raise ValueError(f"task {name!r} is in no split (add it to {SPLITS_FILE})")
+
+    @property
+    def evaluation(self) -> tuple[str, ...]:
+        """Tasks no generator trains on: validation + test."""
+        return self.validation + self.test
 
     def train_tasks(self, all_names: Sequence[str]) -> list[str]:
-        held = set(self.held_out)
-        return [n for n in all_names if n not in held]
+        train = set(self.train)
+        return [n for n in all_names if n in train]
+
+    @property
+    def in_distribution_eval(self) -> tuple[str, ...]:
+        """A fixed subset of training tasks (the first in sha256 order) for the in-distribution column."""
+        order = sorted(self.train, key=lambda n: _digest("sni-ind", n))
+        return tuple(order[:NUM_IN_DISTRIBUTION_EVAL])
 
 
 def load_splits(path: str | Path) -> TaskSplits:
@@ -190,34 +225,16 @@ def load_splits(path: str | Path) -> TaskSplits:
     path = Path(path)
     if path.is_dir():
         path = path.parent / SPLITS_FILE
-    d = json.loads(path.read_text())
-    held, ind = tuple(d["held_out"]), tuple(d["in_distribution_eval"])
-    overlap = set(held) & set(ind)
-    if overlap:
-        raise ValueError(f"{path}: tasks both held out and in-distribution: {sorted(overlap)}")
-    return TaskSplits(held, ind)
-
-
-# ------------------------------------------------------------------------------------------------
-# Prompts
-
-
-def chat_messages(
-    input_text: str, system: str | None = None, shots: Sequence[Instance] = ()
-) -> list[dict[str, str]]:
-    """Chat messages for one instance: optional system prompt, optional shots as earlier turns, the input.
-
-    With neither, the prompt is the instance input alone (the model's chat template then adds its
-    default system prompt, as vLLM's chat endpoint does).
-    """
-    messages: list[dict[str, str]] = []
-    if system is not None:
-        messages.append({"role": "system", "content": system})
-    for shot in shots:
-        messages.append({"role": "user", "content": shot.input})
-        messages.append({"role": "assistant", "content": shot.outputs[0]})
-    messages.append({"role": "user", "content": input_text})
-    return messages
+    try:
+        d = json.loads(path.read_text())
+        user = {k: tuple(v) for k, v in d.get("user_descriptions", {}).items()}
+        splits = TaskSplits(*(tuple(d[k]) for k in SPLIT_NAMES), user_descriptions=user)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a valid splits file ({type(e).__name__}: {e})") from None
+    stray = set(splits.user_descriptions) - set(splits.test)
+    if stray:
+        raise ValueError(f"{path}: user descriptions for tasks outside the test split: {sorted(stray)[:3]}")
+    return splits
 
 
 # ------------------------------------------------------------------------------------------------

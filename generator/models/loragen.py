@@ -8,12 +8,12 @@ and one global std (the usual latent-diffusion "scale factor"), stored as buffer
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .config import DiffusionConfig, LAEConfig, TargetSpec
+from ..config import DiffusionConfig, LAEConfig, TargetSpec
 from .diffusion import GaussianDiffusion, initial_noise
 from .dit import DiT
 from .lae import LoRAAutoencoder
@@ -32,6 +32,20 @@ class LoRAGen(nn.Module):
         self.diffusion = GaussianDiffusion(diff_cfg.num_timesteps, diff_cfg.beta_start, diff_cfg.beta_end)
         self.register_buffer("z_mean", torch.zeros(lae_cfg.d_z))
         self.register_buffer("z_std", torch.ones(()))
+
+    @classmethod
+    def from_configs(cls, target: TargetSpec, configs: dict[str, Any]) -> "LoRAGen":
+        return cls(target, LAEConfig.from_dict(configs.get("lae", {})),
+                   DiffusionConfig.from_dict(configs.get("diffusion", {})))
+
+    def sampler_defaults(self) -> dict[str, Any]:
+        return {"steps": self.diff_cfg.sample_steps, "guidance": self.diff_cfg.guidance}
+
+    def use_cuda_graphs(self, enabled: bool = True, max_batch: int = 32) -> None:
+        """Generate through CUDA graphs (`generator.models.graphs`) while on a CUDA device."""
+        from .graphs import GraphedGeneration
+
+        self._graphed = GraphedGeneration(self, max_batch) if enabled else None
 
     @property
     def num_tokens(self) -> int:
@@ -64,4 +78,23 @@ class LoRAGen(nn.Module):
     def decode(self, z: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Latents (N, P, d_z) -> A[m] (N, L, r, d_in), B[m] (N, L, d_out, r)."""
         A, B, _ = self.lae.decode(z)
+        return A, B
+
+    @torch.no_grad()
+    def generate_factors(
+        self, cond: Tensor, generators: Sequence[torch.Generator], steps: int, guidance: float,
+        mark: Callable[[str], None] = lambda stage: None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """cond (N, d_cond) -> factors: DDIM-sample latents ("diffuse"), then decode them ("decode")."""
+        graphed = getattr(self, "_graphed", None)
+        if graphed is not None and cond.is_cuda:  # sampling + decoding in one graph launch
+            noise = initial_noise((self.num_tokens, self.lae_cfg.d_z), generators).to(cond)
+            A, B = graphed(cond, noise, steps, guidance)
+            mark("diffuse")
+            mark("decode")
+            return A, B
+        z = self.sample_latents(cond, generators, steps=steps, guidance=guidance)
+        mark("diffuse")
+        A, B = self.decode(z)
+        mark("decode")
         return A, B

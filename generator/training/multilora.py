@@ -24,8 +24,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .adapter import LoRAAdapter
-from .config import TargetSpec
+from ..adapter import LoRAAdapter
+from ..config import TargetSpec
 
 __all__ = ["MultiLoRALinear", "MultiLoRA", "init_lora_"]
 
@@ -120,6 +120,12 @@ class MultiLoRA:
             wrapped = MultiLoRALinear(base, num_adapters, target.rank, target.scaling, dtype)
             setattr(parent, leaf, wrapped)
             self.layers[(module, layer)] = wrapped
+
+    def unload(self) -> None:
+        """Put the plain linear layers back: the model is the base model again."""
+        for (module, layer), wrapped in self.layers.items():
+            parent_path, _, leaf = self.target.path(module, layer).rpartition(".")
+            setattr(self.model.get_submodule(parent_path), leaf, wrapped.base)
 
     # -- which adapter each row uses ----------------------------------------------------------------
 

@@ -19,12 +19,14 @@ peft initialisation.
 
 from __future__ import annotations
 
+from typing import Any, Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapter import factor_stats
-from .config import T2LConfig, TargetSpec
+from ..adapter import factor_stats
+from ..config import T2LConfig, TargetSpec
 
 
 class ResMLP(nn.Module):
@@ -149,6 +151,13 @@ class T2L(nn.Module):
         self.hypernet = T2LHypernetwork(target, cfg)
         self.standardizer = FactorStandardizer(target)
 
+    @classmethod
+    def from_configs(cls, target: TargetSpec, configs: dict[str, Any]) -> "T2L":
+        return cls(target, T2LConfig.from_dict(configs.get("t2l", {})))
+
+    def sampler_defaults(self) -> dict[str, Any]:
+        return {"steps": 1, "guidance": 1.0}  # one forward pass; nothing is sampled
+
     def loss(self, cond: Tensor, A: dict[str, Tensor], B: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """T2L reconstruction loss: mean L1 over standardised A and B of all modules."""
         pred_a, pred_b = self.hypernet(cond)
@@ -162,3 +171,14 @@ class T2L(nn.Module):
     def generate(self, cond: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """cond: (N, d_cond) -> A[m] (N, L, r, d_in), B[m] (N, L, d_out, r) in adapter scale."""
         return self.standardizer.denormalize(*self.hypernet(cond))
+
+    @torch.no_grad()
+    def generate_factors(
+        self, cond: Tensor, generators: Sequence[torch.Generator], steps: int, guidance: float,
+        mark: Callable[[str], None] = lambda stage: None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """cond (N, d_cond) -> factors in one hypernetwork pass (no noise, steps or guidance)."""
+        mark("diffuse")
+        A, B = self.generate(cond)
+        mark("decode")
+        return A, B

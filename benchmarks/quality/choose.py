@@ -1,0 +1,65 @@
+"""Serving choices made on the validation split: the sampler setting and the system prompt.
+
+Candidates are generation files of validation tasks: `loragen_g<guidance>_s<steps>.jsonl` (sampler
+settings) and `loragen_sys.jsonl` (the checkpoint's sampler, with the description also as the
+system prompt). The chosen sampler is the one with the best mean exact match over the validation
+tasks (ties: the checkpoint's own setting, then fewer steps); the system prompt is chosen if
+`loragen_sys` beats the checkpoint's own setting without it. The sampler is written into the
+checkpoint's config (a new fingerprint) so that serving and the test rows use it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from generator.data.sni import Task, TaskSplits
+
+from .score import read_row, score_answers
+
+ROW_RE = re.compile(r"^loragen_g(?P<g>[0-9.]+)_s(?P<s>[0-9]+)$")
+
+
+def _validation_em(path: Path, tasks: dict[str, Task], splits: TaskSplits) -> tuple[str, float]:
+    meta, answers = read_row(path)
+    per_task = score_answers(answers, {n: tasks[n] for n in splits.validation if n in tasks})
+    if not per_task:
+        raise ValueError(f"{path}: no validation task answered")
+    return meta["row"], sum(v["exact_match"] for v in per_task.values()) / len(per_task)
+
+
+def choose(folder: str | Path, tasks: dict[str, Task], splits: TaskSplits, checkpoint: str | Path,
+           out: str | Path) -> dict:
+    """Pick the setting (see module docstring), write it into `checkpoint`, return and save the record."""
+    from generator.api import Generator
+
+    gen = Generator.load(checkpoint)
+    default = (float(gen.sampler["guidance"]), int(gen.sampler["steps"]))
+    samplers: dict[tuple[float, int], float] = {}
+    for path in sorted(Path(folder).glob("loragen_g*_s*.jsonl")):
+        row, em = _validation_em(path, tasks, splits)
+        m = ROW_RE.match(row)
+        if m:
+            samplers[(float(m["g"]), int(m["s"]))] = em
+    if not samplers:
+        raise ValueError(f"no sampler candidates (loragen_g<G>_s<S>.jsonl) in {folder}")
+    best = max(samplers, key=lambda k: (round(samplers[k], 6), k == default, -k[1]))
+    sys_path = Path(folder) / "loragen_sys.jsonl"
+    sys_em = _validation_em(sys_path, tasks, splits)[1] if sys_path.is_file() else None
+    plain_em = samplers.get(default)
+    system_prompt = sys_em is not None and plain_em is not None and sys_em > plain_em
+    before = gen.fingerprint
+    if best != default:
+        gen = gen.with_sampler(guidance=best[0], steps=best[1])
+        gen.save(checkpoint)
+    record = {
+        "guidance": best[0], "steps": best[1], "system_prompt": system_prompt,
+        "validation_em": {f"g{g}_s{s}": round(v, 2) for (g, s), v in sorted(samplers.items())},
+        "validation_em_system_prompt": None if sys_em is None else round(sys_em, 2),
+        "checkpoint_default": {"guidance": default[0], "steps": default[1]},
+        "fingerprint_before": before, "fingerprint": gen.fingerprint,
+        "validation_tasks": len(splits.validation),
+    }
+    Path(out).write_text(json.dumps(record, indent=1))
+    return record

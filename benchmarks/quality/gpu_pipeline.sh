@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# The quality table on the GPU machine, in three calls on one warm machine (each under 10 minutes;
+# each phase resumes what an interrupted call left in $WORK):
+#
+#   bash benchmarks/quality/gpu_pipeline.sh oracles   # oracle LoRA of every task + the multi-task LoRA
+#   bash benchmarks/quality/gpu_pipeline.sh train     # generators, side by side on the one GPU
+#   bash benchmarks/quality/gpu_pipeline.sh eval      # validation (choices), then test (reported once)
+#
+# train: LoRAGen on all training tasks (with snapshots along its denoiser steps: quality against
+#   steps), LoRAGen on the first 50 / 100 / 200 training tasks (quality against tasks), T2L
+#   (reconstruction) and T2L (SFT through the base model, stopped by the deadline).
+# eval, wave 1: baselines on validation + test + in-distribution tasks; on validation the LoRAGen
+#   sampler variants (guidance x steps) and the description as system prompt with the adapter; the
+#   curves (snapshots, task subsets) on validation and test.
+# eval, wave 2: the sampler setting with the best validation EM (ties: the checkpoint's default) is
+#   written into the LoRAGen checkpoint's config; then every generated row on test (+ in-distribution):
+#   LoRAGen, its user-style descriptions, with the description as system prompt, its two conditioning
+#   controls, T2L (recon) and T2L (SFT).
+# Results go to $OUT (at most 8 files, 16 MiB each). Scores: python -m benchmarks.quality score ...
+# Env: WORK (/tmp/runs), CK (/tmp/ck), DEADLINE_S (per call, default 560), DRY=1 (tiny CPU run).
+set -euo pipefail
+phase=${1:?usage: gpu_pipeline.sh oracles|train|eval}
+OUT=${OUT:?set OUT}
+WORK=${WORK:-/tmp/runs}
+CK=${CK:-/tmp/ck}
+DEADLINE_S=${DEADLINE_S:-560}
+mkdir -p "$OUT" "$WORK" "$CK"
+source benchmarks/device_env.sh  # staged wheels, PYTHONPATH, LORAGEN_COMMIT
+start=$SECONDS
+left() { echo $((DEADLINE_S - (SECONDS - start))); }
+
+if [ "${DRY:-0}" = 1 ]; then
+  DEV=cpu
+  # 8 training tasks (the first of the task-count curve's order), 2 validation and 2 test tasks.
+  mapfile -t DRY_TASKS < <($PY -c "
+import hashlib
+from generator.data.sni import load_splits
+s = load_splits('data/sni/tasks')
+order = sorted(s.train, key=lambda n: hashlib.sha256(f'sni-scale\x00{n}'.encode()).hexdigest())
+print('\n'.join(order[:8] + list(s.validation[:2]) + list(s.test[:2])))")
+  ORACLE=(--steps 2 --batch-size 2 --multitask-batch-size 4 --only "${DRY_TASKS[@]}")
+  GEN=(--steps 4 --diffusion-steps 6 --batch-size 4 --snapshots 3 6)
+  T2L=(--steps 3 --batch-size 4)
+  SFT=(--steps 2 --tasks-per-step 2 --examples-per-task 2)
+  SUBSETS="4 8"
+  EVAL=(--limit-instances 2 --only "${DRY_TASKS[@]}")
+  GUIDANCES="1.0 2.0" STEPS="5"
+else
+  DEV=cuda
+  ORACLE=(--group-size 160)
+  GEN=(--steps 3000 --diffusion-steps 5000 --batch-size 128 --tokens-per-step 256 --snapshots 500 1000 2000 3000 5000)
+  T2L=(--steps 6000 --batch-size 128)
+  SFT=(--steps 600)
+  SUBSETS="50 100 200"
+  EVAL=()
+  GUIDANCES="1.0 1.5 2.5" STEPS="5 20"
+fi
+lib="$WORK/oracles/library"
+
+case "$phase" in
+oracles)
+  $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
+  $PY -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+  timeout "$(left)" $PY -m generator.training.oracles train --tasks data/sni/tasks --out "$WORK/oracles" --multitask \
+    --device $DEV "${ORACLE[@]}" 2>&1 | tee -a "$WORK/oracles.log" | grep --line-buffered -v '%|' || true
+  cp "$WORK/oracles/oracles.json" "$OUT/" 2>/dev/null || true
+  echo "oracles: $(ls "$lib" 2>/dev/null | wc -l) training + $(ls "$WORK/oracles/held_out" 2>/dev/null | wc -l) held-out adapters, $((SECONDS - start)) s"
+  ;;
+train)
+  test -d "$lib"
+  mkdir -p "$WORK/subsets"
+  # The first N training tasks in a fixed (sha256) order: quality against the number of tasks.
+  $PY - "$WORK/subsets" $SUBSETS <<'PY'
+import hashlib, sys
+from pathlib import Path
+from generator.data.sni import load_splits
+splits = load_splits("data/sni/tasks")
+order = sorted(splits.train, key=lambda n: hashlib.sha256(f"sni-scale\x00{n}".encode()).hexdigest())
+for n in sys.argv[2:]:
+    Path(sys.argv[1], f"n{n}.txt").write_text("\n".join(order[: int(n)]) + "\n")
+PY
+  pids=()
+  run() { local name=$1; shift; ( timeout "$(left)" "$@" > "$WORK/train_$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
+  common=(--library "$lib" --device $DEV --no-progress --threads 2 --resume)
+  run loragen $PY -m generator train --kind loragen --out "$CK/loragen" "${common[@]}" "${GEN[@]}"
+  for n in $SUBSETS; do
+    run "loragen_n$n" $PY -m generator train --kind loragen --out "$CK/loragen_n$n" "${common[@]}" "${GEN[@]/--snapshots*/}" \
+      --tasks-file "$WORK/subsets/n$n.txt"
+  done
+  run t2l $PY -m generator train --kind t2l --out "$CK/t2l" "${common[@]}" "${T2L[@]}"
+  run t2l_sft $PY -m generator.training.sft --tasks data/sni/tasks --library "$lib" --out "$CK/t2l_sft" --device $DEV \
+    "${SFT[@]}" --max-seconds $(( $(left) > 60 ? $(left) - 40 : 20 )) --resume
+  for p in "${pids[@]}"; do wait "$p" || true; done
+  for f in "$WORK"/train_*.log; do echo "== $f"; tail -n 2 "$f"; done
+  mkdir -p "$WORK/configs"
+  for d in "$CK"/*/; do [ -f "$d/config.json" ] && cp "$d/config.json" "$WORK/configs/$(basename "$d").json"; done
+  (cd "$WORK" && tar czf "$OUT/train_logs.tgz" train_*.log configs subsets)
+  echo "train phase done at $((SECONDS - start)) s"
+  ;;
+eval)
+  qv="$WORK/q_validation" qt="$WORK/q_test"
+  pids=()
+  gen() { local name=$1 out=$2; shift 2; ( timeout "$(left)" $PY -m benchmarks.quality generate --tasks data/sni/tasks \
+      --out "$out" --device $DEV --seeds 0 "${EVAL[@]}" "$@" > "$WORK/eval_$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
+  waitall() { for p in "${pids[@]}"; do wait "$p" || true; done; pids=(); }
+  # Wave 1. Baselines (no choices involved) on every evaluated task; one process per row group.
+  gen base "$qt" --oracles "$WORK/oracles" --rows base system --task-set evaluated
+  gen icl "$qt" --oracles "$WORK/oracles" --rows icl average --task-set evaluated
+  gen oracle "$qt" --oracles "$WORK/oracles" --rows oracle multitask --task-set evaluated
+  # Choices, on validation only: sampler (guidance x steps) and the description as system prompt.
+  for g in $GUIDANCES; do
+    for s in $STEPS; do
+      gen "val_g${g}_s$s" "$qv" --generator "$CK/loragen" --task-set validation --rows "loragen_g${g}_s$s" \
+        --guidance "$g" --sampler-steps "$s"
+    done
+  done
+  gen val_sys "$qv" --generator "$CK/loragen" --task-set validation --rows loragen_sys --system-prompt
+  # The curves: snapshots along the denoiser steps, and the task-count subsets, on validation and test.
+  for d in "$CK"/loragen/snapshots/dit-*; do
+    [ -d "$d" ] || continue
+    for set in validation test; do
+      gen "curve_$(basename "$d")_$set" "$WORK/q_$set" --generator "$d" --task-set $set --rows "loragen_$(basename "$d")"
+    done
+  done
+  for n in $SUBSETS; do
+    for set in validation test; do
+      [ -f "$CK/loragen_n$n/config.json" ] && gen "curve_n${n}_$set" "$WORK/q_$set" --generator "$CK/loragen_n$n" \
+        --task-set $set --rows "loragen_n$n"
+    done
+  done
+  waitall
+  echo "wave 1 done at $((SECONDS - start)) s"
+  # The choice: the sampler setting (and system prompt or not) with the best validation EM.
+  $PY -m benchmarks.quality choose --tasks data/sni/tasks --validation "$qv" --checkpoint "$CK/loragen" \
+    --out "$WORK/choice.json" | tee "$OUT/choice.txt"
+  sys_flag=$($PY -c "import json; print('--system-prompt' if json.load(open('$WORK/choice.json'))['system_prompt'] else '')")
+  # Wave 2: every generated row on test (+ in-distribution), once, with the chosen settings.
+  gen loragen "$qt" --generator "$CK/loragen" --task-set table --rows loragen $sys_flag
+  gen loragen_controls "$qt" --generator "$CK/loragen" --task-set test --rows loragen_random loragen_other $sys_flag
+  gen loragen_user "$qt" --generator "$CK/loragen" --task-set test --rows loragen_user --user-descriptions $sys_flag
+  if [ -z "$sys_flag" ]; then
+    gen loragen_sys "$qt" --generator "$CK/loragen" --task-set test --rows loragen_sys --system-prompt
+  fi
+  gen t2l "$qt" --generator "$CK/t2l" --task-set table --rows t2l
+  gen t2l_controls "$qt" --generator "$CK/t2l" --task-set test --rows t2l_random t2l_other
+  [ -f "$CK/t2l_sft/config.json" ] && gen t2l_sft "$qt" --generator "$CK/t2l_sft" --task-set table --rows t2l_sft
+  waitall
+  for f in "$WORK"/eval_*.log; do echo "== $f"; tail -n 2 "$f"; done
+  tar czf "$OUT/generations.tgz" -C "$WORK" q_validation q_test choice.json $(cd "$WORK" && ls eval_*.log)
+  # The candidate default checkpoint (with the chosen sampler in its config), split under 16 MiB a file.
+  cp "$CK/loragen/config.json" "$OUT/loragen_config.json"
+  split -b 15M -d "$CK/loragen/model.safetensors" "$OUT/loragen_model.safetensors.part"
+  echo "eval phase done at $((SECONDS - start)) s"
+  ;;
+*) echo "unknown phase $phase" >&2; exit 2 ;;
+esac
