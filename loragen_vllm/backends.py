@@ -6,7 +6,7 @@ as bytes) and says which generator it runs (``fingerprint``, part of every store
 
 * `InProcessBackend` (this module): the generator runs inside the API-server process, on a worker
   thread of its own, so vLLM's asyncio event loop never waits on it. Requests that arrive within
-  a short window (``batch_window_s``) are micro-batched into one generator pass.
+  a short window (``batch_window_s``) share one generator pass (``batching.MicroBatcher``).
 * ``RayBackend`` (``ray_backend.py``): the generator runs in a named Ray actor.
 
 The fingerprint, kind and rank of an in-process checkpoint are read from its ``config.json``
@@ -19,18 +19,18 @@ again.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from loragen_vllm import envs
+from loragen_vllm.adapter_files import AdapterFiles
+from loragen_vllm.batching import MAX_BATCH, MicroBatcher
 from loragen_vllm.errors import GeneratorUnavailable
 
 if TYPE_CHECKING:  # importing the generator pulls in torch; only the worker thread needs it
@@ -38,10 +38,7 @@ if TYPE_CHECKING:  # importing the generator pulls in torch; only the worker thr
 
 logger = logging.getLogger(__name__)
 
-AdapterFiles = dict[str, bytes]  # file name -> bytes of one PEFT adapter folder
-
-DEFAULT_BATCH_WINDOW_S = 0.005  # how long a first request waits for others to join its pass (as the Ray actor)
-DEFAULT_MAX_BATCH = 16  # descriptions per generator pass at most
+DEFAULT_BATCH_WINDOW_S: float = envs.default("LORAGEN_BATCH_WINDOW_MS") / 1e3  # 5 ms, as the Ray actor
 
 
 @runtime_checkable
@@ -115,21 +112,12 @@ class CheckpointInfo:
 # In-process backend
 
 
-@dataclass
-class _Pending:
-    """One description waiting for a generator pass, and the future its caller awaits."""
-
-    description: str
-    seed: int
-    future: asyncio.Future[AdapterFiles]
-
-
 class InProcessBackend:
     """A generator in this process: one worker thread, micro-batched passes, lazy weights.
 
     ``generate`` may be awaited from any number of coroutines of one event loop; calls arriving
-    within ``batch_window_s`` of the first waiting one (same seed) share one generator pass of
-    at most ``max_batch`` descriptions. Passes run one at a time on a dedicated thread.
+    within ``batch_window_s`` of the oldest waiting one (same seed) share one generator pass of
+    at most ``max_batch`` descriptions. Passes run one at a time on a thread of their own.
     """
 
     name = "in-process"
@@ -140,20 +128,20 @@ class InProcessBackend:
         device: str = "cpu",
         *,
         batch_window_s: float = DEFAULT_BATCH_WINDOW_S,
-        max_batch: int = DEFAULT_MAX_BATCH,
+        max_batch: int = MAX_BATCH,
     ) -> None:
-        if batch_window_s < 0 or max_batch < 1:
-            raise ValueError("batch_window_s must be >= 0 and max_batch >= 1")
         self.info = CheckpointInfo.read(checkpoint)
         self.device = device
-        self.batch_window_s = batch_window_s
-        self.max_batch = max_batch
         self._generator: Generator | None = None
         self._load_lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loragen-generator")
-        self._pending: list[_Pending] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self.passes = 0  # generator passes run (for logs and tests of batching)
+        self._batcher: MicroBatcher[str, AdapterFiles] = MicroBatcher(
+            self._run_pass, batch_window_s, max_batch, thread_name="loragen-generator"
+        )
+
+    @property
+    def passes(self) -> int:
+        """Generator passes run so far (a failed one included)."""
+        return self._batcher.stats.passes
 
     # -- what the resolver needs besides adapters ----------------------------------------------
 
@@ -175,67 +163,24 @@ class InProcessBackend:
     # -- generation ----------------------------------------------------------------------------
 
     async def generate(self, description: str, seed: int = 0) -> AdapterFiles:
-        """PEFT files for one normalised description (joins the next micro-batch)."""
-        return (await self.generate_many([description], seed))[0]
+        """PEFT files for one normalised description (joins the next generator pass)."""
+        return await self._batcher.submit(description, seed)
 
     async def generate_many(self, descriptions: Sequence[str], seed: int = 0) -> list[AdapterFiles]:
-        """PEFT files for each normalised description, in order (joins the next micro-batch)."""
-        loop = asyncio.get_running_loop()
-        items = [_Pending(d, seed, loop.create_future()) for d in descriptions]
-        self._pending.extend(items)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = loop.create_task(self._flush(), name="loragen-microbatch")
-        return list(await asyncio.gather(*(i.future for i in items)))
-
-    async def _flush(self) -> None:
-        """Run passes until nothing waits: wait out the window, take a batch, run it off-loop."""
-        try:
-            while self._pending:
-                await asyncio.sleep(self.batch_window_s)
-                await self._run_batch()
-        except BaseException as e:  # a bug or shutdown: nobody may wait forever
-            for p in self._pending:
-                if not p.future.done():
-                    p.future.set_exception(GeneratorUnavailable(f"the generator stopped ({type(e).__name__})"))
-            self._pending.clear()
-            raise
-
-    async def _run_batch(self) -> None:
-        """One generator pass for the oldest waiting seed's descriptions (at most ``max_batch``)."""
-        seed = self._pending[0].seed
-        batch = [p for p in self._pending if p.seed == seed][: self.max_batch]
-        taken = {id(p) for p in batch}
-        self._pending = [p for p in self._pending if id(p) not in taken]
-        batch = [p for p in batch if not p.future.done()]  # callers that gave up
-        if not batch:
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            files = await loop.run_in_executor(self._executor, self._run_pass, [p.description for p in batch], seed)
-        except Exception as e:  # the pass failed: fail its requests, keep serving
-            err = e if isinstance(e, GeneratorUnavailable) else GeneratorUnavailable(
-                f"adapter generation failed ({type(e).__name__}: {e})"
-            )
-            logger.error("generator pass of %d description(s) failed: %s", len(batch), err)
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(err)
-            return
-        for p, f in zip(batch, files):
-            if not p.future.done():
-                p.future.set_result(f)
+        """PEFT files for each normalised description, in order (joining the next pass)."""
+        return await self._batcher.submit_many(descriptions, seed)
 
     def _run_pass(self, descriptions: list[str], seed: int) -> list[AdapterFiles]:
-        """Worker thread: one generator pass, adapters serialised to PEFT files."""
+        """Pass thread: one generator pass, adapters serialised to PEFT files."""
         gen = self._load()
-        self.passes += 1
-        logger.info("generator pass %d started: %d description(s)", self.passes, len(descriptions))
+        n = self.passes  # this pass's number
+        logger.info("generator pass %d started: %d description(s)", n, len(descriptions))
         t0 = time.perf_counter()
         adapters, seconds = gen.generate_timed(descriptions, seed=seed)
         files = [a.to_peft_files() for a in adapters]
         logger.info(
             "generator pass %d finished: %d adapter(s) in %.3f s (encode %.3f, diffuse %.3f, decode %.3f)",
-            self.passes, len(descriptions), time.perf_counter() - t0,
+            n, len(descriptions), time.perf_counter() - t0,
             seconds.get("encode", 0.0), seconds.get("diffuse", 0.0), seconds.get("decode", 0.0),
         )
         return files
@@ -253,7 +198,7 @@ class InProcessBackend:
                     # the engine's workers own the cores. A generator pass on every core
                     # (OpenMP spin-waits) would starve them; one thread keeps requests of
                     # other users moving while an adapter is generated.
-                    torch.set_num_threads(int(os.environ.get("LORAGEN_GENERATOR_THREADS", "1")))
+                    torch.set_num_threads(envs.LORAGEN_GENERATOR_THREADS)
                 t0 = time.perf_counter()
                 try:
                     gen = Generator.load(self.info.path, device=self.device)
@@ -274,4 +219,4 @@ class InProcessBackend:
             return self._generator
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._batcher.close()

@@ -7,12 +7,12 @@
     loragen-vllm store ls [--json] | show KEY [--json] | rm KEY [--force] | gc   [--store DIR]
     loragen-vllm generator start | status | stop ...   (the Ray generator actor)
 
-Only ``serve`` imports vLLM and only ``generate`` imports torch, each inside its handler, so the
-store commands start in a fraction of a second. Bad input ends with a one-line message on
-stderr and a non-zero exit code, not a traceback: 2 for bad usage (arguments, an invalid
-description, no generator checkpoint), 1 for a failure (unknown key, pinned adapter, a
-generator that cannot be loaded). Set ``LORAGEN_DEBUG=1`` to get tracebacks of unexpected
-errors.
+Only ``serve`` imports vLLM, only ``generate`` imports torch and only ``generator`` imports Ray,
+each inside its handler, so the store commands start in a fraction of a second. Commands raise;
+`main` alone turns what they raise into a one-line message on stderr and an exit code, not a
+traceback: 2 for bad usage (arguments, an invalid description or ``LORAGEN_*`` setting, no
+generator checkpoint), 1 for a failure (unknown key, pinned adapter, a generator that cannot be
+loaded). Set ``LORAGEN_DEBUG=1`` to get tracebacks of unexpected errors.
 """
 
 from __future__ import annotations
@@ -28,20 +28,15 @@ from typing import Any
 
 import msgspec
 
+from loragen_vllm import envs
+from loragen_vllm.cli_generator import add_generator_commands, run_generator_command
 from loragen_vllm.defaults import CHECKPOINT_FILES, MISSING_GENERATOR, default_generator_checkpoint
 from loragen_vllm.descriptions import MAX_DESCRIPTION_CHARS, validate_description
-from loragen_vllm.errors import InvalidDescription, LoragenError
-from loragen_vllm.store import AdapterMeta, AdapterStore, GCReport, default_store_dir
+from loragen_vllm.errors import CommandFailed, InvalidDescription, LoragenError, UsageError
+from loragen_vllm.store import AdapterStore, GCReport, NewAdapter
+from loragen_vllm.store_meta import StoredAdapterMeta
 
 PROG = "loragen-vllm"
-
-
-class UsageError(Exception):
-    """Bad command-line input that argparse cannot see (exit code 2)."""
-
-
-class CommandFailed(Exception):
-    """A command could not do its job (exit code 1)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,7 +74,7 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "\u2026"
 
 
-def _meta_json(store: AdapterStore, meta: AdapterMeta) -> dict[str, Any]:
+def _meta_json(store: AdapterStore, meta: StoredAdapterMeta) -> dict[str, Any]:
     out = msgspec.to_builtins(meta)
     out["path"] = str(store.path(meta.key))
     out["pins"] = [msgspec.to_builtins(p) for p in store.pins(meta.key)]
@@ -108,18 +103,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # generate
 
 
-def _env_seed() -> int:
-    """$LORAGEN_SEED (what a server started by `serve` uses), else 0."""
-    raw = os.environ.get("LORAGEN_SEED", "").strip()
-    try:
-        return int(raw) if raw else 0
-    except ValueError:
-        raise UsageError(f"$LORAGEN_SEED must be an integer, got {raw!r}") from None
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     text = validate_description(" ".join(args.text), max_chars=args.max_chars)
-    seed = args.seed if args.seed is not None else _env_seed()
+    seed = args.seed if args.seed is not None else envs.LORAGEN_SEED  # what `serve` would use
     ckpt = Path(args.generator).expanduser() if args.generator else default_generator_checkpoint()
     if ckpt is None:
         raise UsageError(MISSING_GENERATOR)
@@ -139,28 +125,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         gen = load_generator(ckpt, device=args.device)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CommandFailed(f"cannot load the generator checkpoint {ckpt}: {e}") from e
-    key = store.key(text, gen.fingerprint, seed)
     t0 = time.perf_counter()
-    with store.key_lock(key):
-        hit = store.get(key, record_hit=False)
-        if hit is None:
-            say(f"generating an adapter ({gen.kind} generator {gen.fingerprint[:12]}) ...")
-            try:
-                adapter = gen.generate([text], seed=seed)[0]
-            except Exception as e:  # noqa: BLE001 -- report any generator failure as such
-                raise CommandFailed(f"generation failed: {type(e).__name__}: {e}") from e
-            hit = store.publish(
-                adapter.to_peft_files(),
-                description=text,
-                fingerprint=gen.fingerprint,
-                seed=seed,
-                generator_kind=gen.kind,
-            )
-            say(f"published in {time.perf_counter() - t0:.2f} s")
-            generated = True
-        else:
-            say("already in the store")
-            generated = False
+
+    def generate() -> NewAdapter:
+        say(f"generating an adapter ({gen.kind} generator {gen.fingerprint[:12]}) ...")
+        try:
+            adapter = gen.generate([text], seed=seed)[0]
+        except Exception as e:  # noqa: BLE001 -- report any generator failure as such
+            raise CommandFailed(f"generation failed: {type(e).__name__}: {e}") from e
+        return NewAdapter(adapter.to_peft_files(), text, gen.fingerprint, seed, gen.kind)
+
+    key = store.key(text, gen.fingerprint, seed)
+    hit, generated = store.get_or_create(key, generate, record_hit=False)
+    say(f"published in {time.perf_counter() - t0:.2f} s" if generated else "already in the store")
     if args.json:
         _print_json({"key": hit.key, "path": str(hit.path), "generated": generated,
                      "description": text, "seed": seed, "fingerprint": gen.fingerprint})
@@ -272,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     store_opt = argparse.ArgumentParser(add_help=False)
     store_opt.add_argument(
         "--store", metavar="DIR", default=None,
-        help=f"adapter store folder (default: $LORAGEN_STORE or {default_store_dir()})",
+        help=f"adapter store folder (default: $LORAGEN_STORE or {envs.default('LORAGEN_STORE')})",
     )
     gen_opt = argparse.ArgumentParser(add_help=False)
     gen_opt.add_argument(
@@ -340,22 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--json", action="store_true")
     gc.set_defaults(func=cmd_store_gc)
 
-    # ---- `generator start|status|stop`: the Ray generator actor (issue 4: ray_actor.py)
     ge = sub.add_parser("generator", help="start, inspect or stop the Ray generator actor")
-    try:
-        from loragen_vllm.ray_actor import add_generator_commands, run_generator_command
-    except ImportError:  # not part of this installation yet
-
-        def run_generator_command(args: argparse.Namespace) -> int:
-            raise CommandFailed("the Ray generator actor commands are not available")
-    else:
-        add_generator_commands(ge)
+    add_generator_commands(ge)
     ge.set_defaults(func=run_generator_command)
-    # ---- end of the generator actor commands
     return p
 
 
-def _split_vllm_args(argv: list[str]) -> tuple[list[str], list[str]]:
+def split_vllm_args(argv: list[str]) -> tuple[list[str], list[str]]:
     """``serve ... -- X Y`` -> (``serve ...``, ``[X, Y]``); other commands keep their ``--``."""
     if argv[:1] == ["serve"] and "--" in argv:
         i = argv.index("--")
@@ -365,7 +333,7 @@ def _split_vllm_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    argv, vllm_args = _split_vllm_args(argv)
+    argv, vllm_args = split_vllm_args(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.vllm_args = vllm_args
@@ -376,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (InvalidDescription, UsageError) as e:
+    except (InvalidDescription, UsageError, envs.InvalidSetting) as e:
         return fail(str(e), 2)
     except (LoragenError, CommandFailed, TimeoutError) as e:
         return fail(str(e), 1)
@@ -386,9 +354,17 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # noqa: BLE001 -- no tracebacks for users unless asked for
-        if os.environ.get("LORAGEN_DEBUG"):
+        if _debug():
             raise
         return fail(f"unexpected {type(e).__name__}: {e} (set LORAGEN_DEBUG=1 for details)", 1)
+
+
+def _debug() -> bool:
+    """$LORAGEN_DEBUG (a value it cannot have counts as off: this runs while reporting an error)."""
+    try:
+        return envs.LORAGEN_DEBUG
+    except envs.InvalidSetting:
+        return False
 
 
 if __name__ == "__main__":

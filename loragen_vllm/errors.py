@@ -112,6 +112,18 @@ class AdapterPinned(LoragenError):
 
 
 # ----------------------------------------------------------------------------------------------
+# Command-line failures (``cli.main`` maps them, and the ones above, to exit codes)
+
+
+class UsageError(Exception):
+    """Bad command-line input that argparse cannot see (exit code 2)."""
+
+
+class CommandFailed(Exception):
+    """A command could not do its job (exit code 1)."""
+
+
+# ----------------------------------------------------------------------------------------------
 # The one mapping to HTTP
 
 

@@ -14,18 +14,9 @@ and become HTTP errors in one place, `_raise_for_vllm` (via ``errors.to_vllm_exc
 an invalid description is a 400 naming the problem, a failed generator a 503 for that request.
 
 vLLM calls `register` in each of its processes (API server, engine core, workers); it only reads
-the configuration from the environment (set by ``loragen-vllm serve``) and registers the
-resolver. The store and backend are opened on first use, so only the API server opens them.
-
-Environment:
-    LORAGEN_GENERATOR       generator checkpoint folder (in-process backend), or
-    LORAGEN_RAY_ADDRESS     address of a Ray cluster running the generator actor
-    LORAGEN_GENERATOR_DEVICE  device of the in-process generator ("cpu")
-    LORAGEN_SEED            generation seed (0)
-    LORAGEN_MAX_DESCRIPTION_CHARS  longest accepted description (1000)
-    LORAGEN_BATCH_WINDOW_MS micro-batching window of the in-process backend (5)
-    LORAGEN_GENERATE_TIMEOUT_S  longest wait for one generation before a 503 (600)
-    LORAGEN_STORE, LORAGEN_STORE_MAX_ADAPTERS, LORAGEN_STORE_MAX_BYTES  the store (store.py)
+the configuration (`PluginConfig.from_env`: ``LORAGEN_*`` variables, see ``envs.py``, set by
+``loragen-vllm serve``) and registers the resolver. The store and backend are opened on first
+use, so only the API server opens them.
 """
 
 from __future__ import annotations
@@ -33,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,10 +32,12 @@ from typing import NoReturn
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
+from loragen_vllm import envs
+from loragen_vllm.adapter_files import AdapterFiles
 from loragen_vllm.backends import DEFAULT_BATCH_WINDOW_S, GeneratorBackend
 from loragen_vllm.descriptions import MAX_DESCRIPTION_CHARS, validate_description
 from loragen_vllm.errors import GeneratorUnavailable, LoragenError, to_vllm_exception
-from loragen_vllm.store import AdapterStore, StoredAdapter
+from loragen_vllm.store import AdapterStore, NewAdapter, StoredAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -62,24 +54,25 @@ class PluginConfig:
     seed: int = 0
     max_description_chars: int = MAX_DESCRIPTION_CHARS
     batch_window_s: float = DEFAULT_BATCH_WINDOW_S
-    generate_timeout_s: float = 600.0  # a generation taking longer is a 503
+    generate_timeout_s: float = envs.default("LORAGEN_GENERATE_TIMEOUT_S")  # longer is a 503
 
     @classmethod
     def from_env(cls) -> PluginConfig | None:
-        """None when no generator is configured (the plugin then stays out of the way)."""
-        env = os.environ
-        generator = env.get("LORAGEN_GENERATOR") or None
-        ray_address = env.get("LORAGEN_RAY_ADDRESS") or None
+        """None when no generator is configured (the plugin then stays out of the way).
+
+        Raises ``envs.InvalidSetting`` for a variable set to a value it cannot have.
+        """
+        generator, ray_address = envs.LORAGEN_GENERATOR, envs.LORAGEN_RAY_ADDRESS
         if generator is None and ray_address is None:
             return None
         return cls(
-            generator=generator,
+            generator=None if generator is None else str(generator),
             ray_address=ray_address,
-            device=env.get("LORAGEN_GENERATOR_DEVICE", "cpu"),
-            seed=int(env.get("LORAGEN_SEED", "0")),
-            max_description_chars=int(env.get("LORAGEN_MAX_DESCRIPTION_CHARS", MAX_DESCRIPTION_CHARS)),
-            batch_window_s=float(env.get("LORAGEN_BATCH_WINDOW_MS", DEFAULT_BATCH_WINDOW_S * 1e3)) / 1e3,
-            generate_timeout_s=float(env.get("LORAGEN_GENERATE_TIMEOUT_S", 600.0)),
+            device=envs.LORAGEN_GENERATOR_DEVICE,
+            seed=envs.LORAGEN_SEED,
+            max_description_chars=envs.LORAGEN_MAX_DESCRIPTION_CHARS,
+            batch_window_s=envs.LORAGEN_BATCH_WINDOW_MS / 1e3,
+            generate_timeout_s=envs.LORAGEN_GENERATE_TIMEOUT_S,
         )
 
     def make_backend(self) -> GeneratorBackend:
@@ -185,43 +178,47 @@ class LoRAGenResolver(LoRAResolver):
     def _locked_get_or_generate(
         self, key: str, description: str, fingerprint: str, loop: asyncio.AbstractEventLoop
     ) -> StoredAdapter:
-        """Miss thread: under the key's cross-process lock, a verified hit (another process or
-        thread was first) or a new adapter.
+        """Miss thread: the store's get-or-create of ``key`` (under its cross-process lock: a
+        verified hit if another process or thread was first, else a new adapter).
 
         Pinned before it is looked up, so another process's eviction cannot remove it between
         the lookup and vLLM loading it. (Unpinned by `_resolve` if it is not used after all.)
         """
-        store = self.store
-        with store.key_lock(key):
-            store.pin(key)
-            hit = store.get(key)
-            if hit is not None:
-                return hit
-            t0 = time.perf_counter()
-            pending = asyncio.run_coroutine_threadsafe(self.backend.generate(description, self.config.seed), loop)
-            try:
-                files = pending.result(timeout=self.config.generate_timeout_s)
-            except concurrent.futures.TimeoutError:
-                pending.cancel()
-                raise GeneratorUnavailable(
-                    f"adapter generation took longer than {self.config.generate_timeout_s:.0f} s"
-                ) from None
-            stored = store.publish(
+        started = 0.0
+
+        def generate() -> NewAdapter:
+            nonlocal started
+            started = time.perf_counter()
+            files = self._generate_on_loop(description, loop)
+            return NewAdapter(
                 files,
                 description=description,
-                fingerprint=self.backend.fingerprint or fingerprint,
+                fingerprint=self.backend.fingerprint or fingerprint,  # the Ray actor may have changed
                 seed=self.config.seed,
                 generator_kind=self.backend.kind or "unknown",
             )
-        if stored.key != key:  # the generator changed under us (a new Ray actor)
-            store.pin(stored.key)
-        # One line per generated adapter: the honest count of generations (tests read it).
-        logger.info(
-            "loragen generated adapter key=%s in %.3f s (%s generator %s): %.80r",
-            stored.key, time.perf_counter() - t0, stored.meta.generator_kind,
-            stored.meta.fingerprint[:12], description,
-        )
+
+        stored, generated = self.store.get_or_create(key, generate, pin=True)
+        if generated:
+            # One line per generated adapter: the honest count of generations (tests read it).
+            logger.info(
+                "loragen generated adapter key=%s in %.3f s (%s generator %s): %.80r",
+                stored.key, time.perf_counter() - started, stored.meta.generator_kind,
+                stored.meta.fingerprint[:12], description,
+            )
         return stored
+
+    def _generate_on_loop(self, description: str, loop: asyncio.AbstractEventLoop) -> AdapterFiles:
+        """Miss thread: the backend's adapter for ``description``, generated on vLLM's event loop;
+        a generation longer than ``generate_timeout_s`` is `GeneratorUnavailable`."""
+        pending = asyncio.run_coroutine_threadsafe(self.backend.generate(description, self.config.seed), loop)
+        try:
+            return pending.result(timeout=self.config.generate_timeout_s)
+        except concurrent.futures.TimeoutError:
+            pending.cancel()
+            raise GeneratorUnavailable(
+                f"adapter generation took longer than {self.config.generate_timeout_s:.0f} s"
+            ) from None
 
     # -- what vLLM remembers -----------------------------------------------------------------
 

@@ -25,8 +25,8 @@ the head, stored adapters are served and new descriptions get 503 after the boun
 restarted head (without GCS fault tolerance) is a new cluster, and the server must be restarted
 to join it.
 
-Environment: ``LORAGEN_RAY_TIMEOUT_S`` (default 60) is the bound on one call when `timeout_s`
-is not given (the plugin does not give it).
+``$LORAGEN_RAY_TIMEOUT_S`` (default 60) is the bound on one call when `timeout_s` is not given
+(the plugin does not give it).
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from loragen_vllm import envs
+from loragen_vllm.adapter_files import AdapterFiles
 from loragen_vllm.errors import GeneratorUnavailable, InvalidDescription
-from loragen_vllm.ray_actor import ACTOR_NAME, NAMESPACE, AdapterFiles, AdapterMeta, connect, decode_meta
+from loragen_vllm.ray_actor import ACTOR_NAME, NAMESPACE, GeneratedAdapterMeta, connect, decode_meta
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 60.0
 HEAD_LOSS_TOLERANCE_S = 10**9  # RAY_gcs_rpc_server_reconnect_timeout_s of a server process
 
 
@@ -62,7 +63,7 @@ class RayBackend:
         expected_fingerprint: str | None = None,
     ) -> None:
         if timeout_s is None:
-            timeout_s = float(os.environ.get("LORAGEN_RAY_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+            timeout_s = envs.LORAGEN_RAY_TIMEOUT_S
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.address = address
@@ -75,7 +76,7 @@ class RayBackend:
         # ray.init and get_actor block on the GCS: they run on this thread, one at a time.
         self._lookup_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loragen-ray")
         self._lookup_future: Future[Any] | None = None
-        self.last_meta: AdapterMeta | None = None
+        self.last_meta: GeneratedAdapterMeta | None = None
 
     # ------------------------------------------------------------------------------------------
     # What the resolver needs besides adapters
@@ -115,7 +116,7 @@ class RayBackend:
         files, _ = await self.generate_with_meta(description, seed)
         return files
 
-    async def generate_with_meta(self, description: str, seed: int = 0) -> tuple[AdapterFiles, AdapterMeta]:
+    async def generate_with_meta(self, description: str, seed: int = 0) -> tuple[AdapterFiles, GeneratedAdapterMeta]:
         deadline = time.monotonic() + self.timeout_s
         files, meta_bytes = await self._call("generate", (description, seed), deadline, "generation")
         meta = decode_meta(meta_bytes)

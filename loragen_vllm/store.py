@@ -22,20 +22,16 @@ corrupt adapter is moved to ``quarantine/`` (under its key lock, only if it is s
 that failed) and reported as a miss, so the caller regenerates it. It is never served.
 
 Eviction (`gc`, also run after each `publish`) removes least recently used adapters until the
-count and byte limits hold, but never a pinned one: vLLM keeps a resolved ``LoRARequest`` (a
-path) and may reload the folder from disk at any time, so the plugin `pin`s every adapter it
-hands to vLLM and `unpin`s it when it forgets it. A pin names a process (pid, its start time,
-host); pins of dead processes on this host are ignored and cleaned up. Pins from other hosts
-(a store on a shared file system) are always treated as live.
+count and byte limits hold, but never a pinned one: vLLM may reload an adapter's folder at any
+time, so the plugin `pin`s every adapter it hands to vLLM and `unpin`s it when vLLM forgets it
+(``pins.py``: who pins, and when a pin no longer counts).
 
-`key_lock(key)` is a cross-process and cross-thread lock (re-entrant in one thread) for making
-generation of one key happen once::
+`get_or_create(key, make)` is the one way to generate an adapter into the store: under the key's
+cross-process and cross-thread lock (`key_lock`, re-entrant in one thread) it returns the
+verified adapter, or calls ``make()`` and publishes what it returns. Of several threads or server
+processes asking for one key, one generates and the others find its adapter::
 
-    with store.key_lock(key):
-        store.pin(key)
-        hit = store.get(key)
-        if hit is None:
-            hit = store.publish(generate(...), description=..., fingerprint=..., seed=..., ...)
+    stored, generated = store.get_or_create(key, lambda: NewAdapter(files, ...), pin=True)
 """
 
 from __future__ import annotations
@@ -48,9 +44,8 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,69 +53,27 @@ from pathlib import Path
 import msgspec
 from filelock import FileLock, Timeout
 
+from loragen_vllm import envs
+from loragen_vllm.adapter_files import AdapterFiles, check_adapter_files
 from loragen_vllm.descriptions import validate_description
 from loragen_vllm.errors import AdapterPinned, StoreCorrupt, UnknownAdapter
+from loragen_vllm.pins import Pin, PinBoard
+from loragen_vllm.processes import HOST, pid_alive
+from loragen_vllm.store_meta import META_FILE, StoredAdapterMeta, file_infos, read_meta, verify_folder
 
 logger = logging.getLogger(__name__)
 
-AdapterFiles = dict[str, bytes]  # file name -> content of a PEFT adapter folder
-
-META_FILE = "loragen_meta.json"
-DEFAULT_MAX_ADAPTERS = 1000
-DEFAULT_MAX_BYTES = 4 << 30  # 4 GiB
+DEFAULT_MAX_ADAPTERS: int | None = envs.default("LORAGEN_STORE_MAX_ADAPTERS")  # 1000
+DEFAULT_MAX_BYTES: int | None = envs.default("LORAGEN_STORE_MAX_BYTES")  # 4 GiB
 STALE_TMP_SECONDS = 24 * 3600  # unfinished publishes of unknown owners older than this go
 QUARANTINE_SECONDS = 24 * 3600  # corrupt folders are kept this long for inspection
 
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
-_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_HOST = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "localhost"
 _KEY_VERSION = "loragen-vllm adapter key v1"
 
 
-def default_store_dir() -> Path:
-    """$LORAGEN_STORE, else ~/.cache/loragen-vllm/store."""
-    env = os.environ.get("LORAGEN_STORE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "loragen-vllm" / "store"
-
-
 # ----------------------------------------------------------------------------------------------
-# Metadata
-
-
-class FileInfo(msgspec.Struct, frozen=True):
-    """Integrity record of one adapter file."""
-
-    sha256: str
-    size: int
-
-
-class AdapterMeta(msgspec.Struct, frozen=True, kw_only=True):
-    """Metadata of one stored adapter (``loragen_meta.json`` in its folder).
-
-    Written once at publish with ``hits=0, last_used=created``; the live values of ``hits``
-    and ``last_used`` come from the usage log and are filled in when the store reads it.
-    """
-
-    key: str
-    description: str  # normalised
-    generator_kind: str  # "loragen" | "t2l" | ...
-    fingerprint: str  # generator fingerprint (hex sha256 of config + weights)
-    seed: int
-    created: datetime
-    last_used: datetime
-    hits: int
-    files: dict[str, FileInfo]
-    size: int  # total bytes of the adapter files
-    format: int = 1
-
-
-class Pin(msgspec.Struct, frozen=True):
-    """A server process that may (re)load an adapter from disk."""
-
-    pid: int
-    host: str
-    start: int  # process start time in clock ticks since boot (/proc/<pid>/stat); 0 = unknown
-    created: datetime
+# What the store hands out and takes in (the metadata file's format: store_meta.py)
 
 
 @dataclass(frozen=True)
@@ -129,7 +82,18 @@ class StoredAdapter:
 
     key: str
     path: Path
-    meta: AdapterMeta
+    meta: StoredAdapterMeta
+
+
+@dataclass(frozen=True)
+class NewAdapter:
+    """A freshly generated adapter and what it was generated from: what `publish` stores."""
+
+    files: AdapterFiles
+    description: str  # the key is made of description, fingerprint and seed
+    fingerprint: str
+    seed: int
+    generator_kind: str
 
 
 @dataclass
@@ -145,7 +109,7 @@ class GCReport:
 
 
 # ----------------------------------------------------------------------------------------------
-# Small file-system and process helpers
+# Small file-system helpers
 
 
 def _now() -> datetime:
@@ -154,10 +118,6 @@ def _now() -> datetime:
 
 def _from_ns(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / 1e9, timezone.utc)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _write_durable(path: Path, data: bytes) -> None:
@@ -176,57 +136,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in ticks) of a process on this host from /proc, or None if unknown."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3 onwards
-    return fields[0], int(fields[19])  # state (field 3), starttime (field 22)
-
-
-def _pid_alive(pid: int, start: int = 0) -> bool:
-    """Whether process ``pid`` on this host runs (and, if ``start`` is known, is the same one)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True  # no /proc: trust kill(0)
-    state, started = stat
-    if state in ("Z", "X"):
-        return False  # exited, not yet reaped
-    return not start or started == start
-
-
-def _pin_alive(pin: Pin) -> bool:
-    return pin.host != _HOST or _pid_alive(pin.pid, pin.start)
-
-
 def _check_key(key: str) -> str:
     if not isinstance(key, str) or not _KEY_RE.match(key):
         raise UnknownAdapter(f"not an adapter key (64 lowercase hex digits): {str(key)[:80]!r}")
     return key
-
-
-def _check_files(files: Mapping[str, bytes]) -> AdapterFiles:
-    """Plain-name, bytes-valued PEFT files with an adapter_config.json; else ValueError."""
-    if not files:
-        raise ValueError("an adapter needs at least one file")
-    out: AdapterFiles = {}
-    for name, data in files.items():
-        if not isinstance(name, str) or not _FILE_RE.match(name) or name == META_FILE:
-            raise ValueError(f"not an allowed adapter file name: {name!r}")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"adapter file {name!r} must be bytes, got {type(data).__name__}")
-        out[name] = bytes(data)
-    if "adapter_config.json" not in out:
-        raise ValueError("a PEFT adapter needs adapter_config.json")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,37 +156,25 @@ class AdapterStore:
         max_adapters: int | None = DEFAULT_MAX_ADAPTERS,
         max_bytes: int | None = DEFAULT_MAX_BYTES,
     ) -> None:
-        self.root = Path(root if root is not None else default_store_dir()).expanduser()
+        self.root = Path(root if root is not None else envs.LORAGEN_STORE).expanduser()
         self.root = self.root.resolve()  # vLLM needs absolute adapter paths
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes
         self._adapters = self.root / "adapters"
         self._usage = self.root / "usage"
-        self._pins = self.root / "pins"
         self._locks = self.root / "locks"
         self._tmp = self.root / "tmp"
         self._trash = self.root / "trash"
         self._quarantine = self.root / "quarantine"
-        for d in (self._adapters, self._usage, self._pins, self._locks, self._tmp, self._trash,
-                  self._quarantine):
+        for d in (self._adapters, self._usage, self._locks, self._tmp, self._trash, self._quarantine):
             d.mkdir(parents=True, exist_ok=True)
+        self._pins = PinBoard(self.root / "pins", self.key_lock)
 
     @classmethod
     def from_env(cls, root: str | os.PathLike[str] | None = None) -> AdapterStore:
-        """A store configured by $LORAGEN_STORE, $LORAGEN_STORE_MAX_ADAPTERS and
-        $LORAGEN_STORE_MAX_BYTES ("none" disables a limit)."""
-
-        def limit(name: str, default: int) -> int | None:
-            raw = os.environ.get(name, "").strip().lower()
-            if not raw:
-                return default
-            return None if raw == "none" else int(raw)
-
-        return cls(
-            root,
-            max_adapters=limit("LORAGEN_STORE_MAX_ADAPTERS", DEFAULT_MAX_ADAPTERS),
-            max_bytes=limit("LORAGEN_STORE_MAX_BYTES", DEFAULT_MAX_BYTES),
-        )
+        """A store configured by $LORAGEN_STORE (unless ``root`` is given),
+        $LORAGEN_STORE_MAX_ADAPTERS and $LORAGEN_STORE_MAX_BYTES (see `envs`)."""
+        return cls(root, max_adapters=envs.LORAGEN_STORE_MAX_ADAPTERS, max_bytes=envs.LORAGEN_STORE_MAX_BYTES)
 
     # -- keys and locks --------------------------------------------------------------------
 
@@ -290,7 +191,7 @@ class AdapterStore:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         payload = msgspec.json.encode([_KEY_VERSION, text, fingerprint, str(seed)])
-        return _sha256(payload)
+        return hashlib.sha256(payload).hexdigest()
 
     def path(self, key: str) -> Path:
         """Folder of adapter ``key`` (it may not exist)."""
@@ -326,7 +227,7 @@ class AdapterStore:
         path = self.path(key)
         try:
             inode = os.stat(path).st_ino
-            meta = self._verify(key, path)
+            meta = verify_folder(path, key)
         except FileNotFoundError:
             return None  # absent, or removed while we read it
         except StoreCorrupt as e:
@@ -337,37 +238,6 @@ class AdapterStore:
             self._record_hit(key)
         return StoredAdapter(key, path, self._with_usage(meta))
 
-    def _read_meta(self, key: str, path: Path) -> AdapterMeta:
-        try:
-            raw = (path / META_FILE).read_bytes()
-        except FileNotFoundError:
-            if not path.exists():
-                raise
-            raise StoreCorrupt(key, f"{META_FILE} is missing") from None
-        try:
-            meta = msgspec.json.decode(raw, type=AdapterMeta)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise StoreCorrupt(key, f"{META_FILE} is unreadable ({e})") from None
-        if meta.key != key:
-            raise StoreCorrupt(key, f"{META_FILE} belongs to key {meta.key[:12]}")
-        return meta
-
-    def _verify(self, key: str, path: Path) -> AdapterMeta:
-        """Metadata of the adapter at ``path`` after checking every file; raises StoreCorrupt."""
-        meta = self._read_meta(key, path)
-        present = set(os.listdir(path)) - {META_FILE}
-        if present != set(meta.files):
-            missing = sorted(set(meta.files) - present)
-            extra = sorted(present - set(meta.files))
-            raise StoreCorrupt(key, f"files missing {missing}, unexpected {extra}")
-        for name, info in meta.files.items():
-            data = (path / name).read_bytes()
-            if len(data) != info.size:
-                raise StoreCorrupt(key, f"{name} has {len(data)} bytes, expected {info.size}")
-            if _sha256(data) != info.sha256:
-                raise StoreCorrupt(key, f"{name} fails its sha256 check")
-        return meta
-
     def _record_hit(self, key: str) -> None:
         # O_APPEND writes of one byte are atomic across processes: hits = file size.
         fd = os.open(self._usage / key, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -376,7 +246,7 @@ class AdapterStore:
         finally:
             os.close(fd)
 
-    def _with_usage(self, meta: AdapterMeta) -> AdapterMeta:
+    def _with_usage(self, meta: StoredAdapterMeta) -> StoredAdapterMeta:
         try:
             st = os.stat(self._usage / meta.key)
         except FileNotFoundError:
@@ -395,15 +265,15 @@ class AdapterStore:
         """Keys of the adapters in the store (unverified)."""
         return sorted(k for k in os.listdir(self._adapters) if _KEY_RE.match(k))
 
-    def show(self, key: str) -> AdapterMeta | None:
+    def show(self, key: str) -> StoredAdapterMeta | None:
         """Metadata (with live hits and last use) of ``key`` without verifying its files."""
         path = self.path(key)
         try:
-            return self._with_usage(self._read_meta(key, path))
+            return self._with_usage(read_meta(path, key))
         except FileNotFoundError:
             return None
 
-    def ls(self) -> list[AdapterMeta]:
+    def ls(self) -> list[StoredAdapterMeta]:
         """Metadata of all stored adapters, most recently used first (unreadable ones skipped)."""
         out = []
         for key in self.keys():
@@ -443,7 +313,7 @@ class AdapterStore:
 
         Runs `gc` afterwards when limits are set (never evicting the adapter just published).
         """
-        files = _check_files(files)
+        files = check_adapter_files(files, reserved=(META_FILE,))
         text = validate_description(description, max_chars=None)
         key = self.key(text, fingerprint, seed)
         for _ in range(3):  # a concurrent winner may itself turn out corrupt: try again
@@ -451,7 +321,7 @@ class AdapterStore:
             if existing is not None:
                 return existing
             now = _now()
-            meta = AdapterMeta(
+            meta = StoredAdapterMeta(
                 key=key,
                 description=text,
                 generator_kind=generator_kind,
@@ -460,7 +330,7 @@ class AdapterStore:
                 created=now,
                 last_used=now,
                 hits=0,
-                files={n: FileInfo(_sha256(d), len(d)) for n, d in files.items()},
+                files=file_infos(files),
                 size=sum(len(d) for d in files.values()),
             )
             if self._publish_folder(key, files, meta):
@@ -471,9 +341,45 @@ class AdapterStore:
                 return StoredAdapter(key, self.path(key), meta)
         raise StoreCorrupt(key, "concurrent publishes keep producing corrupt adapters")
 
-    def _publish_folder(self, key: str, files: AdapterFiles, meta: AdapterMeta) -> bool:
+    def get_or_create(
+        self,
+        key: str,
+        make: Callable[[], NewAdapter],
+        *,
+        pin: bool = False,
+        record_hit: bool = True,
+    ) -> tuple[StoredAdapter, bool]:
+        """The adapter ``key``: verified from the store, else ``make()`` published. Returns
+        (adapter, whether ``make`` ran).
+
+        Lock, look up, generate, publish: all under the key's lock, so one of several threads
+        or processes asking for ``key`` makes it and the others find it. With ``pin``, this
+        process pins ``key`` before the lookup, so that no other process's `gc` evicts it before
+        the caller uses it, and pins the published adapter too if ``make`` returned one of
+        another key (its generator changed meanwhile). Exceptions of ``make`` propagate;
+        nothing is published then.
+        """
+        with self.key_lock(key):
+            if pin:
+                self.pin(key)
+            hit = self.get(key, record_hit=record_hit)
+            if hit is not None:
+                return hit, False
+            new = make()
+            stored = self.publish(
+                new.files,
+                description=new.description,
+                fingerprint=new.fingerprint,
+                seed=new.seed,
+                generator_kind=new.generator_kind,
+            )
+        if pin and stored.key != key:
+            self.pin(stored.key)
+        return stored, True
+
+    def _publish_folder(self, key: str, files: AdapterFiles, meta: StoredAdapterMeta) -> bool:
         """Write, fsync and rename into place; False if another publisher got there first."""
-        tmp = self._tmp / f"{key}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp = self._tmp / f"{key}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
             for name, data in files.items():
@@ -532,7 +438,7 @@ class AdapterStore:
                 )
             dest = self._move_away(key, self._trash, secrets.token_hex(4))
             if force:
-                shutil.rmtree(self._pins / key, ignore_errors=True)
+                self._pins.drop_all(key)
         if dest is not None:
             shutil.rmtree(dest, ignore_errors=True)
         return dest is not None
@@ -541,43 +447,15 @@ class AdapterStore:
 
     def pin(self, key: str, holder: int | None = None) -> None:
         """Mark ``key`` as possibly (re)loaded by process ``holder`` (default: this process)."""
-        pid = os.getpid() if holder is None else int(holder)
-        stat = _proc_stat(pid)
-        pin = Pin(pid=pid, host=_HOST, start=stat[1] if stat else 0, created=_now())
-        with self.key_lock(key):
-            d = self._pins / key
-            d.mkdir(exist_ok=True)
-            tmp = d / f".{pid}@{_HOST}.{secrets.token_hex(4)}"
-            tmp.write_bytes(msgspec.json.encode(pin))
-            os.replace(tmp, d / f"{pid}@{_HOST}")
+        self._pins.pin(_check_key(key), holder)
 
     def unpin(self, key: str, holder: int | None = None) -> None:
         """Drop the pin of process ``holder`` (default: this process) on ``key``, if any."""
-        pid = os.getpid() if holder is None else int(holder)
-        with self.key_lock(key):
-            d = self._pins / key
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(d / f"{pid}@{_HOST}")
-            with contextlib.suppress(OSError):
-                d.rmdir()  # only if empty
+        self._pins.unpin(_check_key(key), holder)
 
     def pins(self, key: str) -> list[Pin]:
-        """Live pins of ``key`` (pins of dead processes on this host are left out)."""
-        return [p for p in self._all_pins(key) if _pin_alive(p)]
-
-    def _all_pins(self, key: str) -> list[Pin]:
-        d = self._pins / _check_key(key)
-        out = []
-        try:
-            names = [n for n in os.listdir(d) if not n.startswith(".")]
-        except FileNotFoundError:
-            return out
-        for name in names:
-            try:
-                out.append(msgspec.json.decode((d / name).read_bytes(), type=Pin))
-            except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-                continue  # being replaced or removed
-        return out
+        """Live pins of ``key`` (pins of processes of this host that ended are left out)."""
+        return self._pins.live(_check_key(key))
 
     # -- eviction ----------------------------------------------------------------------------
 
@@ -614,9 +492,9 @@ class AdapterStore:
             parts = entry.name.split(".")
             owner_dead = (
                 len(parts) >= 4
-                and ".".join(parts[1:-2]) == _HOST
+                and ".".join(parts[1:-2]) == HOST
                 and parts[-2].isdigit()
-                and not _pid_alive(int(parts[-2]))
+                and not pid_alive(int(parts[-2]))
             )
             if owner_dead or age(entry) > STALE_TMP_SECONDS:
                 shutil.rmtree(entry.path, ignore_errors=True)
@@ -630,18 +508,7 @@ class AdapterStore:
             if _KEY_RE.match(name) and name not in present:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._usage / name)
-        for name in os.listdir(self._pins):
-            if not _KEY_RE.match(name):
-                continue
-            for pin in self._all_pins(name):
-                if not _pin_alive(pin):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self._pins / name / f"{pin.pid}@{pin.host}")
-            try:  # under the key lock: pin() may be about to write into the folder
-                with self.key_lock(name, timeout=0), contextlib.suppress(OSError):
-                    (self._pins / name).rmdir()  # only if empty
-            except TimeoutError:
-                pass
+        self._pins.clean(is_key=lambda name: _KEY_RE.match(name) is not None)
 
     def _evict(self, keep: set[str]) -> GCReport:
         sizes: dict[str, int] = {}
@@ -649,7 +516,7 @@ class AdapterStore:
         for key in self.keys():
             path = self._adapters / key
             try:
-                sizes[key] = self._read_meta(key, path).size
+                sizes[key] = read_meta(path, key).size
             except FileNotFoundError:
                 continue
             except StoreCorrupt:  # count what is on disk; gc may evict it like any other

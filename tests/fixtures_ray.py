@@ -28,15 +28,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures_serving import free_port
+
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
 HEAD_RESOURCE = "lg_head"
 GEN_RESOURCE = "lg_gen"  # the generator actor's node
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalRayCluster:
@@ -46,7 +42,7 @@ class LocalRayCluster:
         self.root = root
         self.num_cpus = num_cpus
         self.object_store_mib = object_store_mib
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[tuple[str, subprocess.Popen]] = []  # (name, `ray start --block` process)
         self._relaunch: dict[str, tuple[Callable[[], list[str]], int]] = {}  # name -> (args, attempt)
@@ -58,7 +54,7 @@ class LocalRayCluster:
     def _node_args(self, name: str, resources: dict[str, float]) -> list[str]:
         temp = self.root / name
         temp.mkdir(parents=True, exist_ok=True)
-        p = _free_port
+        p = free_port
         return [
             "--node-ip-address", "127.0.0.1",
             "--num-cpus", str(self.num_cpus),
@@ -89,7 +85,7 @@ class LocalRayCluster:
     def start_head(self, resources: dict[str, float]) -> None:
         def args() -> list[str]:
             return ["--head", "--port", str(self.port), "--include-dashboard=false",
-                    "--ray-client-server-port", str(_free_port())] + self._node_args("head", resources)  # fmt: skip
+                    "--ray-client-server-port", str(free_port())] + self._node_args("head", resources)  # fmt: skip
 
         self._launch("head", args)
 

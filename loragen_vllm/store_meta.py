@@ -1,0 +1,92 @@
+"""``loragen_meta.json``: what the store records beside each adapter, and checking a folder by it.
+
+Every stored adapter folder holds its PEFT files plus this metadata: the key, what the adapter
+was generated from (description, generator kind and fingerprint, seed), when it was made, and
+each file's size and sha256. `verify_folder` checks a folder against it before the store serves
+the adapter; any mismatch is `StoreCorrupt` (the store quarantines the folder and regenerates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from datetime import datetime
+from pathlib import Path
+
+import msgspec
+
+from loragen_vllm.adapter_files import AdapterFiles
+from loragen_vllm.errors import StoreCorrupt
+
+META_FILE = "loragen_meta.json"
+
+
+class FileInfo(msgspec.Struct, frozen=True):
+    """Integrity record of one adapter file."""
+
+    sha256: str
+    size: int
+
+
+class StoredAdapterMeta(msgspec.Struct, frozen=True, kw_only=True):
+    """Metadata of one stored adapter (``loragen_meta.json`` in its folder).
+
+    Written once at publish with ``hits=0, last_used=created``; the live values of ``hits``
+    and ``last_used`` come from the usage log and are filled in when the store reads it.
+    """
+
+    key: str
+    description: str  # normalised
+    generator_kind: str  # "loragen" | "t2l" | ...
+    fingerprint: str  # generator fingerprint (hex sha256 of config + weights)
+    seed: int
+    created: datetime
+    last_used: datetime
+    hits: int
+    files: dict[str, FileInfo]
+    size: int  # total bytes of the adapter files
+    format: int = 1
+
+
+def file_infos(files: AdapterFiles) -> dict[str, FileInfo]:
+    """The integrity record of each file."""
+    return {name: FileInfo(hashlib.sha256(data).hexdigest(), len(data)) for name, data in files.items()}
+
+
+def read_meta(path: Path, key: str) -> StoredAdapterMeta:
+    """The metadata in folder ``path`` of adapter ``key``, files unchecked.
+
+    FileNotFoundError if the folder is gone; `StoreCorrupt` if the metadata is missing,
+    unreadable or of another key.
+    """
+    try:
+        raw = (path / META_FILE).read_bytes()
+    except FileNotFoundError:
+        if not path.exists():
+            raise
+        raise StoreCorrupt(key, f"{META_FILE} is missing") from None
+    try:
+        meta = msgspec.json.decode(raw, type=StoredAdapterMeta)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise StoreCorrupt(key, f"{META_FILE} is unreadable ({e})") from None
+    if meta.key != key:
+        raise StoreCorrupt(key, f"{META_FILE} belongs to key {meta.key[:12]}")
+    return meta
+
+
+def verify_folder(path: Path, key: str) -> StoredAdapterMeta:
+    """The metadata of adapter ``key`` in ``path`` after checking the size and sha256 of every
+    file against it (and that no file is missing or extra); raises `StoreCorrupt`."""
+    meta = read_meta(path, key)
+    present = set(os.listdir(path)) - {META_FILE}
+    if present != set(meta.files):
+        missing = sorted(set(meta.files) - present)
+        extra = sorted(present - set(meta.files))
+        raise StoreCorrupt(key, f"files missing {missing}, unexpected {extra}")
+    for name, info in meta.files.items():
+        data = (path / name).read_bytes()
+        if len(data) != info.size:
+            raise StoreCorrupt(key, f"{name} has {len(data)} bytes, expected {info.size}")
+        if hashlib.sha256(data).hexdigest() != info.sha256:
+            raise StoreCorrupt(key, f"{name} fails its sha256 check")
+    return meta

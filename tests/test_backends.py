@@ -1,0 +1,61 @@
+"""The in-process generator backend on the tiny trained checkpoint: checkpoint facts without the
+weights, concurrent calls sharing one generator pass, a broken generator as GeneratorUnavailable.
+(The Ray backend: tests/test_ray.py; batching itself: tests/test_batching.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from loragen_vllm.backends import CheckpointInfo, GeneratorBackend, InProcessBackend
+from loragen_vllm.errors import GeneratorUnavailable
+from tests.fixtures_serving import break_weights
+
+DESC = "Classify the sentiment of a movie review as positive or negative."
+
+
+
+def test_checkpoint_info_reads_config_without_weights(own_ckpt: Path) -> None:
+    info = CheckpointInfo.read(own_ckpt)
+    from generator.api import Generator
+
+    gen = Generator.load(own_ckpt)
+    assert (info.fingerprint, info.kind, info.rank) == (gen.fingerprint, gen.kind, gen.target.rank)
+    with pytest.raises(FileNotFoundError, match="not a generator checkpoint"):
+        CheckpointInfo.read(own_ckpt.parent)
+
+
+def test_concurrent_calls_share_one_generator_pass(own_ckpt: Path) -> None:
+    backend = InProcessBackend(own_ckpt, batch_window_s=0.05)
+    assert isinstance(backend, GeneratorBackend)
+    descriptions = [f"Task {i}: answer the question briefly." for i in range(5)]
+
+    async def main() -> tuple[list[dict[str, bytes]], dict[str, bytes]]:
+        together = await asyncio.gather(*(backend.generate(d) for d in descriptions))
+        alone = await backend.generate(descriptions[2])
+        return list(together), alone
+
+    together, alone = asyncio.run(main())
+    assert backend.passes == 2  # five concurrent calls in one pass, then one more
+    assert all(set(f) == {"adapter_config.json", "adapter_model.safetensors"} for f in together)
+    assert len({f["adapter_model.safetensors"] for f in together}) == 5  # one adapter each
+    # a description's adapter does not depend on its batch (up to float rounding)
+    from generator import LoRAAdapter
+
+    a, b = (LoRAAdapter.from_peft_files(f) for f in (together[2], alone))
+    for m in a.A:
+        assert (a.A[m] - b.A[m]).abs().max() < 1e-4 and (a.B[m] - b.B[m]).abs().max() < 1e-4
+    backend.close()
+
+
+def test_generator_failure_is_generator_unavailable_then_recovers(own_ckpt: Path) -> None:
+    good = break_weights(own_ckpt)
+    backend = InProcessBackend(own_ckpt)
+    assert backend.fingerprint == CheckpointInfo.read(own_ckpt).fingerprint  # known without weights
+    with pytest.raises(GeneratorUnavailable, match="could not be loaded"):
+        asyncio.run(backend.generate(DESC))
+    (own_ckpt / "model.safetensors").write_bytes(good)
+    assert "adapter_model.safetensors" in asyncio.run(backend.generate(DESC))  # load retried
+    backend.close()

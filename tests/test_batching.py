@@ -1,0 +1,200 @@
+"""MicroBatcher with real threads and a real event loop: which requests share a pass, in which
+order, what a failed pass does to its callers, and that passes run off the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from loragen_vllm.batching import MicroBatcher
+from loragen_vllm.errors import GeneratorUnavailable
+
+
+class Recorder:
+    """A ``run_pass`` that records each pass (items, seed, thread) and answers item -> (item, seed)."""
+
+    def __init__(self, seconds: float = 0.0, fail_first: int = 0) -> None:
+        self.seconds = seconds  # how long each pass takes
+        self.fail_first = fail_first  # this many first passes raise
+        self.passes: list[tuple[list[str], int]] = []
+        self.threads: set[int] = set()
+        self.started = threading.Event()
+
+    def __call__(self, items: list[str], seed: int) -> list[tuple[str, int]]:
+        self.passes.append((list(items), seed))
+        self.threads.add(threading.get_ident())
+        self.started.set()
+        time.sleep(self.seconds)
+        if len(self.passes) <= self.fail_first:
+            raise ValueError(f"pass {len(self.passes)} broke")
+        return [(item, seed) for item in items]
+
+
+def test_concurrent_submissions_within_the_window_share_one_pass() -> None:
+    run = Recorder()
+    batcher = MicroBatcher(run, window_s=0.2, max_batch=32)
+    items = [f"d{i}" for i in range(10)]
+
+    async def main() -> list[tuple[str, int]]:
+        return list(await asyncio.gather(*(batcher.submit(d, 3) for d in items)))
+
+    results = asyncio.run(main())
+    assert results == [(d, 3) for d in items]  # each caller gets its own item's result
+    assert run.passes == [(items, 3)]  # exactly one pass, all ten, in arrival order
+    assert batcher.stats.passes == 1 and batcher.stats.batch_sizes == {10: 1} and batcher.stats.done == 10
+    batcher.close()
+
+
+def test_different_seeds_go_to_different_passes() -> None:
+    run = Recorder()
+    batcher = MicroBatcher(run, window_s=0.2)
+
+    async def main() -> list[tuple[str, int]]:
+        jobs = [("a", 0), ("b", 1), ("c", 0), ("d", 1), ("e", 2)]
+        return list(await asyncio.gather(*(batcher.submit(d, s) for d, s in jobs)))
+
+    results = asyncio.run(main())
+    assert results == [("a", 0), ("b", 1), ("c", 0), ("d", 1), ("e", 2)]
+    assert run.passes == [(["a", "c"], 0), (["b", "d"], 1), (["e"], 2)]  # oldest seed first
+    batcher.close()
+
+
+def test_a_pass_holds_at_most_max_batch_and_a_full_batch_does_not_wait() -> None:
+    run = Recorder()
+    batcher = MicroBatcher(run, window_s=30.0, max_batch=4)  # a window nobody should wait out
+    items = [f"d{i}" for i in range(8)]
+
+    async def main() -> float:
+        t0 = time.monotonic()
+        await asyncio.gather(*(batcher.submit(d) for d in items))
+        return time.monotonic() - t0
+
+    seconds = asyncio.run(main())
+    assert run.passes == [(items[:4], 0), (items[4:], 0)]
+    assert seconds < 5, seconds
+    batcher.close()
+
+
+def test_a_lone_request_waits_out_the_window_then_runs() -> None:
+    run = Recorder()
+    batcher = MicroBatcher(run, window_s=0.3)
+
+    async def main() -> float:
+        t0 = time.monotonic()
+        assert await batcher.submit("alone") == ("alone", 0)
+        return time.monotonic() - t0
+
+    seconds = asyncio.run(main())
+    assert 0.25 <= seconds < 5, seconds
+    assert run.passes == [(["alone"], 0)]
+    batcher.close()
+
+
+def test_requests_arriving_during_a_pass_join_the_next_one() -> None:
+    run = Recorder(seconds=0.5)
+    batcher = MicroBatcher(run, window_s=0.01)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(batcher.submit("first"))
+        while not run.started.is_set():  # the first pass is running (0.5 s)
+            await asyncio.sleep(0.01)
+        later = [batcher.submit(f"later{i}") for i in range(5)]
+        await asyncio.gather(first, *later)
+
+    asyncio.run(main())
+    assert run.passes == [(["first"], 0), ([f"later{i}" for i in range(5)], 0)]
+    batcher.close()
+
+
+def test_passes_run_off_the_event_loop() -> None:
+    run = Recorder(seconds=0.5)
+    batcher = MicroBatcher(run, window_s=0.0)
+
+    async def main() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.ensure_future(ticker())
+        await batcher.submit("slow")
+        task.cancel()
+        return ticks
+
+    ticks = asyncio.run(main())
+    assert threading.get_ident() not in run.threads and len(run.threads) == 1
+    assert ticks >= 10, ticks  # the loop kept running during the 0.5 s pass
+    batcher.close()
+
+
+def test_a_failed_pass_fails_each_of_its_callers_and_the_next_pass_works() -> None:
+    run = Recorder(fail_first=1)
+    batcher = MicroBatcher(run, window_s=0.1)
+
+    async def main() -> tuple[list[BaseException | tuple[str, int]], tuple[str, int]]:
+        failed = await asyncio.gather(*(batcher.submit(d) for d in "abc"), return_exceptions=True)
+        return list(failed), await batcher.submit("d")
+
+    failed, after = asyncio.run(main())
+    assert len(run.passes) == 2
+    for err in failed:
+        assert isinstance(err, GeneratorUnavailable), err
+        assert isinstance(err.__cause__, ValueError) and "pass 1 broke" in str(err)
+    assert after == ("d", 0)
+    assert batcher.stats.passes == 2 and batcher.stats.failed == 1 and batcher.stats.done == 1
+
+
+def test_generator_unavailable_from_a_pass_is_passed_on_as_it_is() -> None:
+    def run_pass(items: list[str], seed: int) -> list[str]:
+        raise GeneratorUnavailable("the generator checkpoint could not be loaded")
+
+    batcher = MicroBatcher(run_pass, window_s=0.0)
+    with pytest.raises(GeneratorUnavailable, match="could not be loaded"):
+        asyncio.run(batcher.submit("x"))
+    batcher.close()
+
+
+def test_a_cancelled_caller_is_left_out_of_its_pass() -> None:
+    run = Recorder()
+    batcher = MicroBatcher(run, window_s=0.3)
+
+    async def main() -> list[tuple[str, int]]:
+        gone = asyncio.ensure_future(batcher.submit("gone"))
+        kept = [asyncio.ensure_future(batcher.submit(d)) for d in ("x", "y")]
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        return list(await asyncio.gather(*kept))
+
+    assert asyncio.run(main()) == [("x", 0), ("y", 0)]
+    assert run.passes == [(["x", "y"], 0)]
+    batcher.close()
+
+
+def test_submit_many_keeps_order_and_shares_the_pass() -> None:
+    run = Recorder()
+    batcher = MicroBatcher(run, window_s=0.05)
+    assert asyncio.run(batcher.submit_many(["p", "q", "r"], 5)) == [("p", 5), ("q", 5), ("r", 5)]
+    assert run.passes == [(["p", "q", "r"], 5)]
+    # a later event loop (a new asyncio.run) works with the same batcher
+    assert asyncio.run(batcher.submit("s", 5)) == ("s", 5)
+    batcher.close()
+
+
+def test_closed_batcher_fails_callers_instead_of_hanging() -> None:
+    batcher = MicroBatcher(Recorder(), window_s=0.0)
+    batcher.close()
+    with pytest.raises(GeneratorUnavailable):
+        asyncio.run(asyncio.wait_for(batcher.submit("x"), 10))
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError):
+        MicroBatcher(Recorder(), window_s=-1.0)
+    with pytest.raises(ValueError):
+        MicroBatcher(Recorder(), window_s=0.0, max_batch=0)
