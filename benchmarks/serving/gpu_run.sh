@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The serving issues' GPU run, in one call on a lent GPU with vLLM 0.26 staged
-# (../shared/device/README.md; the wheels in /tmp/stage/files):
+# The serving benchmark's GPU run, in one call on a GPU machine whose image has no vLLM (vLLM 0.26
+# and the other wheels staged into /tmp/stage/files beforehand; see benchmarks/device_env.sh):
 #   1. `loragen-vllm serve` as the README starts it (no flags: default base model, the shipped
 #      generator, the default store), then the examples against it (curl, blocking, streaming);
 #      the server's log is $OUT/serve_gpu.log, the clients' output $OUT/serve_gpu_clients.log;

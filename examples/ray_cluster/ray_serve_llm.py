@@ -68,7 +68,11 @@ class DescriptionLoader(LoraModelLoader):
             from loragen_vllm.plugin import LoRAGenResolver, PluginConfig
 
             # The replica already runs inside the Ray cluster: RayBackend finds the actor by name.
-            cls._resolver = LoRAGenResolver(PluginConfig(ray_address=os.environ["LORAGEN_RAY_ADDRESS"]))
+            # Its configuration is the environment `main` gives the replicas (LORAGEN_RAY_ADDRESS, ...).
+            config = PluginConfig.from_env()
+            if config is None or config.ray_address is None:
+                raise RuntimeError("LORAGEN_RAY_ADDRESS is not set in this replica's environment")
+            cls._resolver = LoRAGenResolver(config)
         return cls._resolver
 
 
