@@ -39,7 +39,8 @@ s = load_splits('data/sni/tasks')
 order = sorted(s.train, key=lambda n: hashlib.sha256(f'sni-scale\x00{n}'.encode()).hexdigest())
 print('\n'.join(order[:8] + list(s.validation[:2]) + list(s.test[:2])))")
   ORACLE=(--steps 2 --batch-size 2 --multitask-batch-size 4 --only "${DRY_TASKS[@]}")
-  GEN=(--steps 4 --diffusion-steps 6 --batch-size 4 --snapshots 3 6)
+  GEN=(--steps 4 --diffusion-steps 6 --batch-size 4)
+  SNAP=(--snapshots 3 6)
   T2L=(--steps 3 --batch-size 4)
   SFT=(--steps 2 --tasks-per-step 2 --examples-per-task 2)
   SUBSETS="4 8"
@@ -48,7 +49,8 @@ print('\n'.join(order[:8] + list(s.validation[:2]) + list(s.test[:2])))")
 else
   DEV=cuda
   ORACLE=(--group-size 160)
-  GEN=(--steps 3000 --diffusion-steps 5000 --batch-size 128 --tokens-per-step 256 --snapshots 500 1000 2000 3000 5000)
+  GEN=(--steps 3000 --diffusion-steps 5000 --batch-size 128 --tokens-per-step 256)
+  SNAP=(--snapshots 500 1000 2000 3000 5000)
   T2L=(--steps 6000 --batch-size 128)
   SFT=(--steps 600)
   SUBSETS="50 100 200"
@@ -80,11 +82,12 @@ for n in sys.argv[2:]:
     Path(sys.argv[1], f"n{n}.txt").write_text("\n".join(order[: int(n)]) + "\n")
 PY
   pids=()
-  run() { local name=$1; shift; ( timeout "$(left)" "$@" > "$WORK/train_$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
+  # A finished checkpoint (config.json, no training state left) is not trained again.
+  run() { local name=$1; shift; [ -f "$CK/$name/config.json" ] && [ ! -f "$CK/$name/train_state.pt" ] && return 0; ( timeout "$(left)" "$@" > "$WORK/train_$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
   common=(--library "$lib" --device $DEV --no-progress --threads 2 --resume)
-  run loragen $PY -m generator train --kind loragen --out "$CK/loragen" "${common[@]}" "${GEN[@]}"
+  run loragen $PY -m generator train --kind loragen --out "$CK/loragen" "${common[@]}" "${GEN[@]}" "${SNAP[@]}"
   for n in $SUBSETS; do
-    run "loragen_n$n" $PY -m generator train --kind loragen --out "$CK/loragen_n$n" "${common[@]}" "${GEN[@]/--snapshots*/}" \
+    run "loragen_n$n" $PY -m generator train --kind loragen --out "$CK/loragen_n$n" "${common[@]}" "${GEN[@]}" \
       --tasks-file "$WORK/subsets/n$n.txt"
   done
   run t2l $PY -m generator train --kind t2l --out "$CK/t2l" "${common[@]}" "${T2L[@]}"

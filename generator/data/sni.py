@@ -39,6 +39,7 @@ __all__ = [
     "split_instances",
     "split_descriptions",
     "load_splits",
+    "propose_splits",
     "normalize_answer",
     "exact_match",
     "rouge_l",
@@ -218,6 +219,25 @@ class TaskSplits:
         """A fixed subset of training tasks (the first in sha256 order) for the in-distribution column."""
         order = sorted(self.train, key=lambda n: _digest("sni-ind", n))
         return tuple(order[:NUM_IN_DISTRIBUTION_EVAL])
+
+
+def propose_splits(tasks: Sequence[Task], num_test: int = 64, num_validation: int = 40,
+                   min_categories: int = 15) -> TaskSplits:
+    """The split `data/sni/splits.json` was made with: tasks in sha256 order of their names; the
+    first `num_test` with >= 2 * TEST_SIZE instances are test, the next `num_validation` such tasks
+    validation, every other task train. Nothing else (no siblings, no scores) is looked at.
+    """
+    order = sorted(tasks, key=lambda t: _digest("sni-split", t.name))
+    eligible = [t for t in order if len(t.instances) >= 2 * TEST_SIZE]
+    if len(eligible) < num_test + num_validation:
+        raise ValueError(f"only {len(eligible)} tasks have >= {2 * TEST_SIZE} instances")
+    test, validation = eligible[:num_test], eligible[num_test : num_test + num_validation]
+    cats = {t.category for t in test}
+    if len(cats) < min_categories:
+        raise ValueError(f"the test split spans {len(cats)} categories, fewer than {min_categories}")
+    held = {t.name for t in test + validation}
+    return TaskSplits(tuple(sorted(t.name for t in tasks if t.name not in held)), tuple(sorted(t.name for t in validation)),
+                      tuple(sorted(t.name for t in test)))
 
 
 def load_splits(path: str | Path) -> TaskSplits:
