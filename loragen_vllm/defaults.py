@@ -1,4 +1,4 @@
-"""Where the default generator checkpoint is, in one place (used by `generate` and `serve`).
+"""The default generator checkpoint, found in one place (`generate`, `serve`, `generator start`).
 
 Order: ``$LORAGEN_GENERATOR`` if set, else the checkpoint shipped inside the ``generator``
 package at ``generator/checkpoints/default/`` (LoRAGen trained on the SNI library for

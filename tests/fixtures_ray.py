@@ -10,6 +10,10 @@ is never used: it stops every Ray process on the machine, other people's include
 Ray replaces a loopback ``--node-ip-address`` by the machine's own address (services.
 resolve_ip_for_localhost), so the nodes report that address; the cluster still runs on this
 machine only.
+
+Fixtures: `ray_cluster` (this process a driver of it), `generator_actor` (the actor on the
+``lg_gen`` node, holding the tiny trained checkpoint), `ray_servers` (two ``serve --ray-address``
+servers); `actor_health` and `wait_actor_healthy` ask the actor how it is.
 """
 
 from __future__ import annotations
@@ -211,7 +215,7 @@ def generator_actor(ray_cluster, tiny_generator_ckpt):
 def ray_servers(ray_cluster, generator_actor, tiny_generator_ckpt, tmp_path_factory):
     """Two ``loragen-vllm serve --ray-address`` servers with separate stores (as on two nodes).
 
-    Module-scoped: only tests/test_ray.py uses them, and they (~2-3 GiB each) are gone before
+    Module-scoped: only tests/test_ray_backend.py uses them, and they (~2-3 GiB each) are gone before
     other modules start their own server. Started in parallel (each start is ~30-60 s).
     """
     from concurrent.futures import ThreadPoolExecutor
@@ -234,3 +238,30 @@ def ray_servers(ray_cluster, generator_actor, tiny_generator_ckpt, tmp_path_fact
         for server in servers:
             server.stop()
             print(f"\nvLLM server log: {server.log_path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Asking the session's generator actor
+
+
+def actor_health(timeout_s: float = 120) -> dict:
+    """The running generator actor's `health()` (this process must be connected: `ray_cluster`)."""
+    import ray
+
+    from loragen_vllm.ray_actor import find_actor
+
+    return ray.get(find_actor().health.remote(), timeout=timeout_s)
+
+
+def wait_actor_healthy(timeout_s: float = 180.0) -> dict:
+    """Health of the (re)started actor, waiting through a restart."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return actor_health()
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, AttributeError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

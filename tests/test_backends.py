@@ -1,6 +1,6 @@
 """The in-process generator backend on the tiny trained checkpoint: checkpoint facts without the
 weights, concurrent calls sharing one generator pass, a broken generator as GeneratorUnavailable.
-(The Ray backend: tests/test_ray.py; batching itself: tests/test_batching.py.)"""
+(The Ray backend: tests/test_ray_backend.py; batching itself: tests/test_batching.py.)"""
 
 from __future__ import annotations
 
