@@ -1,4 +1,4 @@
-"""From request records to the results: per-scenario summaries, ratios, and the issue's targets.
+"""From request records to the results: per-scenario summaries, ratios, and the serving targets.
 
 Everything here works on plain dicts as they stand in the result JSON (`phases[*].records`),
 so a result can be re-summarised or re-plotted without the server.
@@ -179,7 +179,7 @@ def _what_dominates(bd: dict | None) -> str:
 
 
 def check_targets(summary: dict, records_by_name: dict[str, list[dict]], load_rtt_p50: float | None = None) -> list[dict]:
-    """The issue's four H100 targets: measured ratio, limit, met or by how much missed, and why.
+    """The four serving targets (for the H100): measured ratio, limit, met or by how much missed, and why.
 
     `load_rtt_p50`: round trip of the load endpoint alone; the oracle's first use pays it on
     top of loading (the generated adapter does not), so the cold check also reports the ratio

@@ -164,7 +164,7 @@ def build_result(meta: dict, phases: list[dict]) -> dict:
     for p in phases:
         by_name.setdefault(p["name"], []).extend(p["records"])
     return {"meta": meta, "summary": summary, "ratios": ratios(summary),
-            "targets": {"note": "the issue's targets are for the H100; on other machines they are shown for reference",
+            "targets": {"note": "the serving targets are for the H100; on other machines they are shown for reference",
                         "checks": check_targets(summary, by_name,
                                                 (meta.get("load_endpoint_rtt_s") or {}).get("p50"))},
             "phases": phases}

@@ -1,4 +1,4 @@
-"""Summary statistics and the issue's targets (pure functions over numbers; no I/O).
+"""Summary statistics and the serving targets (pure functions over numbers; no I/O).
 
 Latencies are in seconds. Percentiles use numpy's linear interpolation; with few samples
 p99 is close to the maximum, so every summary also carries its sample count `n`.
