@@ -106,24 +106,16 @@ def run(args: argparse.Namespace) -> int:
     model_dir = _base_model_dir(getattr(args, "base_model", None))
     store = Path(args.store).expanduser().resolve() if getattr(args, "store", None) else envs.LORAGEN_STORE
 
-    env = os.environ  # vLLM's processes inherit it
-    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"  # lets vLLM ask resolvers about unknown names
-    envs.export(  # for the plugin, in this process and in vLLM's
-        env,
+    extra = list(getattr(args, "vllm_args", None) or [])
+    envs.export(  # the plugin's configuration, for this process and vLLM's (they inherit it)
+        os.environ,
         LORAGEN_STORE=store,
         LORAGEN_GENERATOR=generator,
         LORAGEN_RAY_ADDRESS=ray_address,
         LORAGEN_SEED=getattr(args, "seed", None),
         LORAGEN_GENERATOR_DEVICE=getattr(args, "device", None),
     )
-    plugins = env.get("VLLM_PLUGINS")
-    if plugins is not None and "loragen_resolver" not in plugins.split(","):
-        env["VLLM_PLUGINS"] = plugins + ",loragen_resolver"
-    env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # what `vllm serve` sets
-    extra = list(getattr(args, "vllm_args", None) or [])
-    kv_note = default_cpu_kv_cache(env, extra)
-    if kv_note:
-        print(f"loragen-vllm: {kv_note}", flush=True)
+    _prepare_vllm_environment(os.environ, extra)
 
     max_resolved = getattr(args, "max_resolved", None) or envs.LORAGEN_MAX_RESOLVED
     argv = vllm_serve_argv(model_dir, model_dir.name, lora_rank, args.host, args.port, extra)
@@ -138,6 +130,18 @@ def run(args: argparse.Namespace) -> int:
     bound_vllm_memory(max_resolved)
     _announce_when_ready(args.host, args.port, model_dir.name)
     return _run_vllm_serve(argv)
+
+
+def _prepare_vllm_environment(env: MutableMapping[str, str], vllm_args: list[str]) -> None:
+    """What vLLM needs set in its environment to ask our resolver (and, on CPU, to start)."""
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"  # lets vLLM ask resolvers about unknown names
+    plugins = env.get("VLLM_PLUGINS")
+    if plugins is not None and "loragen_resolver" not in plugins.split(","):
+        env["VLLM_PLUGINS"] = plugins + ",loragen_resolver"
+    env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # what `vllm serve` sets
+    kv_note = default_cpu_kv_cache(env, vllm_args)
+    if kv_note:
+        print(f"loragen-vllm: {kv_note}", flush=True)
 
 
 def _configure_logging() -> None:
