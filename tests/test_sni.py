@@ -53,7 +53,9 @@ def test_committed_task_splits(tasks):
     splits = load_splits(TASKS)
     names = {t.name for t in tasks}
     assert set(splits.train) | set(splits.validation) | set(splits.test) == names  # every task, once
-    assert len(splits.test) >= 12 and len({t.category for t in tasks if t.name in splits.test}) >= 8
+    assert len(splits.test) >= 60 and len({t.category for t in tasks if t.name in splits.test}) >= 15
+    assert len(splits.validation) >= 20
+    assert all(len(splits.user_descriptions[n]) == 2 for n in splits.test)  # two user-style descriptions each
     assert len(splits.in_distribution_eval) >= 24
     assert set(splits.in_distribution_eval) <= set(splits.train)
     assert splits.split_of(splits.test[0]) == "test"
