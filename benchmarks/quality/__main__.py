@@ -72,6 +72,7 @@ def main(argv=None) -> None:
                    help="generated rows: the description also as the system prompt, with the adapter")
     g.add_argument("--sampler-steps", type=int, help="generated rows: sampler steps (default: the checkpoint's)")
     g.add_argument("--guidance", type=float, help="generated rows: guidance scale (default: the checkpoint's)")
+    g.add_argument("--num-descriptions", type=int, default=3, help="generated rows: evaluation descriptions per task")
     g.add_argument("--limit-tasks", type=int, help="first N tasks of the set (dry runs)")
     g.add_argument("--only", nargs="+", help="only these tasks of the set (dry runs)")
     g.add_argument("--limit-instances", type=int, help="first N test instances per task (dry runs)")
@@ -114,6 +115,7 @@ def main(argv=None) -> None:
             all_tasks={t.name: t for t in tasks}, skip_done=not a.redo, limit_instances=a.limit_instances,
             user_descriptions=dict(splits.user_descriptions) if a.user_descriptions else None,
             system_prompt=a.system_prompt, steps=a.sampler_steps, guidance=a.guidance,
+            num_descriptions=a.num_descriptions,
         )
         print(json.dumps({k: round(v, 1) for k, v in times.items()}))
     else:

@@ -320,6 +320,7 @@ def run_rows(
     system_prompt: bool = False,
     steps: int | None = None,
     guidance: float | None = None,
+    num_descriptions: int = NUM_DESCRIPTIONS,
 ) -> dict[str, float]:
     """Generate every requested row into `out/<row>.jsonl`; returns seconds per row.
 
@@ -334,7 +335,7 @@ def run_rows(
         try:
             times[row] = _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, generator_ckpt,
                                   conditioning, seeds, all_tasks, progress, limit_instances,
-                                  user_descriptions, system_prompt, steps, guidance)
+                                  user_descriptions, system_prompt, steps, guidance, num_descriptions)
         except Exception:  # one broken row must not cost the others (a GPU call is precious)
             import traceback
 
@@ -349,7 +350,7 @@ def run_rows(
 
 def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, generator_ckpt, conditioning, seeds,
              all_tasks, progress, limit_instances, user_descriptions=None, system_prompt=False, steps=None,
-             guidance=None) -> float:
+             guidance=None, num_descriptions=NUM_DESCRIPTIONS) -> float:
     """Generate one row into `path`; returns its seconds."""
     t0 = time.perf_counter()
     model, tok, _ = load_base_model(device)
@@ -391,7 +392,7 @@ def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, gene
                 raise ValueError(f"no user-style descriptions for {len(lacking)} tasks, e.g. {lacking[:3]}")
             descriptions_of = lambda t: list(user_descriptions[t.name])
         else:
-            descriptions_of = eval_descriptions
+            descriptions_of = lambda t: eval_descriptions(t, num_descriptions)
         adapters, slot_of, text_of, extra = generated_adapters(
             generator_ckpt, tasks, cond, seeds, device, all_tasks or {t.name: t for t in tasks},
             descriptions_of, steps, guidance)

@@ -7,11 +7,11 @@
 #   bash benchmarks/quality/gpu_pipeline.sh eval      # validation (choices), then test (reported once)
 #
 # train: LoRAGen on all training tasks (with snapshots along its denoiser steps: quality against
-#   steps), LoRAGen on the first 50 / 100 / 200 training tasks (quality against tasks), T2L
+#   steps), LoRAGen on the first 50 / 100 training tasks (quality against tasks), T2L
 #   (reconstruction) and T2L (SFT through the base model, stopped by the deadline).
 # eval, wave 1: baselines on validation + test + in-distribution tasks; on validation the LoRAGen
 #   sampler variants (guidance x steps) and the description as system prompt with the adapter; the
-#   curves (snapshots, task subsets) on validation and test.
+#   curves (snapshots, task subsets; one description per task) on validation and test.
 # eval, wave 2: the sampler setting with the best validation EM (ties: the checkpoint's default) is
 #   written into the LoRAGen checkpoint's config; then every generated row on test (+ in-distribution):
 #   LoRAGen, its user-style descriptions, with the description as system prompt, its two conditioning
@@ -48,14 +48,14 @@ print('\n'.join(order[:8] + list(s.validation[:2]) + list(s.test[:2])))")
   GUIDANCES="1.0 2.0" STEPS="5"
 else
   DEV=cuda
-  ORACLE=(--group-size 160)
-  GEN=(--steps 3000 --diffusion-steps 5000 --batch-size 128 --tokens-per-step 256)
-  SNAP=(--snapshots 500 1000 2000 3000 5000)
+  ORACLE=(--group-size 160 --tokens-per-microbatch 98304)
+  GEN=(--steps 3000 --diffusion-steps 4000 --batch-size 128 --tokens-per-step 256)
+  SNAP=(--snapshots 500 1000 2000 4000)
   T2L=(--steps 6000 --batch-size 128)
   SFT=(--steps 600)
-  SUBSETS="50 100 200"
+  SUBSETS="50 100"
   EVAL=()
-  GUIDANCES="1.0 1.5 2.5" STEPS="5 20"
+  GUIDANCES="1.0 2.0" STEPS="5 20"
 fi
 lib="$WORK/oracles/library"
 
@@ -122,13 +122,14 @@ eval)
   for d in "$CK"/loragen/snapshots/dit-*; do
     [ -d "$d" ] || continue
     for set in validation test; do
-      gen "curve_$(basename "$d")_$set" "$WORK/q_$set" --generator "$d" --task-set $set --rows "loragen_$(basename "$d")"
+      gen "curve_$(basename "$d")_$set" "$WORK/q_$set" --generator "$d" --task-set $set --rows "loragen_$(basename "$d")" \
+        --num-descriptions 1
     done
   done
   for n in $SUBSETS; do
     for set in validation test; do
       [ -f "$CK/loragen_n$n/config.json" ] && gen "curve_n${n}_$set" "$WORK/q_$set" --generator "$CK/loragen_n$n" \
-        --task-set $set --rows "loragen_n$n"
+        --task-set $set --rows "loragen_n$n" --num-descriptions 1
     done
   done
   waitall
@@ -145,7 +146,6 @@ eval)
     gen loragen_sys "$qt" --generator "$CK/loragen" --task-set test --rows loragen_sys --system-prompt
   fi
   gen t2l "$qt" --generator "$CK/t2l" --task-set table --rows t2l
-  gen t2l_controls "$qt" --generator "$CK/t2l" --task-set test --rows t2l_random t2l_other
   [ -f "$CK/t2l_sft/config.json" ] && gen t2l_sft "$qt" --generator "$CK/t2l_sft" --task-set table --rows t2l_sft
   waitall
   for f in "$WORK"/eval_*.log; do echo "== $f"; tail -n 2 "$f"; done
@@ -153,6 +153,14 @@ eval)
   # The candidate default checkpoint (with the chosen sampler in its config), split under 16 MiB a file.
   cp "$CK/loragen/config.json" "$OUT/loragen_config.json"
   split -b 15M -d "$CK/loragen/model.safetensors" "$OUT/loragen_model.safetensors.part"
+  # CUDA graphs: the same adapters as eager (the test), and the latency of the trained checkpoint.
+  if [ "$DEV" = cuda ] && [ "$(left)" -gt 60 ]; then
+    timeout $(( $(left) - 10 )) $PY -m pytest -q --noconftest tests/test_graphs.py > "$OUT/test_graphs.log" 2>&1 || true
+    tail -n 3 "$OUT/test_graphs.log"
+    timeout $(( $(left) > 15 ? $(left) - 10 : 5 )) $PY benchmarks/generation_latency.py --device cuda \
+      --checkpoint "$CK/loragen" --library "$lib" --steps 20,5 --batch 32 --out "$OUT/generation_latency_cuda.json" \
+      2>&1 | grep -v '%|' | tail -n 20 || echo "latency benchmark: not finished"
+  fi
   echo "eval phase done at $((SECONDS - start)) s"
   ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
