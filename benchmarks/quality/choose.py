@@ -16,17 +16,23 @@ from pathlib import Path
 
 from generator.data.sni import Task, TaskSplits
 
-from .score import read_row, score_answers
+from generator.data.sni import exact_match, split_instances
+
+from .score import read_row
 
 ROW_RE = re.compile(r"^loragen_g(?P<g>[0-9.]+)_s(?P<s>[0-9]+)$")
 
 
 def _validation_em(path: Path, tasks: dict[str, Task], splits: TaskSplits) -> tuple[str, float]:
     meta, answers = read_row(path)
-    per_task = score_answers(answers, {n: tasks[n] for n in splits.validation if n in tasks})
+    refs = {n: split_instances(tasks[n])[1] for n in splits.validation if n in tasks}
+    per_task: dict[str, list[float]] = {}
+    for a in answers:
+        if a["task"] in refs:
+            per_task.setdefault(a["task"], []).append(exact_match(a["pred"], refs[a["task"]][a["i"]].outputs))
     if not per_task:
         raise ValueError(f"{path}: no validation task answered")
-    return meta["row"], sum(v["exact_match"] for v in per_task.values()) / len(per_task)
+    return meta["row"], sum(sum(v) / len(v) for v in per_task.values()) / len(per_task)
 
 
 def choose(folder: str | Path, tasks: dict[str, Task], splits: TaskSplits, checkpoint: str | Path,

@@ -46,12 +46,27 @@ ROW_LABELS = {
     "loragen_ws2_other": "LoRAGen (2.0), another task's description (control)",
     "oracle": "Oracle LoRAs",
     "loragen_user": "LoRAGen, user-style descriptions",
-    "loragen_sys": "LoRAGen + description as system prompt",
+    "loragen_sys": "LoRAGen + description as system prompt (checkpoint's sampler)",
     "loragen_user_sys": "LoRAGen + user-style description as system prompt",
 }
 OPTIONAL_ROWS = ("loragen_ws2", "loragen_ws2_random", "loragen_ws2_other", "loragen_no_moe", "loragen_no_direction",
                  "loragen_no_spectral", "t2l_sft_random", "t2l_sft_other", "loragen_ws2_random", "loragen_user_sys",
                  "loragen_sys")  # not listed as missing
+
+
+def row_label(row: str) -> str:
+    """Display name of a row: the known ones, the curve rows (task subsets, snapshots), else the name."""
+    import re
+
+    if row in ROW_LABELS:
+        return ROW_LABELS[row]
+    if m := re.match(r"^loragen_n(\d+)$", row):
+        return f"LoRAGen trained on {m[1]} tasks (1 description per task)"
+    if m := re.match(r"^loragen_dit-(\d+)$", row):
+        return f"LoRAGen after {m[1]} denoiser steps (1 description per task)"
+    if m := re.match(r"^loragen_g([0-9.]+)_s(\d+)$", row):
+        return f"LoRAGen, guidance {m[1]}, {m[2]} sampler steps"
+    return row
 
 
 def read_row(path: str | Path) -> tuple[dict, list[dict]]:
@@ -115,7 +130,7 @@ def merge_rows(existing: dict | None, files: Sequence[str | Path], tasks: dict[s
     rows = dict((existing or {}).get("rows", {}))
     for f in files:
         meta, answers = read_row(f)
-        rows[meta["row"]] = {"label": ROW_LABELS.get(meta["row"], meta["row"]), "meta": meta,
+        rows[meta["row"]] = {"label": row_label(meta["row"]), "meta": meta,
                              "per_task": score_answers(answers, tasks)}
     order = [r for r in ROW_LABELS if r in rows] + [r for r in rows if r not in ROW_LABELS]
     rows = aggregate({r: rows[r] for r in order}, tasks, splits)

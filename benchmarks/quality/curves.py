@@ -1,0 +1,104 @@
+"""Where quality comes from: exact match against the number of training tasks and against steps.
+
+Reads the curve rows of the quality pipeline (one evaluation description per task, the
+checkpoint's own sampler): `loragen_n<N>` (LoRAGen trained on the first N training tasks) and
+`loragen_dit-<S>` (the all-task LoRAGen after S denoiser steps; its last snapshot is the point
+"all tasks" of the first curve), in a validation and a test folder. Writes `<stem>.json` and
+`<stem>.png` with both curves, validation and test, and the 3-shot and oracle rows for scale.
+
+    python -m benchmarks.quality.curves --tasks data/sni/tasks --validation runs/q_validation \
+        --test runs/q_test --results benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from generator.data.sni import load_splits, load_tasks
+
+from .score import read_row, score_answers
+
+N_RE, S_RE = re.compile(r"^loragen_n(\d+)$"), re.compile(r"^loragen_dit-(\d+)$")
+
+
+def _em(path: Path, tasks: dict, names: list[str]) -> float | None:
+    meta, answers = read_row(path)
+    per_task = score_answers(answers, {n: tasks[n] for n in names if n in tasks})
+    return round(sum(v["exact_match"] for v in per_task.values()) / len(per_task), 2) if per_task else None
+
+
+def curves(tasks_dir: str, folders: dict[str, Path]) -> dict:
+    """{split: {"tasks": {N: EM}, "steps": {S: EM}, "icl": EM, "oracle": EM}} for the given folders."""
+    tasks = {t.name: t for t in load_tasks(tasks_dir)}
+    splits = load_splits(tasks_dir)
+    names = {"validation": list(splits.validation), "test": list(splits.test)}
+    out: dict = {"num_train_tasks": len(splits.train)}
+    for split, folder in folders.items():
+        res: dict = {"tasks": {}, "steps": {}}
+        for path in sorted(folder.glob("*.jsonl")):
+            row = path.stem
+            if (m := N_RE.match(row)) is not None:
+                res["tasks"][int(m[1])] = _em(path, tasks, names[split])
+            elif (m := S_RE.match(row)) is not None:
+                res["steps"][int(m[1])] = _em(path, tasks, names[split])
+            elif row in ("icl", "oracle"):
+                res[row] = _em(path, tasks, names[split])
+        if res["steps"]:
+            res["tasks"][len(splits.train)] = res["steps"][max(res["steps"])]
+        res["tasks"] = dict(sorted(res["tasks"].items()))
+        res["steps"] = dict(sorted(res["steps"].items()))
+        out[split] = res
+    return out
+
+
+def plot(c: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, key, xlabel in ((axes[0], "tasks", "training tasks"), (axes[1], "steps", "denoiser training steps")):
+        for split, style in (("validation", "o--"), ("test", "s-")):
+            if split not in c or not c[split][key]:
+                continue
+            xs = list(c[split][key])
+            ax.plot(xs, [c[split][key][x] for x in xs], style, label=f"LoRAGen ({split})")
+            for ref, ls in (("icl", ":"), ("oracle", "-.")):
+                if c[split].get(ref) is not None and split == "test":
+                    ax.axhline(c[split][ref], ls=ls, color="grey", label=f"{'3-shot ICL' if ref == 'icl' else 'oracles'} (test)")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("exact match (unseen tasks)")
+    axes[0].set_title("quality against the number of training tasks")
+    axes[1].set_title("quality against training steps (all tasks)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("LoRAGen zero-shot, one description per task, the checkpoint's sampler")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality.curves", description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", required=True)
+    ap.add_argument("--validation", type=Path)
+    ap.add_argument("--test", type=Path)
+    ap.add_argument("--results", default="benchmarks/results")
+    ap.add_argument("--stem", default="quality_curves")
+    a = ap.parse_args(argv)
+    folders = {k: v for k, v in (("validation", a.validation), ("test", a.test)) if v is not None}
+    c = curves(a.tasks, folders)
+    out = Path(a.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{a.stem}.json").write_text(json.dumps(c, indent=1))
+    plot(c, out / f"{a.stem}.png")
+    print(json.dumps(c, indent=1))
+
+
+if __name__ == "__main__":
+    main()
