@@ -23,7 +23,6 @@ from typing import Mapping
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from .config import TargetSpec
 
@@ -132,8 +131,42 @@ class LoRAAdapter:
     def to_peft_files(self, base_model_name_or_path: str | None = None) -> AdapterFiles:
         """The PEFT folder as {file name: bytes}."""
         config = json.dumps(self.peft_config(base_model_name_or_path), indent=2, sort_keys=True)
-        weights = st_save(self.state_dict(), metadata={"format": "pt"})
-        return {ADAPTER_CONFIG: config.encode(), ADAPTER_WEIGHTS: weights}
+        return {ADAPTER_CONFIG: config.encode(), ADAPTER_WEIGHTS: self.safetensors_bytes()}
+
+    def safetensors_bytes(self) -> bytes:
+        """`adapter_model.safetensors` written straight from the stacked factors.
+
+        The same tensors as `safetensors.torch.save(self.state_dict())`, but each module's
+        stacked A (L, r, d_in) and B (L, d_out, r) is copied once, whole, into the file's data
+        section (its layers are consecutive there, as in memory) instead of as 2L small tensors.
+        Format: u64 little-endian header size, JSON header (names -> dtype, shape, byte
+        offsets), padded with spaces to 8 bytes, then the data.
+        """
+        L = self.target.num_layers
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        blocks: list[torch.Tensor] = []
+        offset = 0
+        for m in self.target.modules:
+            for ab, stacked in (("A", self.A[m]), ("B", self.B[m])):
+                x = stacked.detach().to("cpu", torch.float32).contiguous()
+                per_layer = x[0].numel() * 4
+                for l in range(L):
+                    name = f"base_model.model.{self.target.path(m, l)}.lora_{ab}.weight"
+                    header[name] = {"dtype": "F32", "shape": list(x.shape[1:]),
+                                    "data_offsets": [offset + l * per_layer, offset + (l + 1) * per_layer]}
+                offset += L * per_layer
+                blocks.append(x)
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-(8 + len(head)) % 8)
+        out = bytearray(8 + len(head) + offset)
+        out[:8] = len(head).to_bytes(8, "little")
+        out[8 : 8 + len(head)] = head
+        pos = 8 + len(head)
+        for x in blocks:
+            n = x.numel() * 4
+            out[pos : pos + n] = x.view(-1).view(torch.uint8).numpy().data
+            pos += n
+        return bytes(out)
 
     def save_peft(self, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
         """Write the PEFT folder (files written atomically, each via a temporary + rename)."""
@@ -277,13 +310,13 @@ def factor_stats(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def unstack_adapters(
     target: TargetSpec, A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor]
 ) -> list[LoRAAdapter]:
-    """Inverse of `stack_adapters` (detached, contiguous, float32, on CPU)."""
+    """Inverse of `stack_adapters` (detached, contiguous, float32, on CPU).
+
+    Each module's factors cross to the CPU in one copy for the whole batch; the adapters are
+    views of those copies.
+    """
     n = next(iter(A.values())).shape[0]
-    return [
-        LoRAAdapter(
-            target,
-            {m: A[m][i].detach().float().cpu().contiguous() for m in target.modules},
-            {m: B[m][i].detach().float().cpu().contiguous() for m in target.modules},
-        )
-        for i in range(n)
-    ]
+    A_cpu = {m: A[m].detach().to("cpu", torch.float32).contiguous() for m in target.modules}
+    B_cpu = {m: B[m].detach().to("cpu", torch.float32).contiguous() for m in target.modules}
+    return [LoRAAdapter(target, {m: A_cpu[m][i] for m in target.modules}, {m: B_cpu[m][i] for m in target.modules})
+            for i in range(n)]

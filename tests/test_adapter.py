@@ -135,3 +135,19 @@ def test_library_rejects_mismatched_target(tmp_path):
     other = TargetSpec.from_dict({**_small_target().to_dict(), "rank": 4})
     with pytest.raises(ValueError, match="does not match"):
         load_library(lib, target=other)
+
+
+def test_safetensors_bytes_hold_the_state_dict():
+    """The weights file written straight from the stacked factors loads (safetensors validates the
+    header, offsets and coverage) to exactly the tensors of state_dict()."""
+    from safetensors.torch import load
+
+    target = TargetSpec.smollm2()
+    g = torch.Generator().manual_seed(0)
+    A = {m: torch.randn(target.num_layers, target.rank, target.shapes[m][0], generator=g) for m in target.modules}
+    B = {m: torch.randn(target.num_layers, target.shapes[m][1], target.rank, generator=g) for m in target.modules}
+    adapter = LoRAAdapter(target, A, B)
+    raw = adapter.safetensors_bytes()
+    got, want = load(raw), adapter.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert int.from_bytes(raw[:8], "little") % 8 == 0  # header padded to 8 bytes
