@@ -142,6 +142,10 @@ def test_store_gc_evicts_least_recently_used(store_dir):
         (("generate", "ok text", "--generator", "/nonexistent/ckpt"), 1,
          ("not a generator checkpoint",)),
         (("store", "frobnicate"), 2, ("invalid choice",)),
+        (("serve", "--generator", "/nonexistent/ckpt"), 2, ("--generator:", "not found")),
+        (("serve", "--base-model", "/nonexistent/model"), 2, ("not a Hugging Face model folder",)),
+        (("generator", "status", "--ray-address", "127.0.0.1:1"), 2,
+         ("cannot connect to the Ray cluster at 127.0.0.1:1",)),
     ],
 )
 def test_bad_input_gets_a_clear_message(store_dir, args, code, fragments):

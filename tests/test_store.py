@@ -98,7 +98,7 @@ def _once_worker(root, description, start, log):
 
     start.wait()
     stored, _ = store.get_or_create(key, generate, pin=True)
-    assert stored.key == key and [p.pid for p in store.pins(key)] == [os.getpid()]
+    assert stored.key == key and os.getpid() in [p.pid for p in store.pins(key)]
 
 
 def _key_in_subprocess(description: str, fingerprint: str, seed: int) -> str:
