@@ -88,6 +88,7 @@ class Generator:
         self.model = model.to(self.device).eval()
         self._encoder: DescriptionEncoder | None = None
         self.fingerprint = compute_fingerprint(self.config_dict(include_fingerprint=False), self.model.state_dict())
+        self.cuda_graphs = cuda_graphs
         if self.device.type == "cuda" and hasattr(self.model, "use_cuda_graphs"):
             self.model.use_cuda_graphs(cuda_graphs)  # same adapters as eager up to float rounding
 
@@ -132,36 +133,51 @@ class Generator:
             cfg = json.loads(cfg_path.read_text())
         except ValueError as e:
             raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
-        if cfg.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{ckpt}: unsupported checkpoint format {cfg.get('format')!r}")
-        target = TargetSpec.from_dict(cfg["target"])
-        model = build_model(cfg["kind"], target, cfg["configs"])
+        got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
+        if got != FORMAT_VERSION:
+            raise ValueError(f"{ckpt}: unsupported checkpoint format {got!r}")
+        try:
+            target = TargetSpec.from_dict(cfg["target"])
+            model = build_model(cfg["kind"], target, cfg["configs"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{cfg_path}: incomplete generator config ({type(e).__name__}: {e})") from None
         try:
             state = load_file(str(w_path))
         except Exception as e:
             raise ValueError(f"{w_path} is not a valid safetensors file: {e}") from None
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{w_path} does not hold the weights its config describes: {e}") from None
         gen = cls(cfg["kind"], target, model, cfg["configs"], cfg.get("sampler"), device, cfg.get("extra"), cuda_graphs)
         if cfg.get("fingerprint") != gen.fingerprint:
             raise ValueError(f"{ckpt}: fingerprint mismatch (corrupt or edited checkpoint)")
         return gen
 
     def with_sampler(self, **sampler: Any) -> "Generator":
-        """The same weights with other sampler defaults (`steps`, `guidance`): a new fingerprint."""
+        """The same weights with other sampler defaults (`steps`, `guidance`): a new fingerprint.
+
+        Both generators share the model (and its CUDA graphs, if on).
+        """
         unknown = set(sampler) - set(SamplerConfig().to_dict())
         if unknown:
             raise ValueError(f"unknown sampler settings {sorted(unknown)}")
         return Generator(self.kind, self.target, self.model, self.configs, {**self.sampler, **sampler}, self.device,
-                         self.extra)
+                         self.extra, self.cuda_graphs)
 
     # ------------------------------------------------------------------------------------------
     # Generation
 
     @property
     def encoder(self) -> DescriptionEncoder:
+        """The description encoder: the process's shared one for this device unless one was set."""
         if self._encoder is None:
             self._encoder = shared_encoder(self.device)
         return self._encoder
+
+    @encoder.setter
+    def encoder(self, encoder: DescriptionEncoder) -> None:
+        self._encoder = encoder
 
     @property
     def num_parameters(self) -> int:

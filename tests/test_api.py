@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from generator import Generator, LoRAAdapter, TargetSpec
-from generator.api import CONFIG_FILE, WEIGHTS_FILE, build_model, compute_fingerprint
+from generator.api import CONFIG_FILE, WEIGHTS_FILE, compute_fingerprint
+from generator.models import build_model
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,30 @@ def test_fingerprint_tracks_weights_and_load_detects_tampering(gen, tiny_generat
         Generator.load(copy)
     with pytest.raises(FileNotFoundError):
         Generator.load(tmp_path / "nothing")
+
+
+def test_load_names_what_is_wrong_with_a_checkpoint(gen, tiny_generator_ckpt, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_generator_ckpt, copy)
+    cfg = json.loads((copy / CONFIG_FILE).read_text())
+    (copy / CONFIG_FILE).write_text(json.dumps({k: v for k, v in cfg.items() if k != "target"}))
+    with pytest.raises(ValueError, match="incomplete generator config"):
+        Generator.load(copy)
+    cfg["configs"]["diffusion"]["depth"] += 1  # weights of another architecture
+    (copy / CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not hold the weights its config describes"):
+        Generator.load(copy)
+    (copy / CONFIG_FILE).write_text("[]")
+    with pytest.raises(ValueError, match="unsupported checkpoint format"):
+        Generator.load(copy)
+
+
+def test_with_sampler_keeps_the_weights_and_changes_the_fingerprint(gen):
+    other = gen.with_sampler(steps=5)
+    assert other.model is gen.model and other.cuda_graphs == gen.cuda_graphs
+    assert other.sampler["steps"] == 5 and gen.sampler["steps"] == 10 and other.fingerprint != gen.fingerprint
+    with pytest.raises(ValueError, match="unknown sampler settings"):
+        gen.with_sampler(temperature=0.5)
 
 
 def test_default_checkpoint_fits_30mb(tmp_path):

@@ -12,6 +12,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph gene
 
 def test_buckets():
     assert [bucket(n, 32) for n in (1, 2, 3, 5, 16, 17, 32, 40)] == [1, 2, 4, 8, 16, 32, 32, 32]
+    assert [bucket(n, 24) for n in (16, 17, 24)] == [16, 24, 24]  # never above max_batch
 
 
 @cuda

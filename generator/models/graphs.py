@@ -23,11 +23,11 @@ Factors = tuple[dict[str, Tensor], dict[str, Tensor]]
 
 
 def bucket(n: int, max_batch: int) -> int:
-    """The smallest power of two >= n, at most max_batch."""
+    """The smallest power of two >= n, capped at max_batch (which need not be a power of two)."""
     b = 1
     while b < n and b < max_batch:
         b *= 2
-    return b
+    return min(b, max_batch)
 
 
 class _Graph:
@@ -67,7 +67,12 @@ class _Graph:
 class GraphedGeneration:
     """`LoRAGen.generate_factors` through CUDA graphs, one per (batch bucket, steps, guidance).
 
-    Thread-safe: one lock around capture and replay (a graph's buffers are shared state).
+    Thread-safe: one lock around capture and replay (a graph's buffers are shared state), and
+    the outputs are copied out before the lock is released. A capture runs in PyTorch's default
+    (global) capture mode: CUDA work that other threads of the process start meanwhile can fail,
+    so where several threads use the GPU, capture the graphs first (`warm_up`). The graphs read
+    the model's parameters at their addresses at capture time; once the model has moved
+    (`model.to`), `is_current()` is false and the instance must not be used.
     """
 
     def __init__(self, model: LoRAGen, max_batch: int = 32) -> None:
@@ -79,8 +84,17 @@ class GraphedGeneration:
             raise ValueError("CUDA-graph generation needs the model on a CUDA device")
         self._graphs: dict[tuple[int, int, float], _Graph] = {}
         self._lock = threading.Lock()
+        self._addresses = self._parameter_addresses()
 
-    def graph(self, batch: int, steps: int, guidance: float) -> _Graph:
+    def _parameter_addresses(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
+
+    def is_current(self) -> bool:
+        """Whether the model's parameters and buffers are still where the graphs read them."""
+        return self._parameter_addresses() == self._addresses
+
+    def _graph(self, batch: int, steps: int, guidance: float) -> _Graph:
+        """The graph for a batch of `batch` <= max_batch rows, captured on first use (lock held)."""
         key = (bucket(batch, self.max_batch), int(steps), float(guidance))
         if key not in self._graphs:
             d_cond = self.model.dit.c_embed.mlp[0].in_features
@@ -93,14 +107,14 @@ class GraphedGeneration:
         with self._lock:
             for i in range(0, cond.shape[0], self.max_batch):
                 c, z = cond[i : i + self.max_batch], noise[i : i + self.max_batch]
-                parts.append(self.graph(c.shape[0], steps, guidance)(c, z))
+                parts.append(self._graph(c.shape[0], steps, guidance)(c, z))
         if len(parts) == 1:
             return parts[0]
         return ({m: torch.cat([p[0][m] for p in parts]) for m in parts[0][0]},
                 {m: torch.cat([p[1][m] for p in parts]) for m in parts[0][1]})
 
     def warm_up(self, batch_sizes: Sequence[int], steps: int, guidance: float) -> None:
-        """Capture the graphs of these batch sizes now (a server does it before its first request)."""
+        """Capture the graphs of these batch sizes now (e.g. before a server's first request)."""
         with self._lock:
             for n in batch_sizes:
-                self.graph(n, steps, guidance)
+                self._graph(n, steps, guidance)

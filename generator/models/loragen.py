@@ -32,6 +32,7 @@ class LoRAGen(nn.Module):
         self.diffusion = GaussianDiffusion(diff_cfg.num_timesteps, diff_cfg.beta_start, diff_cfg.beta_end)
         self.register_buffer("z_mean", torch.zeros(lae_cfg.d_z))
         self.register_buffer("z_std", torch.ones(()))
+        self._graphed = None  # GraphedGeneration while CUDA graphs are on (see use_cuda_graphs)
 
     @classmethod
     def from_configs(cls, target: TargetSpec, configs: dict[str, Any]) -> "LoRAGen":
@@ -42,10 +43,22 @@ class LoRAGen(nn.Module):
         return {"steps": self.diff_cfg.sample_steps, "guidance": self.diff_cfg.guidance}
 
     def use_cuda_graphs(self, enabled: bool = True, max_batch: int = 32) -> None:
-        """Generate through CUDA graphs (`generator.models.graphs`) while on a CUDA device."""
+        """Generate through CUDA graphs (`generator.models.graphs`) on the model's CUDA device.
+
+        Graphs already captured are kept when called again with the same settings and the model
+        where it was (e.g. by `Generator.with_sampler`, which shares the model); after a move of
+        the model, generation is eager until this is called again.
+        """
         from .graphs import GraphedGeneration
 
-        self._graphed = GraphedGeneration(self, max_batch) if enabled else None
+        if not enabled:
+            self._graphed = None
+            return
+        current = self._graphed
+        keep = (current is not None and current.max_batch == max_batch
+                and current.device == next(self.parameters()).device and current.is_current())
+        if not keep:
+            self._graphed = GraphedGeneration(self, max_batch)
 
     @property
     def num_tokens(self) -> int:
@@ -86,8 +99,8 @@ class LoRAGen(nn.Module):
         mark: Callable[[str], None] = lambda stage: None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """cond (N, d_cond) -> factors: DDIM-sample latents ("diffuse"), then decode them ("decode")."""
-        graphed = getattr(self, "_graphed", None)
-        if graphed is not None and cond.is_cuda:  # sampling + decoding in one graph launch
+        graphed = self._graphed
+        if graphed is not None and cond.device == graphed.device and graphed.is_current():  # one graph launch
             noise = initial_noise((self.num_tokens, self.lae_cfg.d_z), generators).to(cond)
             A, B = graphed(cond, noise, steps, guidance)
             mark("diffuse")
