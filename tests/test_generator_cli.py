@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from generator import Generator, LoRAAdapter
 
@@ -74,3 +73,26 @@ def test_interrupted_training_resumes_to_the_same_weights(synthetic_library, tmp
     assert (tmp_path / "cut" / STATE_FILE).is_file()
     resumed = train_t2l(data, tmp_path / "cut", small, cfg, progress=False, resume=True)
     assert resumed.fingerprint == full.fingerprint
+
+
+def test_loragen_resumed_in_its_second_stage_writes_the_same_checkpoint(synthetic_library, tmp_path):
+    from generator.config import DiffusionConfig, LAEConfig, TrainConfig
+    from generator.training.train import load_training_data, train_loragen
+
+    data = load_training_data(synthetic_library)
+    lae, diff = LAEConfig.from_dict(TINY_CONFIGS["lae"]), DiffusionConfig.from_dict(TINY_CONFIGS["diffusion"])
+    cfg = TrainConfig(steps=6, diffusion_steps=8, tokens_per_step=16, batch_size=4, checkpoint_every=2)
+    full = train_loragen(data, tmp_path / "full", lae, diff, cfg, progress=False, snapshots=(4, 8))
+
+    def stop_in_dit(stage: str, step: int) -> None:
+        if stage == "dit" and step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_loragen(data, tmp_path / "cut", lae, diff, cfg, progress=False, callback=stop_in_dit, snapshots=(4, 8))
+    resumed = train_loragen(data, tmp_path / "cut", lae, diff, cfg, progress=False, resume=True, snapshots=(4, 8))
+    assert set(resumed.extra["final"]) == set(full.extra["final"])  # the LAE's logs survive the resume
+    assert resumed.fingerprint == full.fingerprint
+    for step in (4, 8):
+        snap = f"snapshots/dit-{step}"
+        assert Generator.load(tmp_path / "cut" / snap).fingerprint == Generator.load(tmp_path / "full" / snap).fingerprint

@@ -5,10 +5,11 @@
   of all adapters are then the latents; stage "dit" trains the diffusion denoiser on
   (description embedding, latent) pairs.
 
-Every `checkpoint_every` steps the full training state (weights, optimiser, stage, step) is
-written atomically to `<out>/train_state.pt`; `resume=True` continues from it. Batches are drawn
-from a generator seeded by (seed, stage, step), so a resumed run sees the batches an
-uninterrupted run would. The finished checkpoint is `<out>/config.json` + `<out>/model.safetensors`.
+Every `checkpoint_every` steps the full training state (weights, optimiser, stage, step, the
+final logs of finished stages) is written atomically to `<out>/train_state.pt`; `resume=True`
+continues from it. Batches are drawn from a generator seeded by (seed, stage, step), so a resumed
+run sees the batches an uninterrupted run would and, on the CPU, writes the same checkpoint. The
+finished checkpoint is `<out>/config.json` + `<out>/model.safetensors`.
 """
 
 from __future__ import annotations
@@ -103,21 +104,27 @@ class TrainingRun:
         self.stopped_at: int | None = None  # the step a stage stopped at, if the deadline ended it
         out.mkdir(parents=True, exist_ok=True)
         self.state: dict[str, Any] | None = None
+        self.logs: dict[str, dict[str, float]] = {}  # stage -> its last step's logs, once the stage is complete
         path = out / STATE_FILE
         if resume and path.is_file():
             state = torch.load(path, map_location="cpu", weights_only=False)
             if state.get("identity") != identity:
                 raise ValueError(f"{path} belongs to a different training run (kind, target, configs or library differ)")
             self.state = state
+            self.logs = dict(state.get("extra", {}).get("logs", {}))
 
     def stop_after(self, seconds: float | None) -> None:
-        """End the current stage early, at a step boundary, once `seconds` have passed from now."""
+        """End the current stage early, at a step boundary, once `seconds` have passed from now.
+
+        The caller checks `stopped_at` before it starts another stage or finishes the run (SFT, one
+        stage, does; `train_loragen` sets no deadline).
+        """
         self.deadline = None if seconds is None else time.monotonic() + seconds
 
-    def save(self, model: torch.nn.Module, stage: str, step: int, optim: torch.optim.Optimizer, extra: dict | None = None) -> None:
+    def save(self, model: torch.nn.Module, stage: str, step: int, optim: torch.optim.Optimizer) -> None:
         _atomic_torch_save(
             {"identity": self.identity, "stage": stage, "step": step, "model": model.state_dict(),
-             "optim": optim.state_dict(), "rng": torch.get_rng_state(), "extra": extra or {}},
+             "optim": optim.state_dict(), "rng": torch.get_rng_state(), "extra": {"logs": self.logs}},
             self.out / STATE_FILE,
         )
 
@@ -131,7 +138,10 @@ class TrainingRun:
         step_fn: Callable[[torch.Generator], tuple[torch.Tensor, dict[str, float]]],
         stages_order: list[str],
     ) -> dict[str, float]:
-        """Run (or resume, or skip if already done) one stage of `steps` optimiser steps."""
+        """Run (or resume, or skip if already done) one stage of `steps` optimiser steps.
+
+        Returns the logs of the stage's last step (also when the stage was finished before a resume).
+        """
         optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
         def lr_at(s: int) -> float:  # 50-step warm-up, then linear decay to 10%
@@ -142,12 +152,13 @@ class TrainingRun:
             if stages_order.index(done_stage) > stages_order.index(stage):
                 model.load_state_dict(self.state["model"])  # this stage finished before the interruption
                 model.eval()
-                return {}
+                return dict(self.logs.get(stage, {}))
             if done_stage == stage:
                 model.load_state_dict(self.state["model"])
                 optim.load_state_dict(self.state["optim"])
                 start = int(self.state["step"])
-                torch.set_rng_state(self.state["rng"])  # dropout draws continue as if never stopped
+                # CPU dropout draws continue as if never stopped (the CUDA generator is not saved)
+                torch.set_rng_state(self.state["rng"])
         logs: dict[str, float] = {}
         model.train()
         bar = tqdm(range(start, steps), desc=f"{self.kind}:{stage}", disable=not self.progress, initial=start, total=steps)
@@ -167,13 +178,15 @@ class TrainingRun:
             optim.step()
             if step % 10 == 0:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+            if self.callback is not None:  # before the state moves past this step: a resume redoes it
+                self.callback(stage, step + 1)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
                 self.save(model, stage, step + 1, optim)
-            if self.callback is not None:
-                self.callback(stage, step + 1)
+        if start < steps or stage not in self.logs:
+            self.logs[stage] = logs
         self.save(model, stage, steps, optim)  # stage complete
         model.eval()
-        return logs
+        return dict(self.logs[stage])
 
     def finish(self) -> None:
         (self.out / STATE_FILE).unlink(missing_ok=True)
@@ -233,8 +246,10 @@ def train_loragen(
     model = build_model("loragen", data.target, configs).to(data.cond.device)
     model.lae.fit_scales(data.A, data.B)
 
+    snapshot_steps = set(snapshots)
+
     def on_step(stage: str, step: int) -> None:
-        if stage == "dit" and step in set(snapshots):
+        if stage == "dit" and step in snapshot_steps:
             copy = build_model("loragen", data.target, configs)
             copy.load_state_dict(model.state_dict())
             Generator("loragen", data.target, copy, configs, copy.sampler_defaults(),
