@@ -51,6 +51,7 @@ def test_import_writes_loadable_task_files(sources, tmp_path):
     report = import_tasks(ni, t2l, ["task900_add_one", "task901_add_one_cut"], out, progress=False)
     assert report.written == ["task900_add_one", "task901_add_one_cut"] and not report.failed
     t = load_sni_task(out / "task900_add_one.json")
+    assert (out / "task900_add_one.json").stat().st_mode & 0o777 == 0o644  # readable by others
     assert t.definition == "Add one to the number."
     assert t.categories == ("Answer Generation", "Arithmetic")
     assert t.descriptions == ("Increment the given integer.", "Return the number that follows the one you are given.")
@@ -74,6 +75,8 @@ def test_missing_sources_are_reported_per_task(sources, tmp_path):
     assert report.written == ["task900_add_one"]
     assert "no descriptions for task999_absent" in report.failed["task999_absent"]
     assert not (tmp_path / "tasks" / "task999_absent.json").exists()
+    with pytest.raises(FileNotFoundError, match="text-to-lora folder"):
+        import_tasks(ni, tmp_path / "no-t2l", ["task900_add_one"], tmp_path / "tasks", progress=False)
 
 
 def test_task_names_are_names_not_paths(sources, tmp_path):

@@ -139,6 +139,8 @@ def t2l_descriptions(t2l_dir: str | Path) -> dict[str, list[str]]:
     import yaml
 
     root = Path(t2l_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"text-to-lora folder {root} not found")
     tasks_dir = root / "tasks" if (root / "tasks").is_dir() else root
     out: dict[str, list[str]] = {}
     for meta in sorted(tasks_dir.glob("lol_*/metadata.yaml")):
@@ -146,7 +148,9 @@ def t2l_descriptions(t2l_dir: str | Path) -> dict[str, list[str]]:
             d = yaml.safe_load(meta.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"{meta}: not valid YAML: {e}") from None
-        name = str(d.get("task_name", "")).rsplit("/", 1)[-1] or meta.parent.name.removeprefix("lol_")
+        if not isinstance(d, dict):
+            raise ValueError(f"{meta}: expected a mapping with task_name and descriptions")
+        name = str(d.get("task_name") or "").rsplit("/", 1)[-1] or meta.parent.name.removeprefix("lol_")
         descriptions = [s.strip() for s in d.get("descriptions") or [] if isinstance(s, str) and s.strip()]
         if descriptions:
             out[name] = descriptions
@@ -161,6 +165,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a task library is read by others too
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
