@@ -1,9 +1,10 @@
 """Latency of generating LoRA adapters from descriptions, split by stage, vs sampler steps.
 
-For each sampler step count it measures one adapter and a batch of 16, split into
+For each sampler step count it measures one adapter and a batch of --batch (16), split into
 encode (description -> embedding) / diffuse (DDIM over latents) / decode (LAE decoder -> factors)
 / serialise (PEFT safetensors + config bytes), and reports quality as the cosine of dW to the
-library target of each description (mean over locations and tasks), and to the 500-step result.
+library target of each description (mean over locations and tasks), and to the result of the
+largest step count (500 by default).
 
 Needs only torch, transformers, safetensors and numpy (matplotlib optional, for the plot); no
 peft or vLLM. Runs on CPU or CUDA:
@@ -13,8 +14,10 @@ peft or vLLM. Runs on CPU or CUDA:
 
 Without --checkpoint/--library it builds (once, in --workdir) a synthetic 32-task library at
 SmolLM2 shapes and trains a default-size LoRAGen on it. Encode is timed uncached (the encoder's
-LRU cache is cleared before each run). Writes benchmarks/results/generation_latency_<device>.json
-(+ .png) with machine, date, git commit and the command line.
+LRU cache is cleared before each run). On CUDA, LoRAGen runs sampling and decoding as one CUDA
+graph, so "diffuse" includes the decoder there and "decode" is ~0. Writes
+benchmarks/results/generation_latency_<device>.json (+ .png) with machine, date, git commit and
+the command line.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def _sync(device: torch.device) -> None:
 def run_once(gen: Generator, descriptions: list[str], steps: int, seed: int) -> tuple[dict[str, float], list]:
     """One generation call, stage times in seconds (encode uncached)."""
     enc = gen.encoder
-    enc._cache.clear()
+    enc.clear_cache()
     _sync(gen.device)
     t0 = time.perf_counter()
     cond = enc.encode(descriptions)
@@ -104,10 +107,11 @@ def run_once(gen: Generator, descriptions: list[str], steps: int, seed: int) -> 
     A, B = gen.generate_factors(cond, descriptions, seed=seed, steps=steps, timings=times)
     t0 = time.perf_counter()
     adapters = unstack_adapters(gen.target, A, B)
-    files = [a.to_peft_files() for a in adapters]
+    for a in adapters:
+        a.to_peft_files()
     times["serialise"] = time.perf_counter() - t0
     times["total"] = sum(times[k] for k in ("encode", "diffuse", "decode", "serialise"))
-    return times, adapters if files else []
+    return times, adapters
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         library, ckpt = prepare(Path(args.workdir), args.prepare_lae_steps, args.prepare_dit_steps)
     gen = Generator.load(ckpt, device=device)
-    gen._encoder = DescriptionEncoder(model_dir=args.encoder_dir, device=device)
+    gen.encoder = DescriptionEncoder(model_dir=args.encoder_dir, device=device)
 
     # One description per library task, with its target adapter, for the quality numbers.
     descriptions, targets = [], []

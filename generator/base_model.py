@@ -58,7 +58,8 @@ def gguf_path() -> Path:
     return path
 
 
-def _is_complete(folder: Path) -> bool:
+def is_converted(folder: Path) -> bool:
+    """Whether `folder` is a finished conversion of the current conversion version."""
     marker = folder / _DONE_MARKER
     if not marker.is_file():
         return False
@@ -75,11 +76,11 @@ def ensure_base_model(cache_dir: str | Path | None = None) -> Path:
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / MODEL_NAME
-    if _is_complete(target):
+    if is_converted(target):
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache / f"{MODEL_NAME}.lock")):
-        if _is_complete(target):  # another process finished while we waited
+        if is_converted(target):  # another process finished while we waited
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.", dir=cache))
         try:

@@ -101,3 +101,13 @@ class DescriptionEncoder:
         return torch.stack(rows)
 
     __call__ = encode
+
+    def is_cached(self, description: str) -> bool:
+        """Whether the description's embedding is in the LRU cache."""
+        with self._lock:
+            return description in self._cache
+
+    def clear_cache(self) -> None:
+        """Forget every cached embedding (e.g. to time encoding uncached)."""
+        with self._lock:
+            self._cache.clear()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from generator.base_model import BOS_ID, EOS_ID, PAD_ID, _is_complete, ensure_base_model
+from generator.base_model import BOS_ID, EOS_ID, PAD_ID, is_converted, ensure_base_model
 
 
 def test_converted_folder_is_plain_bf16_with_eos_fix(base_model_dir):
@@ -32,12 +32,12 @@ def test_converted_folder_is_plain_bf16_with_eos_fix(base_model_dir):
 def test_ensure_is_idempotent_and_fast_when_cached(base_model_dir):
     t0 = time.perf_counter()
     again = ensure_base_model()
-    assert again == base_model_dir and _is_complete(again)
+    assert again == base_model_dir and is_converted(again)
     assert time.perf_counter() - t0 < 1.0
 
 
 def test_folder_without_marker_is_not_complete(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    assert not _is_complete(tmp_path)
+    assert not is_converted(tmp_path)
     (tmp_path / ".loragen-converted").write_text('{"version": -1}')
-    assert not _is_complete(tmp_path)
+    assert not is_converted(tmp_path)

@@ -32,10 +32,10 @@ def test_embeddings_are_unit_vectors_and_semantic(encoder):
 
 def test_cache_and_batch_independence(encoder):
     alone = encoder.encode(["Summarize legal contracts."])
-    encoder._cache.clear()
+    encoder.clear_cache()
     batched = encoder.encode(["A much longer description that forces padding in the batch.", "Summarize legal contracts."])
     assert torch.allclose(alone[0], batched[1], atol=1e-5)
-    assert "Summarize legal contracts." in encoder._cache
+    assert encoder.is_cached("Summarize legal contracts.")
     assert torch.equal(encoder.encode(["Summarize legal contracts."])[0], batched[1])
     assert encoder.encode([]).shape == (0, 384)
 
