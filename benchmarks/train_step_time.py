@@ -4,7 +4,7 @@ Sizes a training run before it is started on a lent GPU (no model files or encod
 
     python benchmarks/train_step_time.py [cuda|cpu] [steps]
 
-Batches as in benchmarks/quality/gpu_generators.sh: 256 LAE tokens per module, 128 descriptions
+Batches as in benchmarks/quality/gpu_pipeline.sh: 256 LAE tokens per module, 128 descriptions
 per DiT or T2L step, a library of 100 synthetic adapters with 1000 random description embeddings.
 Measured on an H100 (2026-11-23): LAE 35.1 ms, DiT 20.8 ms, T2L 16.9 ms per step.
 """

@@ -199,11 +199,12 @@ class LAEConfig(_JSONMixin):
     num_experts: int = 4          # E, per output head
     top_k: int = 1                # experts used per token
     tau: float = 1.5              # router softmax temperature
-    expert_hidden: int = 64       # expert MLP hidden width (SiLU); paper: 256 (see lae.py on size)
+    expert_hidden: int = 64       # expert MLP hidden width (SiLU); paper: 256 (see models/lae.py on size)
     w_direction: float = 1.0      # alpha_adapter split: direction loss weight
-    # Spectral loss weight. 0.2, not the 2.0 we first used: on the SNI table (benchmarks/results/
-    # quality.md) 2.0 gave 15.5 in-distribution EM, 0.0 gave 24.4 and 0.2 gave 27.6. Chosen on
-    # that table's test split (there is no separate validation split): read it as tuned.
+    # Spectral loss weight. 0.2, not the 2.0 we first used: on the quality table of the earlier
+    # 102-task split, 2.0 gave 15.5 in-distribution EM, 0.0 gave 24.4 and 0.2 gave 27.6. Chosen
+    # there, before the validation split existed, on the tasks that table reported: read it as
+    # tuned; it has not been chosen again on the validation split.
     w_spectral: float = 0.2
     beta_kl: float = 1e-4         # KL weight (small: the latent must stay informative)
     lambda_moe: float = 1e-5      # MoE load-balancing weight

@@ -47,7 +47,7 @@ def test_direction_loss_is_invariant_to_the_factorisation():
     assert (torch.linalg.solve(R, A1) - A1).abs().max() > 0.1
 
 
-def test_singular_values_from_qr_core_match_svd_of_explicit_product():
+def test_singular_values_from_cholesky_core_match_svd_of_explicit_product():
     g = torch.Generator().manual_seed(2)
     A, B = _factors(g)
     assert torch.allclose(delta_singular_values(A, B), torch.linalg.svdvals(B @ A)[..., :4])

@@ -1,4 +1,4 @@
-"""The SNI data in the repo: splits (deterministic, the issue's sizes), prompts, metrics, task-file errors."""
+"""The SNI data in the repo: splits (deterministic, the committed sizes), prompts, metrics, task-file errors."""
 
 from __future__ import annotations
 

@@ -11,6 +11,11 @@ Generated adapters (a generator checkpoint; 3 evaluation descriptions x seeds pe
         --generator runs/loragen --seeds 0 1 --task-set table --out runs/quality
     python -m benchmarks.quality generate ... --rows loragen_random loragen_other   # controls (by row name)
 
+The sampler and system-prompt choice, from validation rows (written into the checkpoint):
+
+    python -m benchmarks.quality choose --tasks data/sni/tasks --validation runs/q_validation \
+        --checkpoint runs/loragen --out runs/choice.json
+
 Scores (CPU), merged into the existing table:
 
     python -m benchmarks.quality score --tasks data/sni/tasks --generations runs/quality/*.jsonl \

@@ -14,9 +14,7 @@ import json
 import re
 from pathlib import Path
 
-from generator.data.sni import Task, TaskSplits
-
-from generator.data.sni import exact_match, split_instances
+from generator.data.sni import Task, TaskSplits, exact_match, split_instances
 
 from .score import read_row
 

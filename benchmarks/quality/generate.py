@@ -13,6 +13,7 @@ which needs no GPU.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -30,11 +31,11 @@ from tqdm.auto import tqdm
 
 from benchmarks.provenance import git_commit
 from generator.adapter import LoRAAdapter
-from generator.config import TargetSpec
-from generator.training.multilora import MultiLoRA
 from generator.base_model import load_base_model
+from generator.config import TargetSpec
 from generator.data.library import load_adapters
-from generator.data.sni import Task, shot_examples, split_descriptions, split_instances
+from generator.data.sni import Instance, Task, shot_examples, split_descriptions, split_instances
+from generator.training.multilora import MultiLoRA
 from generator.training.prompts import chat_messages, prompt_ids, truncate_text
 
 MAX_NEW_TOKENS = 128  # cap; each task gets min(cap, its longest train output + 16)
@@ -104,7 +105,7 @@ def generate(
             mask[b, S - len(ids[k]) :] = 1
         budget = max(budgets[prompts[k].task] for k in batch)
         slots = [prompts[k].slot for k in batch]
-        ctx = multi.use(slots) if multi is not None else _nullcontext()
+        ctx = multi.use(slots) if multi is not None else contextlib.nullcontext()
         with ctx:
             gen = model.generate(
                 input_ids=input_ids.to(device),
@@ -118,14 +119,6 @@ def generate(
         for k, t in zip(batch, texts):
             out[k] = t.strip()
     return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,8 +161,6 @@ def system_prompts(tokenizer, tasks: Sequence[Task]) -> list[Prompt]:
 
 def icl_prompts(tokenizer, tasks: Sequence[Task], k: int = 3) -> list[Prompt]:
     """k fixed training examples as earlier chat turns, then the input (no description)."""
-    from generator.data.sni import Instance
-
     out = []
     for t in tasks:
         _, test = split_instances(t)
