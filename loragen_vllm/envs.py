@@ -154,9 +154,21 @@ SETTINGS: dict[str, Setting] = {
                 "how long a generation waits for others to share its generator pass (requests "
                 "arriving during a pass join the next one)"),
         Setting("LORAGEN_GENERATE_TIMEOUT_S", "600", _number(positive=True),
-                "longest wait for one generation before answering 503"),
+                "one deadline per request, from its arrival: store lookup, queueing, the key's lock "
+                "and generation; past it, 503"),
         Setting("LORAGEN_RAY_TIMEOUT_S", "60", _number(positive=True),
                 "longest wait for the Ray generator actor before answering 503"),
+        Setting("LORAGEN_MAX_PENDING", "64", _integer(1),
+                "generations pending at once (queued or running) in one server; more answer 503 "
+                "with `Retry-After`"),
+        Setting("LORAGEN_LOCK_TIMEOUT_S", "10", _number(positive=True),
+                "longest wait for a store lock outside a generation (pin, unpin, gc); longer is 503"),
+        Setting("LORAGEN_PIN_LEASE_S", "120", _number(positive=True),
+                "how long a pin holds without renewal (a live server renews its pins every third "
+                "of it; a dead one's expire)"),
+        Setting("LORAGEN_RAY_FINGERPRINT_TTL_S", "30", _number(positive=True),
+                "how often the Ray backend re-asks the actor its fingerprint (a restarted actor "
+                "may run another checkpoint)"),
         Setting("LORAGEN_LOG_LEVEL", "INFO", _log_level, "level of loragen's log lines in the server output"),
         # -- the command line
         Setting("LORAGEN_DEBUG", "0", _flag,
@@ -178,6 +190,10 @@ if TYPE_CHECKING:  # the attributes `__getattr__` provides, with their types
     LORAGEN_BATCH_WINDOW_MS: float
     LORAGEN_GENERATE_TIMEOUT_S: float
     LORAGEN_RAY_TIMEOUT_S: float
+    LORAGEN_MAX_PENDING: int
+    LORAGEN_LOCK_TIMEOUT_S: float
+    LORAGEN_PIN_LEASE_S: float
+    LORAGEN_RAY_FINGERPRINT_TTL_S: float
     LORAGEN_LOG_LEVEL: str
     LORAGEN_DEBUG: bool
 

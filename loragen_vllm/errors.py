@@ -44,6 +44,7 @@ degrade to a 500 there).
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from typing import Any, ClassVar
 
@@ -82,6 +83,46 @@ class GeneratorUnavailable(LoragenError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     type = "ServiceUnavailableError"
     code = "generator_unavailable"
+
+
+class Overloaded(GeneratorUnavailable):
+    """Refused at once to keep every wait bounded: too many generations pending, the adapter's
+    key lock held elsewhere past the deadline, the request's deadline passed, or the store's disk
+    full. A 503 like `GeneratorUnavailable`; ``retry_after_s`` is what ``Retry-After`` should say
+    (the message ends with "retry after N s", which `retry_after_s` reads back: vLLM renders
+    the error from the message alone, without headers)."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, *, reason: str, retry_after_s: int = 0) -> None:
+        self.retry_after_s = max(1, int(retry_after_s or DEFAULT_RETRY_AFTER_S))
+        super().__init__(f"{message}; retry after {self.retry_after_s} s")
+        self.reason = reason  # queue_full | lock_timeout | deadline | disk_full (metrics label)
+
+
+class LockTimeout(Overloaded, TimeoutError):
+    """A store lock stayed held (by another process or thread, perhaps stopped) past the
+    deadline of the wait: a 503 within that deadline, never a hang."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 0) -> None:
+        Overloaded.__init__(self, message, reason="lock_timeout", retry_after_s=retry_after_s)
+
+
+class StoreFull(Overloaded):
+    """No space left to publish a new adapter (stored ones are still served)."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 0) -> None:
+        super().__init__(message, reason="disk_full", retry_after_s=retry_after_s)
+
+
+DEFAULT_RETRY_AFTER_S = 5
+_RETRY_AFTER_RE = re.compile(r"retry after (\d+) s\b")
+
+
+def retry_after_s(message: str) -> int | None:
+    """The ``Retry-After`` seconds an `Overloaded` message asks for, None if it asks none."""
+    m = _RETRY_AFTER_RE.search(message or "")
+    return int(m.group(1)) if m else None
 
 
 class StoreCorrupt(LoragenError):

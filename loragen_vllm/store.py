@@ -7,9 +7,9 @@ store survives restarts and several server processes can share one::
     <root>/adapters/<key>/              the PEFT folder vLLM loads, plus loragen_meta.json
     <root>/usage/<key>                  hit log: one byte appended per hit (hits = size,
                                         last used = mtime); the hot path never rewrites a file
-    <root>/pins/<key>/<pid>@<host>      a live server process may (re)load this adapter
-    <root>/locks/store.lock             serialises gc; locks/k<abc>.lock: per-key locks,
-                                        striped over the first 3 hex digits (4096 files at most)
+    <root>/pins/<key>/<holder>          a server process may (re)load this adapter (a lease)
+    <root>/locks/store.lock             serialises gc; locks/<key>.lock: the lock of one key
+                                        (unrelated keys never wait on each other)
     <root>/tmp/ trash/ quarantine/      publishing, being deleted, failed its integrity check
 
 Publish is atomic: files are written to ``tmp/``, fsynced, and the folder is renamed into
@@ -25,6 +25,16 @@ Eviction (`gc`, also run after each `publish`) removes least recently used adapt
 count and byte limits hold, but never a pinned one: vLLM may reload an adapter's folder at any
 time, so the plugin `pin`s every adapter it hands to vLLM and `unpin`s it when vLLM forgets it
 (``pins.py``: who pins, and when a pin no longer counts).
+
+Every lock wait is bounded. `key_lock` waits at most its ``timeout`` (default: the store's
+``lock_timeout_s``, ``$LORAGEN_LOCK_TIMEOUT_S``) and then raises `LockTimeout` (HTTP 503, with a
+retry-after), so a key lock held by a stopped or slow process is a clear error, never a hang;
+`get_or_create` waits for the key's lock until the caller's ``deadline`` at most.
+
+A full disk: lookups never need a write to succeed (recording a hit or a pin that cannot be
+written is skipped, logged), so stored adapters are still served; `publish` answers `StoreFull`
+(503) after a gc that frees at least the adapter's size where it can (least recently used
+adapters first, pins respected).
 
 `get_or_create(key, make)` is the one way to generate an adapter into the store: under the key's
 cross-process and cross-thread lock (`key_lock`, re-entrant in one thread) it returns the
@@ -56,7 +66,8 @@ from filelock import FileLock, Timeout
 from loragen_vllm import envs
 from loragen_vllm.adapter_files import AdapterFiles, check_adapter_files
 from loragen_vllm.descriptions import validate_description
-from loragen_vllm.errors import AdapterPinned, StoreCorrupt, UnknownAdapter
+from loragen_vllm import metrics
+from loragen_vllm.errors import AdapterPinned, LockTimeout, StoreCorrupt, StoreFull, UnknownAdapter
 from loragen_vllm.pins import Pin, PinBoard
 from loragen_vllm.processes import HOST, pid_alive
 from loragen_vllm.store_meta import META_FILE, StoredAdapterMeta, file_infos, read_meta, verify_folder
@@ -68,6 +79,7 @@ DEFAULT_MAX_BYTES: int | None = envs.default("LORAGEN_STORE_MAX_BYTES")  # 4 GiB
 STALE_TMP_SECONDS = 24 * 3600  # unfinished publishes of unknown owners older than this go
 QUARANTINE_SECONDS = 24 * 3600  # corrupt folders are kept this long for inspection
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _KEY_VERSION = "loragen-vllm adapter key v1"
 
@@ -155,11 +167,14 @@ class AdapterStore:
         *,
         max_adapters: int | None = DEFAULT_MAX_ADAPTERS,
         max_bytes: int | None = DEFAULT_MAX_BYTES,
+        lock_timeout_s: float = envs.default("LORAGEN_LOCK_TIMEOUT_S"),
+        pin_lease_s: float = envs.default("LORAGEN_PIN_LEASE_S"),
     ) -> None:
         self.root = Path(root if root is not None else envs.LORAGEN_STORE).expanduser()
         self.root = self.root.resolve()  # vLLM needs absolute adapter paths
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes
+        self.lock_timeout_s = lock_timeout_s
         self._adapters = self.root / "adapters"
         self._usage = self.root / "usage"
         self._locks = self.root / "locks"
@@ -168,13 +183,20 @@ class AdapterStore:
         self._quarantine = self.root / "quarantine"
         for d in (self._adapters, self._usage, self._locks, self._tmp, self._trash, self._quarantine):
             d.mkdir(parents=True, exist_ok=True)
-        self._pins = PinBoard(self.root / "pins", self.key_lock)
+        self._pins = PinBoard(self.root / "pins", self.key_lock, lease_s=pin_lease_s)
 
     @classmethod
     def from_env(cls, root: str | os.PathLike[str] | None = None) -> AdapterStore:
         """A store configured by $LORAGEN_STORE (unless ``root`` is given),
-        $LORAGEN_STORE_MAX_ADAPTERS and $LORAGEN_STORE_MAX_BYTES (see `envs`)."""
-        return cls(root, max_adapters=envs.LORAGEN_STORE_MAX_ADAPTERS, max_bytes=envs.LORAGEN_STORE_MAX_BYTES)
+        $LORAGEN_STORE_MAX_ADAPTERS, $LORAGEN_STORE_MAX_BYTES, $LORAGEN_LOCK_TIMEOUT_S and
+        $LORAGEN_PIN_LEASE_S (see `envs`)."""
+        return cls(
+            root,
+            max_adapters=envs.LORAGEN_STORE_MAX_ADAPTERS,
+            max_bytes=envs.LORAGEN_STORE_MAX_BYTES,
+            lock_timeout_s=envs.LORAGEN_LOCK_TIMEOUT_S,
+            pin_lease_s=envs.LORAGEN_PIN_LEASE_S,
+        )
 
     # -- keys and locks --------------------------------------------------------------------
 
@@ -199,15 +221,26 @@ class AdapterStore:
 
     @contextlib.contextmanager
     def key_lock(self, key: str, timeout: float | None = None) -> Iterator[None]:
-        """Hold the lock of ``key`` across processes and threads; re-entrant in one thread.
+        """Hold the lock of ``key`` (one lock file per key) across processes and threads;
+        re-entrant in one thread.
 
-        ``timeout`` in seconds (None: wait as long as it takes) raises ``TimeoutError``.
+        Waits at most ``timeout`` seconds (None: the store's ``lock_timeout_s``), then raises
+        `LockTimeout` (a ``TimeoutError``; HTTP 503 with a retry-after).
         """
-        lock = FileLock(self._locks / f"k{_check_key(key)[:3]}.lock", is_singleton=True)
+        wait = self.lock_timeout_s if timeout is None else max(0.0, timeout)
+        lock = FileLock(self._locks / f"{_check_key(key)}.lock", is_singleton=True)
         try:
-            lock.acquire(timeout=-1 if timeout is None else timeout)
+            lock.acquire(timeout=wait)
         except Timeout as e:
-            raise TimeoutError(f"adapter {key[:12]} is locked by another process") from e
+            raise LockTimeout(
+                f"adapter {key[:12]} is locked by another server process or thread (held past "
+                f"the {wait:g} s deadline)", retry_after_s=int(min(max(wait, 1), 60)),
+            ) from e
+        except OSError as e:  # the lock file of a new key cannot be created
+            if e.errno in _NO_SPACE:
+                raise StoreFull(f"no space left in the adapter store for adapter {key[:12]}'s lock file",
+                                retry_after_s=30) from e
+            raise
         try:
             yield
         finally:
@@ -229,22 +262,30 @@ class AdapterStore:
             inode = os.stat(path).st_ino
             meta = verify_folder(path, key)
         except FileNotFoundError:
+            metrics.STORE_LOOKUPS.labels("miss").inc()
             return None  # absent, or removed while we read it
         except StoreCorrupt as e:
+            metrics.STORE_LOOKUPS.labels("corrupt").inc()
             logger.warning("%s; quarantined, it will be regenerated", e)
-            self._quarantine_if_same(key, inode, e.reason)
+            with contextlib.suppress(TimeoutError, OSError):  # busy or disk trouble: next time
+                self._quarantine_if_same(key, inode, e.reason)
             return None
+        metrics.STORE_LOOKUPS.labels("hit").inc()
         if record_hit:
             self._record_hit(key)
         return StoredAdapter(key, path, self._with_usage(meta))
 
     def _record_hit(self, key: str) -> None:
+        """Append one byte to the usage log; a lookup never fails for it (disk full: skipped)."""
         # O_APPEND writes of one byte are atomic across processes: hits = file size.
-        fd = os.open(self._usage / key, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, b".")
-        finally:
-            os.close(fd)
+            fd = os.open(self._usage / key, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, b".")
+            finally:
+                os.close(fd)
+        except OSError as e:
+            logger.debug("hit of %s not recorded: %s", key[:12], e)
 
     def _with_usage(self, meta: StoredAdapterMeta) -> StoredAdapterMeta:
         try:
@@ -316,6 +357,12 @@ class AdapterStore:
         files = check_adapter_files(files, reserved=(META_FILE,))
         text = validate_description(description, max_chars=None)
         key = self.key(text, fingerprint, seed)
+        with self.key_lock(key):  # re-entrant; also creates the key's lock file while space lasts
+            return self._publish_locked(key, files, text, fingerprint, seed, generator_kind)
+
+    def _publish_locked(
+        self, key: str, files: AdapterFiles, text: str, fingerprint: str, seed: int, generator_kind: str
+    ) -> StoredAdapter:
         for _ in range(3):  # a concurrent winner may itself turn out corrupt: try again
             existing = self.get(key, record_hit=False)
             if existing is not None:
@@ -333,9 +380,21 @@ class AdapterStore:
                 files=file_infos(files),
                 size=sum(len(d) for d in files.values()),
             )
-            if self._publish_folder(key, files, meta):
+            try:
+                published = self._publish_folder(key, files, meta)
+            except OSError as e:
+                if e.errno not in _NO_SPACE:
+                    raise
+                report = self.gc(keep=(key,), wait=False, free_bytes=meta.size * 2)
+                raise StoreFull(
+                    f"no space left in the adapter store to publish a new adapter (gc freed "
+                    f"{report.freed_bytes} bytes); stored adapters are still served",
+                    retry_after_s=30,
+                ) from e
+            if published:
                 # Fresh usage log: last used = now, no hits yet.
-                os.close(os.open(self._usage / key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+                with contextlib.suppress(OSError):
+                    os.close(os.open(self._usage / key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
                 if self.max_adapters is not None or self.max_bytes is not None:
                     self.gc(keep=(key,), wait=False)
                 return StoredAdapter(key, self.path(key), meta)
@@ -348,6 +407,7 @@ class AdapterStore:
         *,
         pin: bool = False,
         record_hit: bool = True,
+        deadline: float | None = None,
     ) -> tuple[StoredAdapter, bool]:
         """The adapter ``key``: verified from the store, else ``make()`` published. Returns
         (adapter, whether ``make`` ran).
@@ -358,10 +418,15 @@ class AdapterStore:
         the caller uses it, and pins the published adapter too if ``make`` returned one of
         another key (its generator changed meanwhile). Exceptions of ``make`` propagate;
         nothing is published then.
+
+        ``deadline`` (``time.monotonic()`` seconds): the longest wait for the key's lock (held by
+        another process generating it, or by a stopped one) before `LockTimeout`; None waits
+        ``lock_timeout_s``. A pin that cannot be written (disk full) is skipped, logged.
         """
-        with self.key_lock(key):
+        wait = None if deadline is None else deadline - time.monotonic()
+        with self.key_lock(key, timeout=wait):
             if pin:
-                self.pin(key)
+                self.try_pin(key)
             hit = self.get(key, record_hit=record_hit)
             if hit is not None:
                 return hit, False
@@ -374,7 +439,7 @@ class AdapterStore:
                 generator_kind=new.generator_kind,
             )
         if pin and stored.key != key:
-            self.pin(stored.key)
+            self.try_pin(stored.key)
         return stored, True
 
     def _publish_folder(self, key: str, files: AdapterFiles, meta: StoredAdapterMeta) -> bool:
@@ -412,7 +477,7 @@ class AdapterStore:
         return dest
 
     def _quarantine_if_same(self, key: str, inode: int, reason: str) -> None:
-        with self.key_lock(key):
+        with self.key_lock(key):  # bounded: LockTimeout if busy (the caller skips it)
             try:
                 if os.stat(self._adapters / key).st_ino != inode:
                     return  # replaced by a fresh publish meanwhile
@@ -446,34 +511,60 @@ class AdapterStore:
     # -- pins ---------------------------------------------------------------------------------
 
     def pin(self, key: str, holder: int | None = None) -> None:
-        """Mark ``key`` as possibly (re)loaded by process ``holder`` (default: this process)."""
+        """Mark ``key`` as possibly (re)loaded by process ``holder`` (default: this process,
+        renewed while it runs; another holder's pin lasts one lease). Raises OSError if it
+        cannot be written, `LockTimeout` if the key's lock stays busy."""
         self._pins.pin(_check_key(key), holder)
+
+    def try_pin(self, key: str) -> bool:
+        """`pin` for this process, but a pin that cannot be written (disk full, read-only
+        store) is logged and skipped: serving a stored adapter never needs a write."""
+        try:
+            self.pin(key)
+        except (OSError, StoreFull) as e:
+            if isinstance(e, TimeoutError):
+                raise
+            logger.warning("adapter %s served unpinned: the pin cannot be written (%s)", key[:12], e)
+            return False
+        return True
+
+    def renew_pins(self) -> int:
+        """Renew this process's pins now (a background thread does it every third of the lease)."""
+        return self._pins.renew()
+
+    @property
+    def pin_lease_s(self) -> float:
+        return self._pins.lease_s
 
     def unpin(self, key: str, holder: int | None = None) -> None:
         """Drop the pin of process ``holder`` (default: this process) on ``key``, if any."""
         self._pins.unpin(_check_key(key), holder)
 
     def pins(self, key: str) -> list[Pin]:
-        """Live pins of ``key`` (pins of processes of this host that ended are left out)."""
+        """Pins of ``key`` whose leases hold (expired ones are left out)."""
         return self._pins.live(_check_key(key))
 
     # -- eviction ----------------------------------------------------------------------------
 
-    def gc(self, *, keep: tuple[str, ...] = (), wait: bool = True) -> GCReport:
+    def gc(self, *, keep: tuple[str, ...] = (), wait: bool = True, free_bytes: int = 0) -> GCReport:
         """Evict least recently used, unpinned adapters until the limits hold; clean up
-        unfinished publishes, trash, old quarantine, dead pins and orphan usage logs.
+        unfinished publishes, trash, old quarantine, expired pins and orphan usage logs.
 
         ``keep``: keys never evicted in this pass. ``wait=False`` returns at once (empty
-        report) if another process is collecting already.
+        report) if another process is collecting already; ``wait=True`` waits at most
+        ``lock_timeout_s`` (then `LockTimeout`). ``free_bytes``: also evict until at least
+        this many bytes of adapters were freed (the disk is full). Needs no free disk space.
         """
         lock = self._gc_lock()
         try:
-            lock.acquire(timeout=-1 if wait else 0)
+            lock.acquire(timeout=self.lock_timeout_s if wait else 0)
         except Timeout:
+            if wait:
+                raise LockTimeout(f"the store's gc lock stayed held past {self.lock_timeout_s:g} s") from None
             return GCReport()
         try:
             self._clean_aside()
-            return self._evict(set(keep))
+            return self._evict(set(keep), free_bytes)
         finally:
             lock.release()
 
@@ -510,7 +601,7 @@ class AdapterStore:
                     os.unlink(self._usage / name)
         self._pins.clean(is_key=lambda name: _KEY_RE.match(name) is not None)
 
-    def _evict(self, keep: set[str]) -> GCReport:
+    def _evict(self, keep: set[str], free_bytes: int = 0) -> GCReport:
         sizes: dict[str, int] = {}
         last_used: dict[str, int] = {}
         for key in self.keys():
@@ -525,8 +616,10 @@ class AdapterStore:
         report = GCReport(count=len(sizes), bytes=sum(sizes.values()))
 
         def over() -> bool:
-            return (self.max_adapters is not None and report.count > self.max_adapters) or (
-                self.max_bytes is not None and report.bytes > self.max_bytes
+            return (
+                (self.max_adapters is not None and report.count > self.max_adapters)
+                or (self.max_bytes is not None and report.bytes > self.max_bytes)
+                or report.freed_bytes < free_bytes
             )
 
         for key in sorted(sizes, key=lambda k: last_used[k]):  # least recently used first
@@ -539,7 +632,7 @@ class AdapterStore:
                     if self.pins(key):
                         continue
                     dest = self._move_away(key, self._trash, secrets.token_hex(4))
-            except TimeoutError:
+            except (TimeoutError, StoreFull):  # busy, or no lock file and no space for one
                 continue
             if dest is None:
                 continue
@@ -549,6 +642,8 @@ class AdapterStore:
             report.count -= 1
             report.bytes -= sizes[key]
         report.over_limit = over()
+        metrics.STORE_ADAPTERS.set(report.count)
+        metrics.STORE_BYTES.set(report.bytes)
         report.pinned = sum(1 for k in sizes if k not in report.evicted and self.pins(k))
         if report.evicted:
             logger.info("store gc: evicted %d adapters (%d bytes)", len(report.evicted),

@@ -7,14 +7,17 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from loragen_vllm.errors import AdapterPinned, InvalidDescription, UnknownAdapter
+from loragen_vllm.errors import AdapterPinned, InvalidDescription, LockTimeout, StoreFull, UnknownAdapter, to_http
 from loragen_vllm.processes import HOST
 from loragen_vllm.store import AdapterStore, NewAdapter
 from loragen_vllm.store_meta import META_FILE
@@ -131,7 +134,11 @@ def _join_all(procs, timeout=60):
 
 def test_key_stable_across_processes_and_sensitive_to_each_input():
     k = AdapterStore.key("Classify the sentiment of a movie review.", FP, 0)
-    assert len(k) == 64 and int(k, 16) >= 0
+    # The key is the sha256 of the versioned (normalised description, fingerprint, seed) record:
+    # 64 lowercase hex digits, a usable folder name, and nothing of the description in it.
+    assert re.fullmatch(r"[0-9a-f]{64}", k)
+    payload = msgspec.json.encode(["loragen-vllm adapter key v1", "Classify the sentiment of a movie review.", FP, "0"])
+    assert k == hashlib.sha256(payload).hexdigest()
     assert _key_in_subprocess("Classify the sentiment of a movie review.", FP, 0) == k
     # Regression pin of the key format: changing it orphans every existing store.
     assert AdapterStore.key("hello", "fp", 0) == (
@@ -337,36 +344,68 @@ def test_publish_runs_gc_and_keeps_the_newest(tmp_path):
     assert sorted(store.keys()) == sorted(keys[2:])
 
 
-def test_eviction_respects_live_pins_and_ignores_dead_ones(tmp_path):
-    store = AdapterStore(tmp_path, max_adapters=None, max_bytes=None)
+def _pin_holder_worker(root, key, lease_s, ready):
+    """A "server process": pins ``key`` with its own store (which renews its pins), then lives."""
+    store = AdapterStore(root, max_adapters=None, max_bytes=None, pin_lease_s=lease_s)
+    store.pin(key)
+    ready.set()
+    time.sleep(120)
+
+
+def test_pins_are_leases_live_holders_renew_dead_ones_expire(tmp_path):
+    lease = 1.0
+    store = AdapterStore(tmp_path, max_adapters=None, max_bytes=None, pin_lease_s=lease)
     keys = [publish(store, f"task {i}").key for i in range(4)]
     _age(store, keys)  # keys[0] least recently used
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ready = [PROCS.Event() for _ in range(3)]
+    live, dead, stopped = (
+        PROCS.Process(target=_pin_holder_worker, args=(str(tmp_path), keys[i], lease, ready[i]), daemon=True)
+        for i in range(3)
+    )
     try:
-        store.pin(keys[0], holder=live.pid)
-        store.pin(keys[1], holder=dead.pid)
-        dead.kill()
-        dead.wait()
+        for p, r in zip((live, dead, stopped), ready):
+            p.start()
+            assert r.wait(30)
         assert [p.pid for p in store.pins(keys[0])] == [live.pid]
-        assert store.pins(keys[1]) == []
+        assert [p.pid for p in store.pins(keys[1])] == [dead.pid]
+        dead.kill()  # kill -9: nothing unpins
+        dead.join()
+        os.kill(stopped.pid, signal.SIGSTOP)  # alive but stopped: renews nothing
         store.max_adapters = 2
+        assert store.gc().evicted == [keys[3]]  # every other adapter is pinned, leases fresh
+        time.sleep(3 * lease)  # several renewals of the live holder; the others' leases end
+        assert [p.pid for p in store.pins(keys[0])] == [live.pid]  # renewed, still counts
+        assert store.pins(keys[1]) == [] and store.pins(keys[2]) == []
         report = store.gc()
-        assert report.evicted == [keys[1], keys[2]]  # keys[0] pinned; keys[1]'s pin is dead
-        assert sorted(store.keys()) == sorted([keys[0], keys[3]])
-        assert not report.over_limit and report.pinned == 1
-        assert not (tmp_path / "pins" / keys[1]).exists()  # the dead pin was cleaned up
+        assert report.evicted == [keys[1]]  # least recently used after the pinned keys[0]
+        assert sorted(store.keys()) == sorted([keys[0], keys[2]]) and report.pinned == 1
+        assert not (tmp_path / "pins" / keys[1]).exists()  # the expired pin was cleaned up
         store.max_adapters = 0
         report = store.gc()
-        assert report.evicted == [keys[3]] and store.keys() == [keys[0]]
+        assert report.evicted == [keys[2]] and store.keys() == [keys[0]]
         assert report.over_limit and report.pinned == 1
         with pytest.raises(AdapterPinned, match="pinned"):
             store.rm(keys[0])
-        store.unpin(keys[0], holder=live.pid)
+        live.kill()
+        live.join()
+        time.sleep(1.5 * lease)
         assert store.gc().evicted == [keys[0]] and store.keys() == []
     finally:
-        live.kill()
-        live.wait()
+        for p in (live, dead, stopped):
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signal.SIGCONT)
+                p.kill()
+                p.join()
+
+
+def test_a_pin_for_another_process_lasts_one_lease(tmp_path):
+    store = AdapterStore(tmp_path, max_adapters=None, max_bytes=None, pin_lease_s=0.5)
+    key = publish(store, "Leased task.").key
+    store.pin(key, holder=12345)  # nobody renews it
+    assert [p.pid for p in store.pins(key)] == [12345]
+    time.sleep(0.8)
+    assert store.pins(key) == []
+    store.unpin(key, holder=12345)
 
 
 def test_rm_force_and_unknown_keys(tmp_path):
@@ -399,3 +438,107 @@ def test_gc_removes_unfinished_publishes_of_dead_processes(tmp_path):
     (tmp_path / "tmp" / f"{'b' * 64}.{HOST}.{os.getpid()}.0000").mkdir()  # alive: kept
     store.gc()
     assert os.listdir(tmp_path / "tmp") == [f"{'b' * 64}.{HOST}.{os.getpid()}.0000"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bounded waits and a full disk
+
+
+def _lock_holder_worker(root, key, ready):
+    """Holds ``key``'s lock, then waits (the test stops it with SIGSTOP: a hung server)."""
+    store = AdapterStore(root, max_adapters=None, max_bytes=None)
+    with store.key_lock(key):
+        ready.set()
+        time.sleep(120)
+
+
+def test_a_key_lock_held_by_a_stopped_process_is_a_503_within_the_deadline(tmp_path):
+    store = AdapterStore(tmp_path, max_adapters=None, max_bytes=None, lock_timeout_s=0.5)
+    keys: dict[str, str] = {}
+    i = 0
+    while len({k[:3] for k in keys.values()}) != 1 or len(keys) < 2:  # two keys of one old stripe
+        k = AdapterStore.key(f"task {i}", FP, 0)
+        i += 1
+        if not keys or k[:3] == next(iter(keys.values()))[:3]:
+            keys[f"task {i - 1}"] = k
+    (held_desc, held), (other_desc, other) = list(keys.items())[:2]
+    ready = PROCS.Event()
+    holder = PROCS.Process(target=_lock_holder_worker, args=(str(tmp_path), held, ready), daemon=True)
+    holder.start()
+    try:
+        assert ready.wait(30)
+        os.kill(holder.pid, signal.SIGSTOP)
+        made = []
+
+        def make(desc):
+            return lambda: made.append(desc) or NewAdapter(adapter_files(desc), desc, FP, 0, "t2l")
+
+        t0 = time.monotonic()
+        with pytest.raises(LockTimeout) as busy:
+            store.get_or_create(held, make(held_desc), pin=True, deadline=time.monotonic() + 1.0)
+        waited = time.monotonic() - t0
+        assert 0.9 <= waited < 3.0 and made == []
+        status, body = to_http(busy.value)
+        assert status == 503 and "locked by another" in body["error"]["message"]
+        assert "retry after" in body["error"]["message"]
+        # A key that shared the held key's old lock stripe (first 3 hex digits) does not wait.
+        t0 = time.monotonic()
+        stored, generated = store.get_or_create(other, make(other_desc), pin=True)
+        assert generated and stored.key == other and time.monotonic() - t0 < 0.5
+        with pytest.raises(LockTimeout):  # pins wait at most the store's lock deadline
+            store.pin(held)
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.kill()
+        holder.join()
+    stored, generated = store.get_or_create(held, make(held_desc))  # the holder died: free again
+    assert generated and made == [other_desc, held_desc]
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2 MiB tmpfs (needs root; skipped where mounting is not allowed)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_serves_stored_adapters_refuses_new_ones_and_gc_frees_space(small_fs):
+    store = AdapterStore(small_fs, max_adapters=None, max_bytes=None)
+    stored = [publish(store, f"task {i}", size=200_000) for i in range(4)]
+    store.pin(stored[0].key)
+    filler = small_fs / "filler"
+    with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+        try:
+            while True:
+                f.write(b"\0")
+                f.flush()
+        except OSError:
+            pass
+    with pytest.raises(OSError):
+        (small_fs / "probe").write_bytes(b"x" * 4096)
+    # Lookups need no write: every stored adapter is still served, pins and hits are skipped.
+    for s in stored:
+        hit, generated = store.get_or_create(s.key, lambda: pytest.fail("generated"), pin=True)
+        assert not generated and hit.key == s.key
+    # A new adapter is a clear 503, and the attempt's gc freed room (LRU, pins respected).
+    with pytest.raises(StoreFull) as full:
+        publish(store, "a new task", size=200_000)
+    status, body = to_http(full.value)
+    assert status == 503 and "no space left" in body["error"]["message"]
+    assert stored[0].key in store.keys()  # pinned: kept
+    assert stored[1].key not in store.keys()  # least recently used unpinned one: evicted
+    again = publish(store, "a new task", size=200_000)  # the space gc freed takes it
+    assert store.get(again.key) is not None
