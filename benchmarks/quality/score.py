@@ -153,6 +153,19 @@ def _fmt(cell: dict | None, m: str) -> str:
     return f"{cell[m]:.1f}" + ("" if cell["tasks"] == cell["of"] else f"* ({cell['tasks']}/{cell['of']} tasks)")
 
 
+def _setting(meta: dict) -> str:
+    """How a generated row sampled and prompted (from its meta); empty for other rows."""
+    sampler = meta.get("sampler")
+    if not sampler:
+        return ""
+    out = f"{sampler.get('steps')} steps, guidance {sampler.get('guidance')}"
+    if meta.get("system_prompt"):
+        out += ", + description as system prompt"
+    if meta.get("descriptions") == "user":
+        out += ", user-style descriptions"
+    return out
+
+
 def _rel(cell: dict | None, m: str) -> str:
     if not cell or "relative_to_oracle" not in cell or cell["relative_to_oracle"][m] is None:
         return "—"
@@ -171,15 +184,16 @@ def markdown(q: dict) -> str:
         "mean / oracle mean on the same tasks. Generated-adapter rows average 3 unseen descriptions (or the 2 "
         "user-style ones) x seeds per task. * = only some of the column's tasks were evaluated.",
         "",
-        "| row | test EM | test RL | test % oracle (EM) | validation EM | ID EM | ID % oracle (EM) | generator |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | test EM | test RL | test % oracle (EM) | validation EM | ID EM | ID % oracle (EM) | generator | setting |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in q["rows"].items():
         i, v, t = r.get("in_distribution"), r.get("validation"), r.get("test")
         fp = r["meta"].get("fingerprint", "")[:12]
         lines.append(
             f"| {r['label']} | {_fmt(t, 'exact_match')} | {_fmt(t, 'rougeL')} | {_rel(t, 'exact_match')} "
-            f"| {_fmt(v, 'exact_match')} | {_fmt(i, 'exact_match')} | {_rel(i, 'exact_match')} | {fp} |"
+            f"| {_fmt(v, 'exact_match')} | {_fmt(i, 'exact_match')} | {_rel(i, 'exact_match')} | {fp} "
+            f"| {_setting(r['meta'])} |"
         )
     missing = [label for row, label in ROW_LABELS.items() if row not in q["rows"] and row not in OPTIONAL_ROWS]
     if missing:
