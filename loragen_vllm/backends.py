@@ -41,6 +41,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_BATCH_WINDOW_S: float = envs.default("LORAGEN_BATCH_WINDOW_MS") / 1e3  # 5 ms, as the Ray actor
 
 
+@dataclass(frozen=True)
+class Generated:
+    """An adapter's files and the generator that made them, as returned with the adapter.
+
+    The resolver keys and publishes the adapter by *this* fingerprint, never by one it read
+    earlier: a Ray actor may have restarted with another checkpoint in between.
+    """
+
+    files: AdapterFiles
+    fingerprint: str
+    kind: str
+
+
 @runtime_checkable
 class GeneratorBackend(Protocol):
     """What the resolver needs from a generator, wherever it runs."""
@@ -60,6 +73,11 @@ class GeneratorBackend(Protocol):
 
     async def generate(self, description: str, seed: int = 0) -> AdapterFiles:
         """PEFT files of the adapter for a normalised description; raises `GeneratorUnavailable`."""
+
+    async def generate_adapter(self, description: str, seed: int = 0, *, deadline: float | None = None) -> Generated:
+        """The adapter with the fingerprint and kind of the generator that made it. ``deadline``
+        (``time.monotonic()`` seconds): a call still waiting for its generator pass then is
+        dropped, not generated (`Overloaded`, reason ``deadline``)."""
 
     def close(self) -> None:
         """Release what the backend holds (threads, handles)."""
@@ -165,6 +183,11 @@ class InProcessBackend:
     async def generate(self, description: str, seed: int = 0) -> AdapterFiles:
         """PEFT files for one normalised description (joins the next generator pass)."""
         return await self._batcher.submit(description, seed)
+
+    async def generate_adapter(self, description: str, seed: int = 0, *, deadline: float | None = None) -> Generated:
+        """`generate`, with this checkpoint's fingerprint; dropped unpassed at ``deadline``."""
+        files = await self._batcher.submit(description, seed, deadline=deadline)
+        return Generated(files, self.info.fingerprint, self.info.kind)
 
     async def generate_many(self, descriptions: Sequence[str], seed: int = 0) -> list[AdapterFiles]:
         """PEFT files for each normalised description, in order (joining the next pass)."""

@@ -14,8 +14,12 @@ during a pass wait for the next one (and have usually waited out their window by
 
 Failure. If ``run_pass`` raises, each request of that pass fails with `GeneratorUnavailable`
 (HTTP 503) whose ``__cause__`` is what ``run_pass`` raised (a `GeneratorUnavailable` is passed
-on as it is); later passes run as usual. A request whose caller is cancelled before its pass is
-left out of it.
+on as it is); later passes run as usual.
+
+Abandoned requests are not generated. A request whose caller is cancelled before its pass (a
+client gone, a deadline that passed upstream) is left out of it, and so is one whose own
+``deadline`` (``time.monotonic()`` seconds) passed while it waited: it fails with `Overloaded`
+(reason ``deadline``, HTTP 503). A pass of only such requests does not run.
 
 ``submit`` must be awaited on one event loop at a time (the one the batcher's task runs on).
 """
@@ -24,12 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from loragen_vllm.errors import GeneratorUnavailable
+from loragen_vllm import metrics
+from loragen_vllm.errors import GeneratorUnavailable, Overloaded
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +52,8 @@ class BatchStats:
     passes: int = 0  # passes run (failed ones included); while a pass runs, its number
     failed: int = 0  # passes whose run_pass raised
     done: int = 0  # requests answered by passes that succeeded
+    cancelled: int = 0  # requests left out because their caller gave up
+    expired: int = 0  # requests left out because their deadline passed while they waited
     batch_sizes: dict[int, int] = field(default_factory=dict)  # requests in a pass -> passes of that size
 
 
@@ -55,6 +63,7 @@ class _Request(Generic[T, R]):
     seed: int
     arrived: float  # loop time
     future: asyncio.Future[R]
+    deadline: float | None = None  # time.monotonic() seconds
 
 
 class MicroBatcher(Generic[T, R]):
@@ -85,16 +94,18 @@ class MicroBatcher(Generic[T, R]):
         """Requests waiting for a pass (not counting the one running)."""
         return len(self._waiting)
 
-    async def submit(self, item: T, seed: int = 0) -> R:
-        """The result for ``item``, from the pass it joins; raises `GeneratorUnavailable`."""
-        return (await self.submit_many([item], seed))[0]
+    async def submit(self, item: T, seed: int = 0, *, deadline: float | None = None) -> R:
+        """The result for ``item``, from the pass it joins; raises `GeneratorUnavailable`
+        (`Overloaded` if ``deadline`` passes before its pass starts)."""
+        return (await self.submit_many([item], seed, deadline=deadline))[0]
 
-    async def submit_many(self, items: Sequence[T], seed: int = 0) -> list[R]:
+    async def submit_many(self, items: Sequence[T], seed: int = 0, *, deadline: float | None = None) -> list[R]:
         """Results for each of ``items`` (in order), all joining the same pass where they fit."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        requests = [_Request(item, seed, now, loop.create_future()) for item in items]
+        requests = [_Request(item, seed, now, loop.create_future(), deadline) for item in items]
         self._waiting.extend(requests)
+        metrics.QUEUED.inc(len(requests))
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run(), name="loragen-microbatch")
         elif self._wakeup is not None and not self._wakeup.done() and self._full(self._waiting[0].seed):
@@ -110,11 +121,30 @@ class MicroBatcher(Generic[T, R]):
     def _full(self, seed: int) -> bool:
         return sum(1 for r in self._waiting if r.seed == seed) >= self.max_batch
 
+    def _drop_abandoned(self) -> None:
+        """Leave out requests whose callers gave up or whose deadline passed."""
+        now = time.monotonic()
+        keep = []
+        for r in self._waiting:
+            if r.future.done():  # cancelled by its caller
+                self.stats.cancelled += 1
+            elif r.deadline is not None and now >= r.deadline:
+                self.stats.expired += 1
+                r.future.set_exception(
+                    Overloaded("the request's deadline passed while it waited for a generator pass",
+                               reason="deadline")
+                )
+            else:
+                keep.append(r)
+                continue
+            metrics.QUEUED.dec()
+        self._waiting = keep
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                self._waiting = [r for r in self._waiting if not r.future.done()]  # callers gone
+                self._drop_abandoned()
                 if not self._waiting:
                     return
                 oldest = self._waiting[0]
@@ -133,13 +163,18 @@ class MicroBatcher(Generic[T, R]):
             for r in self._waiting:
                 if not r.future.done():
                     r.future.set_exception(GeneratorUnavailable(f"the generator stopped ({type(e).__name__})"))
+            metrics.QUEUED.dec(len(self._waiting))
             self._waiting.clear()
             raise
 
     async def _run_one_pass(self, seed: int) -> None:
+        self._drop_abandoned()
         batch = [r for r in self._waiting if r.seed == seed][: self.max_batch]
+        if not batch:
+            return
         taken = {id(r) for r in batch}
         self._waiting = [r for r in self._waiting if id(r) not in taken]
+        metrics.QUEUED.dec(len(batch))
         self.stats.passes += 1
         n = len(batch)
         self.stats.batch_sizes[n] = self.stats.batch_sizes.get(n, 0) + 1

@@ -9,7 +9,15 @@ name it does not know (with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` set; see
         else generate once, publish     -> pin, LoRARequest(path)
 
 Concurrent requests for one key share one in-flight generation in this process; across server
-processes the store's per-key lock makes one of them generate. Failures are `LoragenError`s
+processes the store's per-key lock makes one of them generate.
+
+Every wait is bounded. Each request has one deadline from its arrival
+(``LORAGEN_GENERATE_TIMEOUT_S``) that covers the store lookup, waiting for a miss thread, the
+key's store lock (held by another process generating it, or by a stopped one) and the
+generation; past it the request is a 503. At most ``LORAGEN_MAX_PENDING`` generations are
+pending at once; a new one beyond that is refused at once (`Overloaded`, 503 with a retry-after).
+A generation whose callers all gave up (client gone, deadline passed) is dropped before its
+generator pass. Metrics of all this: ``metrics.py``. Failures are `LoragenError`s
 and become HTTP errors in one place, `_raise_for_vllm` (via ``errors.to_vllm_exception``):
 an invalid description is a 400 naming the problem, a failed generator a 503 for that request.
 
@@ -24,19 +32,26 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
-from loragen_vllm import envs
-from loragen_vllm.adapter_files import AdapterFiles
-from loragen_vllm.backends import DEFAULT_BATCH_WINDOW_S, GeneratorBackend
+from loragen_vllm import envs, metrics
+from loragen_vllm.backends import DEFAULT_BATCH_WINDOW_S, GeneratorBackend, Generated
 from loragen_vllm.descriptions import MAX_DESCRIPTION_CHARS, validate_description
-from loragen_vllm.errors import GeneratorUnavailable, LoragenError, to_vllm_exception
+from loragen_vllm.errors import (
+    GeneratorUnavailable,
+    InvalidDescription,
+    LockTimeout,
+    LoragenError,
+    Overloaded,
+    to_vllm_exception,
+)
 from loragen_vllm.store import AdapterStore, NewAdapter, StoredAdapter
 
 logger = logging.getLogger(__name__)
@@ -54,7 +69,8 @@ class PluginConfig:
     seed: int = 0
     max_description_chars: int = MAX_DESCRIPTION_CHARS
     batch_window_s: float = DEFAULT_BATCH_WINDOW_S
-    generate_timeout_s: float = envs.default("LORAGEN_GENERATE_TIMEOUT_S")  # longer is a 503
+    generate_timeout_s: float = envs.default("LORAGEN_GENERATE_TIMEOUT_S")  # a request's deadline
+    max_pending: int = envs.default("LORAGEN_MAX_PENDING")  # generations pending at once
 
     @classmethod
     def from_env(cls) -> PluginConfig | None:
@@ -73,6 +89,7 @@ class PluginConfig:
             max_description_chars=envs.LORAGEN_MAX_DESCRIPTION_CHARS,
             batch_window_s=envs.LORAGEN_BATCH_WINDOW_MS / 1e3,
             generate_timeout_s=envs.LORAGEN_GENERATE_TIMEOUT_S,
+            max_pending=envs.LORAGEN_MAX_PENDING,
         )
 
     def make_backend(self) -> GeneratorBackend:
@@ -87,6 +104,15 @@ class PluginConfig:
 
         assert self.generator is not None
         return InProcessBackend(self.generator, self.device, batch_window_s=self.batch_window_s)
+
+
+@dataclass(eq=False)
+class _Generation:
+    """One key's resolution in flight in this process, shared by the requests that wait on it."""
+
+    task: asyncio.Future[StoredAdapter] | None = None
+    waiters: int = 0
+    abandoned: threading.Event = field(default_factory=threading.Event)  # every waiter gave up
 
 
 def lora_int_id(key: str) -> int:
@@ -110,9 +136,11 @@ class LoRAGenResolver(LoRAResolver):
         # lookups in `_io`, misses (a thread waits on a key's lock and its generation) in
         # `_misses`, so many generations in flight never hold up lookups that hit.
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="loragen-store")
-        self._misses = ThreadPoolExecutor(max_workers=64, thread_name_prefix="loragen-miss")
-        self._inflight: dict[str, asyncio.Future[StoredAdapter]] = {}
+        self._misses = ThreadPoolExecutor(max_workers=config.max_pending, thread_name_prefix="loragen-miss")
+        self._inflight: dict[str, _Generation] = {}
+        self._pending = 0  # misses admitted (waiting for a thread, a lock or the generator)
         self._names: dict[str, str] = {}  # lora_name handed to vLLM -> store key (pinned)
+        self._fingerprints: dict[str, str] = {}  # store key -> its generator's fingerprint
         self._holders: dict[str, int] = {}  # store key -> how many remembered names use it
         self._resolving: dict[str, int] = {}  # store key -> requests resolving it right now
 
@@ -136,19 +164,36 @@ class LoRAGenResolver(LoRAResolver):
         return LoRARequest(lora_name=lora_name, lora_int_id=lora_int_id(stored.key), lora_path=str(stored.path))
 
     async def _resolve(self, lora_name: str) -> StoredAdapter:
+        started = time.monotonic()
+        deadline = started + self.config.generate_timeout_s
         description = validate_description(lora_name, self.config.max_description_chars)
         fingerprint = await self.backend.get_fingerprint()
         key = AdapterStore.key(description, fingerprint, self.config.seed)
         self._resolving[key] = self._resolving.get(key, 0) + 1  # keeps its pin until remembered
         try:
-            task = self._inflight.get(key)
-            if task is None:  # the first request for this key in this process does the work
-                task = asyncio.ensure_future(self._get_or_generate(key, description, fingerprint))
-                self._inflight[key] = task
-                task.add_done_callback(lambda _: self._inflight.pop(key, None))
-            # shield: a client that disconnects does not cancel the others' generation
-            stored = await asyncio.shield(task)
-            self._remember(lora_name, stored.key)
+            gen = self._inflight.get(key)
+            if gen is None or gen.abandoned.is_set():  # the first request for this key does the work
+                gen = _Generation()
+                gen.task = asyncio.ensure_future(self._get_or_generate(key, description, deadline, gen))
+                self._inflight[key] = gen
+                gen.task.add_done_callback(lambda _, g=gen: self._inflight.pop(key) if self._inflight.get(key) is g else None)
+            gen.waiters += 1
+            try:
+                # shield: one request that gives up does not cancel the others' generation;
+                # when the last one gives up, `abandoned` stops it before its generator pass.
+                stored = await asyncio.wait_for(asyncio.shield(gen.task), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise Overloaded(
+                    f"no adapter within the request's deadline of {self.config.generate_timeout_s:g} s",
+                    reason="deadline", retry_after_s=int(min(self.config.generate_timeout_s, 60)),
+                ) from None
+            finally:
+                gen.waiters -= 1
+                if gen.waiters == 0 and not gen.task.done():
+                    gen.abandoned.set()
+            self._remember(lora_name, stored.key, stored.meta.fingerprint)
+            metrics.RESOLUTIONS.inc()
+            metrics.GENERATION_SECONDS.labels("total").observe(time.monotonic() - started)
             return stored
         finally:
             n = self._resolving[key] - 1
@@ -161,82 +206,159 @@ class LoRAGenResolver(LoRAResolver):
                     if done is not None:
                         await done
 
-    async def _get_or_generate(self, key: str, description: str, fingerprint: str) -> StoredAdapter:
+    async def _get_or_generate(self, key: str, description: str, deadline: float, gen: _Generation) -> StoredAdapter:
         loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
         hit = await loop.run_in_executor(self._io, self._pinned_get, key)
+        metrics.GENERATION_SECONDS.labels("lookup").observe(time.monotonic() - t0)
         if hit is not None:
             return hit
-        return await loop.run_in_executor(
-            self._misses, self._locked_get_or_generate, key, description, fingerprint, loop
-        )
+        if self._pending >= self.config.max_pending:
+            raise Overloaded(
+                f"too many adapters are being generated ({self._pending} pending, the limit is "
+                f"{self.config.max_pending})", reason="queue_full", retry_after_s=5,
+            )
+        self._pending += 1
+        metrics.IN_FLIGHT.inc()
+        try:
+            return await loop.run_in_executor(
+                self._misses, self._locked_get_or_generate, key, description, loop, deadline, gen, time.monotonic()
+            )
+        finally:
+            self._pending -= 1
+            metrics.IN_FLIGHT.dec()
 
     def _pinned_get(self, key: str) -> StoredAdapter | None:
-        """Store thread: pin, then the verified adapter or None (absent, or corrupt: quarantined)."""
-        self.store.pin(key)
+        """Store thread: the verified adapter, pinned, or None (absent; corrupt: quarantined;
+        or its key lock busy: the miss path waits for it until the deadline)."""
+        if not self.store.path(key).exists():
+            return None
+        try:
+            self.store.try_pin(key)  # a pin that cannot be written (disk full) is skipped
+        except LockTimeout:
+            return None  # being generated by another process: wait for it on the miss path
         return self.store.get(key)
 
     def _locked_get_or_generate(
-        self, key: str, description: str, fingerprint: str, loop: asyncio.AbstractEventLoop
+        self,
+        key: str,
+        description: str,
+        loop: asyncio.AbstractEventLoop,
+        deadline: float,
+        gen: _Generation,
+        queued_at: float,
     ) -> StoredAdapter:
-        """Miss thread: the store's get-or-create of ``key`` (under its cross-process lock: a
-        verified hit if another process or thread was first, else a new adapter).
+        """Miss thread: the store's get-or-create of ``key`` (under its cross-process lock, waited
+        for until ``deadline``: a verified hit if another process or thread was first, else a new
+        adapter keyed and published by the fingerprint the generator returned with it).
 
         Pinned before it is looked up, so another process's eviction cannot remove it between
         the lookup and vLLM loading it. (Unpinned by `_resolve` if it is not used after all.)
         """
-        started = 0.0
+        entered = time.monotonic()
+        metrics.GENERATION_SECONDS.labels("queue").observe(entered - queued_at)
+        self._check_wanted(gen, deadline)
+        made_at = 0.0
 
         def generate() -> NewAdapter:
-            nonlocal started
-            started = time.perf_counter()
-            files = self._generate_on_loop(description, loop)
+            nonlocal made_at
+            t0 = time.monotonic()
+            metrics.GENERATION_SECONDS.labels("lock").observe(t0 - entered)
+            self._check_wanted(gen, deadline)
+            try:
+                generated = self._generate_on_loop(description, loop, deadline, gen)
+            except Exception:
+                metrics.GENERATIONS.labels("error").inc()
+                raise
+            made_at = time.monotonic()
+            metrics.GENERATION_SECONDS.labels("generate").observe(made_at - t0)
             return NewAdapter(
-                files,
+                generated.files,
                 description=description,
-                fingerprint=self.backend.fingerprint or fingerprint,  # the Ray actor may have changed
+                fingerprint=generated.fingerprint,  # as returned with the adapter
                 seed=self.config.seed,
-                generator_kind=self.backend.kind or "unknown",
+                generator_kind=generated.kind,
             )
 
-        stored, generated = self.store.get_or_create(key, generate, pin=True)
+        stored, generated = self.store.get_or_create(key, generate, pin=True, deadline=deadline)
         if generated:
+            metrics.GENERATIONS.labels("ok").inc()
+            metrics.GENERATION_SECONDS.labels("publish").observe(time.monotonic() - made_at)
             # One line per generated adapter: the honest count of generations (tests read it).
             logger.info(
                 "loragen generated adapter key=%s in %.3f s (%s generator %s): %.80r",
-                stored.key, time.perf_counter() - started, stored.meta.generator_kind,
+                stored.key, made_at - entered, stored.meta.generator_kind,
                 stored.meta.fingerprint[:12], description,
             )
         return stored
 
-    def _generate_on_loop(self, description: str, loop: asyncio.AbstractEventLoop) -> AdapterFiles:
-        """Miss thread: the backend's adapter for ``description``, generated on vLLM's event loop;
-        a generation longer than ``generate_timeout_s`` is `GeneratorUnavailable`."""
-        pending = asyncio.run_coroutine_threadsafe(self.backend.generate(description, self.config.seed), loop)
-        try:
-            return pending.result(timeout=self.config.generate_timeout_s)
-        except concurrent.futures.TimeoutError:
-            pending.cancel()
-            raise GeneratorUnavailable(
-                f"adapter generation took longer than {self.config.generate_timeout_s:.0f} s"
-            ) from None
+    def _check_wanted(self, gen: _Generation, deadline: float) -> None:
+        """Raise unless some caller still waits for this generation and its deadline holds."""
+        if gen.abandoned.is_set():
+            raise Overloaded("every request for this adapter gave up before it was generated", reason="abandoned")
+        if time.monotonic() >= deadline:
+            raise Overloaded("the request's deadline passed before its generation started", reason="deadline")
+
+    def _generate_on_loop(
+        self, description: str, loop: asyncio.AbstractEventLoop, deadline: float, gen: _Generation
+    ) -> Generated:
+        """Miss thread: the backend's adapter for ``description``, generated on vLLM's event loop
+        by ``deadline``; dropped (cancelled before its generator pass) when every caller gave up."""
+        pending = asyncio.run_coroutine_threadsafe(
+            self.backend.generate_adapter(description, self.config.seed, deadline=deadline), loop
+        )
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return pending.result(timeout=max(0.0, min(left, 0.05)))
+            except concurrent.futures.TimeoutError:
+                if gen.abandoned.is_set() or time.monotonic() >= deadline:
+                    pending.cancel()
+                    self._check_wanted(gen, deadline)
+                    raise Overloaded("the request's deadline passed during generation", reason="deadline") from None
+            except concurrent.futures.CancelledError:
+                raise GeneratorUnavailable("the generation was cancelled (the server is shutting down?)") from None
 
     # -- what vLLM remembers -----------------------------------------------------------------
 
-    def _remember(self, lora_name: str, key: str) -> None:
+    def _remember(self, lora_name: str, key: str, fingerprint: str) -> None:
         """vLLM will remember ``lora_name``: keep its adapter pinned until `forget`."""
+        self._fingerprints[key] = fingerprint
         old = self._names.get(lora_name)
         if old == key:
             return
         self._names[lora_name] = key
         self._holders[key] = self._holders.get(key, 0) + 1
+        metrics.NAMES_RESOLVED.set(len(self._names))
         if old is not None:
             self._release(old)
 
-    def forget(self, lora_name: str) -> None:
-        """vLLM forgot ``lora_name`` (evicted or unloaded): unpin its adapter if nothing else uses it."""
+    def forget(self, lora_name: str) -> bool:
+        """vLLM forgot ``lora_name`` (evicted or unloaded): unpin its adapter if nothing else uses
+        it. True if the name was remembered."""
         key = self._names.pop(lora_name, None)
-        if key is not None:
-            self._release(key)
+        if key is None:
+            return False
+        metrics.NAMES_RESOLVED.set(len(self._names))
+        self._release(key)
+        return True
+
+    def discard(self, lora_name: str) -> bool:
+        """vLLM could not load the adapter it was given for ``lora_name`` (``add_lora`` failed):
+        forget the name and unpin its adapter (unless another name or request uses it), so
+        nothing outlives the failure. True if the name was remembered."""
+        known = self.forget(lora_name)
+        if known:
+            logger.warning("loragen forgot model %.60r: vLLM could not load its adapter", lora_name)
+        return known
+
+    def adapter_of(self, lora_name: str) -> tuple[str, str] | None:
+        """(store key, generator fingerprint) of the adapter that answers ``lora_name``, None if
+        the name is not resolved (for the ``x-loragen-adapter`` response header)."""
+        key = self._names.get(lora_name)
+        if key is None:
+            return None
+        return key, self._fingerprints.get(key, "")
 
     def _release(self, key: str) -> None:
         n = self._holders.get(key, 0) - 1
@@ -244,6 +366,7 @@ class LoRAGenResolver(LoRAResolver):
             self._holders[key] = n
             return
         self._holders.pop(key, None)
+        self._fingerprints.pop(key, None)
         if key not in self._resolving:
             self._unpin_later(key)
 
@@ -254,9 +377,12 @@ class LoRAGenResolver(LoRAResolver):
         """
 
         def unpin() -> None:
-            with self.store.key_lock(key):  # a concurrent resolution pins under this lock
-                if key not in self._holders and key not in self._resolving:
-                    self.store.unpin(key)
+            try:
+                with self.store.key_lock(key):  # a concurrent resolution pins under this lock
+                    if key not in self._holders and key not in self._resolving:
+                        self.store.unpin(key)
+            except (LockTimeout, OSError) as e:  # the pin is no longer renewed: its lease ends
+                logger.warning("adapter %s not unpinned now (%s); its pin expires with its lease", key[:12], e)
 
         try:
             loop = asyncio.get_running_loop()
@@ -282,12 +408,39 @@ def _raise_for_vllm(err: Exception, lora_name: str) -> NoReturn:
     unavailable); anything else is a bug or an I/O failure: logged with its traceback, and
     the client gets a 500 that does not leak internals.
     """
+    if isinstance(err, Overloaded):
+        metrics.reject(err.reason)
+    elif isinstance(err, InvalidDescription):
+        metrics.reject("invalid")
+    elif isinstance(err, GeneratorUnavailable):
+        metrics.reject("generator")
     if isinstance(err, LoragenError):
         level = logging.WARNING if isinstance(err, GeneratorUnavailable) else logging.INFO
         logger.log(level, "loragen refused model %.60r: %s (%s)", lora_name, err, err.status.value)
     else:
         logger.error("loragen failed on model %.60r", lora_name, exc_info=err)
     raise to_vllm_exception(err) from err
+
+
+def _registered() -> LoRAGenResolver | None:
+    if RESOLVER_NAME not in LoRAResolverRegistry.get_supported_resolvers():
+        return None
+    r = LoRAResolverRegistry.get_resolver(RESOLVER_NAME)
+    return r if isinstance(r, LoRAGenResolver) else None
+
+
+def discard_resolved(lora_name: str) -> bool:
+    """vLLM's ``add_lora`` failed for ``lora_name``: the registered resolver forgets the name
+    and unpins its adapter (`LoRAGenResolver.discard`). False if no resolver knows the name."""
+    r = _registered()
+    return r is not None and r.discard(lora_name)
+
+
+def adapter_of(lora_name: str) -> tuple[str, str] | None:
+    """(store key, generator fingerprint) of the adapter answering ``lora_name`` through the
+    registered resolver, None if it is not a resolved description."""
+    r = _registered()
+    return None if r is None else r.adapter_of(lora_name)
 
 
 def register() -> None:

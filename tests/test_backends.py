@@ -38,7 +38,9 @@ def test_concurrent_calls_share_one_generator_pass(own_ckpt: Path) -> None:
         return list(together), alone
 
     together, alone = asyncio.run(main())
-    assert backend.passes == 2  # five concurrent calls in one pass, then one more
+    # five concurrent calls overlapped: one pass held all five (serialised calls would make five
+    # passes of one), then the lone call had a pass of its own
+    assert backend.passes == 2 and backend._batcher.stats.batch_sizes == {5: 1, 1: 1}
     assert all(set(f) == {"adapter_config.json", "adapter_model.safetensors"} for f in together)
     assert len({f["adapter_model.safetensors"] for f in together}) == 5  # one adapter each
     # a description's adapter does not depend on its batch (up to float rounding)
@@ -58,4 +60,13 @@ def test_generator_failure_is_generator_unavailable_then_recovers(own_ckpt: Path
         asyncio.run(backend.generate(DESC))
     (own_ckpt / "model.safetensors").write_bytes(good)
     assert "adapter_model.safetensors" in asyncio.run(backend.generate(DESC))  # load retried
+    backend.close()
+
+
+def test_generate_adapter_returns_the_fingerprint_with_the_adapter(own_ckpt: Path) -> None:
+    backend = InProcessBackend(own_ckpt)
+    generated = asyncio.run(backend.generate_adapter(DESC, 0))
+    info = CheckpointInfo.read(own_ckpt)
+    assert (generated.fingerprint, generated.kind) == (info.fingerprint, info.kind)
+    assert generated.files == asyncio.run(backend.generate(DESC, 0))  # same adapter
     backend.close()

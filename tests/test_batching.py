@@ -10,7 +10,7 @@ import time
 import pytest
 
 from loragen_vllm.batching import MicroBatcher
-from loragen_vllm.errors import GeneratorUnavailable
+from loragen_vllm.errors import GeneratorUnavailable, Overloaded
 
 
 class Recorder:
@@ -198,3 +198,41 @@ def test_bad_settings_are_refused() -> None:
         MicroBatcher(Recorder(), window_s=-1.0)
     with pytest.raises(ValueError):
         MicroBatcher(Recorder(), window_s=0.0, max_batch=0)
+
+
+def test_requests_past_their_deadline_are_not_generated() -> None:
+    run = Recorder(seconds=0.3)
+    batcher = MicroBatcher(run, window_s=0.0)
+
+    async def main() -> tuple[object, list[object]]:
+        first = asyncio.ensure_future(batcher.submit("first"))  # runs at once, for 0.3 s
+        while not run.started.is_set():
+            await asyncio.sleep(0.01)
+        soon = time.monotonic() + 0.1  # passes while "first" runs
+        late = [asyncio.ensure_future(batcher.submit(d, deadline=soon)) for d in ("late1", "late2")]
+        kept = asyncio.ensure_future(batcher.submit("kept", deadline=time.monotonic() + 30))
+        results = await asyncio.gather(*late, return_exceptions=True)
+        return (await first, await kept), results
+
+    (first, kept), late = asyncio.run(main())
+    assert first == ("first", 0) and kept == ("kept", 0)
+    assert all(isinstance(e, Overloaded) and e.reason == "deadline" for e in late)
+    assert run.passes == [(["first"], 0), (["kept"], 0)]  # the expired two never reached a pass
+    assert batcher.stats.expired == 2
+    batcher.close()
+
+
+def test_a_pass_whose_callers_all_gave_up_does_not_run() -> None:
+    run = Recorder()
+    batcher = MicroBatcher(run, window_s=0.2)
+
+    async def main() -> None:
+        gone = [asyncio.ensure_future(batcher.submit(d)) for d in ("a", "b")]
+        await asyncio.sleep(0.05)
+        for g in gone:
+            g.cancel()
+        await asyncio.sleep(0.4)
+
+    asyncio.run(main())
+    assert run.passes == [] and batcher.stats.passes == 0 and batcher.stats.cancelled == 2
+    batcher.close()

@@ -5,15 +5,29 @@ tests/test_serve.py.)"""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing as mp
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
+from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+from vllm.exceptions import RetryableRequestError, VLLMValidationError
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolverRegistry
 
 from loragen_vllm.backends import InProcessBackend
-from loragen_vllm.errors import to_http
-from loragen_vllm.plugin import RESOLVER_NAME, LoRAGenResolver, PluginConfig, register
+from loragen_vllm.errors import retry_after_s
+from loragen_vllm.plugin import (
+    RESOLVER_NAME,
+    LoRAGenResolver,
+    PluginConfig,
+    adapter_of,
+    discard_resolved,
+    register,
+)
 from loragen_vllm.store import AdapterStore
 from tests.fixtures_serving import break_weights
 
@@ -27,8 +41,32 @@ def resolver(own_ckpt: Path, tmp_path: Path) -> LoRAGenResolver:
 
 
 
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def make_resolver(ckpt: Path, store: Path, *, window_s: float = 0.005, **config) -> LoRAGenResolver:
+    return LoRAGenResolver(
+        PluginConfig(generator=str(ckpt), **config),
+        store=AdapterStore(store, lock_timeout_s=config.get("generate_timeout_s", 10)),
+        backend=InProcessBackend(ckpt, batch_window_s=window_s),
+    )
+
+
+def vllm_status(exc: BaseException) -> tuple[int, str]:
+    """What vLLM's server answers for the exception the resolver raised (its own mapping)."""
+    err = create_error_response(exc).error
+    return err.code, err.message
+
+
 def test_resolve_generates_once_and_pins(resolver: LoRAGenResolver) -> None:
     spellings = [DESC, "  " + DESC, DESC.replace(" ", "\n"), DESC + "\t"]
+    before = {n: metric(n, **lab) for n, lab in (
+        ("loragen_store_lookups_total", {"result": "hit"}),
+        ("loragen_store_lookups_total", {"result": "miss"}),
+        ("loragen_generations_total", {"outcome": "ok"}),
+        ("loragen_resolutions_total", {}),
+    )}
 
     async def main() -> list[LoRARequest]:
         return list(await asyncio.gather(*(resolver.resolve_lora("base", s) for s in spellings)))
@@ -36,6 +74,11 @@ def test_resolve_generates_once_and_pins(resolver: LoRAGenResolver) -> None:
     requests = asyncio.run(main())
     store, backend = resolver.store, resolver.backend
     assert isinstance(backend, InProcessBackend) and backend.passes == 1
+    # The four overlapped: they shared one in-flight resolution (one lookup, a miss, and one
+    # generation). Had they run one after another, the later three would be store hits.
+    assert metric("loragen_store_lookups_total", result="hit") == before["loragen_store_lookups_total"]
+    assert metric("loragen_generations_total", outcome="ok") - before["loragen_generations_total"] == 1
+    assert metric("loragen_resolutions_total") - before["loragen_resolutions_total"] == 4
     assert len(store.keys()) == 1 and {r.lora_path for r in requests} == {str(store.path(store.keys()[0]))}
     assert [r.lora_name for r in requests] == spellings
     key = store.keys()[0]
@@ -59,16 +102,19 @@ def test_stored_adapter_is_not_regenerated_and_corruption_is(resolver: LoRAGenRe
     assert resolver.store.get(resolver.store.keys()[0], record_hit=False) is not None
 
 
-def test_invalid_description_and_generator_failure_map_to_http(resolver: LoRAGenResolver, own_ckpt: Path) -> None:
-    with pytest.raises(Exception) as bad:
+def test_invalid_description_and_generator_failure_reach_vllm_as_400_and_503(
+    resolver: LoRAGenResolver, own_ckpt: Path
+) -> None:
+    # What vLLM receives from the resolver, rendered by vLLM's own create_error_response.
+    with pytest.raises(VLLMValidationError) as bad:
         asyncio.run(resolver.resolve_lora("base", "x" * 5000))
-    status, body = to_http(bad.value.__cause__)
-    assert status == 400 and "too long" in body["error"]["message"]
+    code, message = vllm_status(bad.value)
+    assert code == 400 and "too long" in message and bad.value.parameter == "model"
 
     break_weights(own_ckpt)
-    with pytest.raises(Exception) as down:
+    with pytest.raises(RetryableRequestError) as down:
         asyncio.run(resolver.resolve_lora("base", DESC))
-    assert to_http(down.value.__cause__)[0] == 503
+    assert vllm_status(down.value)[0] == 503
     assert resolver.store.keys() == [] and resolver.remembered == 0
     assert not any((resolver.store.root / "pins").iterdir())  # the failed request left no pin
 
@@ -91,3 +137,139 @@ def test_register_reads_the_environment(own_ckpt: Path, tmp_path: Path, monkeypa
         assert LoRAResolverRegistry.get_resolver(RESOLVER_NAME) is resolver
     finally:
         LoRAResolverRegistry.resolvers.pop(RESOLVER_NAME, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bounded waits, abandoned calls, consistency, metrics
+
+
+def test_a_full_queue_of_pending_generations_is_503_with_retry_after(own_ckpt: Path, tmp_path: Path) -> None:
+    resolver = make_resolver(own_ckpt, tmp_path / "store", window_s=1.0, max_pending=1)
+    rejects = metric("loragen_rejects_total", reason="queue_full")
+
+    async def main() -> tuple[LoRARequest, BaseException, float]:
+        first = asyncio.ensure_future(resolver.resolve_lora("base", DESC))
+        await asyncio.sleep(0.3)  # first is pending (its pass waits out the 1 s window)
+        t0 = time.monotonic()
+        try:
+            await resolver.resolve_lora("base", "Translate English to French.")
+        except Exception as e:  # noqa: BLE001
+            second, took = e, time.monotonic() - t0
+        else:
+            raise AssertionError("a second pending generation was admitted")
+        return await first, second, took
+
+    first, second, took = asyncio.run(main())
+    assert first.lora_path and took < 0.5  # refused at once, not queued
+    assert isinstance(second, RetryableRequestError)
+    code, message = vllm_status(second)
+    assert code == 503 and "too many adapters" in message and retry_after_s(message) == 5
+    assert metric("loragen_rejects_total", reason="queue_full") == rejects + 1
+
+
+def test_the_deadline_counts_queueing_and_an_expired_call_is_not_generated(own_ckpt: Path, tmp_path: Path) -> None:
+    resolver = make_resolver(own_ckpt, tmp_path / "store", window_s=2.0, generate_timeout_s=0.5)
+
+    async def main() -> tuple[BaseException, float]:
+        t0 = time.monotonic()
+        try:
+            await resolver.resolve_lora("base", DESC)
+        except Exception as e:  # noqa: BLE001
+            took = time.monotonic() - t0
+            await asyncio.sleep(2.5)  # the batch window ends: the dropped call must not run
+            return e, took
+        raise AssertionError("resolved past its deadline")
+
+    err, took = asyncio.run(main())
+    assert isinstance(err, RetryableRequestError) and vllm_status(err)[0] == 503
+    assert 0.4 < took < 1.5
+    assert resolver.backend.passes == 0  # waited in the batcher past its deadline: never generated
+    assert resolver.store.keys() == []
+
+
+def test_a_client_that_gives_up_is_not_generated_for(own_ckpt: Path, tmp_path: Path) -> None:
+    resolver = make_resolver(own_ckpt, tmp_path / "store", window_s=1.0)
+
+    async def main() -> None:
+        gone = asyncio.ensure_future(resolver.resolve_lora("base", DESC))
+        await asyncio.sleep(0.3)
+        gone.cancel()  # the client disconnected
+        await asyncio.sleep(1.5)
+
+    asyncio.run(main())
+    assert resolver.backend.passes == 0 and resolver.store.keys() == []
+    assert not any((resolver.store.root / "pins").iterdir())
+
+
+def _hold_key_lock(root: str, key: str, ready) -> None:
+    store = AdapterStore(root)
+    with store.key_lock(key):
+        ready.set()
+        time.sleep(120)
+
+
+def test_a_key_lock_held_by_a_stopped_process_is_503_within_the_deadline(own_ckpt: Path, tmp_path: Path) -> None:
+    resolver = make_resolver(own_ckpt, tmp_path / "store", generate_timeout_s=1.0)
+    key = AdapterStore.key(DESC, resolver.backend.fingerprint, 0)
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_key_lock, args=(str(tmp_path / "store"), key, ready), daemon=True)
+    holder.start()
+    try:
+        assert ready.wait(30)
+        os.kill(holder.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(RetryableRequestError) as busy:
+            asyncio.run(resolver.resolve_lora("base", DESC))
+        took = time.monotonic() - t0
+        assert took < 2.5 and vllm_status(busy.value)[0] == 503
+        other = asyncio.run(resolver.resolve_lora("base", "Translate English to French."))
+        assert other.lora_path  # another key is not held up
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.kill()
+        holder.join()
+    assert resolver.backend.passes == 1  # the held key was never generated
+
+
+def test_discard_after_a_failed_load_unpins_and_forgets(resolver: LoRAGenResolver) -> None:
+    LoRAResolverRegistry.resolvers[RESOLVER_NAME] = resolver
+    try:
+        request = asyncio.run(resolver.resolve_lora("base", DESC))
+        key = resolver.store.keys()[0]
+        assert adapter_of(DESC) == (key, resolver.backend.fingerprint)
+        assert Path(request.lora_path).name == key and len(resolver.store.pins(key)) == 1
+        assert discard_resolved(DESC) is True
+        assert adapter_of(DESC) is None and not resolver.resolved(DESC)
+        assert resolver.store.pins(key) == []
+        assert discard_resolved(DESC) is False  # already forgotten
+        assert metric("loragen_names_resolved") == resolver.remembered == 0
+    finally:
+        LoRAResolverRegistry.resolvers.pop(RESOLVER_NAME, None)
+
+
+def test_metrics_move_with_real_resolutions(resolver: LoRAGenResolver) -> None:
+    def snap() -> dict[str, float]:
+        return {
+            "gen_ok": metric("loragen_generations_total", outcome="ok"),
+            "gen_seconds": metric("loragen_generation_seconds_count", stage="generate"),
+            "total_seconds": metric("loragen_generation_seconds_count", stage="total"),
+            "hit": metric("loragen_store_lookups_total", result="hit"),
+            "miss": metric("loragen_store_lookups_total", result="miss"),
+            "invalid": metric("loragen_rejects_total", reason="invalid"),
+        }
+
+    a = snap()
+    asyncio.run(resolver.resolve_lora("base", DESC))
+    asyncio.run(resolver.resolve_lora("base", "Translate English to French."))
+    assert metric("loragen_names_resolved") == 2
+    b = snap()
+    asyncio.run(resolver.resolve_lora("base", DESC + " "))  # stored: a hit
+    with pytest.raises(VLLMValidationError):
+        asyncio.run(resolver.resolve_lora("base", ""))
+    c = snap()
+    assert b["gen_ok"] - a["gen_ok"] == 2 and b["gen_seconds"] - a["gen_seconds"] == 2
+    assert b["miss"] - a["miss"] >= 2 and c["hit"] - b["hit"] == 1 and c["gen_ok"] == b["gen_ok"]
+    assert c["total_seconds"] - a["total_seconds"] == 3 and c["invalid"] - b["invalid"] == 1
+    assert metric("loragen_store_adapters") == 2 and metric("loragen_store_bytes") > 0
+    assert metric("loragen_generations_in_flight") == 0 and metric("loragen_generations_queued") == 0
