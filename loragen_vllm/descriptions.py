@@ -8,10 +8,12 @@ same string: Unicode NFC, every run of whitespace (any Unicode white space, line
 tabs included) collapsed to one space, and leading/trailing space stripped. Validation
 (`validate_description`) rejects, with a message naming the problem: a non-string, lone
 surrogates (not encodable as UTF-8), control characters (NUL, ESC, DEL, C1 controls, ...; tabs,
-line breaks and NEL are white space and allowed), Unicode non-characters, an empty or
+line breaks and NEL are white space and allowed), Unicode format characters (category Cf: the
+bidi overrides and isolates such as U+202E, which make a description read differently from what
+it is, zero-width spaces, soft hyphens, BOMs, tags), Unicode non-characters, an empty or
 whitespace-only text and a text longer than ``max_chars`` characters (after normalisation).
-Format characters (category Cf: zero-width joiner, soft hyphen, ...) are allowed: emoji and
-several scripts need them.
+Two format characters stay allowed because ordinary text needs them: the zero-width joiner
+(U+200D, emoji sequences, Indic scripts) and non-joiner (U+200C, Persian, Indic scripts).
 """
 
 from __future__ import annotations
@@ -33,11 +35,18 @@ def normalize_description(text: str) -> str:
     return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
 
 
+_ALLOWED_FORMAT = {"\u200c", "\u200d"}  # zero-width non-joiner and joiner: scripts and emoji need them
+FORMAT_CHARS = "".join(
+    c for c in map(chr, range(0x110000)) if unicodedata.category(c) == "Cf" and c not in _ALLOWED_FORMAT
+)
+
 # Characters a description may not contain: C0/C1 control characters except the white-space
-# ones (\t \n \v \f \r and NEL), lone surrogates and the 66 Unicode non-characters.
+# ones (\t \n \v \f \r and NEL), format characters (Cf) but the two above, lone surrogates
+# and the 66 Unicode non-characters.
 _INVALID = re.compile(
     "[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\ud800-\udfff\ufdd0-\ufdef"
     + "".join(f"{chr(p + 0xFFFE)}{chr(p + 0xFFFF)}" for p in range(0, 0x110000, 0x10000))
+    + re.escape(FORMAT_CHARS)
     + "]"
 )
 
@@ -52,6 +61,9 @@ def _first_invalid_char(text: str) -> tuple[int, str] | None:
         reason = f"invalid Unicode (lone surrogate U+{cp:04X})"
     elif unicodedata.category(m.group()) == "Cc":
         reason = "a control character (" + ("NUL" if cp == 0 else f"U+{cp:04X}") + ")"
+    elif unicodedata.category(m.group()) == "Cf":
+        name = unicodedata.name(m.group(), "")
+        reason = f"a Unicode format/bidi control character (U+{cp:04X}" + (f" {name}" if name else "") + ")"
     else:
         reason = f"a Unicode non-character (U+{cp:04X})"
     return m.start(), reason

@@ -44,6 +44,7 @@ def test_normalize(raw, expected):
         "\U0001f468\u200d\U0001f469\u200d\U0001f467 family emoji with joiners",
         "\u7ffb\u8bd1\u6210\u82f1\u6587",
         "tabs\tand\nnewlines",
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian with a zero-width non-joiner
     ],
 )
 def test_valid_descriptions_pass(text):
@@ -65,6 +66,12 @@ def test_valid_descriptions_pass(text):
         ("separator\x1f", "control character (U+001F)"),
         ("lone \ud83d surrogate", "invalid Unicode (lone surrogate U+D83D) at character 5"),
         ("non\ufffecharacter", "non-character (U+FFFE)"),
+        ("Classify \u202enoitnes", "format/bidi control character (U+202E RIGHT-TO-LEFT OVERRIDE) at character 9"),
+        ("isolate\u2066x\u2069", "U+2066"),
+        ("zero\u200bwidth space", "U+200B"),
+        ("soft\u00adhyphen", "U+00AD"),
+        ("\ufeffbom", "U+FEFF"),
+        ("tag\U000e0041", "U+E0041"),
     ],
 )
 def test_invalid_descriptions_name_the_problem(text, problem):
