@@ -95,6 +95,11 @@ def _log_level(raw: str) -> str:
     return level
 
 
+def _names(raw: str) -> tuple[str, ...]:
+    """A comma-separated list of names (blank items dropped)."""
+    return tuple(n.strip() for n in raw.split(",") if n.strip())
+
+
 def _flag(raw: str) -> bool:
     value = raw.lower()
     if value in ("1", "true", "yes", "on"):
@@ -169,6 +174,20 @@ SETTINGS: dict[str, Setting] = {
         Setting("LORAGEN_RAY_FINGERPRINT_TTL_S", "30", _number(positive=True),
                 "how often the Ray backend re-asks the actor its fingerprint (a restarted actor "
                 "may run another checkpoint)"),
+        # -- the edge of the HTTP server (serve.py puts these middlewares in front of vLLM)
+        Setting("LORAGEN_SERVED_MODEL_NAMES", "", _names,
+                "comma-separated names vLLM serves the base model as (set by `serve`): a `model` "
+                "field that is one of them is not a description"),
+        Setting("LORAGEN_MAX_MODEL_BYTES", "4096", _integer(1),
+                "longest raw `model` field accepted, in UTF-8 bytes, before normalisation; longer is "
+                "400 (the name vLLM keeps, echoes and lists is never longer)"),
+        Setting("LORAGEN_ADMIN_KEY", "", _optional_text,
+                "admin key (`serve --admin-key`): unset, vLLM's admin routes (runtime LoRA "
+                "load/unload, ...) answer 403/404; set, they answer requests whose "
+                "`X-LoRAGen-Admin-Key` header carries it"),
+        Setting("LORAGEN_LIST_DESCRIPTIONS", "0", _flag,
+                "`1`: `/v1/models` also lists the resolved descriptions (other clients' requests; "
+                "`serve --list-descriptions`)"),
         Setting("LORAGEN_LOG_LEVEL", "INFO", _log_level, "level of loragen's log lines in the server output"),
         # -- the command line
         Setting("LORAGEN_DEBUG", "0", _flag,
@@ -194,6 +213,10 @@ if TYPE_CHECKING:  # the attributes `__getattr__` provides, with their types
     LORAGEN_LOCK_TIMEOUT_S: float
     LORAGEN_PIN_LEASE_S: float
     LORAGEN_RAY_FINGERPRINT_TTL_S: float
+    LORAGEN_SERVED_MODEL_NAMES: tuple[str, ...]
+    LORAGEN_MAX_MODEL_BYTES: int
+    LORAGEN_ADMIN_KEY: str | None
+    LORAGEN_LIST_DESCRIPTIONS: bool
     LORAGEN_LOG_LEVEL: str
     LORAGEN_DEBUG: bool
 

@@ -1,0 +1,315 @@
+"""The edge of the HTTP server: what a client may send and what it gets back, before vLLM.
+
+`EdgeGuard` is an ASGI middleware that ``loragen-vllm serve`` hands to vLLM's OpenAI server
+(``--middleware loragen_vllm.edge.EdgeGuard``; vLLM adds it with ``app.add_middleware``, outside
+its own ``--api-key`` check, which still applies to everything it lets through). It does four
+things, each in one place:
+
+* **Routes.** Clients reach only `PUBLIC_ROUTES`: chat and text completions, ``/v1/models``,
+  ``/health``, ``/metrics``, ``/ping`` and ``/version``. vLLM's admin routes (runtime LoRA
+  load/unload, sleep, profiling, weight updates, ...) answer 403 and every other route 404,
+  unless the operator set an admin key (``serve --admin-key``, ``LORAGEN_ADMIN_KEY``) and the
+  request carries it in the ``X-LoRAGen-Admin-Key`` header. ``serve`` must keep runtime LoRA
+  updating on (vLLM only asks resolvers with it), which is what opens those routes in vLLM.
+* **Inputs.** On chat and completions, a raw ``model`` field longer than
+  ``LORAGEN_MAX_MODEL_BYTES`` (UTF-8, before normalisation) is a 400, and so is any other
+  invalid description (`validate_description`: control and format/bidi characters, empty, too
+  long after normalisation). vLLM never sees, keeps, echoes or lists such a name.
+* **Listing.** ``/v1/models`` lists the served base model only (resolved descriptions are
+  other clients' requests; ``LORAGEN_LIST_DESCRIPTIONS=1`` lists them too), and never a
+  filesystem path: vLLM puts the model folder and the adapters' store paths in ``root``.
+* **Responses.** A response to a description names the adapter that answered it
+  (``x-loragen-adapter: <store key>; generator=<fingerprint>``), and a 503 carries
+  ``Retry-After`` (vLLM renders a resolver's error without headers; ours say "retry after N s").
+
+It also counts the requests in flight per ``model`` name (`in_flight`): the bounded name table
+(``vllm_patches.py``) never drops a name a request is still using.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Awaitable, Callable, MutableMapping
+from http import HTTPStatus
+from typing import Any
+
+from loragen_vllm import envs
+from loragen_vllm.descriptions import validate_description
+from loragen_vllm.errors import InvalidDescription, to_http
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions")  # bodies carry a `model`
+MODELS_PATH = "/v1/models"
+PUBLIC_ROUTES: dict[str, frozenset[str]] = {
+    "/v1/chat/completions": frozenset({"POST"}),
+    "/v1/completions": frozenset({"POST"}),
+    MODELS_PATH: frozenset({"GET", "HEAD"}),
+    "/health": frozenset({"GET", "HEAD"}),
+    "/metrics": frozenset({"GET", "HEAD"}),
+    "/ping": frozenset({"GET", "POST", "HEAD"}),
+    "/version": frozenset({"GET", "HEAD"}),
+}
+# vLLM routes that change the server's state (403 rather than 404: they exist, but not for you)
+ADMIN_PATHS = frozenset({
+    "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+    "/sleep", "/wake_up", "/is_sleeping", "/release_kv_cache_memory", "/collective_rpc",
+    "/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache",
+    "/start_profile", "/stop_profile", "/server_info",
+    "/pause", "/resume", "/abort_requests", "/update_weights", "/start_weight_update",
+    "/finish_weight_update", "/init_weight_transfer_engine", "/shutdown_weight_transfer_engine",
+    "/scale_elastic_ep", "/is_scaling_elastic_ep",
+})
+ADMIN_HEADER = b"x-loragen-admin-key"
+ADAPTER_HEADER = b"x-loragen-adapter"
+DEFAULT_RETRY_AFTER_S = 5
+_RETRY_AFTER = re.compile(r"retry after (\d+) s\b")
+
+# requests in flight per `model` name, in this process (the API server)
+_in_flight: Counter[str] = Counter()
+
+
+def in_flight(name: str) -> bool:
+    """Whether a chat or completions request for ``name`` is being answered right now."""
+    return _in_flight[name] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure parts (unit-tested without a server)
+
+
+def check_model_field(model: object, base_models: set[str] | frozenset[str], max_bytes: int,
+                      max_chars: int) -> None:
+    """Raise `InvalidDescription` if ``model`` (the raw field) may not reach vLLM.
+
+    A base model name passes; so does a non-string (vLLM answers that itself). The byte limit is
+    checked first, on the raw text, so a huge name costs one length computation.
+    """
+    if not isinstance(model, str) or model in base_models:
+        return
+    size = len(model.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise InvalidDescription(
+            f"invalid description: the model field is too long ({size} bytes; the limit is "
+            f"{max_bytes} bytes)"
+        )
+    validate_description(model, max_chars)
+
+
+def public_models_list(body: bytes, base_models: set[str] | frozenset[str], list_descriptions: bool) -> bytes:
+    """vLLM's ``/v1/models`` body without filesystem paths and, unless ``list_descriptions``,
+    without the resolved descriptions (only the base model)."""
+    try:
+        listing = json.loads(body)
+        cards = listing["data"]
+    except (ValueError, KeyError, TypeError):
+        return body
+    base = next(iter(sorted(base_models)), None)
+    kept = []
+    for card in cards:
+        if not isinstance(card, dict):
+            continue
+        is_base = card.get("id") in base_models or card.get("parent") is None
+        if not is_base and not list_descriptions:
+            continue
+        # root: vLLM's model folder or adapter path; name the model instead
+        card["root"] = card.get("id") if is_base else (base or card.get("parent"))
+        if not is_base:
+            card["parent"] = base if base is not None else None
+        kept.append(card)
+    listing["data"] = kept
+    return json.dumps(listing).encode()
+
+
+def adapter_header(model: str) -> bytes | None:
+    """``<key>; generator=<fingerprint>`` of the adapter resolved for ``model``, else None."""
+    try:
+        from loragen_vllm import plugin
+    except ImportError:
+        return None
+    lookup = getattr(plugin, "adapter_of", None)
+    found = lookup(model) if lookup is not None else None
+    if found is None:
+        return None
+    key, fingerprint = found
+    return f"{key}; generator={fingerprint}".encode()
+
+
+def retry_after(message: str) -> int:
+    m = _RETRY_AFTER.search(message or "")
+    return int(m.group(1)) if m else DEFAULT_RETRY_AFTER_S
+
+
+# ----------------------------------------------------------------------------------------------
+# The middleware
+
+
+class EdgeGuard:
+    """ASGI middleware: see the module docstring. Configured from ``LORAGEN_*`` (set by `serve`)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.base_models = frozenset(envs.LORAGEN_SERVED_MODEL_NAMES)
+        self.max_model_bytes = envs.LORAGEN_MAX_MODEL_BYTES
+        self.max_chars = envs.LORAGEN_MAX_DESCRIPTION_CHARS
+        self.admin_key = envs.LORAGEN_ADMIN_KEY
+        self.list_descriptions = envs.LORAGEN_LIST_DESCRIPTIONS
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") not in ("http", "websocket"):  # lifespan
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        method = scope.get("method", "GET")
+        public = path in PUBLIC_ROUTES and (method in PUBLIC_ROUTES[path] or method == "OPTIONS")
+        public = public or (path.startswith("/metrics/") and method in ("GET", "HEAD"))
+        if not public and not self._is_admin(scope):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            if path in ADMIN_PATHS:
+                await _error(send, HTTPStatus.FORBIDDEN, "forbidden: an admin route (the server "
+                             "needs `--admin-key`, the request the X-LoRAGen-Admin-Key header)")
+            else:
+                await _error(send, HTTPStatus.NOT_FOUND, "not found")
+            return
+        if path == MODELS_PATH and method == "GET":
+            await self.app(scope, receive, self._models_send(send))
+        elif path in GENERATE_PATHS and method == "POST":
+            await self._generate(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _is_admin(self, scope: Scope) -> bool:
+        if not self.admin_key:
+            return False
+        for name, value in scope.get("headers", []):
+            if name.lower() == ADMIN_HEADER:
+                return hmac.compare_digest(value, self.admin_key.encode())
+        return False
+
+    async def _generate(self, scope: Scope, receive: Receive, send: Send) -> None:
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            request = json.loads(body)
+        except ValueError:  # vLLM answers malformed JSON itself
+            request = None
+        model = request.get("model") if isinstance(request, dict) else None
+        try:
+            check_model_field(model, self.base_models, self.max_model_bytes, self.max_chars)
+        except InvalidDescription as e:
+            status, error = to_http(e)
+            await _send_json(send, status, error)
+            return
+        replayed = _replay([{"type": "http.request", "body": body, "more_body": False}], receive)
+        if not isinstance(model, str) or model in self.base_models:
+            await self.app(scope, replayed, send)
+            return
+        _in_flight[model] += 1
+        try:
+            await self.app(scope, replayed, self._description_send(send, model))
+        finally:
+            _in_flight[model] -= 1
+            if _in_flight[model] <= 0:
+                del _in_flight[model]
+
+    def _description_send(self, send: Send, model: str) -> Send:
+        """``send`` that adds the adapter's provenance and, to a 503, ``Retry-After``."""
+        held: list[Message] = []  # a 503's start, held until its body says how long to wait
+
+        async def wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                headers = list(message.get("headers", []))
+                if message.get("status") == 200 and (value := adapter_header(model)) is not None:
+                    headers.append((ADAPTER_HEADER, value))
+                message["headers"] = headers
+                if message.get("status") == HTTPStatus.SERVICE_UNAVAILABLE:
+                    held.append(message)
+                    return
+            elif message["type"] == "http.response.body" and held:
+                held.append(message)
+                if message.get("more_body", False):
+                    return
+                start, *bodies = held
+                held.clear()
+                text = b"".join(b.get("body", b"") for b in bodies)
+                try:
+                    msg = json.loads(text)["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    msg = ""
+                if not any(k.lower() == b"retry-after" for k, _ in start["headers"]):
+                    start["headers"].append((b"retry-after", str(retry_after(msg)).encode()))
+                await send(start)
+                await send({"type": "http.response.body", "body": text, "more_body": False})
+                return
+            await send(message)
+
+        return wrapped
+
+    def _models_send(self, send: Send) -> Send:
+        """``send`` that rewrites the ``/v1/models`` body (`public_models_list`)."""
+        held: list[Message] = []
+
+        async def wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                held.append(message)
+                return
+            if message["type"] != "http.response.body" or not held:
+                await send(message)
+                return
+            held.append(message)
+            if message.get("more_body", False):
+                return
+            start, *bodies = held
+            held.clear()
+            body = b"".join(b.get("body", b"") for b in bodies)
+            if start.get("status") == 200:
+                body = public_models_list(body, self.base_models, self.list_descriptions)
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+        return wrapped
+
+
+async def _error(send: Send, status: HTTPStatus, message: str) -> None:
+    type_ = {HTTPStatus.FORBIDDEN: "PermissionDeniedError", HTTPStatus.NOT_FOUND: "NotFoundError"}[status]
+    await _send_json(send, status, {"error": {"message": message, "type": type_, "param": None,
+                                              "code": status.value}})
+
+
+async def _send_json(send: Send, status: HTTPStatus, content: dict[str, Any]) -> None:
+    body = json.dumps(content).encode()
+    await send({"type": "http.response.start", "status": int(status),
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A `receive` that first returns `messages`, then defers to the original."""
+    pending = list(messages)
+
+    async def replay() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replay

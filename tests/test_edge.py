@@ -1,0 +1,173 @@
+"""The edge middleware (edge.py) around a small app standing in for vLLM's routes: which routes a
+client reaches, the raw `model` field, the `/v1/models` rewrite, provenance and Retry-After
+headers, in-flight names. The same claims through the real server: tests/test_serve.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
+
+from loragen_vllm import edge, plugin
+from loragen_vllm.edge import EdgeGuard, check_model_field, public_models_list
+from loragen_vllm.errors import InvalidDescription
+from loragen_vllm.vllm_patches import BoundedLoRARequests
+
+BASE = "SmolLM2-135M-Instruct"
+
+
+def test_check_model_field() -> None:
+    check_model_field(BASE, {BASE}, 10, 1000)  # the base model: any length, not a description
+    check_model_field(None, {BASE}, 10, 1000)  # not a string: vLLM's business
+    check_model_field("Sum it.", {BASE}, 10, 1000)
+    with pytest.raises(InvalidDescription, match=r"too long \(11 bytes; the limit is 10 bytes\)"):
+        check_model_field("Sum it." + " " * 4, {BASE}, 10, 1000)  # raw bytes, before normalisation
+    with pytest.raises(InvalidDescription, match="too long"):
+        check_model_field("\u00e9" * 6, {BASE}, 10, 1000)  # 6 characters, 12 bytes
+    with pytest.raises(InvalidDescription, match=r"U\+202E"):
+        check_model_field("a\u202eb", {BASE}, 10, 1000)
+    started = time.monotonic()
+    with pytest.raises(InvalidDescription, match="5242890 bytes"):
+        check_model_field("Sum it." + " " * (5 << 20) + "\u202e", {BASE}, 4096, 1000)
+    assert time.monotonic() - started < 0.5
+
+
+def test_models_list_keeps_the_base_model_without_paths() -> None:
+    vllm_body = json.dumps({"object": "list", "data": [
+        {"id": BASE, "root": "/home/u/.cache/models/SmolLM2", "parent": None, "object": "model"},
+        {"id": "Someone else's task.", "root": "/store/adapters/ab12", "parent": BASE, "object": "model"},
+    ]}).encode()
+    out = json.loads(public_models_list(vllm_body, {BASE}, list_descriptions=False))
+    assert out["data"] == [{"id": BASE, "root": BASE, "parent": None, "object": "model"}]
+    out = json.loads(public_models_list(vllm_body, {BASE}, list_descriptions=True))
+    assert [c["id"] for c in out["data"]] == [BASE, "Someone else's task."]
+    assert "/" not in json.dumps(out)
+    assert public_models_list(b"not json", {BASE}, False) == b"not json"
+
+
+def vllm_like_app(seen: list) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> JSONResponse:
+        body = await request.json()
+        seen.append((body["model"], edge.in_flight(body["model"])))
+        if body["model"] == "Overloaded task.":
+            return JSONResponse({"error": {"message": "too many pending generations; retry after 7 s"}}, 503)
+        return JSONResponse({"model": body["model"]})
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": BASE, "root": "/m/x", "parent": None},
+                                           {"id": "A task.", "root": "/s/a", "parent": BASE}]}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load() -> dict:
+        return {"loaded": True}
+
+    @app.post("/tokenize")
+    async def tokenize() -> dict:
+        return {"tokens": []}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {}
+
+    app.add_middleware(EdgeGuard)
+    return app
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    monkeypatch.setenv("LORAGEN_SERVED_MODEL_NAMES", BASE)
+    for name in ("LORAGEN_ADMIN_KEY", "LORAGEN_LIST_DESCRIPTIONS", "LORAGEN_MAX_MODEL_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_routes_closed_unless_the_admin_key_is_set_and_sent(env: pytest.MonkeyPatch) -> None:
+    client = TestClient(vllm_like_app([]))
+    assert client.get("/health").status_code == 200
+    assert client.post("/v1/load_lora_adapter", json={}).status_code == 403
+    assert client.post("/tokenize").status_code == 404
+    assert client.get("/v1/chat/completions").status_code == 404  # wrong method
+    assert client.post("/v1/load_lora_adapter", headers={"X-LoRAGen-Admin-Key": ""}).status_code == 403
+    env.setenv("LORAGEN_ADMIN_KEY", "s3cret")
+    client = TestClient(vllm_like_app([]))
+    assert client.post("/v1/load_lora_adapter", headers={"X-LoRAGen-Admin-Key": "wrong"}).status_code == 403
+    assert client.post("/v1/load_lora_adapter", headers={"X-LoRAGen-Admin-Key": "s3cret"}).json() == {"loaded": True}
+    assert client.post("/tokenize", headers={"x-loragen-admin-key": "s3cret"}).status_code == 200
+
+
+def test_raw_model_field_is_bounded_and_validated_before_the_app(env: pytest.MonkeyPatch) -> None:
+    seen: list = []
+    client = TestClient(vllm_like_app(seen))
+    r = client.post("/v1/chat/completions", json={"model": "Sum it." + " " * (5 << 20), "messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model" and len(r.content) < 500
+    r = client.post("/v1/chat/completions", json={"model": "Sum\u202e it.", "messages": []})
+    assert r.status_code == 400 and "U+202E" in r.json()["error"]["message"]
+    assert seen == []  # the app never saw either
+    assert client.post("/v1/chat/completions", json={"model": "Sum it.", "messages": []}).status_code == 200
+    assert seen == [("Sum it.", True)]  # in flight while the app answers it
+    assert not edge.in_flight("Sum it.")  # and no longer after
+
+
+def test_models_listing_and_opt_in(env: pytest.MonkeyPatch) -> None:
+    assert [c["id"] for c in TestClient(vllm_like_app([])).get("/v1/models").json()["data"]] == [BASE]
+    env.setenv("LORAGEN_LIST_DESCRIPTIONS", "1")
+    r = TestClient(vllm_like_app([])).get("/v1/models")
+    assert [c["id"] for c in r.json()["data"]] == [BASE, "A task."] and "/" not in r.text
+
+
+def test_provenance_and_retry_after_headers(env: pytest.MonkeyPatch) -> None:
+    env.setattr(plugin, "adapter_of", lambda name: ("k" * 64, "f" * 64) if name == "Sum it." else None,
+                raising=False)
+    client = TestClient(vllm_like_app([]))
+    r = client.post("/v1/chat/completions", json={"model": "Sum it.", "messages": []})
+    assert r.headers["x-loragen-adapter"] == f"{'k' * 64}; generator={'f' * 64}"
+    assert "x-loragen-adapter" not in client.post("/v1/chat/completions", json={"model": BASE}).headers
+    r = client.post("/v1/chat/completions", json={"model": "Overloaded task.", "messages": []})
+    assert r.status_code == 503 and r.headers["retry-after"] == "7" and "retry after 7 s" in r.text
+
+
+def test_lru_keeps_names_in_flight() -> None:
+    """The predicate vllm_patches installs (ours and not in flight) keeps an in-flight name."""
+
+    async def main() -> None:
+        table: BoundedLoRARequests[int] = BoundedLoRARequests(2, evictable=lambda n: not edge.in_flight(n))
+        table["busy"] = 0
+        entered, release = asyncio.Event(), asyncio.Event()
+
+        async def app(scope, receive, send) -> None:
+            entered.set()
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        guard = EdgeGuard(app)
+        body = json.dumps({"model": "busy", "messages": []}).encode()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message) -> None:
+            pass
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+        request = asyncio.create_task(guard(scope, receive, send))
+        await entered.wait()
+        for i in range(5):  # other names come and go while "busy" is answered
+            table[f"other {i}"] = i
+        assert "busy" in table
+        release.set()
+        await request
+        table["later"] = 9
+        assert "busy" not in table
+
+    asyncio.run(main())

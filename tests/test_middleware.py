@@ -1,0 +1,71 @@
+"""The description as the system prompt (middleware.py): the body rewrite, and the ASGI
+middleware around a small app that echoes what it received. That vLLM's server gets the rewritten
+chat is tested through the real server in tests/test_serve.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+
+from loragen_vllm.middleware import DescriptionSystemPrompt, with_description_system_prompt
+
+BASE = {"SmolLM2-135M-Instruct"}
+USER = {"role": "user", "content": "A wonderful film."}
+
+
+def rewrite(request: object) -> object:
+    return json.loads(with_description_system_prompt(json.dumps(request).encode(), BASE))
+
+
+def test_a_description_becomes_the_first_system_message_normalised() -> None:
+    out = rewrite({"model": "  Classify   the sentiment. ", "messages": [USER], "max_tokens": 3})
+    assert out["messages"] == [{"role": "system", "content": "Classify the sentiment."}, USER]
+    assert out["model"] == "  Classify   the sentiment. " and out["max_tokens"] == 3  # the rest unchanged
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        {"model": "SmolLM2-135M-Instruct", "messages": [USER]},  # the base model
+        {"model": "Classify.", "messages": [{"role": "system", "content": "Be brief."}, USER]},
+        {"model": "Classify.", "messages": [{"role": "developer", "content": "Be brief."}, USER]},
+        {"model": "x" * 5000, "messages": [USER]},  # invalid: the resolver answers 400
+        {"model": "bad\u202e", "messages": [USER]},
+        {"model": 42, "messages": [USER]},
+        {"model": "Classify.", "messages": "not a list"},
+        ["not", "an", "object"],
+    ],
+    ids=["base", "own-system", "own-developer", "too-long", "bidi", "not-a-string", "bad-messages", "not-object"],
+)
+def test_other_bodies_pass_unchanged(request_: object) -> None:
+    body = json.dumps(request_).encode()
+    assert with_description_system_prompt(body, BASE) is body
+    assert with_description_system_prompt(b"{not json", BASE) == b"{not json"
+
+
+def echo_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    @app.post("/v1/completions")
+    async def echo(request: Request) -> dict:
+        body = await request.body()
+        assert int(request.headers["content-length"]) == len(body)  # fixed after the rewrite
+        return json.loads(body)
+
+    app.add_middleware(DescriptionSystemPrompt)
+    return app
+
+
+def test_middleware_rewrites_chat_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAGEN_SERVED_MODEL_NAMES", "SmolLM2-135M-Instruct")
+    client = TestClient(echo_app())
+    got = client.post("/v1/chat/completions", json={"model": "Summarise it.", "messages": [USER]}).json()
+    assert got["messages"][0] == {"role": "system", "content": "Summarise it."}
+    got = client.post("/v1/chat/completions", json={"model": "SmolLM2-135M-Instruct", "messages": [USER]}).json()
+    assert got["messages"] == [USER]
+    got = client.post("/v1/completions", json={"model": "Summarise it.", "prompt": "x"}).json()
+    assert got == {"model": "Summarise it.", "prompt": "x"}
