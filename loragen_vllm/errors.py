@@ -99,6 +99,17 @@ class Overloaded(GeneratorUnavailable):
         super().__init__(f"{message}; retry after {self.retry_after_s} s")
         self.reason = reason  # queue_full | lock_timeout | deadline | disk_full (metrics label)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable (a Ray actor raises it to the server): rebuilt from its parts, not re-init'd
+        return (_rebuild_overloaded, (type(self), self.message, self.reason, self.retry_after_s))
+
+
+def _rebuild_overloaded(cls: type[Overloaded], message: str, reason: str, retry_after_s: int) -> Overloaded:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.message, err.reason, err.retry_after_s = message, reason, retry_after_s
+    return err
+
 
 class LockTimeout(Overloaded, TimeoutError):
     """A store lock stayed held (by another process or thread, perhaps stopped) past the

@@ -13,6 +13,11 @@ the generator works. Two calls for the same (description, seed) share one pass (
 one cached result (a bounded LRU of recent results): a description that several servers ask
 for is generated once. A failed pass fails its calls with `GeneratorUnavailable`.
 
+Deadlines: a call may carry its caller's deadline (wall-clock seconds, ``time.time()``; the
+hosts' clocks are assumed synchronised to well under the deadlines in use). A call past it on
+arrival, or still waiting for its generator pass when it passes, is dropped with `Overloaded`
+(503 at the server) and not generated; the caller has given up by then.
+
 Failure: the actor is created with ``max_restarts`` and ``max_task_retries``; when its worker
 process dies, Ray restarts it (re-running ``__init__``, which reloads the checkpoint) and
 re-sends the calls that were in flight. Generation is deterministic in (description, seed), so
@@ -64,6 +69,7 @@ class GeneratedAdapterMeta(msgspec.Struct, frozen=True):
     batch_size: int  # descriptions in the generator pass that produced it
     seconds: dict[str, float]  # that pass's timings: encode, diffuse, decode, total
     cached: bool  # served from the actor's result cache (no pass for this call)
+    actor_pid: int = 0  # the actor process that answered (a restarted actor has another)
 
 
 def encode_meta(meta: GeneratedAdapterMeta) -> bytes:
@@ -91,6 +97,7 @@ class ActorStats:
     cache_hits: int = 0  # calls answered from the result cache
     joined: int = 0  # calls that joined an identical call already in flight
     errors: int = 0  # calls that ended with an exception
+    expired: int = 0  # calls dropped because their deadline passed before their pass
     last_error: str | None = None
 
 
@@ -141,9 +148,16 @@ class GeneratorActor:
     # ------------------------------------------------------------------------------------------
     # Public methods (called through Ray)
 
-    async def generate(self, description: str, seed: int = 0) -> tuple[AdapterFiles, bytes]:
-        """The adapter for (description, seed): (PEFT files, msgspec-encoded `GeneratedAdapterMeta`)."""
+    async def generate(
+        self, description: str, seed: int = 0, deadline: float | None = None
+    ) -> tuple[AdapterFiles, bytes]:
+        """The adapter for (description, seed): (PEFT files, msgspec-encoded `GeneratedAdapterMeta`).
+
+        ``deadline`` (``time.time()`` seconds): past it before the call's generator pass, the
+        call is dropped (`Overloaded`). Identical calls in flight share the first one's pass.
+        """
         from loragen_vllm.descriptions import validate_description
+        from loragen_vllm.errors import Overloaded
 
         self.stats.calls += 1
         try:
@@ -157,9 +171,12 @@ class GeneratorActor:
                 self.stats.cache_hits += 1
                 files, meta = hit
                 return files, encode_meta(msgspec.structs.replace(meta, cached=True))
+            left = None if deadline is None else deadline - time.time()
+            if left is not None and left <= 0:
+                raise Overloaded("the call's deadline passed before it reached the actor", reason="deadline")
             task = self._inflight.get(key)
             if task is None:
-                task = asyncio.ensure_future(self._generate(key))
+                task = asyncio.ensure_future(self._generate(key, None if left is None else time.monotonic() + left))
                 self._inflight[key] = task
             else:
                 self.stats.joined += 1
@@ -167,6 +184,8 @@ class GeneratorActor:
             files, meta = await asyncio.shield(task)
             return files, encode_meta(meta)
         except BaseException as e:
+            if getattr(e, "reason", None) == "deadline" and not isinstance(e, asyncio.CancelledError):
+                self.stats.expired += 1
             self.stats.errors += 1
             self.stats.last_error = f"{type(e).__name__}: {e}"
             raise
@@ -198,6 +217,7 @@ class GeneratorActor:
                 **asdict(self.stats),
                 "passes": batches.passes,
                 "failed_passes": batches.failed,
+                "expired_in_queue": batches.expired,
                 "generated": batches.done,  # adapters generated (sum of successful pass sizes)
                 "batch_sizes": dict(batches.batch_sizes),  # pass size -> number of passes
             },
@@ -206,10 +226,13 @@ class GeneratorActor:
     # ------------------------------------------------------------------------------------------
     # Generation
 
-    async def _generate(self, key: tuple[str, int]) -> tuple[AdapterFiles, GeneratedAdapterMeta]:
-        """One (description, seed) through the batcher, into the cache; shared by identical calls."""
+    async def _generate(
+        self, key: tuple[str, int], deadline: float | None = None
+    ) -> tuple[AdapterFiles, GeneratedAdapterMeta]:
+        """One (description, seed) through the batcher (dropped there if ``deadline``, monotonic,
+        passes first), into the cache; shared by identical calls."""
         try:
-            files, meta = await self._batcher.submit(*key)
+            files, meta = await self._batcher.submit(*key, deadline=deadline)
         finally:
             self._inflight.pop(key, None)
         self._remember(key, files, meta)
@@ -223,7 +246,7 @@ class GeneratorActor:
         seconds = {**{k: float(v) for k, v in seconds.items()}, "total": time.perf_counter() - t0}
         g = self.generator
         return [
-            (f, GeneratedAdapterMeta(d, seed, g.fingerprint, g.kind, len(descriptions), seconds, False))
+            (f, GeneratedAdapterMeta(d, seed, g.fingerprint, g.kind, len(descriptions), seconds, False, os.getpid()))
             for d, f in zip(descriptions, files)
         ]
 

@@ -10,13 +10,22 @@ backend, so they keep working while the actor is away.
 
 Recovery needs no restart of the server: a handle whose actor died for good (``generator stop``,
 then ``start`` again) is dropped and the actor is looked up by name again on the next call; a
-handle to an actor that Ray is restarting stays valid (Ray queues and retries the calls). A call
-that timed out is not cancelled: the actor finishes it and keeps the result in its cache, so the
-client's retry is answered at once.
+handle to an actor that Ray is restarting stays valid (Ray queues and retries the calls; a call
+answered "actor unavailable" meanwhile is sent again until its deadline). A call that timed out
+is not cancelled: if it had not reached a generator pass by its deadline the actor drops it;
+if it had, the actor finishes it and keeps the result in its cache, so the client's retry is
+answered at once.
 
 The fingerprint (part of every store key) is the actor's; it is learnt on first contact and from
 every answer, and kept, so store lookups work while the actor is unreachable. A server that
 starts while the actor is down can be given the fingerprint up front (`expected_fingerprint`).
+Each adapter is keyed by the fingerprint returned *with it* (`generate_adapter` -> `Generated`),
+never by the cached one, and the cached one is re-asked in the background every
+``$LORAGEN_RAY_FINGERPRINT_TTL_S`` (default 30 s): an actor that Ray restarted with another
+checkpoint is noticed even while every request is a store hit.
+
+Deadlines: `generate_adapter` sends the caller's deadline (as wall-clock time) with the call; the
+actor drops a call still waiting for its generator pass at that time (`Overloaded`, 503).
 
 Losing the Ray head: Ray ends a driver process whose GCS has been unreachable for 60 s
 (``RAY_gcs_rpc_server_reconnect_timeout_s``). A vLLM server must not die with the head, so the
@@ -40,7 +49,8 @@ from typing import Any
 
 from loragen_vllm import envs
 from loragen_vllm.adapter_files import AdapterFiles
-from loragen_vllm.errors import GeneratorUnavailable, InvalidDescription
+from loragen_vllm.backends import Generated
+from loragen_vllm.errors import GeneratorUnavailable, InvalidDescription, Overloaded
 from loragen_vllm.ray_actor import ACTOR_NAME, NAMESPACE, GeneratedAdapterMeta, connect, decode_meta
 
 logger = logging.getLogger(__name__)
@@ -61,6 +71,7 @@ class RayBackend:
         namespace: str = NAMESPACE,
         timeout_s: float | None = None,
         expected_fingerprint: str | None = None,
+        fingerprint_ttl_s: float | None = None,
     ) -> None:
         if timeout_s is None:
             timeout_s = envs.LORAGEN_RAY_TIMEOUT_S
@@ -71,6 +82,9 @@ class RayBackend:
         self.namespace = namespace
         self.timeout_s = timeout_s
         self._fingerprint = expected_fingerprint
+        self._fingerprint_at = time.monotonic() if expected_fingerprint else 0.0  # when learnt
+        self.fingerprint_ttl_s = envs.LORAGEN_RAY_FINGERPRINT_TTL_S if fingerprint_ttl_s is None else fingerprint_ttl_s
+        self._refreshing: asyncio.Future[Any] | None = None
         self._kind: str | None = None
         self._handle: Any = None
         # ray.init and get_actor block on the GCS: they run on this thread, one at a time.
@@ -95,18 +109,37 @@ class RayBackend:
         return f"generator actor {self.namespace}/{self.actor_name} on the Ray cluster at {self.address}"
 
     async def get_fingerprint(self) -> str:
-        """The fingerprint, asking the actor if it is not known yet (bounded wait)."""
+        """The fingerprint, asking the actor if it is not known yet (bounded wait). A known one
+        older than ``fingerprint_ttl_s`` is returned at once and re-asked in the background."""
         if self._fingerprint is None:
             await self.refresh()
+        elif time.monotonic() - self._fingerprint_at > self.fingerprint_ttl_s and (
+            self._refreshing is None or self._refreshing.done()
+        ):
+            self._refreshing = asyncio.ensure_future(self._refresh_quietly())
         assert self._fingerprint is not None
         return self._fingerprint
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except GeneratorUnavailable as e:  # unreachable: keep serving by the known fingerprint
+            logger.debug("fingerprint refresh failed: %s", e)
 
     async def refresh(self) -> dict[str, Any]:
         """Ask the actor for its health (fingerprint, kind, statistics); bounded wait."""
         deadline = time.monotonic() + self.timeout_s
         health = await self._call("health", (), deadline, "health check")
-        self._fingerprint, self._kind = health["fingerprint"], health["kind"]
+        self._learn(health["fingerprint"], health["kind"])
         return health
+
+    def _learn(self, fingerprint: str, kind: str) -> None:
+        if self._fingerprint not in (None, fingerprint):
+            logger.warning(
+                "%s now runs generator %s (was %s): adapters are keyed by the new fingerprint",
+                self.where, fingerprint[:12], self._fingerprint[:12],
+            )
+        self._fingerprint, self._kind, self._fingerprint_at = fingerprint, kind, time.monotonic()
 
     # ------------------------------------------------------------------------------------------
     # Generation
@@ -116,16 +149,25 @@ class RayBackend:
         files, _ = await self.generate_with_meta(description, seed)
         return files
 
-    async def generate_with_meta(self, description: str, seed: int = 0) -> tuple[AdapterFiles, GeneratedAdapterMeta]:
-        deadline = time.monotonic() + self.timeout_s
-        files, meta_bytes = await self._call("generate", (description, seed), deadline, "generation")
+    async def generate_adapter(self, description: str, seed: int = 0, *, deadline: float | None = None) -> Generated:
+        """The adapter with the fingerprint and kind the actor returned with it. ``deadline``
+        (``time.monotonic()``): the actor drops the call if it has not reached a pass by then."""
+        files, meta = await self.generate_with_meta(description, seed, deadline=deadline)
+        return Generated(files, meta.fingerprint, meta.kind)
+
+    async def generate_with_meta(
+        self, description: str, seed: int = 0, *, deadline: float | None = None
+    ) -> tuple[AdapterFiles, GeneratedAdapterMeta]:
+        call_deadline = time.monotonic() + self.timeout_s
+        if deadline is not None:
+            call_deadline = min(call_deadline, deadline)
+        wall_deadline = time.time() + (call_deadline - time.monotonic())  # the actor's clock
+        files, meta_bytes = await self._call(
+            "generate", (description, seed, wall_deadline), call_deadline, "generation"
+        )
         meta = decode_meta(meta_bytes)
-        if self._fingerprint not in (None, meta.fingerprint):
-            logger.warning(
-                "%s now runs generator %s (was %s): new adapters are keyed by the new fingerprint",
-                self.where, meta.fingerprint[:12], self._fingerprint[:12],
-            )
-        self._fingerprint, self._kind, self.last_meta = meta.fingerprint, meta.kind, meta
+        self._learn(meta.fingerprint, meta.kind)
+        self.last_meta = meta
         return files, meta
 
     def close(self) -> None:
@@ -138,15 +180,22 @@ class RayBackend:
 
     async def _call(self, method: str, args: tuple, deadline: float, what: str) -> Any:
         """Call an actor method; if the cached handle's actor died for good, look it up by
-        name once more (it may have been stopped and started again) before giving up."""
-        for attempt in (0, 1):
+        name once more (it may have been stopped and started again) before giving up; while
+        Ray is restarting the actor, call again until the deadline."""
+        looked_up = False
+        while True:
             handle = await self._get_handle(deadline)
             try:
                 return await self._await(getattr(handle, method).remote(*args), deadline, what)
             except GeneratorUnavailable as e:
-                if attempt or not isinstance(e.__cause__, _actor_died_types()):
-                    raise
-        raise AssertionError("unreachable")
+                died, restarting = _actor_died_types(), _actor_restarting_types()
+                if isinstance(e.__cause__, died) and not looked_up:
+                    looked_up = True
+                    continue
+                if isinstance(e.__cause__, restarting) and deadline - time.monotonic() > 0.5:
+                    await asyncio.sleep(0.25)
+                    continue
+                raise
 
     async def _get_handle(self, deadline: float) -> Any:
         handle = self._handle
@@ -213,6 +262,11 @@ class RayBackend:
             cause = e.cause if isinstance(e.cause, BaseException) else None
             if isinstance(cause, InvalidDescription):
                 raise InvalidDescription(cause.message) from e
+            if isinstance(cause, Overloaded):
+                raise Overloaded(
+                    f"the {self.where} dropped the call: {cause.reason} before its generator pass",
+                    reason=cause.reason,
+                ) from e
             raise GeneratorUnavailable(
                 f"the {self.where} failed ({what}): {_first_line(cause or e)}"
             ) from e
@@ -241,6 +295,12 @@ def _actor_died_types() -> tuple[type[BaseException], ...]:
     import ray
 
     return (ray.exceptions.ActorDiedError,)
+
+
+def _actor_restarting_types() -> tuple[type[BaseException], ...]:
+    import ray
+
+    return (ray.exceptions.ActorUnavailableError,)
 
 
 def _first_line(e: BaseException) -> str:

@@ -20,7 +20,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from loragen_vllm.errors import GeneratorUnavailable, InvalidDescription  # noqa: E402
-from loragen_vllm.ray_actor import NAMESPACE, ActorConfig, actor_class, start_actor, stop_actor  # noqa: E402
+from loragen_vllm.ray_actor import NAMESPACE, ActorConfig, actor_class, find_actor, start_actor, stop_actor  # noqa: E402
 from loragen_vllm.ray_backend import RayBackend  # noqa: E402
 from tests.fixtures_ray import GEN_RESOURCE, actor_health, wait_actor_healthy  # noqa: E402
 
@@ -94,34 +94,76 @@ def test_backend_wait_is_bounded_when_actor_cannot_start(ray_cluster, tiny_gener
 
 
 def test_kill_actor_while_requests_in_flight(ray_cluster, generator_actor):
-    """SIGKILL the actor's process mid-flight: each request ends in an adapter or a 503 message."""
+    """SIGKILL the actor's process while calls are in flight: Ray re-sends them to the restarted
+    actor, which answers every one (none is lost, none fails)."""
     before = actor_health()
-    backend = RayBackend(ray_cluster.address, timeout_s=60)
+    backend = RayBackend(ray_cluster.address, timeout_s=120)
     descriptions = [f"Extract every date mentioned in document {i}." for i in range(6)]
 
     async def main():
-        tasks = [asyncio.create_task(backend.generate(d, 0)) for d in descriptions[:3]]
-        await asyncio.sleep(0.05)  # calls submitted, first pass under way
+        tasks = [asyncio.create_task(backend.generate_with_meta(d, 0)) for d in descriptions[:3]]
+        await asyncio.sleep(0.005)  # sent; inside the actor's 20 ms batch window at most
         os.kill(before["pid"], signal.SIGKILL)
-        # and calls sent while the actor is dead or restarting: in flight for certain
-        tasks += [asyncio.create_task(backend.generate(d, 0)) for d in descriptions[3:]]
-        return await asyncio.gather(*tasks, return_exceptions=True)
+        answered_before_kill = sum(t.done() for t in tasks)
+        # and calls sent while the actor is dead or restarting
+        tasks += [asyncio.create_task(backend.generate_with_meta(d, 0)) for d in descriptions[3:]]
+        return answered_before_kill, await asyncio.gather(*tasks, return_exceptions=True)
 
-    results = asyncio.run(main())
-    for r in results:
-        if isinstance(r, BaseException):
-            assert isinstance(r, GeneratorUnavailable), repr(r)
-            assert "retry later" in str(r) and backend.where in str(r)
-        else:
-            assert "adapter_model.safetensors" in r
+    answered_before_kill, results = asyncio.run(main())
+    assert answered_before_kill == 0
+    assert not [r for r in results if isinstance(r, BaseException)], results  # none lost
     after = wait_actor_healthy()
     assert after["pid"] != before["pid"] and after["reconstructed"]
     assert after["node_id"] == before["node_id"]  # restarted on its pinned node
-    # Calls in flight at the kill reached the restarted actor (Ray re-sent them), or timed out.
-    ok = [r for r in results if not isinstance(r, BaseException)]
-    assert after["stats"]["calls"] >= 1 or len(ok) < len(results)
-    files = asyncio.run(backend.generate("Count the vowels in the word.", 0))
-    assert "adapter_model.safetensors" in files
+    # Every call -- the three in flight at the kill included -- was answered by the restarted
+    # actor, with the adapter of its own description.
+    assert [meta.actor_pid for _, meta in results] == [after["pid"]] * 6
+    assert [meta.description for _, meta in results] == descriptions
+    assert after["stats"]["calls"] >= 6
+
+
+def test_adapters_are_keyed_by_the_fingerprint_returned_with_them(ray_cluster, tiny_generator_ckpt):
+    """An actor restarted with another checkpoint: its adapters carry the new fingerprint, and
+    the backend's cached fingerprint follows it within the refresh interval, even without a
+    generation."""
+    from pathlib import Path
+
+    from loragen_vllm.backends import CheckpointInfo
+
+    name = "loragen-fingerprint-test"
+    other_ckpt = Path(__file__).resolve().parent.parent / "generator" / "checkpoints" / "default"
+    fp_a = CheckpointInfo.read(tiny_generator_ckpt).fingerprint
+    fp_b = CheckpointInfo.read(other_ckpt).fingerprint
+    assert fp_a != fp_b
+
+    def start(ckpt):
+        deadline = time.monotonic() + 60
+        while find_actor(name) is not None:  # a killed actor's name is released shortly after
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        start_actor(ckpt, name=name, num_gpus=0, num_cpus=0, config=ActorConfig(batch_window_s=0.02))
+
+    start(tiny_generator_ckpt)
+    try:
+        generating = RayBackend(ray_cluster.address, actor_name=name, timeout_s=120, fingerprint_ttl_s=0.5)
+        watching = RayBackend(ray_cluster.address, actor_name=name, timeout_s=120, fingerprint_ttl_s=0.5)
+
+        async def main():
+            assert await watching.get_fingerprint() == fp_a
+            first = await generating.generate_adapter("Sort the list of numbers.", 0)
+            assert first.fingerprint == fp_a
+            stop_actor(name)
+            await asyncio.get_running_loop().run_in_executor(None, start, str(other_ckpt))
+            second = await generating.generate_adapter("Sort the list of numbers.", 0)
+            assert second.fingerprint == fp_b and second.files != first.files
+            deadline = time.monotonic() + 60
+            while await watching.get_fingerprint() != fp_b:  # background refresh after the TTL
+                assert time.monotonic() < deadline, "the restarted actor's checkpoint went unnoticed"
+                await asyncio.sleep(0.2)
+
+        asyncio.run(main())
+    finally:
+        stop_actor(name)
 
 
 # ----------------------------------------------------------------------------------------------

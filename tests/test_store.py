@@ -87,21 +87,24 @@ def _reader_worker(root, start, stop, out):
     out.put((len(seen), bad))
 
 
-def _once_worker(root, description, start, log):
+def _once_worker(root, description, start, log, out):
     """What the plugin and `loragen-vllm generate` do: get_or_create (lock, look up, generate
-    only on a miss, publish)."""
+    only on a miss, publish). Reports when it asked and when it got the adapter."""
     store = AdapterStore(root, max_adapters=None, max_bytes=None)
     key = store.key(description, FP, 0)
 
     def generate() -> NewAdapter:
-        with open(log, "a") as f:  # one line per generation
-            f.write(f"{os.getpid()}\n")
-        time.sleep(0.2)  # generation takes a while
+        t0 = time.time()
+        time.sleep(0.5)  # generation takes a while
+        with open(log, "a") as f:  # one line per generation: pid, start, end
+            f.write(f"{os.getpid()} {t0} {time.time()}\n")
         return NewAdapter(adapter_files(description), description, FP, 0, "t2l")
 
     start.wait()
-    stored, _ = store.get_or_create(key, generate, pin=True)
+    asked = time.time()
+    stored, generated = store.get_or_create(key, generate, pin=True)
     assert stored.key == key and os.getpid() in [p.pid for p in store.pins(key)]
+    out.put((os.getpid(), asked, time.time(), generated))
 
 
 def _key_in_subprocess(description: str, fingerprint: str, seed: int) -> str:
@@ -217,14 +220,21 @@ def test_concurrent_writers_different_keys_and_readers_see_whole_adapters(tmp_pa
 
 
 def test_get_or_create_makes_cross_process_generation_happen_once(tmp_path):
-    start, log = PROCS.Barrier(4), tmp_path / "generations.log"
+    start, log, out = PROCS.Barrier(4), tmp_path / "generations.log", PROCS.Queue()
     procs = _run_all([
         PROCS.Process(target=_once_worker,
-                      args=(str(tmp_path / "s"), "Once only.", start, str(log)))
+                      args=(str(tmp_path / "s"), "Once only.", start, str(log), out))
         for _ in range(4)
     ])
     _join_all(procs)
-    assert len(log.read_text().splitlines()) == 1
+    [line] = log.read_text().splitlines()  # one generation
+    maker, gen_start, gen_end = int(line.split()[0]), *map(float, line.split()[1:])
+    reports = [out.get(timeout=10) for _ in range(4)]
+    assert [pid for pid, *_ in reports if _[-1]] == [maker]
+    # They overlapped: all four asked before the one generation ended, and the other three
+    # waited for it (got the adapter only after it was made). Serialised callers would not.
+    assert all(asked < gen_end for _, asked, _, _ in reports)
+    assert all(got >= gen_end for pid, _, got, _ in reports if pid != maker)
 
 
 def test_get_or_create_publishes_once_and_publishes_nothing_when_generation_fails(tmp_path):
