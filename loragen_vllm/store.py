@@ -175,6 +175,7 @@ class AdapterStore:
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes
         self.lock_timeout_s = lock_timeout_s
+        self._unwritten_pins: set[str] = set()  # pins this process could not write (disk full)
         self._adapters = self.root / "adapters"
         self._usage = self.root / "usage"
         self._locks = self.root / "locks"
@@ -524,8 +525,11 @@ class AdapterStore:
         except (OSError, StoreFull) as e:
             if isinstance(e, TimeoutError):
                 raise
-            logger.warning("adapter %s served unpinned: the pin cannot be written (%s)", key[:12], e)
+            # This process's gc still spares it; other processes cannot see the pin.
+            self._unwritten_pins.add(key)
+            logger.warning("adapter %s served without a pin file: it cannot be written (%s)", key[:12], e)
             return False
+        self._unwritten_pins.discard(key)
         return True
 
     def renew_pins(self) -> int:
@@ -538,6 +542,8 @@ class AdapterStore:
 
     def unpin(self, key: str, holder: int | None = None) -> None:
         """Drop the pin of process ``holder`` (default: this process) on ``key``, if any."""
+        if holder is None:
+            self._unwritten_pins.discard(key)
         self._pins.unpin(_check_key(key), holder)
 
     def pins(self, key: str) -> list[Pin]:
@@ -625,7 +631,7 @@ class AdapterStore:
         for key in sorted(sizes, key=lambda k: last_used[k]):  # least recently used first
             if not over():
                 break
-            if key in keep or self.pins(key):
+            if key in keep or key in self._unwritten_pins or self.pins(key):
                 continue
             try:
                 with self.key_lock(key, timeout=0):  # busy (being generated/pinned): skip

@@ -273,3 +273,34 @@ def test_metrics_move_with_real_resolutions(resolver: LoRAGenResolver) -> None:
     assert c["total_seconds"] - a["total_seconds"] == 3 and c["invalid"] - b["invalid"] == 1
     assert metric("loragen_store_adapters") == 2 and metric("loragen_store_bytes") > 0
     assert metric("loragen_generations_in_flight") == 0 and metric("loragen_generations_queued") == 0
+
+
+def test_with_the_disk_full_stored_adapters_resolve_and_new_ones_are_503(own_ckpt: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs (needs root)")
+    try:
+        resolver = make_resolver(own_ckpt, mnt / "store")
+        first = asyncio.run(resolver.resolve_lora("base", DESC))
+        resolver.forget(DESC)
+        with open(mnt / "filler", "wb", buffering=0) as f:  # the disk is full from here on
+            for block in (1 << 16, 1):
+                try:
+                    while True:
+                        f.write(b"\0" * block)
+                except OSError:
+                    pass
+        again = asyncio.run(resolver.resolve_lora("base", " " + DESC))  # stored: still served
+        assert again.lora_path == first.lora_path
+        with pytest.raises(RetryableRequestError) as full:
+            asyncio.run(resolver.resolve_lora("base", "Translate English to French."))
+        code, message = vllm_status(full.value)
+        assert code == 503 and "no space left" in message and retry_after_s(message) == 30
+        # The pin of the adapter just served could not be written, yet the gc that tried to make
+        # room spared it (this process knows it serves it).
+        assert Path(again.lora_path).is_dir() and resolver.store.get(Path(again.lora_path).name) is not None
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
