@@ -543,6 +543,8 @@ def test_a_full_disk_serves_stored_adapters_refuses_new_ones_and_gc_frees_space(
     for s in stored:
         hit, generated = store.get_or_create(s.key, lambda: pytest.fail("generated"), pin=True)
         assert not generated and hit.key == s.key
+    for s in stored[1:]:
+        store.unpin(s.key)  # served and forgotten again (unpinning needs no space)
     # A new adapter is a clear 503, and the attempt's gc freed room (LRU, pins respected).
     with pytest.raises(StoreFull) as full:
         publish(store, "a new task", size=200_000)
