@@ -150,6 +150,7 @@ def test_a_full_queue_of_pending_generations_is_503_with_retry_after(own_ckpt: P
     async def main() -> tuple[LoRARequest, BaseException, float]:
         first = asyncio.ensure_future(resolver.resolve_lora("base", DESC))
         await asyncio.sleep(0.3)  # first is pending (its pass waits out the 1 s window)
+        assert metric("loragen_generations_in_flight") == 1 and metric("loragen_generations_queued") == 1
         t0 = time.monotonic()
         try:
             await resolver.resolve_lora("base", "Translate English to French.")
