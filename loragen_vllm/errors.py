@@ -23,6 +23,10 @@ How an error raised in our LoRA resolver reaches the client (read from vLLM 0.32
   ``{"error": {"message": sanitize_message(str(exc)), "type", "param", "code": <status>}}``
   where ``sanitize_message`` strips file paths and memory addresses, so messages must not depend
   on paths. ``VLLMValidationError.__str__`` appends ``" (parameter=model)"`` to the message.
+* No headers: every one of those handlers answers ``JSONResponse(err.model_dump(),
+  status_code=...)``, so nothing a resolver raises can set ``Retry-After``. `Overloaded` therefore
+  ends its message with "retry after N s" (`retry_after_s` reads it back), and the HTTP middleware
+  in front of vLLM turns that into the header.
 * ``_check_model`` runs before a ``StreamingResponse`` exists, so streaming requests get the same
   status and body (no half-open stream).
 * Returning ``None`` from the resolver gives 404 "The model `...` does not exist" -- never right
