@@ -2,6 +2,7 @@
 
     loragen-vllm serve [--base-model DIR] [--generator CKPT] [--store DIR] [--host H] [--port P]
                        [--seed N] [--ray-address ADDR] [--device D] [--max-resolved N]
+                       [--no-description-system-prompt] [--admin-key KEY] [--list-descriptions]
                        [-- extra vLLM arguments]
     loragen-vllm generate TEXT [--generator CKPT] [--store DIR] [--seed N] [--json]
     loragen-vllm store ls [--json] | show KEY [--json] | rm KEY [--force] | gc   [--store DIR]
@@ -280,6 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-resolved", type=int, default=None, metavar="N",
                    help="descriptions vLLM remembers at once, each pinning one stored adapter "
                    "(default: $LORAGEN_MAX_RESOLVED or 256)")
+    s.add_argument("--no-description-system-prompt", dest="description_system_prompt",
+                   action="store_false",
+                   help="do not put the description as the system prompt of chats that have none")
+    s.add_argument("--admin-key", metavar="KEY", default=None,
+                   help="open vLLM's admin routes (runtime LoRA load/unload, ...) to requests "
+                   "whose X-LoRAGen-Admin-Key header carries KEY (default: $LORAGEN_ADMIN_KEY; "
+                   "unset: closed)")
+    s.add_argument("--list-descriptions", action="store_true", default=None,
+                   help="/v1/models also lists the resolved descriptions (other clients' "
+                   "requests; default: $LORAGEN_LIST_DESCRIPTIONS or off)")
     s.set_defaults(func=cmd_serve)
 
     g = sub.add_parser(

