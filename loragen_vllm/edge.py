@@ -31,7 +31,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
@@ -39,7 +38,7 @@ from typing import Any
 
 from loragen_vllm import envs
 from loragen_vllm.descriptions import validate_description
-from loragen_vllm.errors import InvalidDescription, to_http
+from loragen_vllm.errors import DEFAULT_RETRY_AFTER_S, InvalidDescription, retry_after_s, to_http
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +71,6 @@ ADMIN_PATHS = frozenset({
 })
 ADMIN_HEADER = b"x-loragen-admin-key"
 ADAPTER_HEADER = b"x-loragen-adapter"
-DEFAULT_RETRY_AFTER_S = 5
-_RETRY_AFTER = re.compile(r"retry after (\d+) s\b")
 
 # requests in flight per `model` name, in this process (the API server)
 _in_flight: Counter[str] = Counter()
@@ -141,12 +138,9 @@ def public_models_list(body: bytes, base_models: set[str] | frozenset[str], list
 
 def adapter_header(model: str) -> bytes | None:
     """``<key>; generator=<fingerprint>`` of the adapter resolved for ``model``, else None."""
-    try:
-        from loragen_vllm import plugin
-    except ImportError:
-        return None
-    lookup = getattr(plugin, "adapter_of", None)
-    found = lookup(model) if lookup is not None else None
+    from loragen_vllm import plugin  # imports vLLM: only inside the server
+
+    found = plugin.adapter_of(model)
     if found is None:
         return None
     key, fingerprint = found
@@ -154,8 +148,9 @@ def adapter_header(model: str) -> bytes | None:
 
 
 def retry_after(message: str) -> int:
-    m = _RETRY_AFTER.search(message or "")
-    return int(m.group(1)) if m else DEFAULT_RETRY_AFTER_S
+    """Seconds for ``Retry-After``: what an overload 503 asks for, else the default."""
+    found = retry_after_s(message)
+    return found if found is not None else DEFAULT_RETRY_AFTER_S
 
 
 # ----------------------------------------------------------------------------------------------

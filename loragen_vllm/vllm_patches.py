@@ -203,16 +203,7 @@ def _discard(lora_name: str) -> None:
     from loragen_vllm import plugin
 
     try:
-        if (discard := getattr(plugin, "discard_resolved", None)) is not None:
-            known = discard(lora_name)
-        else:  # older plugin: forget (unpins when no other name holds the adapter)
-            from vllm.lora.resolver import LoRAResolverRegistry
-
-            if plugin.RESOLVER_NAME not in LoRAResolverRegistry.get_supported_resolvers():
-                return
-            resolver = LoRAResolverRegistry.get_resolver(plugin.RESOLVER_NAME)
-            known = resolver.resolved(lora_name)
-            resolver.forget(lora_name)
+        known = plugin.discard_resolved(lora_name)
     except Exception:  # never let bookkeeping break a request
         logger.exception("forgetting LoRA name %.60r after a failed load failed", lora_name)
         return
