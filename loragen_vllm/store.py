@@ -9,7 +9,8 @@ store survives restarts and several server processes can share one::
                                         last used = mtime); the hot path never rewrites a file
     <root>/pins/<key>/<holder>          a server process may (re)load this adapter (a lease)
     <root>/locks/store.lock             serialises gc; locks/<key>.lock: the lock of one key
-                                        (unrelated keys never wait on each other)
+                                        (flock; unrelated keys never wait on each other); gc
+                                        removes those of keys with no adapter and no pins
     <root>/tmp/ trash/ quarantine/      publishing, being deleted, failed its integrity check
 
 Publish is atomic: files are written to ``tmp/``, fsynced, and the folder is renamed into
@@ -48,12 +49,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -176,6 +179,7 @@ class AdapterStore:
         self.max_bytes = max_bytes
         self.lock_timeout_s = lock_timeout_s
         self._unwritten_pins: set[str] = set()  # pins this process could not write (disk full)
+        self._held = threading.local()  # key -> [fd, depth] of the key locks this thread holds
         self._adapters = self.root / "adapters"
         self._usage = self.root / "usage"
         self._locks = self.root / "locks"
@@ -229,23 +233,78 @@ class AdapterStore:
         `LockTimeout` (a ``TimeoutError``; HTTP 503 with a retry-after).
         """
         wait = self.lock_timeout_s if timeout is None else max(0.0, timeout)
-        lock = FileLock(self._locks / f"{_check_key(key)}.lock", is_singleton=True)
-        try:
-            lock.acquire(timeout=wait)
-        except Timeout as e:
-            raise LockTimeout(
-                f"adapter {key[:12]} is locked by another server process or thread (held past "
-                f"the {wait:g} s deadline)", retry_after_s=int(min(max(wait, 1), 60)),
-            ) from e
-        except OSError as e:  # the lock file of a new key cannot be created
-            if e.errno in _NO_SPACE:
-                raise StoreFull(f"no space left in the adapter store for adapter {key[:12]}'s lock file",
-                                retry_after_s=30) from e
-            raise
+        held = self._held_locks()
+        entry = held.get(_check_key(key))
+        if entry is None:
+            entry = held[key] = [self._acquire_key_file(key, wait), 0]
+        entry[1] += 1
         try:
             yield
         finally:
-            lock.release()
+            entry[1] -= 1
+            if entry[1] == 0:
+                del held[key]
+                os.close(entry[0])  # releases the flock
+
+    def _held_locks(self) -> dict[str, list[int]]:
+        if getattr(self._held, "pid", None) != os.getpid():  # new thread, or a forked child
+            self._held.pid, self._held.locks = os.getpid(), {}
+        return self._held.locks
+
+    def _acquire_key_file(self, key: str, wait: float) -> int:
+        """An fd holding the flock of ``<locks>/<key>.lock`` -- the file now at that path (gc
+        may remove a lock file nobody holds; a lock taken on a removed file is let go and taken
+        again) -- within ``wait`` seconds, else `LockTimeout`."""
+        path = self._locks / f"{key}.lock"
+        deadline = time.monotonic() + wait
+        delay = 0.001
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:  # the lock file of a new key cannot be created
+                if e.errno in _NO_SPACE:
+                    raise StoreFull(f"no space left in the adapter store for adapter {key[:12]}'s lock file",
+                                    retry_after_s=30) from e
+                raise
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LockTimeout(
+                        f"adapter {key[:12]} is locked by another server process or thread (held past "
+                        f"the {wait:g} s deadline)", retry_after_s=int(min(max(wait, 1), 60)),
+                    ) from None
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 0.05)
+                continue
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # gc removed the file we locked: lock the one at the path now
+
+    def _remove_lock_file(self, key: str) -> None:
+        """gc: remove ``key``'s lock file if nobody holds it and the key has no adapter and no
+        pins (checked under the lock: publishing and pinning happen under it)."""
+        path = self._locks / f"{key}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                return
+            if (self._adapters / key).exists() or (self._pins.folder / key).exists():
+                return
+            os.unlink(path)
+        except (BlockingIOError, FileNotFoundError):
+            return  # held (in use), or already gone
+        finally:
+            os.close(fd)
 
     def _gc_lock(self) -> FileLock:
         return FileLock(self._locks / "store.lock", is_singleton=True)
@@ -606,6 +665,11 @@ class AdapterStore:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._usage / name)
         self._pins.clean(is_key=lambda name: _KEY_RE.match(name) is not None)
+        present = set(self.keys())
+        for name in os.listdir(self._locks):
+            key = name.removesuffix(".lock")
+            if name.endswith(".lock") and _KEY_RE.match(key) and key not in present:
+                self._remove_lock_file(key)
 
     def _evict(self, keep: set[str], free_bytes: int = 0) -> GCReport:
         sizes: dict[str, int] = {}

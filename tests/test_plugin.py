@@ -61,12 +61,11 @@ def vllm_status(exc: BaseException) -> tuple[int, str]:
 
 def test_resolve_generates_once_and_pins(resolver: LoRAGenResolver) -> None:
     spellings = [DESC, "  " + DESC, DESC.replace(" ", "\n"), DESC + "\t"]
-    before = {n: metric(n, **lab) for n, lab in (
-        ("loragen_store_lookups_total", {"result": "hit"}),
-        ("loragen_store_lookups_total", {"result": "miss"}),
-        ("loragen_generations_total", {"outcome": "ok"}),
-        ("loragen_resolutions_total", {}),
-    )}
+    before = {
+        "hit": metric("loragen_store_lookups_total", result="hit"),
+        "generated": metric("loragen_generations_total", outcome="ok"),
+        "resolved": metric("loragen_resolutions_total"),
+    }
 
     async def main() -> list[LoRARequest]:
         return list(await asyncio.gather(*(resolver.resolve_lora("base", s) for s in spellings)))
@@ -76,9 +75,9 @@ def test_resolve_generates_once_and_pins(resolver: LoRAGenResolver) -> None:
     assert isinstance(backend, InProcessBackend) and backend.passes == 1
     # The four overlapped: they shared one in-flight resolution (one lookup, a miss, and one
     # generation). Had they run one after another, the later three would be store hits.
-    assert metric("loragen_store_lookups_total", result="hit") == before["loragen_store_lookups_total"]
-    assert metric("loragen_generations_total", outcome="ok") - before["loragen_generations_total"] == 1
-    assert metric("loragen_resolutions_total") - before["loragen_resolutions_total"] == 4
+    assert metric("loragen_store_lookups_total", result="hit") == before["hit"]
+    assert metric("loragen_generations_total", outcome="ok") - before["generated"] == 1
+    assert metric("loragen_resolutions_total") - before["resolved"] == 4
     assert len(store.keys()) == 1 and {r.lora_path for r in requests} == {str(store.path(store.keys()[0]))}
     assert [r.lora_name for r in requests] == spellings
     key = store.keys()[0]

@@ -554,3 +554,48 @@ def test_a_full_disk_serves_stored_adapters_refuses_new_ones_and_gc_frees_space(
     assert stored[1].key not in store.keys()  # least recently used unpinned one: evicted
     again = publish(store, "a new task", size=200_000)  # the space gc freed takes it
     assert store.get(again.key) is not None
+
+
+def _count_under_lock(root, key, n, counter, start):
+    store = AdapterStore(root, max_adapters=None, max_bytes=None)
+    start.wait()
+    for _ in range(n):
+        with store.key_lock(key, timeout=30):
+            value = int(Path(counter).read_text())  # read, then write: a race loses updates
+            time.sleep(0.001)
+            Path(counter).write_text(str(value + 1))
+
+
+def _gc_loop(root, stop):
+    store = AdapterStore(root, max_adapters=None, max_bytes=None)
+    while not stop.is_set():
+        store.gc()
+
+
+def test_gc_removes_unused_lock_files_without_breaking_mutual_exclusion(tmp_path):
+    store = AdapterStore(tmp_path, max_adapters=None, max_bytes=None)
+    kept = publish(store, "Kept task.").key
+    unused = [AdapterStore.key(f"never stored {i}", FP, 0) for i in range(20)]
+    for key in unused:
+        with store.key_lock(key):
+            pass
+    assert len(os.listdir(tmp_path / "locks")) >= 21
+    store.gc()
+    assert sorted(os.listdir(tmp_path / "locks")) == sorted([f"{kept}.lock", "store.lock"])
+    # Counting under one key's lock from three processes while gc keeps removing that unused
+    # key's lock file: no update is lost.
+    key, counter = unused[0], tmp_path / "counter"
+    counter.write_text("0")
+    start, stop = PROCS.Barrier(3), PROCS.Event()
+    gc = PROCS.Process(target=_gc_loop, args=(str(tmp_path), stop))
+    gc.start()
+    workers = _run_all([
+        PROCS.Process(target=_count_under_lock, args=(str(tmp_path), key, 200, str(counter), start))
+        for _ in range(3)
+    ])
+    try:
+        _join_all(workers, timeout=120)
+    finally:
+        stop.set()
+        gc.join(30)
+    assert int(counter.read_text()) == 600
