@@ -59,6 +59,8 @@ class BoundedLoRARequests(MutableMapping[str, V]):
         self._data: OrderedDict[str, V] = OrderedDict()
         self.evicted = 0  # names dropped for the bound so far
 
+    __hash__ = object.__hash__  # one table per server object: identity (a Mapping is unhashable)
+
     def __getitem__(self, name: str) -> V:
         value = self._data[name]
         self._data.move_to_end(name)
