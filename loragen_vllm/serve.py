@@ -37,8 +37,11 @@ from loragen_vllm.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_LORAS = 4  # adapters in one batch (vLLM --max-loras)
-DEFAULT_MAX_CPU_LORAS = 32  # adapters vLLM's workers keep loaded (vLLM --max-cpu-loras)
+DEFAULT_MAX_LORAS = 4  # adapters in one batch (vLLM --max-loras), on a CPU
+DEFAULT_MAX_CPU_LORAS = 32  # adapters vLLM's workers keep loaded (vLLM --max-cpu-loras), on a CPU
+# On a GPU a burst of 32 new descriptions is one generator pass (MicroBatcher's largest batch):
+# give vLLM as many adapter slots per batch, so that its requests run together, not in waves.
+GPU_MAX_LORAS, GPU_MAX_CPU_LORAS = 32, 128
 DEFAULT_RAY_LORA_RANK = 16  # --max-lora-rank with a Ray generator (its rank is unknown until it answers)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 EDGE_MIDDLEWARE = "loragen_vllm.edge.EdgeGuard"
@@ -65,8 +68,11 @@ def vllm_serve_argv(
     port: int,
     extra: list[str],
     middleware: tuple[str, ...] = (),
+    lora_slots: tuple[int, int] = (DEFAULT_MAX_LORAS, DEFAULT_MAX_CPU_LORAS),
 ) -> list[str]:
     """Arguments of ``vllm serve`` (after the subcommand); ``extra`` comes last and so wins.
+
+    ``lora_slots``: (``--max-loras``, ``--max-cpu-loras``), see `default_lora_slots`.
 
     ``middleware``: ASGI middleware import paths, innermost first (vLLM wraps the app in the
     order given, so the last is the outermost).
@@ -76,13 +82,19 @@ def vllm_serve_argv(
         "--served-model-name", served_name,
         "--enable-lora",
         "--max-lora-rank", str(fit_lora_rank(lora_rank)),
-        "--max-loras", str(DEFAULT_MAX_LORAS),
-        "--max-cpu-loras", str(DEFAULT_MAX_CPU_LORAS),
+        "--max-loras", str(lora_slots[0]),
+        "--max-cpu-loras", str(lora_slots[1]),
         "--host", host,
         "--port", str(port),
         *[a for m in middleware for a in ("--middleware", m)],
         *extra,
     ]
+
+
+def default_lora_slots(gpu: bool) -> tuple[int, int]:
+    """(``--max-loras``, ``--max-cpu-loras``) that fit the machine: few on a CPU, where every
+    adapter slot costs compute in each step, a burst's worth on a GPU."""
+    return (GPU_MAX_LORAS, GPU_MAX_CPU_LORAS) if gpu else (DEFAULT_MAX_LORAS, DEFAULT_MAX_CPU_LORAS)
 
 
 def served_model_names(default: str, vllm_args: list[str]) -> list[str]:
@@ -211,7 +223,10 @@ def run(args: argparse.Namespace) -> int:
     max_resolved = getattr(args, "max_resolved", None) or envs.LORAGEN_MAX_RESOLVED
     middleware = (SYSTEM_PROMPT_MIDDLEWARE,) if getattr(args, "description_system_prompt", True) else ()
     middleware += (EDGE_MIDDLEWARE,)  # outermost: nothing it refuses reaches the other
-    argv = vllm_serve_argv(model_dir, model_dir.name, lora_rank, args.host, args.port, extra, middleware)
+    import torch
+
+    slots = default_lora_slots(torch.cuda.is_available())
+    argv = vllm_serve_argv(model_dir, model_dir.name, lora_rank, args.host, args.port, extra, middleware, slots)
     print(f"loragen-vllm: adapter store {store}", flush=True)
     print(f"loragen-vllm: vllm serve {shlex.join(argv)}", flush=True)
 

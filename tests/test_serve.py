@@ -28,6 +28,7 @@ from loragen_vllm.serve import (
     CPU_KV_CACHE_GIB,
     EDGE_MIDDLEWARE,
     SYSTEM_PROMPT_MIDDLEWARE,
+    default_lora_slots,
     base_model_shapes,
     check_generator_fits,
     default_cpu_kv_cache,
@@ -82,6 +83,16 @@ def test_vllm_command_line() -> None:
     argv = vllm_serve_argv(Path("/m/SmolLM2"), "SmolLM2", 4, "127.0.0.1", 9000, ["--max-lora-rank", "32"])
     assert argv[0] == "/m/SmolLM2" and "--enable-lora" in argv
     assert argv[argv.index("--max-lora-rank") + 1] == "8" and argv[-2:] == ["--max-lora-rank", "32"]
+    assert argv[argv.index("--max-loras") + 1] == "4"  # CPU defaults unless told otherwise
+
+
+def test_lora_slots_fit_the_machine() -> None:
+    """On a GPU a burst of 32 new descriptions fits one batch of adapter slots; on a CPU few."""
+    gpu, cpu = default_lora_slots(gpu=True), default_lora_slots(gpu=False)
+    assert gpu[0] >= 32 and gpu[1] >= gpu[0] and cpu == (4, 32)
+    argv = vllm_serve_argv(Path("/m/M"), "M", 8, "h", 1, [], lora_slots=gpu)
+    assert argv[argv.index("--max-loras") + 1] == str(gpu[0])
+    assert argv[argv.index("--max-cpu-loras") + 1] == str(gpu[1])
 
 
 def test_served_names_and_middleware_on_the_command_line() -> None:
