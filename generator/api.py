@@ -165,6 +165,13 @@ class Generator:
         return Generator(self.kind, self.target, self.model, self.configs, {**self.sampler, **sampler}, self.device,
                          self.extra, self.cuda_graphs)
 
+    def warm_up(self) -> None:
+        """Pay one-time costs before the first request: the description encoder's load and, on a
+        GPU, the CUDA-graph capture of every batch-size bucket at this checkpoint's sampler."""
+        self.generate(["Warm up the generator."], seed=0)
+        if hasattr(self.model, "warm_up"):
+            self.model.warm_up(int(self.sampler["steps"]), float(self.sampler["guidance"]))
+
     # ------------------------------------------------------------------------------------------
     # Generation
 

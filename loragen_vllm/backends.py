@@ -234,6 +234,8 @@ class InProcessBackend:
                         "the generator checkpoint changed on disk since the server started "
                         f"(fingerprint {gen.fingerprint[:12]}, expected {self.info.fingerprint[:12]})"
                     )
+                if torch.device(self.device).type == "cuda":
+                    gen.warm_up()  # capture every batch-size bucket's CUDA graph once, now
                 self._generator = gen
                 logger.info(
                     "loaded %s generator %s (rank %d) on %s in %.1f s",

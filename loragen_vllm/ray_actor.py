@@ -128,9 +128,10 @@ class GeneratorActor:
         self.device = "cuda" if ray.get_gpu_ids() else "cpu"
         t0 = time.perf_counter()
         self.generator = load_generator(checkpoint, device=self.device)
-        # One pass before the first call: loads the text encoder and warms torch, so that the
-        # actor answers `health` (and `generator start` returns) only once it is really ready.
-        self.generator.generate(["warm-up"], seed=0)
+        # Before the first call: loads the text encoder, warms torch and (on a GPU) captures the
+        # CUDA graph of every batch-size bucket, so that the actor answers `health` (and
+        # `generator start` returns) only once it is really ready.
+        self.generator.warm_up()
         self.load_s = time.perf_counter() - t0
         self.started = time.time()
         self.reconstructed = bool(ctx.was_current_actor_reconstructed)

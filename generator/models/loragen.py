@@ -60,6 +60,11 @@ class LoRAGen(nn.Module):
         if not keep:
             self._graphed = GraphedGeneration(self, max_batch)
 
+    def warm_up(self, steps: int, guidance: float, batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> None:
+        """Capture the CUDA graphs of these batch sizes now (no-op without graphs)."""
+        if self._graphed is not None:
+            self._graphed.warm_up([b for b in batch_sizes if b <= self._graphed.max_batch], steps, guidance)
+
     @property
     def num_tokens(self) -> int:
         return self.target.num_locations
