@@ -228,7 +228,7 @@ def test_get_or_create_makes_cross_process_generation_happen_once(tmp_path):
     ])
     _join_all(procs)
     [line] = log.read_text().splitlines()  # one generation
-    maker, gen_start, gen_end = int(line.split()[0]), *map(float, line.split()[1:])
+    maker, _gen_start, gen_end = int(line.split()[0]), *map(float, line.split()[1:])
     reports = [out.get(timeout=10) for _ in range(4)]
     assert [pid for pid, *_ in reports if _[-1]] == [maker]
     # They overlapped: all four asked before the one generation ended, and the other three
