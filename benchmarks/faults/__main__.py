@@ -8,7 +8,7 @@ count and time, every wait has a deadline, and the server is always stopped.
 """
 from __future__ import annotations
 
-import argparse, hashlib, json, os, platform, shlex, signal, socket, sys, tempfile, threading, time
+import argparse, json, os, platform, shlex, signal, socket, sys, tempfile, threading, time
 import urllib.error, urllib.request
 from collections import Counter
 from datetime import datetime, timezone
