@@ -72,6 +72,11 @@ def test_splits_are_checked(tmp_path):
     path.write_text(json.dumps({"train": ["a"], "validation": [], "test": ["c"], "user_descriptions": {"a": ["x"]}}))
     with pytest.raises(ValueError, match="outside the test split"):
         load_splits(path)
+    path.write_text(json.dumps({"train": ["a"], "validation": [], "test": ["c"], "in_distribution": ["c"]}))
+    with pytest.raises(ValueError, match="in-distribution tasks outside the train split"):
+        load_splits(path)
+    path.write_text(json.dumps({"train": ["a", "b"], "validation": [], "test": ["c"], "in_distribution": ["b"]}))
+    assert load_splits(path).in_distribution_eval == ("b",)  # the file's list, not the sha256 order
     path.write_text(json.dumps({"train": ["a"], "validation": [], "test": ["c"]}))
     with pytest.raises(ValueError, match="in no split"):
         load_splits(path).split_of("z")

@@ -189,6 +189,7 @@ class TaskSplits:
     validation: tuple[str, ...]
     test: tuple[str, ...]
     user_descriptions: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    in_distribution: tuple[str, ...] = ()  # fixed in-distribution tasks, if the file names them
 
     def __post_init__(self) -> None:
         seen: dict[str, str] = {}
@@ -216,7 +217,10 @@ class TaskSplits:
 
     @property
     def in_distribution_eval(self) -> tuple[str, ...]:
-        """A fixed subset of training tasks (the first in sha256 order) for the in-distribution column."""
+        """A fixed subset of training tasks for the in-distribution column: the file's list, or else
+        the first in sha256 order (the file fixes it so that adding training tasks does not move it)."""
+        if self.in_distribution:
+            return self.in_distribution
         order = sorted(self.train, key=lambda n: _digest("sni-ind", n))
         return tuple(order[:NUM_IN_DISTRIBUTION_EVAL])
 
@@ -248,9 +252,13 @@ def load_splits(path: str | Path) -> TaskSplits:
     try:
         d = json.loads(path.read_text())
         user = {k: tuple(v) for k, v in d.get("user_descriptions", {}).items()}
-        splits = TaskSplits(*(tuple(d[k]) for k in SPLIT_NAMES), user_descriptions=user)
+        splits = TaskSplits(*(tuple(d[k]) for k in SPLIT_NAMES), user_descriptions=user,
+                            in_distribution=tuple(d.get("in_distribution", ())))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a valid splits file ({type(e).__name__}: {e})") from None
+    outside = set(splits.in_distribution) - set(splits.train)
+    if outside:
+        raise ValueError(f"{path}: in-distribution tasks outside the train split: {sorted(outside)[:3]}")
     stray = set(splits.user_descriptions) - set(splits.test)
     if stray:
         raise ValueError(f"{path}: user descriptions for tasks outside the test split: {sorted(stray)[:3]}")

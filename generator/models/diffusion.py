@@ -67,7 +67,6 @@ class GaussianDiffusion:
         ts = torch.linspace(self.T - 1, 0, steps).round().long().tolist()
         return list(dict.fromkeys(ts))  # drop duplicates, keep order
 
-    @torch.no_grad()
     def ddim_sample(
         self,
         model: Denoiser,
@@ -76,7 +75,10 @@ class GaussianDiffusion:
         steps: int,
         guidance: float = 1.0,
     ) -> Tensor:
-        """Deterministic DDIM (eta = 0) from x_T = noise (N, ...) to x_0, conditioned on cond (N, d_cond)."""
+        """Deterministic DDIM (eta = 0) from x_T = noise (N, ...) to x_0, conditioned on cond (N, d_cond).
+
+        Differentiable (SFT trains through the whole chain); sampling callers run it without grad.
+        """
         N = noise.shape[0]
         x = noise
         ts = self.timesteps(steps)

@@ -92,6 +92,21 @@ class LoRAGen(nn.Module):
         x0 = self.diffusion.ddim_sample(self.dit, cond, noise, steps=steps, guidance=guidance)
         return x0 * self.z_std + self.z_mean
 
+    def sft_factors(
+        self, cond: Tensor, generator: torch.Generator, steps: int, guidance: float
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Factors made as generation makes them (DDIM from fresh noise, then the LAE decoder), with
+        gradients through every sampler step: SFT through the base model trains the generator as it
+        is served. cond (N, d_cond) -> A[m] (N, L, r, d_in), B[m] (N, L, d_out, r)."""
+        noise = torch.randn((cond.shape[0], self.num_tokens, self.lae_cfg.d_z), generator=generator).to(cond)
+        x0 = self.diffusion.ddim_sample(self.dit, cond, noise, steps=steps, guidance=guidance)
+        A, B, _ = self.lae.decode(x0 * self.z_std + self.z_mean)
+        return A, B
+
+    def sft_parameters(self) -> list[nn.Parameter]:
+        """What SFT trains: the denoiser and the LAE decoder (its encoder plays no part in generation)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("lae.encoders.")]
+
     @torch.no_grad()
     def decode(self, z: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Latents (N, P, d_z) -> A[m] (N, L, r, d_in), B[m] (N, L, d_out, r)."""

@@ -167,6 +167,17 @@ class T2L(nn.Module):
         loss = torch.stack(terms).mean()
         return loss, {"l1": loss.item()}
 
+    def sft_factors(
+        self, cond: Tensor, generator: torch.Generator, steps: int, guidance: float
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """cond: (N, d_cond) -> A[m] (N, L, r, d_in), B[m] (N, L, d_out, r) in adapter scale, with
+        gradients (SFT through the base model); no noise, steps or guidance."""
+        return self.standardizer.denormalize(*self.hypernet(cond))
+
+    def sft_parameters(self) -> list[nn.Parameter]:
+        """What SFT trains: the hypernetwork (the standardiser is the library's statistics)."""
+        return list(self.hypernet.parameters())
+
     @torch.no_grad()
     def generate(self, cond: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """cond: (N, d_cond) -> A[m] (N, L, r, d_in), B[m] (N, L, d_out, r) in adapter scale."""

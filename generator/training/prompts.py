@@ -45,9 +45,12 @@ def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_example(tokenizer, input_text: str, output: str, max_input_tokens: int, max_output_tokens: int) -> tuple[list[int], list[int]]:
-    """(prompt ids, output ids + eos) for one instance, input alone in the chat template."""
-    p = prompt_ids(tokenizer, chat_messages(truncate_text(tokenizer, input_text, max_input_tokens)))
+def encode_example(
+    tokenizer, input_text: str, output: str, max_input_tokens: int, max_output_tokens: int, system: str | None = None,
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, output ids + eos) for one instance: the input in the chat template, after
+    `system` as the system prompt if given."""
+    p = prompt_ids(tokenizer, chat_messages(truncate_text(tokenizer, input_text, max_input_tokens), system=system))
     o = tokenizer(output, add_special_tokens=False)["input_ids"][: max_output_tokens - 1]
     return p, o + [tokenizer.eos_token_id]
 

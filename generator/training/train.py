@@ -78,7 +78,8 @@ def load_training_data(
 
 
 def _batch_generator(seed: int, stage: str, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + {"t2l": 1, "lae": 2, "dit": 3}[stage] * 7_919 + step) % 2**63)
+    code = {"t2l": 1, "lae": 2, "dit": 3, "sft": 4}[stage]
+    return torch.Generator().manual_seed((seed * 1_000_003 + code * 7_919 + step) % 2**63)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -192,12 +193,15 @@ class TrainingRun:
         (self.out / STATE_FILE).unlink(missing_ok=True)
 
 
-def run_identity(kind: str, target: TargetSpec, configs: dict, cfg: TrainConfig, data: TrainingData) -> dict[str, Any]:
+def run_identity(
+    kind: str, target: TargetSpec, configs: dict, cfg: TrainConfig, tasks: Sequence[str], num_descriptions: int,
+) -> dict[str, Any]:
+    """What makes a run itself: a resume continues only a state written with the same identity."""
     train = cfg.to_dict()
     train.pop("checkpoint_every", None)
     train.pop("num_threads", None)
     return json.loads(json.dumps({"kind": kind, "target": target.to_dict(), "configs": configs, "train": train,
-                                  "tasks": data.task_names, "num_descriptions": len(data.descriptions)}))
+                                  "tasks": list(tasks), "num_descriptions": num_descriptions}))
 
 
 def train_t2l(
@@ -213,7 +217,8 @@ def train_t2l(
     configs = {"t2l": model_cfg.to_dict()}
     model = build_model("t2l", data.target, configs).to(data.cond.device)
     model.standardizer.fit(data.A, data.B)
-    run = TrainingRun("t2l", Path(out), run_identity("t2l", data.target, configs, cfg, data), resume, progress, callback)
+    identity = run_identity("t2l", data.target, configs, cfg, data.task_names, len(data.descriptions))
+    run = TrainingRun("t2l", Path(out), identity, resume, progress, callback)
 
     def step_fn(g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         idx = torch.randint(len(data.descriptions), (cfg.batch_size,), generator=g).to(data.cond.device)
@@ -258,8 +263,8 @@ def train_loragen(
         if callback is not None:
             callback(stage, step)
 
-    run = TrainingRun("loragen", Path(out), run_identity("loragen", data.target, configs, cfg, data), resume, progress,
-                      on_step)
+    identity = run_identity("loragen", data.target, configs, cfg, data.task_names, len(data.descriptions))
+    run = TrainingRun("loragen", Path(out), identity, resume, progress, on_step)
     order = ["lae", "dit"]
 
     def lae_step(g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
