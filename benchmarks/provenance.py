@@ -23,3 +23,22 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def provenance(command: str | None = None) -> dict[str, str | None]:
+    """What made a result: the command (default: this process's), the commit, the machine, the date (UTC)."""
+    import datetime as dt
+    import platform
+    import sys
+
+    machine = platform.node()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            machine = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return {"command": command or " ".join(["python -m", Path(sys.argv[0]).parent.name, *sys.argv[1:]]),
+            "commit": git_commit(), "machine": machine,
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")}

@@ -97,6 +97,12 @@ def main(argv=None) -> None:
     c.add_argument("--validation", required=True, help="folder of validation rows loragen_g<G>_s<S>.jsonl, loragen_sys.jsonl")
     c.add_argument("--checkpoint", required=True, help="LoRAGen checkpoint: the chosen sampler is written into it")
     c.add_argument("--out", required=True, help="JSON file of the choice and every candidate's score")
+    k = sub.add_parser("choose-checkpoint", help="pick the checkpoint with the best validation EM (ties: the first)")
+    k.add_argument("--tasks", required=True)
+    k.add_argument("--validation", required=True, help="folder of the candidates' validation rows <ROW>.jsonl")
+    k.add_argument("--candidate", action="append", required=True, metavar="ROW=CHECKPOINT",
+                   help="a validation row and the checkpoint that made it; the incumbent first")
+    k.add_argument("--out", required=True, help="JSON file of the choice and every candidate's score")
     a = ap.parse_args(argv)
 
     tasks = load_tasks(a.tasks)
@@ -105,6 +111,15 @@ def main(argv=None) -> None:
         from .choose import choose
 
         print(json.dumps(choose(a.validation, {t.name: t for t in tasks}, splits, a.checkpoint, a.out), indent=1))
+        return
+    if a.cmd == "choose-checkpoint":
+        from .choose import choose_checkpoint
+
+        bad = [c for c in a.candidate if "=" not in c]
+        if bad:
+            raise SystemExit(f"error: --candidate takes ROW=CHECKPOINT, got {bad}")
+        candidates = dict(c.split("=", 1) for c in a.candidate)
+        print(json.dumps(choose_checkpoint(a.validation, candidates, {t.name: t for t in tasks}, splits, a.out), indent=1))
         return
     if a.cmd == "generate":
         torch.set_num_threads(a.threads)

@@ -1,4 +1,4 @@
-"""Serving choices made on the validation split: the sampler setting and the system prompt.
+"""Serving choices made on the validation split: the sampler setting, the system prompt, the checkpoint.
 
 Candidates are generation files of validation tasks: `loragen_g<guidance>_s<steps>.jsonl` (sampler
 settings) and `loragen_sys.jsonl` (the checkpoint's sampler, with the description also as the
@@ -6,6 +6,10 @@ system prompt). The chosen sampler is the one with the best mean exact match ove
 tasks (ties: the checkpoint's own setting, then fewer steps); the system prompt is chosen if
 `loragen_sys` beats the checkpoint's own setting without it. The sampler is written into the
 checkpoint's config (a new fingerprint) so that serving and the test rows use it.
+
+`choose_checkpoint` picks among whole checkpoints (e.g. the shipped one and SFT-trained ones), each
+scored on validation as served: the candidate with the best mean exact match wins; ties go to the
+first candidate (the incumbent).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from .score import read_row
 ROW_RE = re.compile(r"^loragen_g(?P<g>[0-9.]+)_s(?P<s>[0-9]+)$")
 
 
-def _validation_em(path: Path, tasks: dict[str, Task], splits: TaskSplits) -> tuple[str, float]:
+def _validation_em(path: Path, tasks: dict[str, Task], splits: TaskSplits) -> tuple[str, float, int]:
+    """(row name, mean exact match over the validation tasks answered, how many were answered)."""
     meta, answers = read_row(path)
     refs = {n: split_instances(tasks[n])[1] for n in splits.validation if n in tasks}
     per_task: dict[str, list[float]] = {}
@@ -30,7 +35,7 @@ def _validation_em(path: Path, tasks: dict[str, Task], splits: TaskSplits) -> tu
             per_task.setdefault(a["task"], []).append(exact_match(a["pred"], refs[a["task"]][a["i"]].outputs))
     if not per_task:
         raise ValueError(f"{path}: no validation task answered")
-    return meta["row"], sum(sum(v) / len(v) for v in per_task.values()) / len(per_task)
+    return meta["row"], sum(sum(v) / len(v) for v in per_task.values()) / len(per_task), len(per_task)
 
 
 def choose(folder: str | Path, tasks: dict[str, Task], splits: TaskSplits, checkpoint: str | Path,
@@ -42,7 +47,7 @@ def choose(folder: str | Path, tasks: dict[str, Task], splits: TaskSplits, check
     default = (float(gen.sampler["guidance"]), int(gen.sampler["steps"]))
     samplers: dict[tuple[float, int], float] = {}
     for path in sorted(Path(folder).glob("loragen_g*_s*.jsonl")):
-        row, em = _validation_em(path, tasks, splits)
+        row, em, _ = _validation_em(path, tasks, splits)
         m = ROW_RE.match(row)
         if m:
             samplers[(float(m["g"]), int(m["s"]))] = em
@@ -64,6 +69,33 @@ def choose(folder: str | Path, tasks: dict[str, Task], splits: TaskSplits, check
         "checkpoint_default": {"guidance": default[0], "steps": default[1]},
         "fingerprint_before": before, "fingerprint": gen.fingerprint,
         "validation_tasks": len(splits.validation),
+    }
+    Path(out).write_text(json.dumps(record, indent=1))
+    return record
+
+
+def choose_checkpoint(folder: str | Path, candidates: dict[str, str], tasks: dict[str, Task], splits: TaskSplits,
+                      out: str | Path) -> dict:
+    """candidates: validation row name -> checkpoint folder, the incumbent first. Saves and returns the record."""
+    from benchmarks.provenance import provenance
+    from generator.api import Generator
+
+    if not candidates:
+        raise ValueError("no candidates")
+    scored = {row: _validation_em(Path(folder) / f"{row}.jsonl", tasks, splits) for row in candidates}
+    counts = {n for _, _, n in scored.values()}
+    if len(counts) != 1:
+        raise ValueError(f"the candidates answered different numbers of validation tasks: {sorted(counts)}")
+    scores = {row: em for row, (_, em, _) in scored.items()}
+    first = next(iter(candidates))
+    best = max(scores, key=lambda r: (round(scores[r], 6), r == first))
+    record = {
+        "chosen": best, "checkpoint": candidates[best], "fingerprint": Generator.load(candidates[best]).fingerprint,
+        "validation_em": {r: round(v, 2) for r, v in scores.items()},
+        "candidates": candidates, "validation_tasks": counts.pop(),
+        "rule": "best mean validation exact match; ties: the first candidate (the incumbent)",
+        **provenance("python -m benchmarks.quality choose-checkpoint " + " ".join(
+            f"--candidate {r}={c}" for r, c in candidates.items())),
     }
     Path(out).write_text(json.dumps(record, indent=1))
     return record

@@ -92,15 +92,11 @@ def main(argv=None) -> None:
     ap.add_argument("--stem", default="quality_curves")
     a = ap.parse_args(argv)
     folders = {k: v for k, v in (("validation", a.validation), ("test", a.test)) if v is not None}
-    import datetime as dt
-    import platform
     import sys
 
-    from benchmarks.provenance import git_commit
+    from benchmarks.provenance import provenance
 
-    c = {"command": " ".join(["python -m benchmarks.quality.curves", *sys.argv[1:]]), "commit": git_commit(),
-         "machine": platform.node(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-         **curves(a.tasks, folders)}
+    c = {**provenance(" ".join(["python -m benchmarks.quality.curves", *sys.argv[1:]])), **curves(a.tasks, folders)}
     out = Path(a.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{a.stem}.json").write_text(json.dumps(c, indent=1))

@@ -5,6 +5,8 @@
 #   bash benchmarks/quality/gpu_pipeline.sh oracles   # oracle LoRA of every task + the multi-task LoRA
 #   bash benchmarks/quality/gpu_pipeline.sh train     # generators, side by side on the one GPU
 #   bash benchmarks/quality/gpu_pipeline.sh eval      # validation (choices), then test (reported once)
+#   bash benchmarks/quality/gpu_pipeline.sh sft       # LoRAGen SFT variants from the shipped checkpoint
+#   bash benchmarks/quality/gpu_pipeline.sh eval_sft  # incumbent vs SFT on validation; the winner on test
 #
 # train: LoRAGen on all training tasks (with snapshots along its denoiser steps: quality against
 #   steps), LoRAGen on the first 50 / 100 training tasks (quality against tasks), T2L
@@ -46,6 +48,8 @@ print('\n'.join(order[:8] + list(s.validation[:2]) + list(s.test[:2])))")
   SUBSETS="4 8"
   EVAL=(--limit-instances 2 --only "${DRY_TASKS[@]}")
   GUIDANCES="1.0 2.0" STEPS="5"
+  SFT_L=(--steps 2 --tasks-per-step 2 --examples-per-task 2 --sampler-steps 3 --tasks-file "$WORK/subsets/dry.txt")
+  mkdir -p "$WORK/subsets" && printf '%s\n' "${DRY_TASKS[@]:0:4}" > "$WORK/subsets/dry.txt"
 else
   DEV=cuda
   ORACLE=(--group-size 160 --tokens-per-microbatch 98304)
@@ -56,7 +60,9 @@ else
   SUBSETS="50 100"
   EVAL=()
   GUIDANCES="1.0 2.0" STEPS="5 20"
+  SFT_L=(--steps ${SFT_STEPS:-500} --lr 1e-4)
 fi
+INIT=${INIT:-generator/checkpoints/default}  # the incumbent: where LoRAGen SFT starts
 lib="$WORK/oracles/library"
 
 case "$phase" in
@@ -162,6 +168,72 @@ eval)
       2>&1 | grep -v '%|' | tail -n 20 || echo "latency benchmark: not finished"
   fi
   echo "eval phase done at $((SECONDS - start)) s"
+  ;;
+sft)
+  # LoRAGen SFT through the base model, from the shipped (reconstruction-trained) checkpoint, side
+  # by side: the sampler it is served with (20 steps, guidance 2, description as system prompt),
+  # a higher learning rate, 5 sampler steps, no system prompt in training, and only the 204
+  # tasks the shipped checkpoint's oracles covered (quality against tasks). No oracles needed.
+  $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"  # once, before 5 readers
+  mkdir -p "$WORK/subsets"
+  $PY -c "import json; print('\n'.join(json.load(open('$INIT/config.json'))['extra']['library']['tasks']))" \
+    > "$WORK/subsets/init_tasks.txt"
+  pids=()
+  run() { local name=$1; shift; [ -f "$CK/$name/config.json" ] && [ ! -f "$CK/$name/train_state.pt" ] && return 0; ( timeout "$(left)" "$@" > "$WORK/train_$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
+  sft() { local name=$1; shift; run "$name" $PY -m generator.training.sft --kind loragen --init "$INIT" \
+    --tasks data/sni/tasks --out "$CK/$name" --device $DEV --no-progress --threads 2 --resume \
+    --max-seconds $(( $(left) > 60 ? $(left) - 45 : 15 )) "${SFT_L[@]}" "$@"; }
+  sft loragen_sft --system-prompt
+  sft loragen_sft_lr3 --system-prompt --lr 3e-4
+  sft loragen_sft_s5 --system-prompt --sampler-steps 5
+  sft loragen_sft_nosys
+  sft loragen_sft_n204 --system-prompt --tasks-file "$WORK/subsets/init_tasks.txt"
+  for p in "${pids[@]}"; do wait "$p" || true; done
+  for f in "$WORK"/train_loragen_sft*.log; do echo "== $f"; tail -n 2 "$f"; done
+  mkdir -p "$WORK/configs"
+  for d in "$CK"/loragen_sft*/; do [ -f "$d/config.json" ] && cp "$d/config.json" "$WORK/configs/$(basename "$d").json"; done
+  (cd "$WORK" && tar czf "$OUT/sft_logs.tgz" train_loragen_sft*.log configs subsets)
+  echo "sft phase done at $((SECONDS - start)) s"
+  ;;
+eval_sft)
+  # Validation, as served (description also as system prompt; `--system-prompt`): the incumbent
+  # and every SFT checkpoint (one row each, 2 descriptions per task); the best wins (ties: the
+  # incumbent). Then the winner's rows on test (+ in-distribution), once, if it is not the incumbent.
+  qv="$WORK/q_validation_sft" qt="$WORK/q_test_sft"
+  pids=()
+  gen() { local name=$1 out=$2; shift 2; ( timeout "$(left)" $PY -m benchmarks.quality generate --tasks data/sni/tasks \
+      --out "$out" --device $DEV --seeds 0 "${EVAL[@]}" "$@" > "$WORK/eval_$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
+  waitall() { for p in "${pids[@]}"; do wait "$p" || true; done; pids=(); }
+  cands=(--candidate "incumbent=$INIT")
+  gen val_incumbent "$qv" --generator "$INIT" --task-set validation --rows incumbent --system-prompt --num-descriptions 2
+  for d in "$CK"/loragen_sft*/; do
+    name=$(basename "$d")
+    [ -f "$d/config.json" ] || continue
+    gen "val_$name" "$qv" --generator "$d" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
+    cands+=(--candidate "$name=$d")
+  done
+  waitall
+  echo "validation done at $((SECONDS - start)) s"
+  $PY -m benchmarks.quality choose-checkpoint --tasks data/sni/tasks --validation "$qv" "${cands[@]}" \
+    --out "$WORK/choice_sft.json" | tee "$OUT/choice_sft.txt"
+  win=$($PY -c "import json; print(json.load(open('$WORK/choice_sft.json'))['checkpoint'])")
+  if [ "$win" != "$INIT" ]; then
+    gen loragen_sft "$qt" --generator "$win" --task-set table --rows loragen_sft --system-prompt
+    gen loragen_sft_controls "$qt" --generator "$win" --task-set test --rows loragen_sft_random loragen_sft_other \
+      --system-prompt
+    gen loragen_sft_user "$qt" --generator "$win" --task-set test --rows loragen_sft_user --user-descriptions \
+      --system-prompt
+    # The task-count point of SFT (the 204-task run), on test, 1 description per task, as the curves.
+    [ -f "$CK/loragen_sft_n204/config.json" ] && gen curve_sft_n204 "$qt" --generator "$CK/loragen_sft_n204" \
+      --task-set test --rows loragen_sft_n204 --system-prompt --num-descriptions 1
+    waitall
+    cp "$win/config.json" "$OUT/loragen_sft_config.json"
+    split -b 15M -d "$win/model.safetensors" "$OUT/loragen_sft_model.safetensors.part"
+  fi
+  for f in "$WORK"/eval_*.log; do echo "== $f"; tail -n 2 "$f"; done
+  tar czf "$OUT/generations_sft.tgz" -C "$WORK" q_validation_sft choice_sft.json $(cd "$WORK" && ls eval_*.log) \
+    $( [ -d "$qt" ] && echo q_test_sft )
+  echo "eval_sft phase done at $((SECONDS - start)) s"
   ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac

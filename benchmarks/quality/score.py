@@ -50,10 +50,17 @@ ROW_LABELS = {
     "loragen_user": "LoRAGen, user-style descriptions",
     "loragen_sys": "LoRAGen + description as system prompt (checkpoint's sampler)",
     "loragen_user_sys": "LoRAGen + user-style description as system prompt",
+    # LoRAGen fine-tuned by SFT through the base model on top of reconstruction (served as trained:
+    # the description also as the system prompt).
+    "loragen_sft": "LoRAGen SFT",
+    "loragen_sft_user": "LoRAGen SFT, user-style descriptions",
+    "loragen_sft_random": "LoRAGen SFT, random-string description (control)",
+    "loragen_sft_other": "LoRAGen SFT, another task's description (control)",
 }
 OPTIONAL_ROWS = ("loragen_ws2", "loragen_ws2_random", "loragen_ws2_other", "loragen_no_moe", "loragen_no_direction",
                  "loragen_no_spectral", "t2l_sft_random", "t2l_sft_other", "loragen_user_sys",
-                 "loragen_sys")  # not listed as missing
+                 "loragen_sys", "loragen_sft", "loragen_sft_user", "loragen_sft_random",
+                 "loragen_sft_other")  # not listed as missing
 
 
 def row_label(row: str) -> str:
@@ -250,7 +257,7 @@ def _findings(q: dict) -> list[str]:
         return "met" if ok else "missed"
 
     out = []
-    for gen in ("loragen", "t2l_sft", "t2l"):
+    for gen in ("loragen_sft", "loragen", "t2l_sft", "t2l"):
         right, rand, other = em(gen), em(f"{gen}_random"), em(f"{gen}_other")
         if None in (right, rand, other):
             continue
@@ -260,17 +267,19 @@ def _findings(q: dict) -> list[str]:
                    f"{verdict(right >= 2 * worst and right > 0)}.")
     icl = em("icl")
     checks = []
-    for row in ("loragen", "loragen_sys"):
+    for row in ("loragen_sft", "loragen", "loragen_sys"):
         if em(row) is not None and icl is not None:
             checks.append(f"{rows[row]['label']} >= 3-shot ICL ({icl:.1f}): {em(row):.1f} ({verdict(em(row) >= icl)})")
-    for row in ("loragen_user", "loragen_user_sys"):
+    for row in ("loragen_sft_user", "loragen_user", "loragen_user_sys"):
         if em(row) is not None and icl is not None:
             checks.append(f"{rows[row]['label']} >= 80% of 3-shot ICL ({0.8 * icl:.1f}): {em(row):.1f} "
                           f"({verdict(em(row) >= 0.8 * icl)})")
-    ind = rows.get("loragen", {}).get("in_distribution")
-    if ind and ind.get("relative_to_oracle") and ind["relative_to_oracle"]["exact_match"] is not None:
-        rel = ind["relative_to_oracle"]["exact_match"]
-        checks.append(f"LoRAGen in-distribution >= 90% of the oracles (EM): {rel:.0f}% ({verdict(rel >= 90)})")
+    for row in ("loragen_sft", "loragen"):
+        ind = rows.get(row, {}).get("in_distribution")
+        if ind and ind.get("relative_to_oracle") and ind["relative_to_oracle"]["exact_match"] is not None:
+            rel = ind["relative_to_oracle"]["exact_match"]
+            checks.append(f"{rows[row]['label']} in-distribution >= 90% of the oracles (EM): {rel:.0f}% "
+                          f"({verdict(rel >= 90)})")
     if checks:
         out.append("Targets (test split, EM): " + "; ".join(checks) + ".")
     return ["", *out] if out else []
