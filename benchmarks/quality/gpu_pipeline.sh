@@ -7,6 +7,7 @@
 #   bash benchmarks/quality/gpu_pipeline.sh eval      # validation (choices), then test (reported once)
 #   bash benchmarks/quality/gpu_pipeline.sh sft       # LoRAGen SFT variants from the shipped checkpoint
 #   bash benchmarks/quality/gpu_pipeline.sh eval_sft  # incumbent vs SFT on validation; the winner on test
+#   bash benchmarks/quality/gpu_pipeline.sh sft_eval  # a short sft (SFT_ONLY variants) and eval_sft in one call
 #
 # train: LoRAGen on all training tasks (with snapshots along its denoiser steps: quality against
 #   steps), LoRAGen on the first 50 / 100 training tasks (quality against tasks), T2L
@@ -60,7 +61,7 @@ else
   SUBSETS="50 100"
   EVAL=()
   GUIDANCES="1.0 2.0" STEPS="5 20"
-  SFT_L=(--steps ${SFT_STEPS:-500} --lr 1e-4)
+  SFT_L=(--steps ${SFT_STEPS:-500} --lr ${SFT_LR:-1e-4})
 fi
 INIT=${INIT:-generator/checkpoints/default}  # the incumbent: where LoRAGen SFT starts
 lib="$WORK/oracles/library"
@@ -180,7 +181,7 @@ sft)
     > "$WORK/subsets/init_tasks.txt"
   pids=()
   run() { local name=$1; shift; [ -f "$CK/$name/config.json" ] && [ ! -f "$CK/$name/train_state.pt" ] && return 0; ( timeout "$(left)" "$@" > "$WORK/train_$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
-  sft() { local name=$1; shift; run "$name" $PY -m generator.training.sft --kind loragen --init "$INIT" \
+  sft() { local name=$1; shift; [ -n "${SFT_ONLY:-}" ] && [[ " $SFT_ONLY " != *" $name "* ]] && return 0; run "$name" $PY -m generator.training.sft --kind loragen --init "$INIT" \
     --tasks data/sni/tasks --out "$CK/$name" --device $DEV --no-progress --threads 2 --resume \
     --max-seconds $(( $(left) > 60 ? $(left) - 45 : 15 )) "${SFT_L[@]}" "$@"; }
   sft loragen_sft --system-prompt
@@ -234,6 +235,12 @@ eval_sft)
   tar czf "$OUT/generations_sft.tgz" -C "$WORK" q_validation_sft choice_sft.json $(cd "$WORK" && ls eval_*.log) \
     $( [ -d "$qt" ] && echo q_test_sft )
   echo "eval_sft phase done at $((SECONDS - start)) s"
+  ;;
+sft_eval)
+  # Both in one call (a machine released between calls loses /tmp): SFT of $SFT_ONLY (default: the
+  # served sampler and 5 steps) for SFT_DEADLINE_S, then eval_sft in the time left.
+  SFT_ONLY=${SFT_ONLY:-"loragen_sft loragen_sft_s5"} DEADLINE_S=${SFT_DEADLINE_S:-290} bash "$0" sft
+  DEADLINE_S=$(left) bash "$0" eval_sft
   ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac
