@@ -1,4 +1,5 @@
-"""The SNI data in the repo: splits (deterministic, the committed sizes), prompts, metrics, task-file errors."""
+"""The SNI data in the repo: splits (deterministic, the committed sizes), prompts, metrics, task-file
+errors, and the scores and choices made from generation files."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from generator.training.prompts import chat_messages
 from generator.data.sni import (
     exact_match,
     load_splits,
@@ -19,6 +19,9 @@ from generator.data.sni import (
     split_instances,
     num_test_instances,
 )
+from generator.training.prompts import chat_messages
+
+from .fixtures_generator import synthetic_library, tiny_generator_ckpt  # noqa: F401  (fixtures)
 
 TASKS = Path(__file__).resolve().parents[1] / "data" / "sni" / "tasks"
 
@@ -131,3 +134,36 @@ def test_table_scores_from_generation_files(tasks, tmp_path):
     zs = q["rows"]["loragen"]["test"]
     assert zs["tasks"] == 1 and zs["relative_to_oracle"]["exact_match"] == pytest.approx(expected, abs=0.1)
     assert q["rows"]["loragen"]["in_distribution"] is None  # none of its tasks evaluated
+
+
+def test_checkpoint_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path):  # noqa: F811
+    """The best validation EM wins; a tie goes to the first candidate (the incumbent); candidates
+    scored on different task sets are refused."""
+    from benchmarks.quality.choose import choose_checkpoint
+    from benchmarks.quality.generate import Prompt, write_row
+
+    splits = load_splits(TASKS)
+    by = {t.name: t for t in tasks}
+    a, b = splits.validation[:2]
+
+    def row(name: str, correct: dict[str, bool]) -> None:
+        prompts, preds = [], []
+        for task, ok in correct.items():
+            _, test = split_instances(by[task])
+            prompts += [Prompt(task, i, "d0s0", []) for i in range(len(test))]
+            preds += [x.outputs[0] if ok else "wrong answer" for x in test]
+        meta = {"row": name, "commit": "c", "machine": "m", "date": "d", "command": "x"}
+        write_row(tmp_path / f"{name}.jsonl", meta, prompts, preds)
+
+    row("incumbent", {a: True, b: False})
+    row("better", {a: True, b: True})
+    row("same", {a: False, b: True})
+    row("partial", {a: True})
+    ck = str(tiny_generator_ckpt)
+    out = tmp_path / "choice.json"
+    rec = choose_checkpoint(tmp_path, {"incumbent": ck, "same": ck, "better": ck}, by, splits, out)
+    assert rec["chosen"] == "better" and rec["validation_em"] == {"incumbent": 50.0, "same": 50.0, "better": 100.0}
+    assert rec["validation_tasks"] == 2 and json.loads(out.read_text())["commit"]
+    assert choose_checkpoint(tmp_path, {"incumbent": ck, "same": ck}, by, splits, out)["chosen"] == "incumbent"
+    with pytest.raises(ValueError, match="different numbers of validation tasks"):
+        choose_checkpoint(tmp_path, {"incumbent": ck, "partial": ck}, by, splits, out)
