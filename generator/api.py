@@ -227,7 +227,7 @@ class Generator:
         gens = [torch.Generator().manual_seed(noise_seed(seed, d)) for d in descriptions]
         A, B = self.model.generate_factors(
             cond, gens,
-            steps=int(steps or self.sampler["steps"]),
+            steps=int(self.sampler["steps"] if steps is None else steps),
             guidance=float(self.sampler["guidance"] if guidance is None else guidance),
             mark=mark,
         )

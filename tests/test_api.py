@@ -56,6 +56,11 @@ def test_bad_descriptions_raise(gen, bad, exc):
         gen.generate(bad)
 
 
+def test_zero_sampler_steps_is_an_error_not_the_default(gen):
+    with pytest.raises(ValueError, match="sampler steps must be in"):
+        gen.generate(["Write a title for news headlines."], steps=0)
+
+
 def test_fingerprint_tracks_weights_and_load_detects_tampering(gen, tiny_generator_ckpt, tmp_path):
     state = {k: v.clone() for k, v in gen.model.state_dict().items()}
     base = compute_fingerprint(gen.config_dict(include_fingerprint=False), state)
