@@ -65,6 +65,16 @@ else
 fi
 INIT=${INIT:-generator/checkpoints/default}  # the incumbent: where LoRAGen SFT starts
 lib="$WORK/oracles/library"
+pids=()
+# Training job `name` in the background, logged to $WORK/train_<name>.log; a finished checkpoint
+# (config.json, no training state left) is not trained again.
+run() { local name=$1; shift; [ -f "$CK/$name/config.json" ] && [ ! -f "$CK/$name/train_state.pt" ] && return 0
+  ( timeout "$(left)" "$@" > "$WORK/train_$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
+# Generation rows `$@` in the background into folder `out`, logged to $WORK/eval_<name>.log.
+gen() { local name=$1 out=$2; shift 2; ( timeout "$(left)" $PY -m benchmarks.quality generate --tasks data/sni/tasks \
+    --out "$out" --device $DEV --seeds 0 "${EVAL[@]}" "$@" > "$WORK/eval_$name.log" 2>&1
+    echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
+waitall() { for p in "${pids[@]}"; do wait "$p" || true; done; pids=(); }
 
 case "$phase" in
 oracles)
@@ -88,9 +98,6 @@ order = sorted(splits.train, key=lambda n: hashlib.sha256(f"sni-scale\x00{n}".en
 for n in sys.argv[2:]:
     Path(sys.argv[1], f"n{n}.txt").write_text("\n".join(order[: int(n)]) + "\n")
 PY
-  pids=()
-  # A finished checkpoint (config.json, no training state left) is not trained again.
-  run() { local name=$1; shift; [ -f "$CK/$name/config.json" ] && [ ! -f "$CK/$name/train_state.pt" ] && return 0; ( timeout "$(left)" "$@" > "$WORK/train_$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
   common=(--library "$lib" --device $DEV --no-progress --threads 2 --resume)
   run loragen $PY -m generator train --kind loragen --out "$CK/loragen" "${common[@]}" "${GEN[@]}" "${SNAP[@]}"
   for n in $SUBSETS; do
@@ -100,7 +107,7 @@ PY
   run t2l $PY -m generator train --kind t2l --out "$CK/t2l" "${common[@]}" "${T2L[@]}"
   run t2l_sft $PY -m generator.training.sft --tasks data/sni/tasks --library "$lib" --out "$CK/t2l_sft" --device $DEV \
     "${SFT[@]}" --max-seconds $(( $(left) > 60 ? $(left) - 40 : 20 )) --resume
-  for p in "${pids[@]}"; do wait "$p" || true; done
+  waitall
   for f in "$WORK"/train_*.log; do echo "== $f"; tail -n 2 "$f"; done
   mkdir -p "$WORK/configs"
   for d in "$CK"/*/; do [ -f "$d/config.json" ] && cp "$d/config.json" "$WORK/configs/$(basename "$d").json"; done
@@ -109,10 +116,6 @@ PY
   ;;
 eval)
   qv="$WORK/q_validation" qt="$WORK/q_test"
-  pids=()
-  gen() { local name=$1 out=$2; shift 2; ( timeout "$(left)" $PY -m benchmarks.quality generate --tasks data/sni/tasks \
-      --out "$out" --device $DEV --seeds 0 "${EVAL[@]}" "$@" > "$WORK/eval_$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
-  waitall() { for p in "${pids[@]}"; do wait "$p" || true; done; pids=(); }
   # Wave 1. Baselines (no choices involved) on every evaluated task; one process per row group.
   gen base "$qt" --oracles "$WORK/oracles" --rows base system --task-set evaluated
   gen icl "$qt" --oracles "$WORK/oracles" --rows icl average --task-set evaluated
@@ -179,8 +182,6 @@ sft)
   mkdir -p "$WORK/subsets"
   $PY -c "import json; print('\n'.join(json.load(open('$INIT/config.json'))['extra']['library']['tasks']))" \
     > "$WORK/subsets/init_tasks.txt"
-  pids=()
-  run() { local name=$1; shift; [ -f "$CK/$name/config.json" ] && [ ! -f "$CK/$name/train_state.pt" ] && return 0; ( timeout "$(left)" "$@" > "$WORK/train_$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
   sft() { local name=$1; shift; [ -n "${SFT_ONLY:-}" ] && [[ " $SFT_ONLY " != *" $name "* ]] && return 0; run "$name" $PY -m generator.training.sft --kind loragen --init "$INIT" \
     --tasks data/sni/tasks --out "$CK/$name" --device $DEV --no-progress --threads 2 --resume \
     --max-seconds $(( $(left) > 60 ? $(left) - 45 : 15 )) "${SFT_L[@]}" "$@"; }
@@ -189,7 +190,7 @@ sft)
   sft loragen_sft_s5 --system-prompt --sampler-steps 5
   sft loragen_sft_nosys
   sft loragen_sft_n204 --system-prompt --tasks-file "$WORK/subsets/init_tasks.txt"
-  for p in "${pids[@]}"; do wait "$p" || true; done
+  waitall
   for f in "$WORK"/train_loragen_sft*.log; do echo "== $f"; tail -n 2 "$f"; done
   mkdir -p "$WORK/configs"
   for d in "$CK"/loragen_sft*/; do [ -f "$d/config.json" ] && cp "$d/config.json" "$WORK/configs/$(basename "$d").json"; done
@@ -201,10 +202,6 @@ eval_sft)
   # and every SFT checkpoint (one row each, 2 descriptions per task); the best wins (ties: the
   # incumbent). Then the winner's rows on test (+ in-distribution), once, if it is not the incumbent.
   qv="$WORK/q_validation_sft" qt="$WORK/q_test_sft"
-  pids=()
-  gen() { local name=$1 out=$2; shift 2; ( timeout "$(left)" $PY -m benchmarks.quality generate --tasks data/sni/tasks \
-      --out "$out" --device $DEV --seeds 0 "${EVAL[@]}" "$@" > "$WORK/eval_$name.log" 2>&1; echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
-  waitall() { for p in "${pids[@]}"; do wait "$p" || true; done; pids=(); }
   cands=(--candidate "incumbent=$INIT")
   gen val_incumbent "$qv" --generator "$INIT" --task-set validation --rows incumbent --system-prompt --num-descriptions 2
   for d in "$CK"/loragen_sft*/; do
