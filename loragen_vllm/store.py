@@ -66,14 +66,25 @@ from pathlib import Path
 import msgspec
 from filelock import FileLock, Timeout
 
-from loragen_vllm import envs
+from loragen_vllm import envs, metrics
 from loragen_vllm.adapter_files import AdapterFiles, check_adapter_files
 from loragen_vllm.descriptions import validate_description
-from loragen_vllm import metrics
-from loragen_vllm.errors import AdapterPinned, LockTimeout, StoreCorrupt, StoreFull, UnknownAdapter
+from loragen_vllm.errors import (
+    AdapterPinned,
+    LockTimeout,
+    StoreCorrupt,
+    StoreFull,
+    UnknownAdapter,
+)
 from loragen_vllm.pins import Pin, PinBoard
 from loragen_vllm.processes import HOST, pid_alive
-from loragen_vllm.store_meta import META_FILE, StoredAdapterMeta, file_infos, read_meta, verify_folder
+from loragen_vllm.store_meta import (
+    META_FILE,
+    StoredAdapterMeta,
+    file_infos,
+    read_meta,
+    verify_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +94,8 @@ STALE_TMP_SECONDS = 24 * 3600  # unfinished publishes of unknown owners older th
 QUARANTINE_SECONDS = 24 * 3600  # corrupt folders are kept this long for inspection
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+StepTimer = Callable[[str, float], None]  # (step name, seconds): see `AdapterStore.step_timer`
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _KEY_VERSION = "loragen-vllm adapter key v1"
 
@@ -135,12 +148,17 @@ def _from_ns(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / 1e9, timezone.utc)
 
 
-def _write_durable(path: Path, data: bytes) -> None:
-    """Create ``path`` with ``data`` and fsync it (fails if it exists)."""
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def _write_new(path: Path, data: bytes) -> int:
+    """Create ``path`` with ``data`` (fails if it exists); returns its open fd (the caller closes it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _fsync_dir(path: Path) -> None:
@@ -189,6 +207,9 @@ class AdapterStore:
         for d in (self._adapters, self._usage, self._locks, self._tmp, self._trash, self._quarantine):
             d.mkdir(parents=True, exist_ok=True)
         self._pins = PinBoard(self.root / "pins", self.key_lock, lease_s=pin_lease_s)
+        # Called after each step of the publish path with its name and duration (benchmarks;
+        # tests stop a process at a step with it). None: not timed.
+        self.step_timer: StepTimer | None = None
 
     @classmethod
     def from_env(cls, root: str | os.PathLike[str] | None = None) -> AdapterStore:
@@ -306,6 +327,17 @@ class AdapterStore:
         finally:
             os.close(fd)
 
+    @contextlib.contextmanager
+    def _step(self, name: str) -> Iterator[None]:
+        """Time one step of the publish path for `step_timer` (nothing when it is None)."""
+        timer = self.step_timer
+        if timer is None:
+            yield
+            return
+        t0 = time.perf_counter()
+        yield
+        timer(name, time.perf_counter() - t0)
+
     def _gc_lock(self) -> FileLock:
         return FileLock(self._locks / "store.lock", is_singleton=True)
 
@@ -414,9 +446,10 @@ class AdapterStore:
 
         Runs `gc` afterwards when limits are set (never evicting the adapter just published).
         """
-        files = check_adapter_files(files, reserved=(META_FILE,))
-        text = validate_description(description, max_chars=None)
-        key = self.key(text, fingerprint, seed)
+        with self._step("check"):
+            files = check_adapter_files(files, reserved=(META_FILE,))
+            text = validate_description(description, max_chars=None)
+            key = self.key(text, fingerprint, seed)
         with self.key_lock(key):  # re-entrant; also creates the key's lock file while space lasts
             return self._publish_locked(key, files, text, fingerprint, seed, generator_kind)
 
@@ -428,18 +461,19 @@ class AdapterStore:
             if existing is not None:
                 return existing
             now = _now()
-            meta = StoredAdapterMeta(
-                key=key,
-                description=text,
-                generator_kind=generator_kind,
-                fingerprint=fingerprint,
-                seed=seed,
-                created=now,
-                last_used=now,
-                hits=0,
-                files=file_infos(files),
-                size=sum(len(d) for d in files.values()),
-            )
+            with self._step("hash"):
+                meta = StoredAdapterMeta(
+                    key=key,
+                    description=text,
+                    generator_kind=generator_kind,
+                    fingerprint=fingerprint,
+                    seed=seed,
+                    created=now,
+                    last_used=now,
+                    hits=0,
+                    files=file_infos(files),
+                    size=sum(len(d) for d in files.values()),
+                )
             try:
                 published = self._publish_folder(key, files, meta)
             except OSError as e:
@@ -453,10 +487,11 @@ class AdapterStore:
                 ) from e
             if published:
                 # Fresh usage log: last used = now, no hits yet.
-                with contextlib.suppress(OSError):
+                with self._step("usage"), contextlib.suppress(OSError):
                     os.close(os.open(self._usage / key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
                 if self.max_adapters is not None or self.max_bytes is not None:
-                    self.gc(keep=(key,), wait=False)
+                    with self._step("gc"):
+                        self.gc(keep=(key,), wait=False)
                 return StoredAdapter(key, self.path(key), meta)
         raise StoreCorrupt(key, "concurrent publishes keep producing corrupt adapters")
 
@@ -484,10 +519,14 @@ class AdapterStore:
         ``lock_timeout_s``. A pin that cannot be written (disk full) is skipped, logged.
         """
         wait = None if deadline is None else deadline - time.monotonic()
-        with self.key_lock(key, timeout=wait):
+        with contextlib.ExitStack() as locked:
+            with self._step("lock"):
+                locked.enter_context(self.key_lock(key, timeout=wait))
             if pin:
-                self.try_pin(key)
-            hit = self.get(key, record_hit=record_hit)
+                with self._step("pin"):
+                    self.try_pin(key)
+            with self._step("lookup"):
+                hit = self.get(key, record_hit=record_hit)
             if hit is not None:
                 return hit, False
             new = make()
@@ -507,17 +546,27 @@ class AdapterStore:
         tmp = self._tmp / f"{key}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
-            for name, data in files.items():
-                _write_durable(tmp / name, data)
-            _write_durable(tmp / META_FILE, msgspec.json.encode(meta))
-            _fsync_dir(tmp)
+            fds: list[int] = []
             try:
-                os.rename(tmp, self._adapters / key)  # fails if the key exists (non-empty dir)
-            except OSError as e:
-                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    return False
-                raise
-            _fsync_dir(self._adapters)
+                with self._step("write"):
+                    for name, data in {**files, META_FILE: msgspec.json.encode(meta)}.items():
+                        fds.append(_write_new(tmp / name, data))
+                with self._step("fsync"):
+                    for fd in fds:
+                        os.fsync(fd)
+                    _fsync_dir(tmp)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            with self._step("rename"):
+                try:
+                    os.rename(tmp, self._adapters / key)  # fails if the key exists (non-empty dir)
+                except OSError as e:
+                    if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                        return False
+                    raise
+            with self._step("fsync_rename"):
+                _fsync_dir(self._adapters)
             return True
         finally:
             if tmp.exists():
