@@ -30,6 +30,7 @@ import os
 import secrets
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -42,9 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.provenance import provenance  # noqa: E402
-from loragen_vllm.adapter_files import AdapterFiles  # noqa: E402
-from loragen_vllm.store import AdapterStore, NewAdapter  # noqa: E402
+from benchmarks.provenance import provenance
+from loragen_vllm.adapter_files import AdapterFiles
+from loragen_vllm.store import AdapterStore, NewAdapter
 
 RESULTS = ROOT / "benchmarks" / "results"
 CHECKPOINT = ROOT / "generator" / "checkpoints" / "default"
@@ -115,7 +116,7 @@ def run_store(root: Path, descriptions: list[str], files: list[AdapterFiles], fi
         key = store.key(description, fingerprint, 0)
         made: list[float] = []
 
-        def make(description: str = description, peft: AdapterFiles = peft) -> NewAdapter:
+        def make(description: str = description, peft: AdapterFiles = peft, made: list[float] = made) -> NewAdapter:
             t0 = time.perf_counter()
             new = NewAdapter(peft, description, fingerprint, 0, kind)
             made.append(time.perf_counter() - t0)
@@ -147,21 +148,51 @@ def run_store(root: Path, descriptions: list[str], files: list[AdapterFiles], fi
     return out
 
 
+def page_writes(bases: dict[str, Path], size: int, n: int = 30) -> dict[str, Any]:
+    """Writing one adapter's bytes into a new file (no fsync), per file system: into pages the
+    kernel must newly provide (the files are kept) and into pages just freed (each round's
+    files removed before the next): what the file system costs apart from fresh memory."""
+    data = os.urandom(size)
+    out: dict[str, Any] = {}
+    for name, base in bases.items():
+        for kind in ("fresh", "recycled"):
+            times = []
+            for _ in range(2 if kind == "recycled" else 1):  # recycled: the second round reuses the first's pages
+                d = Path(tempfile.mkdtemp(prefix="page-writes-", dir=base))
+                times = []
+                for i in range(n):
+                    t0 = time.perf_counter()
+                    fd = os.open(d / str(i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    os.write(fd, data)
+                    os.close(fd)
+                    times.append((time.perf_counter() - t0) * 1e3)
+                if kind == "fresh":
+                    fresh_dir = d
+                else:
+                    shutil.rmtree(d)
+            if kind == "fresh":
+                shutil.rmtree(fresh_dir)
+            times.sort()
+            out[f"{name} {kind}"] = {"p50_ms": round(statistics.median(times), 3),
+                                     "p95_ms": round(times[round(0.95 * (n - 1))], 3)}
+    return out
+
+
 ORDER = ["lock", "pin", "lookup", "check", "hash", "write", "fsync", "rename", "fsync_rename", "usage", "gc",
          "publish", "verify", "vllm_load"]
 
 
 def markdown(results: dict[str, Any]) -> str:
     lines = ["# Publish latency on CPU (`python -m benchmarks.publish_latency`)", "",
-             "Per step, milliseconds (p50 / p95). *response*: before `get_or_create` returns (the "
+             ("Per step, milliseconds (p50 / p95). *response*: before `get_or_create` returns (the "
              "cold request waits for it); *after*: the store's background thread, after the "
              "response; *vllm*: vLLM's side (its worker's load of the folder). `publish` is the "
-             "whole of `get_or_create` less generation.", ""]
+             "whole of `get_or_create` less generation."), ""]
     for label, run in results["runs"].items():
         p = run["provenance"]
-        lines += [f"## {label}", "", f"`{p['command']}` at commit `{p['commit']}` on {p['machine']}, {p['date']}; "
+        lines += [f"## {label}", "", (f"`{p['command']}` at commit `{p['commit']}` on {p['machine']}, {p['date']}; "
                   f"{run['n']} adapters of {run['adapter_bytes']} bytes, store prefilled with {run['prefill']}; "
-                  f"load average {run['load_average_1m']}.", ""]
+                  f"load average {run['load_average_1m']}."), ""]
         stores = list(run["stores"])
         lines += ["| step | where | " + " | ".join(f"{s} p50 / p95" for s in stores) + " |",
                   "| --- | --- | " + " | ".join("---" for _ in stores) + " |"]
@@ -175,6 +206,12 @@ def markdown(results: dict[str, Any]) -> str:
                 where = where or (r or {}).get("where", "")
             lines.append(f"| {step} | {where} | " + " | ".join(cells) + " |")
         lines.append("")
+        if run.get("page_writes"):
+            lines += ["Writing one adapter's bytes to a new file, no fsync (p50 / p95 ms): "
+                      + "; ".join(f"{k} {v['p50_ms']:.2f} / {v['p95_ms']:.2f}" for k, v in run["page_writes"].items())
+                      + ". *fresh*: into memory the kernel must newly provide, *recycled*: into pages just freed "
+                      "(in a fresh process, tmpfs first).",
+                      ""]
     return "\n".join(lines)
 
 
@@ -197,7 +234,8 @@ def main() -> None:
         load(load_warm)  # vLLM's first load pays one-time imports
         shutil.rmtree(load_warm)
     bases = {"disk": Path(os.path.expanduser("~/.cache/loragen-vllm")), "shm": Path("/dev/shm")}
-    run: dict[str, Any] = {"provenance": provenance(), "n": args.n, "prefill": args.prefill,
+    command = " ".join(["python -m benchmarks.publish_latency", *sys.argv[1:]])
+    run: dict[str, Any] = {"provenance": provenance(command), "n": args.n, "prefill": args.prefill,
                            "adapter_bytes": sum(len(d) for d in files[0].values()),
                            "load_average_1m": round(os.getloadavg()[0], 2), "stores": {}}
     for name in args.stores.split(","):
@@ -207,6 +245,13 @@ def main() -> None:
             run["stores"][name] = run_store(root, descriptions, files, fingerprint, kind, args.prefill, load)
         finally:
             shutil.rmtree(root, ignore_errors=True)
+    # In a fresh process: this one's memory state (torch, vLLM) skews how fast the kernel hands out pages.
+    order = {k: str(bases[k]) for k in sorted(args.stores.split(","), key=lambda k: k != "shm")}
+    code = ("import json, sys; from pathlib import Path; from benchmarks.publish_latency import page_writes; "
+            "print(json.dumps(page_writes({k: Path(v) for k, v in json.loads(sys.argv[1]).items()}, int(sys.argv[2]))))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(order), str(run["adapter_bytes"])],
+                          capture_output=True, text=True, check=True, cwd=ROOT)
+    run["page_writes"] = json.loads(done.stdout)
     results: dict[str, Any] = {"runs": {}}
     if args.out.exists():
         results = json.loads(args.out.read_text())
