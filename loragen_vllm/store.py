@@ -215,6 +215,7 @@ class AdapterStore:
         self.lock_timeout_s = lock_timeout_s
         self.sync = sync  # when a new adapter is fsynced and gc runs: "background" | "inline"
         self._settler: _Settler | None = None
+        self._settler_lock = threading.Lock()
         self._unwritten_pins: set[str] = set()  # pins this process could not write (disk full)
         self._held = threading.local()  # key -> [fd, depth] of the key locks this thread holds
         self._adapters = self.root / "adapters"
@@ -464,7 +465,9 @@ class AdapterStore:
     ) -> StoredAdapter:
         """Store an adapter atomically under its key; if a valid one exists, return that one.
 
-        Runs `gc` afterwards when limits are set (never evicting the adapter just published).
+        Returns once the adapter is in place; fsync and `gc` (when limits are set; never evicting
+        the adapter just published) follow in the background (`sync="background"`) or before
+        it returns (``"inline"``).
         """
         with self._step("check"):
             files = check_adapter_files(files, reserved=(META_FILE,))
@@ -588,9 +591,11 @@ class AdapterStore:
         if self.sync == "inline":
             self._settle([key])
             return
-        if self._settler is None or self._settler.pid != os.getpid():  # first use, or a forked child
-            self._settler = _Settler(self)
-        self._settler.put(key)
+        with self._settler_lock:
+            if self._settler is None or self._settler.pid != os.getpid():  # first use, or a forked child
+                self._settler = _Settler(self)
+            settler = self._settler
+        settler.put(key)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until the adapters this process published are settled (fsynced, gc run);
