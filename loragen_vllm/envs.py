@@ -100,6 +100,18 @@ def _names(raw: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in raw.split(",") if n.strip())
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    what = "one of " + ", ".join(choices)
+
+    def parse(raw: str) -> str:
+        value = raw.lower()
+        if value not in choices:
+            raise ValueError(what)
+        return value
+
+    return parse
+
+
 def _flag(raw: str) -> bool:
     value = raw.lower()
     if value in ("1", "true", "yes", "on"):
@@ -153,6 +165,9 @@ SETTINGS: dict[str, Setting] = {
                 "store eviction limit: adapters (`none`: no limit)"),
         Setting("LORAGEN_STORE_MAX_BYTES", str(4 << 30), _limit,
                 "store eviction limit: bytes (`none`: no limit)"),
+        Setting("LORAGEN_STORE_SYNC", "background", _choice("background", "inline"),
+                "when a new adapter is fsynced and the store's limits enforced: `background` (after "
+                "the response; a power loss before it costs a regeneration) or `inline` (before)"),
         Setting("LORAGEN_MAX_DESCRIPTION_CHARS", "1000", _integer(1),
                 "longest description accepted (after normalisation)"),
         Setting("LORAGEN_BATCH_WINDOW_MS", "5", _number(positive=False),
@@ -205,6 +220,7 @@ if TYPE_CHECKING:  # the attributes `__getattr__` provides, with their types
     LORAGEN_GENERATOR_THREADS: int
     LORAGEN_STORE_MAX_ADAPTERS: int | None
     LORAGEN_STORE_MAX_BYTES: int | None
+    LORAGEN_STORE_SYNC: str
     LORAGEN_MAX_DESCRIPTION_CHARS: int
     LORAGEN_BATCH_WINDOW_MS: float
     LORAGEN_GENERATE_TIMEOUT_S: float

@@ -13,16 +13,25 @@ store survives restarts and several server processes can share one::
                                         removes those of keys with no adapter and no pins
     <root>/tmp/ trash/ quarantine/      publishing, being deleted, failed its integrity check
 
-Publish is atomic: files are written to ``tmp/``, fsynced, and the folder is renamed into
+Publish is atomic: files are written to ``tmp/`` and the folder is renamed into
 ``adapters/``; a rename onto an existing adapter fails, so exactly one of several concurrent
 publishers wins and the others return the winner. Removal renames the folder into ``trash/``
-before deleting it. Readers therefore see a whole adapter or none.
+before deleting it. Readers therefore see a whole adapter or none, and a process killed at any
+point (kill -9) leaves either the whole adapter or an unfinished ``tmp/`` folder (gc removes it).
+
+Nothing a cold request does not need runs before `publish` returns: fsync and eviction run
+after it, in a background thread of the store (`_settle`; ``sync="inline"``,
+``$LORAGEN_STORE_SYNC=inline``, runs them before it returns, as this store once did). An
+adapter is deterministic in (description, seed, generator), so durability only saves a
+regeneration: a power loss before its fsync leaves at worst a folder that is missing, empty or
+torn, which the sha256 check below finds, and the adapter is made again. `drain` waits for the
+background work (and runs at exit, bounded).
 
 `get` verifies the size and sha256 of every file against the metadata before returning; a
 corrupt adapter is moved to ``quarantine/`` (under its key lock, only if it is still the folder
 that failed) and reported as a miss, so the caller regenerates it. It is never served.
 
-Eviction (`gc`, also run after each `publish`) removes least recently used adapters until the
+Eviction (`gc`, also run after each `publish`, in the background) removes least recently used adapters until the
 count and byte limits hold, but never a pinned one: vLLM may reload an adapter's folder at any
 time, so the plugin `pin`s every adapter it hands to vLLM and `unpin`s it when vLLM forgets it
 (``pins.py``: who pins, and when a pin no longer counts).
@@ -47,6 +56,7 @@ processes asking for one key, one generates and the others find its adapter::
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
@@ -58,6 +68,7 @@ import secrets
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -66,14 +77,25 @@ from pathlib import Path
 import msgspec
 from filelock import FileLock, Timeout
 
-from loragen_vllm import envs
+from loragen_vllm import envs, metrics
 from loragen_vllm.adapter_files import AdapterFiles, check_adapter_files
 from loragen_vllm.descriptions import validate_description
-from loragen_vllm import metrics
-from loragen_vllm.errors import AdapterPinned, LockTimeout, StoreCorrupt, StoreFull, UnknownAdapter
+from loragen_vllm.errors import (
+    AdapterPinned,
+    LockTimeout,
+    StoreCorrupt,
+    StoreFull,
+    UnknownAdapter,
+)
 from loragen_vllm.pins import Pin, PinBoard
 from loragen_vllm.processes import HOST, pid_alive
-from loragen_vllm.store_meta import META_FILE, StoredAdapterMeta, file_infos, read_meta, verify_folder
+from loragen_vllm.store_meta import (
+    META_FILE,
+    StoredAdapterMeta,
+    file_infos,
+    read_meta,
+    verify_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +104,13 @@ DEFAULT_MAX_BYTES: int | None = envs.default("LORAGEN_STORE_MAX_BYTES")  # 4 GiB
 STALE_TMP_SECONDS = 24 * 3600  # unfinished publishes of unknown owners older than this go
 QUARANTINE_SECONDS = 24 * 3600  # corrupt folders are kept this long for inspection
 
+SYNC_MODES = ("background", "inline")
+SETTLE_IDLE_S = 5.0  # the background settler thread ends after this long without work
+DRAIN_AT_EXIT_S = 10.0  # at exit, wait at most this long for adapters still to be settled
+
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+StepTimer = Callable[[str, float], None]  # (step name, seconds): see `AdapterStore.step_timer`
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _KEY_VERSION = "loragen-vllm adapter key v1"
 
@@ -135,16 +163,20 @@ def _from_ns(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / 1e9, timezone.utc)
 
 
-def _write_durable(path: Path, data: bytes) -> None:
-    """Create ``path`` with ``data`` and fsync it (fails if it exists)."""
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` with ``data`` (fails if it exists); not fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync_path(path: Path, flags: int) -> None:
+    """fsync the file or folder at ``path`` (opened with ``flags``)."""
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
@@ -172,12 +204,18 @@ class AdapterStore:
         max_bytes: int | None = DEFAULT_MAX_BYTES,
         lock_timeout_s: float = envs.default("LORAGEN_LOCK_TIMEOUT_S"),
         pin_lease_s: float = envs.default("LORAGEN_PIN_LEASE_S"),
+        sync: str = envs.default("LORAGEN_STORE_SYNC"),
     ) -> None:
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
         self.root = Path(root if root is not None else envs.LORAGEN_STORE).expanduser()
         self.root = self.root.resolve()  # vLLM needs absolute adapter paths
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes
         self.lock_timeout_s = lock_timeout_s
+        self.sync = sync  # when a new adapter is fsynced and gc runs: "background" | "inline"
+        self._settler: _Settler | None = None
+        self._settler_lock = threading.Lock()
         self._unwritten_pins: set[str] = set()  # pins this process could not write (disk full)
         self._held = threading.local()  # key -> [fd, depth] of the key locks this thread holds
         self._adapters = self.root / "adapters"
@@ -189,18 +227,22 @@ class AdapterStore:
         for d in (self._adapters, self._usage, self._locks, self._tmp, self._trash, self._quarantine):
             d.mkdir(parents=True, exist_ok=True)
         self._pins = PinBoard(self.root / "pins", self.key_lock, lease_s=pin_lease_s)
+        # Called after each step of the publish path with its name and duration (benchmarks;
+        # tests stop a process at a step with it). None: not timed.
+        self.step_timer: StepTimer | None = None
 
     @classmethod
     def from_env(cls, root: str | os.PathLike[str] | None = None) -> AdapterStore:
         """A store configured by $LORAGEN_STORE (unless ``root`` is given),
-        $LORAGEN_STORE_MAX_ADAPTERS, $LORAGEN_STORE_MAX_BYTES, $LORAGEN_LOCK_TIMEOUT_S and
-        $LORAGEN_PIN_LEASE_S (see `envs`)."""
+        $LORAGEN_STORE_MAX_ADAPTERS, $LORAGEN_STORE_MAX_BYTES, $LORAGEN_LOCK_TIMEOUT_S,
+        $LORAGEN_PIN_LEASE_S and $LORAGEN_STORE_SYNC (see `envs`)."""
         return cls(
             root,
             max_adapters=envs.LORAGEN_STORE_MAX_ADAPTERS,
             max_bytes=envs.LORAGEN_STORE_MAX_BYTES,
             lock_timeout_s=envs.LORAGEN_LOCK_TIMEOUT_S,
             pin_lease_s=envs.LORAGEN_PIN_LEASE_S,
+            sync=envs.LORAGEN_STORE_SYNC,
         )
 
     # -- keys and locks --------------------------------------------------------------------
@@ -305,6 +347,17 @@ class AdapterStore:
             return  # held (in use), or already gone
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def _step(self, name: str) -> Iterator[None]:
+        """Time one step of the publish path for `step_timer` (nothing when it is None)."""
+        timer = self.step_timer
+        if timer is None:
+            yield
+            return
+        t0 = time.perf_counter()
+        yield
+        timer(name, time.perf_counter() - t0)
 
     def _gc_lock(self) -> FileLock:
         return FileLock(self._locks / "store.lock", is_singleton=True)
@@ -412,11 +465,14 @@ class AdapterStore:
     ) -> StoredAdapter:
         """Store an adapter atomically under its key; if a valid one exists, return that one.
 
-        Runs `gc` afterwards when limits are set (never evicting the adapter just published).
+        Returns once the adapter is in place; fsync and `gc` (when limits are set; never evicting
+        the adapter just published) follow in the background (`sync="background"`) or before
+        it returns (``"inline"``).
         """
-        files = check_adapter_files(files, reserved=(META_FILE,))
-        text = validate_description(description, max_chars=None)
-        key = self.key(text, fingerprint, seed)
+        with self._step("check"):
+            files = check_adapter_files(files, reserved=(META_FILE,))
+            text = validate_description(description, max_chars=None)
+            key = self.key(text, fingerprint, seed)
         with self.key_lock(key):  # re-entrant; also creates the key's lock file while space lasts
             return self._publish_locked(key, files, text, fingerprint, seed, generator_kind)
 
@@ -428,18 +484,19 @@ class AdapterStore:
             if existing is not None:
                 return existing
             now = _now()
-            meta = StoredAdapterMeta(
-                key=key,
-                description=text,
-                generator_kind=generator_kind,
-                fingerprint=fingerprint,
-                seed=seed,
-                created=now,
-                last_used=now,
-                hits=0,
-                files=file_infos(files),
-                size=sum(len(d) for d in files.values()),
-            )
+            with self._step("hash"):
+                meta = StoredAdapterMeta(
+                    key=key,
+                    description=text,
+                    generator_kind=generator_kind,
+                    fingerprint=fingerprint,
+                    seed=seed,
+                    created=now,
+                    last_used=now,
+                    hits=0,
+                    files=file_infos(files),
+                    size=sum(len(d) for d in files.values()),
+                )
             try:
                 published = self._publish_folder(key, files, meta)
             except OSError as e:
@@ -453,10 +510,9 @@ class AdapterStore:
                 ) from e
             if published:
                 # Fresh usage log: last used = now, no hits yet.
-                with contextlib.suppress(OSError):
+                with self._step("usage"), contextlib.suppress(OSError):
                     os.close(os.open(self._usage / key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
-                if self.max_adapters is not None or self.max_bytes is not None:
-                    self.gc(keep=(key,), wait=False)
+                self._settle_later(key)
                 return StoredAdapter(key, self.path(key), meta)
         raise StoreCorrupt(key, "concurrent publishes keep producing corrupt adapters")
 
@@ -484,10 +540,14 @@ class AdapterStore:
         ``lock_timeout_s``. A pin that cannot be written (disk full) is skipped, logged.
         """
         wait = None if deadline is None else deadline - time.monotonic()
-        with self.key_lock(key, timeout=wait):
+        with contextlib.ExitStack() as locked:
+            with self._step("lock"):
+                locked.enter_context(self.key_lock(key, timeout=wait))
             if pin:
-                self.try_pin(key)
-            hit = self.get(key, record_hit=record_hit)
+                with self._step("pin"):
+                    self.try_pin(key)
+            with self._step("lookup"):
+                hit = self.get(key, record_hit=record_hit)
             if hit is not None:
                 return hit, False
             new = make()
@@ -503,25 +563,73 @@ class AdapterStore:
         return stored, True
 
     def _publish_folder(self, key: str, files: AdapterFiles, meta: StoredAdapterMeta) -> bool:
-        """Write, fsync and rename into place; False if another publisher got there first."""
+        """Write into ``tmp/`` and rename into place (no fsync: `_settle` makes it durable);
+        False if another publisher got there first."""
         tmp = self._tmp / f"{key}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
-            for name, data in files.items():
-                _write_durable(tmp / name, data)
-            _write_durable(tmp / META_FILE, msgspec.json.encode(meta))
-            _fsync_dir(tmp)
-            try:
-                os.rename(tmp, self._adapters / key)  # fails if the key exists (non-empty dir)
-            except OSError as e:
-                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    return False
-                raise
-            _fsync_dir(self._adapters)
+            with self._step("write"):
+                for name, data in {**files, META_FILE: msgspec.json.encode(meta)}.items():
+                    _write_new(tmp / name, data)
+            with self._step("rename"):
+                try:
+                    os.rename(tmp, self._adapters / key)  # fails if the key exists (non-empty dir)
+                except OSError as e:
+                    if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                        return False
+                    raise
             return True
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- after a publish: durability and eviction ---------------------------------------------
+
+    def _settle_later(self, key: str) -> None:
+        """Settle a new adapter: in this thread (``sync="inline"``) or, by default, in the
+        store's background thread once the caller has its answer."""
+        if self.sync == "inline":
+            self._settle([key])
+            return
+        with self._settler_lock:
+            if self._settler is None or self._settler.pid != os.getpid():  # first use, or a forked child
+                self._settler = _Settler(self)
+            settler = self._settler
+        settler.put(key)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until the adapters this process published are settled (fsynced, gc run);
+        False if ``timeout`` seconds passed first. (At exit it is called with a few seconds.)"""
+        settler = self._settler
+        if settler is None or settler.pid != os.getpid():
+            return True
+        return settler.drain(timeout)
+
+    def _settle(self, keys: list[str]) -> None:
+        """Make new adapters durable (fsync their files, folders and ``adapters/``), then
+        evict down to the limits (sparing them).
+
+        Not needed for correctness: until it ran, a kill -9 loses nothing (the kernel holds
+        the data) and a power loss at worst leaves a folder that fails its sha256 check, which
+        is then quarantined and regenerated like any corrupt adapter. An fsync that fails is
+        logged; the adapter stays (the same check guards every later read).
+        """
+        with self._step("fsync"):
+            for key in keys:
+                folder = self._adapters / key
+                try:
+                    for name in os.listdir(folder):
+                        _fsync_path(folder / name, os.O_RDONLY)
+                    _fsync_path(folder, os.O_RDONLY | os.O_DIRECTORY)
+                except FileNotFoundError:
+                    continue  # removed meanwhile (rm, gc, quarantine): nothing to keep
+                except OSError as e:
+                    logger.warning("adapter %s not made durable (%s); the sha256 check guards its reads", key[:12], e)
+            with contextlib.suppress(OSError):
+                _fsync_path(self._adapters, os.O_RDONLY | os.O_DIRECTORY)
+        if self.max_adapters is not None or self.max_bytes is not None:
+            with self._step("gc"):
+                self.gc(keep=tuple(keys), wait=False)
 
     # -- removal -----------------------------------------------------------------------------
 
@@ -719,3 +827,53 @@ class AdapterStore:
             logger.info("store gc: evicted %d adapters (%d bytes)", len(report.evicted),
                         report.freed_bytes)
         return report
+
+
+class _Settler:
+    """The background thread of one store in one process: settles published adapters
+    (`AdapterStore._settle`: fsync, then gc) after the caller has its answer, several at once
+    when they queue up. Started on demand, it ends when idle; at exit it is drained (bounded),
+    so a short-lived process (``loragen-vllm generate``) still leaves its adapter durable."""
+
+    def __init__(self, store: AdapterStore) -> None:
+        self.pid = os.getpid()
+        self._store = weakref.ref(store)
+        self._pending: list[str] = []
+        self._busy = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        atexit.register(self.drain, DRAIN_AT_EXIT_S)
+
+    def put(self, key: str) -> None:
+        with self._cond:
+            self._pending.append(key)
+            self._cond.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="loragen-store-settle", daemon=True)
+                self._thread.start()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is pending or being settled; False if ``timeout`` passed first."""
+        if os.getpid() != self.pid:
+            return True
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._pending, SETTLE_IDLE_S):
+                    self._thread = None  # idle: the next put starts a new thread
+                    return
+                keys, self._pending, self._busy = self._pending, [], True
+            try:
+                store = self._store()
+                if store is not None:
+                    store._settle(keys)
+                del store
+            except Exception:  # a failed settle costs durability or a gc pass, never the store
+                logger.exception("settling adapters %s failed", ", ".join(k[:12] for k in keys))
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()

@@ -8,17 +8,22 @@ import asyncio
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
-from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+from vllm.entrypoints.serve.exception_handling.error_response import (
+    create_error_response,
+)
 from vllm.exceptions import RetryableRequestError, VLLMValidationError
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolverRegistry
 
 from loragen_vllm.backends import InProcessBackend
+from loragen_vllm.descriptions import validate_description
 from loragen_vllm.errors import retry_after_s
 from loragen_vllm.plugin import (
     RESOLVER_NAME,
@@ -99,6 +104,34 @@ def test_stored_adapter_is_not_regenerated_and_corruption_is(resolver: LoRAGenRe
     again = asyncio.run(resolver.resolve_lora("base", " " + DESC))
     assert resolver.backend.passes == 2 and again.lora_path == first.lora_path
     assert resolver.store.get(resolver.store.keys()[0], record_hit=False) is not None
+
+
+def _resolve_and_die_after(ckpt: str, root: str, step: str) -> None:
+    """A server process resolving DESC, killed with SIGKILL right after ``step`` of the publish."""
+    store = AdapterStore(root)
+    store.step_timer = lambda name, s: os.kill(os.getpid(), signal.SIGKILL) if name == step else None
+    resolver = LoRAGenResolver(PluginConfig(generator=ckpt), store=store, backend=InProcessBackend(ckpt))
+    asyncio.run(resolver.resolve_lora("base", DESC))
+    sys.exit(3)  # never reached: the test fails on this exit code
+
+
+@pytest.mark.parametrize("step", ["write", "rename"])
+def test_a_server_killed_mid_publish_leaves_the_next_one_a_correct_adapter(own_ckpt: Path, tmp_path: Path,
+                                                                            step: str) -> None:
+    """kill -9 of a real resolver process after the new adapter's files are written (not yet
+    visible) or after it is renamed into place (visible, not fsynced, no gc yet): the next
+    server serves the generator's exact adapter, generating it only if it was not published."""
+    code = f"from tests.test_plugin import _resolve_and_die_after as f; f({str(own_ckpt)!r}, {str(tmp_path)!r}, {step!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    resolver = make_resolver(own_ckpt, tmp_path)
+    request = asyncio.run(resolver.resolve_lora("base", DESC))
+    assert resolver.backend.passes == (1 if step == "write" else 0)
+    expected = asyncio.run(InProcessBackend(own_ckpt).generate(validate_description(DESC)))
+    assert {f.name: f.read_bytes() for f in Path(request.lora_path).iterdir() if f.name in expected} == expected
+    assert resolver.store.drain(10) and len(resolver.store.keys()) == 1
+    assert os.listdir(tmp_path / "quarantine") == []
 
 
 def test_invalid_description_and_generator_failure_reach_vllm_as_400_and_503(
@@ -280,7 +313,7 @@ def test_with_the_disk_full_stored_adapters_resolve_and_new_ones_are_503(own_ckp
 
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True, check=False).returncode:
         pytest.skip("cannot mount a small tmpfs (needs root)")
     try:
         resolver = make_resolver(own_ckpt, mnt / "store")

@@ -1,6 +1,6 @@
 """AdapterStore with real processes: atomic publish under concurrent writers, readers that never
 see a partial adapter, once-only generation under the key lock, LRU eviction with pins, key
-stability, integrity checks."""
+stability, integrity checks, kill -9 at every step of the publish path and at random times."""
 
 from __future__ import annotations
 
@@ -11,15 +11,24 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from loragen_vllm.errors import AdapterPinned, InvalidDescription, LockTimeout, StoreFull, UnknownAdapter, to_http
+from loragen_vllm import envs
+from loragen_vllm.errors import (
+    AdapterPinned,
+    InvalidDescription,
+    LockTimeout,
+    StoreFull,
+    UnknownAdapter,
+    to_http,
+)
 from loragen_vllm.processes import HOST
-from loragen_vllm.store import AdapterStore, NewAdapter
+from loragen_vllm.store import AdapterStore, NewAdapter, StoredAdapter
 from loragen_vllm.store_meta import META_FILE
 
 FP = "f" * 64  # a generator fingerprint
@@ -302,6 +311,177 @@ def test_corrupt_adapter_is_detected_quarantined_and_can_be_republished(tmp_path
     assert again.key == a.key and store.get(a.key) is not None
 
 
+BIG = 1_900_000  # bytes of weights: the shipped generator's adapters (r 8, q+v, 30 layers)
+
+
+def _expect_whole_adapters_only(root: Path) -> list[str]:
+    """Every folder in adapters/ is a whole adapter (its sha256s hold); returns their keys."""
+    store = AdapterStore(root, max_adapters=None, max_bytes=None)
+    keys = store.keys()
+    for key in keys:
+        meta = store.show(key)
+        assert store.get(key, record_hit=False) is not None, f"{key[:12]} is partial or corrupt"
+        data = (store.path(key) / "adapter_model.safetensors").read_bytes()
+        size = meta.files["adapter_model.safetensors"].size
+        assert data == adapter_files(meta.description, size)["adapter_model.safetensors"]
+    assert os.listdir(root / "quarantine") == []
+    return keys
+
+
+def _get_or_create_correct(root: Path, description: str) -> tuple[StoredAdapter, bool]:
+    """What the next server does: get_or_create; the adapter's bytes are the generator's."""
+    store = AdapterStore(root, max_adapters=None, max_bytes=None)
+    stored, generated = store.get_or_create(
+        store.key(description, FP, 0), lambda: NewAdapter(adapter_files(description, BIG), description, FP, 0, "t2l")
+    )
+    assert (stored.path / "adapter_model.safetensors").read_bytes() == adapter_files(description, BIG)[
+        "adapter_model.safetensors"]
+    assert store.drain(10)
+    return stored, generated
+
+
+def _publish_and_die_after(root, description, sync, step):
+    """Publish (as get_or_create does), and kill -9 this process right after ``step`` ends."""
+    store = AdapterStore(root, max_adapters=5, max_bytes=None, sync=sync)
+
+    def timer(name: str, seconds: float) -> None:
+        if name == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    store.step_timer = timer
+    store.get_or_create(store.key(description, FP, 0),
+                        lambda: NewAdapter(adapter_files(description, BIG), description, FP, 0, "t2l"), pin=True)
+    store.drain()
+    os._exit(3)  # the step never ran: the test fails on this exit code
+
+
+@pytest.mark.parametrize("sync", ["background", "inline"])
+@pytest.mark.parametrize("step", ["lock", "pin", "lookup", "check", "hash", "write", "rename", "usage", "fsync", "gc"])
+def test_kill_9_after_any_step_of_a_publish_leaves_no_partial_adapter(tmp_path, sync, step):
+    """A process killed with SIGKILL right after each step of the publish path (foreground or
+    background) leaves nothing partial visible, and the next get_or_create serves or makes the
+    right adapter; the dead publisher's leftovers go with the next gc."""
+    root = tmp_path / "store"
+    store = AdapterStore(root, max_adapters=5, max_bytes=None)
+    for i in range(6):  # a full store: gc has work after the publish
+        publish(store, f"old task {i}", size=100)
+    assert store.drain(10)
+    proc = PROCS.Process(target=_publish_and_die_after, args=(str(root), "Doomed task.", sync, step))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == -signal.SIGKILL
+    keys = _expect_whole_adapters_only(root)
+    published = store.key("Doomed task.", FP, 0) in keys
+    assert published == (step in ("rename", "usage", "fsync", "gc"))
+    _, generated = _get_or_create_correct(root, "Doomed task.")
+    assert generated != published
+    store.gc()
+    assert os.listdir(root / "tmp") == []
+
+
+def _publish_forever(root, sync):
+    store = AdapterStore(root, max_adapters=None, max_bytes=None, sync=sync)
+    i = 0
+    while True:
+        description = f"task {os.getpid()}-{i}"
+        store.get_or_create(store.key(description, FP, 0),
+                            lambda d=description: NewAdapter(adapter_files(d, BIG), d, FP, 0, "t2l"), pin=True)
+        i += 1
+
+
+def test_kill_9_at_random_times_never_leaves_a_partial_adapter(tmp_path):
+    """A publisher killed at 30 random moments (mid-write, mid-rename, mid-fsync, ...): every
+    folder in adapters/ verifies after each kill, and a store opened afterwards serves them."""
+    import random
+
+    root = tmp_path / "store"
+    AdapterStore(root)
+    rng = random.Random(0)
+    kills = 0
+    for round_ in range(30):
+        proc = PROCS.Process(target=_publish_forever, args=(str(root), ("background", "inline")[round_ % 2]))
+        proc.start()
+        time.sleep(0.05 + rng.random() * 0.1)  # a few publishes, then kill -9 at some point of one
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+        kills += proc.exitcode == -signal.SIGKILL
+        _expect_whole_adapters_only(root)
+    assert kills == 30
+    assert len(AdapterStore(root).keys()) >= 30  # they did publish between the kills
+    AdapterStore(root).gc()
+    assert os.listdir(root / "tmp") == []  # every dead publisher's unfinished folder is gone
+
+
+@pytest.mark.parametrize("lost", ["empty files", "no metadata", "zeroed weights", "empty folder"])
+def test_what_a_power_loss_before_the_fsync_can_leave_is_caught_and_regenerated(tmp_path, lost):
+    """The fsync runs after the response, so a power loss may leave a published folder whose
+    data never reached the disk. Each such state fails the sha256 check: quarantined, never
+    served, and the same adapter is made again."""
+    root = tmp_path / "store"
+    stored, generated = _get_or_create_correct(root, "Fragile task.")
+    assert generated
+    for f in stored.path.iterdir():
+        if lost == "empty files":
+            f.write_bytes(b"")
+        elif lost == "no metadata" and f.name == META_FILE:
+            f.unlink()
+        elif lost == "zeroed weights" and f.name == "adapter_model.safetensors":
+            f.write_bytes(bytes(f.stat().st_size))
+        elif lost == "empty folder":
+            f.unlink()
+    again, generated = _get_or_create_correct(root, "Fragile task.")
+    assert generated and again.key == stored.key
+    assert len(os.listdir(root / "quarantine")) == 1
+
+
+@pytest.mark.parametrize("sync", ["background", "inline"])
+def test_fsync_and_gc_run_after_the_publish_returns_or_before_it_inline(tmp_path, sync):
+    """Background: the response path has no fsync and no gc (they run in the store's thread,
+    after it); inline: both run before publish returns. Either way the settled files are the
+    bytes published, and the limits hold."""
+    store = AdapterStore(tmp_path, max_adapters=2, max_bytes=None, sync=sync)
+    main = threading.get_ident()
+    where: dict[str, set[str]] = {}
+    store.step_timer = lambda step, s: where.setdefault(step, set()).add(
+        "caller" if threading.get_ident() == main else "background")
+    stored = [publish(store, f"task {i}", size=BIG) for i in range(4)]
+    assert store.drain(10)
+    off_path = "background" if sync == "background" else "caller"
+    assert where["write"] == where["rename"] == {"caller"}
+    assert where["fsync"] == where["gc"] == {off_path}
+    assert len(store.keys()) == 2 and stored[-1].key in set(store.keys())
+    for s in stored[-1:]:
+        assert (s.path / "adapter_model.safetensors").read_bytes() == adapter_files(f"task {len(stored) - 1}", BIG)[
+            "adapter_model.safetensors"]
+
+
+def _publish_and_exit(root):
+    publish(AdapterStore(root, max_adapters=1, max_bytes=None), "the newest task")  # no drain: exit does it
+
+
+def test_a_process_that_exits_right_after_publishing_still_settles(tmp_path):
+    """``loragen-vllm generate`` publishes and exits: the store's work after the publish (gc
+    here) is done at exit, not lost with the background thread."""
+    old = publish(AdapterStore(tmp_path, max_adapters=None, max_bytes=None), "an old task")
+    time.sleep(0.02)
+    code = "import sys; from tests.test_store import _publish_and_exit; _publish_and_exit(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[1], check=False)
+    assert done.returncode == 0, done.stderr
+    keys = AdapterStore(tmp_path, max_adapters=None, max_bytes=None).keys()
+    assert keys == [AdapterStore.key("the newest task", FP, 0)] and old.key not in keys
+
+
+def test_store_sync_setting(monkeypatch):
+    monkeypatch.setenv("LORAGEN_STORE_SYNC", "INLINE")
+    assert envs.LORAGEN_STORE_SYNC == "inline"
+    monkeypatch.setenv("LORAGEN_STORE_SYNC", "later")
+    with pytest.raises(envs.InvalidSetting, match="LORAGEN_STORE_SYNC must be one of background, inline"):
+        _ = envs.LORAGEN_STORE_SYNC
+    with pytest.raises(ValueError, match="sync must be one of"):
+        AdapterStore("/nonexistent-never-created", sync="later")
+
+
 # ----------------------------------------------------------------------------------------------
 # Usage, eviction and pins
 
@@ -350,6 +530,7 @@ def test_publish_runs_gc_and_keeps_the_newest(tmp_path):
     keys = []
     for i in range(5):
         keys.append(publish(store, f"task {i}").key)
+        assert store.drain(10)  # gc runs after the publish, in the store's background thread
         time.sleep(0.02)
     assert sorted(store.keys()) == sorted(keys[2:])
 
@@ -510,7 +691,7 @@ def small_fs(tmp_path):
     """A 2 MiB tmpfs (needs root; skipped where mounting is not allowed)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, check=False)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs: {done.stderr.decode().strip()}")
     try:
@@ -550,8 +731,8 @@ def test_a_full_disk_serves_stored_adapters_refuses_new_ones_and_gc_frees_space(
         publish(store, "a new task", size=200_000)
     status, body = to_http(full.value)
     assert status == 503 and "no space left" in body["error"]["message"]
-    assert stored[0].key in store.keys()  # pinned: kept
-    assert stored[1].key not in store.keys()  # least recently used unpinned one: evicted
+    assert stored[0].key in set(store.keys())  # pinned: kept
+    assert stored[1].key not in set(store.keys())  # least recently used unpinned one: evicted
     again = publish(store, "a new task", size=200_000)  # the space gc freed takes it
     assert store.get(again.key) is not None
 
