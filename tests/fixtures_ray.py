@@ -12,8 +12,10 @@ resolve_ip_for_localhost), so the nodes report that address; the cluster still r
 machine only.
 
 Fixtures: `ray_cluster` (this process a driver of it), `generator_actor` (the actor on the
-``lg_gen`` node, holding the tiny trained checkpoint), `ray_servers` (two ``serve --ray-address``
-servers); `actor_health` and `wait_actor_healthy` ask the actor how it is.
+``lg_gen`` node, holding the tiny trained checkpoint), `slow_generator_actor` (for one module, the
+same actor holding `slow_generator_ckpt` instead: its generator passes take seconds, so calls are
+observably in flight), `ray_servers` (two ``serve --ray-address`` servers, asking the slow actor);
+`actor_health` and `wait_actor_healthy` ask the actor how it is, `start_session_actor` (re)starts it.
 """
 
 from __future__ import annotations
@@ -194,13 +196,18 @@ def ray_cluster():
             print(f"\nRay cluster did not start; its logs are in {root}")
 
 
-@pytest.fixture(scope="session")
-def generator_actor(ray_cluster, tiny_generator_ckpt):
-    """The generator actor on the ``lg_gen`` node, holding the tiny checkpoint; returns its health."""
-    from loragen_vllm.ray_actor import ActorConfig, start_actor
+def start_session_actor(checkpoint) -> dict:
+    """Start the session's generator actor (named, on the ``lg_gen`` node, restarted by Ray when
+    its process dies, in-flight calls re-sent) holding `checkpoint`; returns its health. Waits
+    for the name of a stopped actor to be released first."""
+    from loragen_vllm.ray_actor import ActorConfig, find_actor, start_actor
 
+    deadline = time.monotonic() + 60
+    while find_actor() is not None:  # a killed actor's name is released shortly after
+        assert time.monotonic() < deadline, "the stopped generator actor's name was not released"
+        time.sleep(0.2)
     _, health, created = start_actor(
-        tiny_generator_ckpt,
+        checkpoint,
         num_gpus=0,
         resources={GEN_RESOURCE: 1},
         config=ActorConfig(batch_window_s=0.02),
@@ -211,9 +218,49 @@ def generator_actor(ray_cluster, tiny_generator_ckpt):
     return health
 
 
+@pytest.fixture(scope="session")
+def generator_actor(ray_cluster, tiny_generator_ckpt):
+    """The generator actor on the ``lg_gen`` node, holding the tiny checkpoint; returns its health."""
+    return start_session_actor(tiny_generator_ckpt)
+
+
+SLOW_STEPS = 300  # DiT steps per pass of `slow_generator_ckpt` (~2 s for one description on one core)
+
+
+@pytest.fixture(scope="session")
+def slow_generator_ckpt(tmp_path_factory):
+    """The shipped checkpoint sampling with SLOW_STEPS DiT steps instead of its 20 (a checkpoint of
+    its own: another fingerprint). The tiny generator's pass is over in tens of milliseconds, too
+    soon to tell calls that overlapped in the actor from calls that came one after the other, or
+    to kill the actor while a call is inside its pass."""
+    from generator import Generator
+    from loragen_vllm.defaults import default_generator_checkpoint
+
+    shipped = Generator.load(default_generator_checkpoint())
+    slow = Generator(shipped.kind, shipped.target, shipped.model, shipped.configs,
+                     {**shipped.sampler, "steps": SLOW_STEPS}, extra=shipped.extra)  # fmt: skip
+    return slow.save(tmp_path_factory.mktemp("slow_generator"))
+
+
 @pytest.fixture(scope="module")
-def ray_servers(ray_cluster, generator_actor, tiny_generator_ckpt, tmp_path_factory):
-    """Two ``loragen-vllm serve --ray-address`` servers with separate stores (as on two nodes).
+def slow_generator_actor(ray_cluster, generator_actor, slow_generator_ckpt, tiny_generator_ckpt):
+    """For one module: the session's actor replaced by one holding `slow_generator_ckpt` (same
+    name, node and options); returns its health. The tiny one is running again afterwards."""
+    from loragen_vllm.ray_actor import stop_actor
+
+    stop_actor()
+    try:
+        yield start_session_actor(slow_generator_ckpt)
+    finally:
+        stop_actor()
+        start_session_actor(tiny_generator_ckpt)
+
+
+@pytest.fixture(scope="module")
+def ray_servers(ray_cluster, slow_generator_actor, slow_generator_ckpt, tmp_path_factory):
+    """Two ``loragen-vllm serve --ray-address`` servers with separate stores (as on two nodes),
+    asking `slow_generator_actor` (their ``--generator`` is its checkpoint: the fingerprint is
+    known up front).
 
     Module-scoped: only tests/test_ray_backend.py uses them, and they (~2-3 GiB each) are gone before
     other modules start their own server. Started in parallel (each start is ~30-60 s).
@@ -225,9 +272,9 @@ def ray_servers(ray_cluster, generator_actor, tiny_generator_ckpt, tmp_path_fact
     root = tmp_path_factory.mktemp("ray-serving")
     servers = [
         ServerProcess(
-            tiny_generator_ckpt, root / f"store{i}", root / f"server{i}.log",
+            slow_generator_ckpt, root / f"store{i}", root / f"server{i}.log",
             serve_args=("--ray-address", ray_cluster.address),
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     try:

@@ -13,9 +13,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from generator import LoRAAdapter  # noqa: E402
-from loragen_vllm.ray_actor import decode_meta, find_actor  # noqa: E402
-from tests.fixtures_ray import GEN_RESOURCE, actor_health  # noqa: E402
+from generator import LoRAAdapter
+from loragen_vllm.ray_actor import decode_meta, find_actor
+from tests.fixtures_ray import GEN_RESOURCE, actor_health
 
 
 def test_actor_is_pinned_to_its_node(ray_cluster, generator_actor):
