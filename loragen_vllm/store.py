@@ -395,6 +395,7 @@ class AdapterStore:
             fd = os.open(self._usage / key, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 os.write(fd, b".")
+                _stamp(fd)
             finally:
                 os.close(fd)
         except OSError as e:
@@ -511,7 +512,11 @@ class AdapterStore:
             if published:
                 # Fresh usage log: last used = now, no hits yet.
                 with self._step("usage"), contextlib.suppress(OSError):
-                    os.close(os.open(self._usage / key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+                    fd = os.open(self._usage / key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    try:
+                        _stamp(fd)
+                    finally:
+                        os.close(fd)
                 self._settle_later(key)
                 return StoredAdapter(key, self.path(key), meta)
         raise StoreCorrupt(key, "concurrent publishes keep producing corrupt adapters")
@@ -628,8 +633,12 @@ class AdapterStore:
             with contextlib.suppress(OSError):
                 _fsync_path(self._adapters, os.O_RDONLY | os.O_DIRECTORY)
         if self.max_adapters is not None or self.max_bytes is not None:
+            # Spare the newest adapter this process published (also one queued for the next pass);
+            # the others go in least-recently-used order like any adapter.
+            settler = self._settler
+            newest = ([*keys, *settler.queued()] if settler is not None else keys)[-1:]
             with self._step("gc"):
-                self.gc(keep=tuple(keys), wait=False)
+                self.gc(keep=tuple(newest), wait=False)
 
     # -- removal -----------------------------------------------------------------------------
 
@@ -829,6 +838,13 @@ class AdapterStore:
         return report
 
 
+def _stamp(fd: int) -> None:
+    """Set a usage log's mtime (= last use) from the nanosecond clock: the kernel's file times
+    come from a coarse clock, and adapters published in one burst would tie in LRU order."""
+    now = time.time_ns()
+    os.utime(fd, ns=(now, now))
+
+
 class _Settler:
     """The background thread of one store in one process: settles published adapters
     (`AdapterStore._settle`: fsync, then gc) after the caller has its answer, several at once
@@ -851,6 +867,11 @@ class _Settler:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="loragen-store-settle", daemon=True)
                 self._thread.start()
+
+    def queued(self) -> list[str]:
+        """Keys published and waiting for the next pass."""
+        with self._cond:
+            return list(self._pending)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until nothing is pending or being settled; False if ``timeout`` passed first."""

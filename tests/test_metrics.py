@@ -39,6 +39,7 @@ def test_store_metrics_follow_real_store_calls(tmp_path) -> None:
     hits, misses = value("loragen_store_lookups_total", result="hit"), value("loragen_store_lookups_total", result="miss")
     for i in range(3):
         store.publish(files, description=f"task {i}", fingerprint=FP, seed=0, generator_kind="t2l")
+    assert store.drain(timeout=30)  # the store's limits are enforced after publishing, off the response path
     assert value("loragen_store_adapters") == 2  # the gc after the third publish evicted one
     assert value("loragen_store_bytes") == 2 * sum(len(v) for v in files.values())
     key = store.key("task 2", FP, 0)

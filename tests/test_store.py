@@ -535,6 +535,15 @@ def test_publish_runs_gc_and_keeps_the_newest(tmp_path):
     assert sorted(store.keys()) == sorted(keys[2:])
 
 
+def test_background_gc_spares_adapters_published_while_it_ran(tmp_path):
+    """Publishes in a burst (no pause for the background passes, times within the kernel's
+    coarse clock tick): the newest adapters stay, the oldest go, the limit holds."""
+    store = AdapterStore(tmp_path, max_adapters=2, max_bytes=None)
+    keys = [publish(store, f"burst {i}").key for i in range(6)]
+    assert store.drain(10)
+    assert sorted(store.keys()) == sorted(keys[-2:])
+
+
 def _pin_holder_worker(root, key, lease_s, ready):
     """A "server process": pins ``key`` with its own store (which renews its pins), then lives."""
     store = AdapterStore(root, max_adapters=None, max_bytes=None, pin_lease_s=lease_s)
