@@ -21,6 +21,7 @@ checkpoint serve every phase; the server is started, killed with SIGKILL and sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -57,6 +58,7 @@ class Run:
     events: list[tuple[str, float]] = field(default_factory=list)
     faults: dict = field(default_factory=dict)
     soak_done: int = 0
+    killed_at: float = 0.0  # time.time() of the kill -9
     new_i: int = 0
     ledger_used: list[str] = field(default_factory=list)  # descriptions a fault phase already asked after the restart
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -138,14 +140,10 @@ class Run:
                 break
         return out
 
-    def same_as_answered(self, description: str, a: Answer) -> bool | None:
-        """Whether the store's files of the adapter ``a`` names are the ones first answered."""
+    def same_as_answered(self, a: Answer) -> str:
+        """The store's adapter ``a`` names against the one first answered (`Ledger.compare`)."""
         parsed = parse_adapter_header(a.adapter)
-        entry = self.ledger.entries.get(parsed[0]) if parsed else None
-        if entry is None or entry.files is None:
-            return None
-        files, _ = self.ledger._read_files(entry.key)
-        return files == entry.files
+        return self.ledger.compare(parsed[0]) if parsed else "no header"
 
 
 def brief(a: Answer) -> dict:
@@ -181,17 +179,17 @@ def phase_disconnect(r: Run) -> None:
 
 
 def phase_corrupt_resolved(r: Run) -> None:
-    """Break the safetensors header of an adapter vLLM remembers, push it out of vLLM's CPU
-    LoRA cache with new descriptions, ask for it again (twice)."""
+    """Corrupt two adapters vLLM remembers (16 data bytes inverted: same size, valid header; and
+    the safetensors header length inverted), push them out of vLLM's CPU LoRA cache with new
+    descriptions, ask for each again, then check the server (/health, the base model)."""
     r.enter("corrupt_resolved")
-    victim_desc = r.a_stored[1]
-    first = r.ask(victim_desc, "victim_before")
-    parsed = parse_adapter_header(first.adapter)
-    if parsed is None:
-        r.faults["corrupt_resolved"] = {"skipped": "no adapter header", "answer": brief(first)}
-        return
-    key = parsed[0]
-    how = injectors.corrupt_adapter(r.store / "adapters" / key, "header")
+    victims = {"flip": r.a_stored[2], "header": r.a_stored[1]}
+    keys: dict[str, str] = {}
+    for how, desc in victims.items():
+        parsed = parse_adapter_header(r.ask(desc, f"victim_{how}_before").adapter)
+        if parsed:
+            keys[how] = parsed[0]
+    what = {how: injectors.corrupt_adapter(r.store / "adapters" / k, how) for how, k in keys.items()}
     n_push = r.a.push_out
     descs = [r.new_description() for _ in range(n_push)]
     threads = [threading.Thread(target=lambda ds: [r.ask(d, "push_out", 1) for d in ds], args=(descs[i::4],), daemon=True)
@@ -200,15 +198,19 @@ def phase_corrupt_resolved(r: Run) -> None:
         t.start()
     for t in threads:
         t.join(timeout=n_push * 10 + r.a.deadline_s)
-    again = r.ask(victim_desc, "victim_after")
-    third = r.ask(victim_desc, "victim_third")
-    folder_state = verify_store(r.store)
-    r.faults["corrupt_resolved"] = {
-        "key": key, "corruption": how, "pushed_out_with_new_descriptions": n_push,
-        "asked_again": brief(again), "asked_third_time": brief(third),
-        "store_folder_still_corrupt": any(c["key"] == key for c in folder_state["corrupt"]),
-        "quarantined_now": len(folder_state["quarantined"]),
-    }
+    res: dict = {"pushed_out_with_new_descriptions": n_push}
+    for how, desc in victims.items():
+        a = r.ask(desc, f"victim_{how}_after")
+        res[how] = {"key": keys.get(how), "corruption": what.get(how), "asked_again": brief(a)}
+    time.sleep(2)
+    assert r.server is not None
+    res["health_after"] = srv.http_ok(r.server.url + "/health")
+    res["base_after"] = brief(r.ask(BASE, "base_after"))
+    res["new_after"] = brief(r.ask(r.new_description(), "new_after"))
+    res["server_process_alive"] = r.server.process is not None and r.server.process.poll() is None
+    state = verify_store(r.store)
+    res["store_folders_still_corrupt"] = sorted(how for how, k in keys.items() if any(c["key"] == k for c in state["corrupt"]))
+    r.faults["corrupt_resolved"] = res
 
 
 def phase_kill9(r: Run) -> list[tuple[str, str]]:
@@ -221,8 +223,10 @@ def phase_kill9(r: Run) -> list[tuple[str, str]]:
     for t in inflight:
         t.start()
     time.sleep(3)
-    os.killpg(r.server.process.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(r.server.process.pid, signal.SIGKILL)
     r.server.process.wait(timeout=60)
+    r.killed_at = time.time()
     for t in inflight:
         t.join(timeout=30)
     r.server = None
@@ -260,7 +264,7 @@ def phase_generator_broken(r: Run, corrupted: list[tuple[str, str]]) -> None:
     after = []
     for d, h in corrupted:
         a = r.ask(d, "corrupted")
-        after.append({"how": h, **brief(a), "same_files_as_first_answer": r.same_as_answered(d, a)})
+        after.append({"how": h, **brief(a), "vs_first_answer": r.same_as_answered(a)})
     res["corrupted_after_restore"] = after
     res["quarantined"] = len(verify_store(r.store)["quarantined"])
     r.faults["generator_broken"] = res
@@ -279,9 +283,15 @@ def phase_disk_full(r: Run, tmpfs: bool) -> None:
     stored = r.stored_in_store("mixed", 3, exclude=set(r.a_stored) | set(r.ledger_used))
     r.ledger_used += stored
     res["stored_not_resolved"] = [brief(r.ask(d, "stored")) for d in stored]
-    res["stored_resolved"] = [brief(r.ask(d, "stored")) for d in r.a_stored]
+    res["stored_resolved"] = [brief(r.ask(d, "stored")) for d in stored]  # now vLLM remembers them
     res["new"] = [brief(r.ask(r.new_description(), "new")) for _ in range(4)]
     res["base"] = brief(r.ask(BASE, "base"))
+    # The killed server's pins hold for one lease (LORAGEN_PIN_LEASE_S, 120 s): until then gc
+    # may evict nothing of what it had resolved. Wait for them to expire, under full disk.
+    wait = max(0.0, r.a.pin_lease_s + 5 - (time.time() - r.killed_at))
+    res["waited_for_dead_pins_s"] = round(wait, 1)
+    time.sleep(wait)
+    res["new_after_wait"] = [brief(r.ask(r.new_description(), "new")) for _ in range(2)]
     n = sum(1 for _ in (r.store / "adapters").iterdir())
     cli = subprocess.run(srv.loragen_serve_prefix() + ["store", "gc", "--store", str(r.store),
                                                        "--max-adapters", str(max(0, n - 10)), "--json"],
