@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--soak-warmup", type=int, default=1000, help="soak descriptions before the memory baseline")
     ap.add_argument("--lost-sample", type=int, default=200, help="evicted soak adapters asked for again")
     ap.add_argument("--store-max-adapters", type=int, default=200, help="LORAGEN_STORE_MAX_ADAPTERS of the server")
-    ap.add_argument("--tmpfs-size", default="512m", help="size of the store's tmpfs ('none': no tmpfs)")
+    ap.add_argument("--tmpfs-size", default="1g",
+                    help="size of the store's tmpfs ('none': no tmpfs); ~264 pinned adapters of 1.86 MB must fit")
     ap.add_argument("--pin-lease-s", type=float, default=120.0, help="the server's LORAGEN_PIN_LEASE_S (its default)")
     ap.add_argument("--kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE of the server")
     ap.add_argument("--sample-s", type=float, default=5.0, help="seconds between samples")
