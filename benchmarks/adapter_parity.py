@@ -39,9 +39,6 @@ import json
 import os
 import platform
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +50,8 @@ from typing import TYPE_CHECKING
 import httpx
 
 from benchmarks.provenance import provenance
+from benchmarks.serving import server as srv
+from benchmarks.serving.run import free_port
 
 if TYPE_CHECKING:
     import torch
@@ -120,49 +119,14 @@ def served_dtype(log_text: str) -> str:
     return m.group(1) if m else "unknown"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(store: Path, log_path: Path, vllm_args: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(store: Path, log_path: Path, vllm_args: Sequence[str] = ()) -> srv.Server:
     """Start ``loragen-vllm serve`` (this interpreter, the shipped generator) on ``store``; wait for /health."""
-    port = _free_port()
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
-    for var in ("LORAGEN_GENERATOR", "LORAGEN_RAY_ADDRESS", "VLLM_PLUGINS"):
-        env.pop(var, None)
-    cmd = [sys.executable, "-m", "loragen_vllm", "serve", "--host", "127.0.0.1", "--port", str(port),
+    port = free_port()
+    # the shipped generator, in-process (empty = unset): not one the caller's environment names
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1", "LORAGEN_GENERATOR": "", "LORAGEN_RAY_ADDRESS": ""}
+    cmd = [*srv.loragen_serve_prefix(), "serve", "--host", "127.0.0.1", "--port", str(port),
            "--store", str(store), "--", "--max-model-len", "512", "--max-num-seqs", "4", *vllm_args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    stop_server(proc)
-    raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S:.0f} s: {log_path.read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    """SIGINT the API server, then SIGKILL what is left of its process group."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    return srv.start(cmd, env, port, log_path, timeout_s=STARTUP_TIMEOUT_S)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +214,8 @@ def _serve_phase(store: Path, work: Path, dtype: str) -> tuple[dict[tuple[str | 
     """One server run in ``dtype``: vLLM's answers for every (description or None, prompt)."""
     log_path = work / f"server_{dtype}.log"
     t0 = time.time()
-    proc, url = start_server(store, log_path, ("--dtype", dtype))
+    server = start_server(store, log_path, ("--dtype", dtype))
+    url = server.url
     answers: dict[tuple[str | None, str], NextToken] = {}
     try:
         base_name = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
@@ -258,7 +223,7 @@ def _serve_phase(store: Path, work: Path, dtype: str) -> tuple[dict[tuple[str | 
             for p in PROMPTS:
                 answers[(name, p)] = next_token_logprobs(url, name or base_name, p)
     finally:
-        stop_server(proc)
+        server.stop()
     return answers, served_dtype(log_path.read_text(errors="replace")), time.time() - t0
 
 
