@@ -138,6 +138,18 @@ class ServerProcess:
         self.stop()
         self.start()
 
+    def __enter__(self) -> "ServerProcess":
+        """``with server:`` starts it and stops it however the block ends."""
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     # -- what the server said ----------------------------------------------------------------
 
     def log(self, whole: bool = False) -> str:

@@ -65,11 +65,8 @@ def fp32_server(tmp_path_factory: pytest.TempPathFactory):
     assert shipped is not None, "the shipped generator checkpoint is missing"
     root = tmp_path_factory.mktemp("parity")
     server = ServerProcess(shipped, root / "store", root / "server.log", vllm_args=("--dtype", "float32"))
-    try:
-        server.start()
+    with server:
         yield server
-    finally:
-        server.stop()
 
 
 @dataclass

@@ -276,11 +276,8 @@ def slow_pass_server(tmp_path_factory: pytest.TempPathFactory):
                      {**shipped.sampler, "steps": SLOW_PASS_STEPS}, extra=shipped.extra)
     slow.save(root / "generator")
     server = ServerProcess(root / "generator", root / "store", root / "server.log")
-    try:
-        server.start()
+    with server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_base_model_answers_while_an_adapter_is_generated(slow_pass_server: ServerProcess) -> None:
@@ -422,11 +419,8 @@ def keyed_server(tiny_generator_ckpt: Path, tmp_path_factory: pytest.TempPathFac
     server = ServerProcess(root / "generator", root / "store", root / "server.log",
                            serve_args=("--admin-key", ADMIN_KEY, "--no-description-system-prompt"),
                            vllm_args=("--api-key", API_KEY))
-    try:
-        server.start()
+    with server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_api_key_and_admin_key_end_to_end(keyed_server: ServerProcess) -> None:
@@ -463,11 +457,8 @@ def unloadable_server(tiny_generator_ckpt: Path, tmp_path_factory: pytest.TempPa
     shutil.copytree(tiny_generator_ckpt, root / "generator")
     server = ServerProcess(root / "generator", root / "store", root / "server.log",
                            vllm_args=("--max-lora-rank", "1"))
-    try:
-        server.start()
+    with server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_an_adapter_vllm_fails_to_load_is_unpinned_and_forgotten(unloadable_server: ServerProcess) -> None:
