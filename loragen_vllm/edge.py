@@ -23,7 +23,9 @@ things, each in one place:
   ``Retry-After`` (vLLM renders a resolver's error without headers; ours say "retry after N s").
 
 It also counts the requests in flight per ``model`` name (`in_flight`): the bounded name table
-(``vllm_patches.py``) never drops a name a request is still using.
+(``vllm_patches.py``) never drops a name a request is still using; and before a request for a
+description reaches vLLM it runs the arrival checks (`add_arrival_check`; ``vllm_patches.py``
+registers the one that makes vLLM forget a name whose adapter files changed on disk).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ _in_flight: Counter[str] = Counter()
 
 
 _idle_listeners: list[Callable[[str], None]] = []
+_arrival_checks: list[Callable[[str], None]] = []
 
 
 def in_flight(name: str) -> bool:
@@ -87,6 +90,20 @@ def in_flight(name: str) -> bool:
 def add_idle_listener(listener: Callable[[str], None]) -> None:
     """Call ``listener(name)`` whenever the last request in flight for ``name`` ends."""
     _idle_listeners.append(listener)
+
+
+def add_arrival_check(check: Callable[[str], None]) -> None:
+    """Call ``check(name)`` when a chat or completions request for description ``name`` arrives,
+    before vLLM sees it (on the event loop: it must be quick)."""
+    _arrival_checks.append(check)
+
+
+def _notify(listeners: list[Callable[[str], None]], name: str) -> None:
+    for listener in listeners:
+        try:
+            listener(name)
+        except Exception:  # never let bookkeeping break a request
+            logger.exception("%s failed for %.60r", getattr(listener, "__name__", "listener"), name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,6 +242,7 @@ class EdgeGuard:
         if not isinstance(model, str) or model in self.base_models:
             await self.app(scope, replayed, send)
             return
+        _notify(_arrival_checks, model)
         _in_flight[model] += 1
         try:
             await self.app(scope, replayed, self._description_send(send, model))
@@ -232,11 +250,7 @@ class EdgeGuard:
             _in_flight[model] -= 1
             if _in_flight[model] <= 0:
                 del _in_flight[model]
-                for listener in _idle_listeners:
-                    try:
-                        listener(model)
-                    except Exception:  # never let bookkeeping break a request
-                        logger.exception("idle listener failed for %.60r", model)
+                _notify(_idle_listeners, model)
 
     def _description_send(self, send: Send, model: str) -> Send:
         """``send`` that adds the adapter's provenance and, to a 503, ``Retry-After``."""

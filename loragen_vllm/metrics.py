@@ -40,7 +40,8 @@ GENERATION_SECONDS = Histogram(
 STORE_LOOKUPS = Counter(
     "loragen_store_lookups",
     "Store lookups by result: hit (verified adapter served), miss (absent), corrupt (failed its "
-    "sha256 check: quarantined and regenerated).",
+    "sha256 check: quarantined and regenerated), changed (the files of an adapter vLLM remembers "
+    "changed on disk since they were verified: the name is forgotten and resolves again).",
     ["result"],
 )
 IN_FLIGHT = Gauge(

@@ -140,7 +140,7 @@ class LoRAGenResolver(LoRAResolver):
         self._inflight: dict[str, _Generation] = {}
         self._pending = 0  # misses admitted (waiting for a thread, a lock or the generator)
         self._names: dict[str, str] = {}  # lora_name handed to vLLM -> store key (pinned)
-        self._fingerprints: dict[str, str] = {}  # store key -> its generator's fingerprint
+        self._adapters: dict[str, StoredAdapter] = {}  # store key -> the adapter as last verified
         self._holders: dict[str, int] = {}  # store key -> how many remembered names use it
         self._resolving: dict[str, int] = {}  # store key -> requests resolving it right now
 
@@ -191,7 +191,7 @@ class LoRAGenResolver(LoRAResolver):
                 gen.waiters -= 1
                 if gen.waiters == 0 and not gen.task.done():
                     gen.abandoned.set()
-            self._remember(lora_name, stored.key, stored.meta.fingerprint)
+            self._remember(lora_name, stored)
             metrics.RESOLUTIONS.inc()
             metrics.GENERATION_SECONDS.labels("total").observe(time.monotonic() - started)
             return stored
@@ -321,9 +321,10 @@ class LoRAGenResolver(LoRAResolver):
 
     # -- what vLLM remembers -----------------------------------------------------------------
 
-    def _remember(self, lora_name: str, key: str, fingerprint: str) -> None:
+    def _remember(self, lora_name: str, stored: StoredAdapter) -> None:
         """vLLM will remember ``lora_name``: keep its adapter pinned until `forget`."""
-        self._fingerprints[key] = fingerprint
+        key = stored.key
+        self._adapters[key] = stored
         old = self._names.get(lora_name)
         if old == key:
             return
@@ -356,9 +357,22 @@ class LoRAGenResolver(LoRAResolver):
         """(store key, generator fingerprint) of the adapter that answers ``lora_name``, None if
         the name is not resolved (for the ``x-loragen-adapter`` response header)."""
         key = self._names.get(lora_name)
-        if key is None:
+        if key is None or (stored := self._adapters.get(key)) is None:
             return None
-        return key, self._fingerprints.get(key, "")
+        return key, stored.meta.fingerprint
+
+    def unchanged(self, lora_name: str) -> bool:
+        """Whether the files of ``lora_name``'s adapter are, by their stat state, still the ones
+        the store verified when the name was resolved (True for a name not resolved here).
+
+        vLLM remembers a resolved name and reloads its adapter from disk, unverified, whenever
+        it dropped the adapter from its CPU LoRA cache; a name whose files changed must therefore
+        be forgotten before vLLM uses it again (``vllm_patches.recheck_on_arrival``). A few
+        ``stat`` calls: cheap enough for every request.
+        """
+        key = self._names.get(lora_name)
+        stored = None if key is None else self._adapters.get(key)
+        return stored is None or self.store.unchanged(stored)
 
     def _release(self, key: str) -> None:
         n = self._holders.get(key, 0) - 1
@@ -366,7 +380,7 @@ class LoRAGenResolver(LoRAResolver):
             self._holders[key] = n
             return
         self._holders.pop(key, None)
-        self._fingerprints.pop(key, None)
+        self._adapters.pop(key, None)
         if key not in self._resolving:
             self._unpin_later(key)
 

@@ -29,7 +29,9 @@ background work (and runs at exit, bounded).
 
 `get` verifies the size and sha256 of every file against the metadata before returning; a
 corrupt adapter is moved to ``quarantine/`` (under its key lock, only if it is still the folder
-that failed) and reported as a miss, so the caller regenerates it. It is never served.
+that failed) and reported as a miss, so the caller regenerates it. It is never served. The
+adapter it returns carries the folder's stat state from before the check, so a holder can ask
+`unchanged` (a few ``stat`` calls, no reading) whether the files are still the ones verified.
 
 Eviction (`gc`, also run after each `publish`, in the background) removes least recently used adapters until the
 count and byte limits hold, but never a pinned one: vLLM may reload an adapter's folder at any
@@ -92,7 +94,9 @@ from loragen_vllm.processes import HOST, pid_alive
 from loragen_vllm.store_meta import (
     META_FILE,
     StoredAdapterMeta,
+    FolderState,
     file_infos,
+    folder_state,
     read_meta,
     verify_folder,
 )
@@ -121,11 +125,13 @@ _KEY_VERSION = "loragen-vllm adapter key v1"
 
 @dataclass(frozen=True)
 class StoredAdapter:
-    """A verified adapter in the store: its key, folder (give this to vLLM) and metadata."""
+    """A verified adapter in the store: its key, folder (give this to vLLM) and metadata, and
+    the folder's stat state taken before it was verified (`AdapterStore.unchanged`)."""
 
     key: str
     path: Path
     meta: StoredAdapterMeta
+    state: FolderState = ()
 
 
 @dataclass(frozen=True)
@@ -372,7 +378,8 @@ class AdapterStore:
         """
         path = self.path(key)
         try:
-            inode = os.stat(path).st_ino
+            state = folder_state(path)  # before reading: a write during the check changes it
+            inode = state[0][1]
             meta = verify_folder(path, key)
         except FileNotFoundError:
             metrics.STORE_LOOKUPS.labels("miss").inc()
@@ -386,7 +393,15 @@ class AdapterStore:
         metrics.STORE_LOOKUPS.labels("hit").inc()
         if record_hit:
             self._record_hit(key)
-        return StoredAdapter(key, path, self._with_usage(meta))
+        return StoredAdapter(key, path, self._with_usage(meta), state)
+
+    def unchanged(self, stored: StoredAdapter) -> bool:
+        """Whether ``stored``'s folder and files are, by their stat state, exactly as when they
+        were verified (nothing written, replaced, added or removed since). False if it is gone."""
+        try:
+            return bool(stored.state) and folder_state(stored.path) == stored.state
+        except OSError:
+            return False
 
     def _record_hit(self, key: str) -> None:
         """Append one byte to the usage log; a lookup never fails for it (disk full: skipped)."""
@@ -517,8 +532,12 @@ class AdapterStore:
                         _stamp(fd)
                     finally:
                         os.close(fd)
+                try:
+                    state = folder_state(self.path(key))  # as written: its content is `meta`'s
+                except FileNotFoundError:
+                    state = ()  # removed already (rm): never `unchanged`
                 self._settle_later(key)
-                return StoredAdapter(key, self.path(key), meta)
+                return StoredAdapter(key, self.path(key), meta, state)
         raise StoreCorrupt(key, "concurrent publishes keep producing corrupt adapters")
 
     def get_or_create(

@@ -4,6 +4,12 @@ Every stored adapter folder holds its PEFT files plus this metadata: the key, wh
 was generated from (description, generator kind and fingerprint, seed), when it was made, and
 each file's size and sha256. `verify_folder` checks a folder against it before the store serves
 the adapter; any mismatch is `StoreCorrupt` (the store quarantines the folder and regenerates).
+
+`folder_state` is what the file system says of a folder (inode, size, times of it and of each
+file): taken before a folder is verified, it tells later, for the cost of a few ``stat`` calls,
+whether anything was written, replaced, added or removed since. A changed ctime cannot be undone
+from user space, so an unchanged state means no write reached the files since they were checked
+(only corruption below the file system, which no stat sees, escapes it).
 """
 
 from __future__ import annotations
@@ -46,6 +52,22 @@ class StoredAdapterMeta(msgspec.Struct, frozen=True, kw_only=True):
     files: dict[str, FileInfo]
     size: int  # total bytes of the adapter files
     format: int = 1
+
+
+FolderState = tuple[tuple[str, int, int, int, int], ...]  # (name, inode, size, mtime_ns, ctime_ns)
+
+
+def folder_state(path: Path) -> FolderState:
+    """The stat state of folder ``path`` (first, named ``"."``) and of its entries (sorted by
+    name); FileNotFoundError if the folder is gone."""
+    st = os.stat(path)
+    with os.scandir(path) as entries:
+        files = sorted(
+            (e.name, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns)
+            for e in entries
+            for s in (e.stat(follow_symlinks=False),)
+        )
+    return ((".", st.st_ino, 0, st.st_mtime_ns, st.st_ctime_ns), *files)
 
 
 def file_infos(files: AdapterFiles) -> dict[str, FileInfo]:

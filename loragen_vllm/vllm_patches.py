@@ -10,6 +10,15 @@ A forgotten name simply resolves again (from the store) when it is asked for nex
 request is still being answered for (``edge.in_flight``) is never dropped: vLLM checks a name
 and looks its adapter up again later in the same request, and a drop in between was a 404.
 
+vLLM never asks the resolver again about a name it remembers, and reloads the adapter from its
+folder, unverified, whenever the adapter left its CPU LoRA cache: a file corrupted on disk
+meanwhile was served (same size) or stopped vLLM's engine (a broken header). So when a request
+for a remembered name arrives (``edge.add_arrival_check``), the resolver compares the folder's
+stat state with the one taken when the store verified it (`LoRAGenResolver.unchanged`); if
+anything changed, vLLM forgets the name before it sees the request, and the name resolves
+again: the store verifies the files (and quarantines and regenerates them if they are corrupt),
+and vLLM loads the verified folder under a new adapter id.
+
 `discard_failed_loads` makes ``OpenAIServingModels.resolve_lora`` tell the resolver about a
 resolved adapter that vLLM then failed to load (``engine_client.add_lora`` raised): vLLM does not
 remember such a name, so the resolver forgets it and unpins its adapter too.
@@ -134,7 +143,8 @@ def bound_vllm_memory(max_resolved: int) -> None:
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
     from vllm.lora.resolver import LoRAResolverRegistry
 
-    from loragen_vllm.edge import add_idle_listener, in_flight
+    from loragen_vllm import metrics
+    from loragen_vllm.edge import add_arrival_check, add_idle_listener, in_flight
     from loragen_vllm.plugin import RESOLVER_NAME
 
     def resolver() -> Any:
@@ -165,7 +175,21 @@ def bound_vllm_memory(max_resolved: int) -> None:
             elif name in table:
                 table.trim()
 
+    def recheck_on_arrival(name: str) -> None:  # a request for `name` is about to reach vLLM
+        r = resolver()
+        if r is None or not r.resolved(name) or r.unchanged(name):
+            return
+        logger.warning("the adapter files of model %.60r changed on disk since they were verified: "
+                       "forgotten, it resolves again (verified; regenerated if corrupt)", name)
+        metrics.STORE_LOOKUPS.labels("changed").inc()
+        for ref in list(tables):
+            table = ref()
+            if table is not None and name in table:
+                del table[name]  # -> forget(name): unpinned unless it resolves again first
+        r.forget(name)  # also where no table had it (already dropped)
+
     add_idle_listener(trim_all)
+    add_arrival_check(recheck_on_arrival)
 
     @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:

@@ -9,6 +9,7 @@ generator-failure behaviour. Generations are counted from the server's log lines
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -490,6 +491,41 @@ def test_serve_refuses_a_generator_for_another_base_model(tiny_generator_ckpt: P
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     assert "not for the served model OtherModel" in out.stderr and "q_proj" in out.stderr
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_an_adapter_corrupted_while_vllm_remembers_it_is_verified_again(vllm_server: ServerProcess, how: str) -> None:
+    """vLLM does not ask the resolver again about a name it remembers, and reloads its files
+    unverified once they left its CPU LoRA cache (a broken header stopped its engine). A request
+    for a name whose adapter folder changed on disk makes the name resolve again: the store
+    finds the files corrupt, quarantines them and regenerates; the server keeps serving."""
+    description = f"Name the main verb of the sentence ({how} while remembered)."
+    assert chat(vllm_server, description).status_code == 200
+    key = key_of(vllm_server, description)
+    assert vllm_server.generations(key) == 1
+    _corrupt(store_of(vllm_server), key, how)
+    r = chat(vllm_server, description)
+    assert r.status_code == 200, r.text
+    assert vllm_server.generations(key) == 2  # found corrupt when looked up again, made again
+    assert store_of(vllm_server).get(key, record_hit=False) is not None  # and the new one verifies
+    assert any(p.name.startswith(key) for p in (vllm_server.store / "quarantine").iterdir())
+    assert r.headers["x-loragen-adapter"].startswith(key)
+    assert chat(vllm_server, BASE).status_code == 200 and chat(vllm_server, description).status_code == 200
+
+
+def test_a_touched_adapter_is_verified_again_not_regenerated(vllm_server: ServerProcess) -> None:
+    """A change the stat state sees but the content does not (a touch) costs one sha256 check."""
+    description = "Name the main verb of the sentence (touched while remembered)."
+    assert chat(vllm_server, description).status_code == 200
+    key = key_of(vllm_server, description)
+    store = store_of(vllm_server)
+    hits = store.show(key).hits
+    os.utime(store.path(key) / "adapter_model.safetensors")
+    assert chat(vllm_server, description).status_code == 200
+    assert vllm_server.generations(key) == 1
+    assert store.show(key).hits == hits + 1  # looked up (and verified) again by the resolver
+    assert chat(vllm_server, description).status_code == 200
+    assert store.show(key).hits == hits + 1  # unchanged since: vLLM's remembered name serves it
 
 
 # ----------------------------------------------------------------------------------------------

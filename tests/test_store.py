@@ -311,6 +311,41 @@ def test_corrupt_adapter_is_detected_quarantined_and_can_be_republished(tmp_path
     assert again.key == a.key and store.get(a.key) is not None
 
 
+@pytest.mark.parametrize("change", ["flip", "rewrite_same", "touch", "extra", "replaced", "removed"])
+def test_unchanged_sees_any_write_to_a_verified_folder(tmp_path, change):
+    """`unchanged` (stat only) is True while nothing touched the folder, for the published and
+    the looked-up adapter alike, and False after any write -- also one that keeps the size, or
+    even the bytes."""
+    store = AdapterStore(tmp_path, max_adapters=None, max_bytes=None)
+    published = publish(store, "Watched task.")
+    looked_up = store.get(published.key)
+    assert store.drain(10)  # fsync of the background settler writes no file times
+    assert store.unchanged(published) and store.unchanged(looked_up)
+    (published.path / "adapter_model.safetensors").read_bytes()  # reading is not a change
+    assert store.unchanged(looked_up)
+    weights = published.path / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    if change == "flip":
+        flipped = bytearray(data)
+        flipped[10] ^= 1
+        weights.write_bytes(bytes(flipped))
+    elif change == "rewrite_same":
+        weights.write_bytes(data)
+    elif change == "touch":
+        os.utime(weights)
+    elif change == "extra":
+        (published.path / "notes.txt").write_bytes(b"x")
+    elif change == "replaced":  # removed and published again: another folder, same bytes
+        store.rm(published.key, force=True)
+        publish(store, "Watched task.")
+    else:
+        store.rm(published.key, force=True)
+    assert not store.unchanged(published) and not store.unchanged(looked_up)
+    if change in ("rewrite_same", "touch", "replaced"):  # the content still verifies
+        again = store.get(published.key)
+        assert again is not None and store.unchanged(again)
+
+
 BIG = 1_900_000  # bytes of weights: the shipped generator's adapters (r 8, q+v, 30 layers)
 
 
