@@ -97,6 +97,32 @@ def default_lora_slots(gpu: bool) -> tuple[int, int]:
     return (GPU_MAX_LORAS, GPU_MAX_CPU_LORAS) if gpu else (DEFAULT_MAX_LORAS, DEFAULT_MAX_CPU_LORAS)
 
 
+def fit_max_resolved(requested: int | None, store_max_adapters: int | None) -> tuple[int, str | None]:
+    """How many descriptions vLLM may remember (`--max-resolved`) with the store's count limit.
+
+    Each remembered description pins its adapter and gc never evicts a pinned one, so more
+    remembered names than ``LORAGEN_STORE_MAX_ADAPTERS`` would hold the store above its limit
+    (the fault run saw 264 adapters under a limit of 200). ``requested`` None (neither the flag
+    nor ``$LORAGEN_MAX_RESOLVED`` set): the default, lowered to the limit, with a note saying so.
+    Raises `UsageError` if a requested number, or any number >= 1, does not fit.
+    """
+    if requested is None:
+        default = envs.default("LORAGEN_MAX_RESOLVED")
+        if store_max_adapters is None or store_max_adapters >= default:
+            return default, None
+        if store_max_adapters >= 1:
+            return store_max_adapters, (
+                f"vLLM remembers at most {store_max_adapters} descriptions (default {default}), the "
+                f"store's LORAGEN_STORE_MAX_ADAPTERS: each remembered one pins its adapter")
+        requested = 1
+    if store_max_adapters is not None and requested > store_max_adapters:
+        raise UsageError(
+            f"--max-resolved {requested} is above the store's limit LORAGEN_STORE_MAX_ADAPTERS="
+            f"{store_max_adapters}: every description vLLM remembers pins its adapter and pinned "
+            f"adapters are never evicted; lower --max-resolved or raise the limit")
+    return requested, None
+
+
 def served_model_names(default: str, vllm_args: list[str]) -> list[str]:
     """The names vLLM will serve the base model as: ``--served-model-name`` of the extra vLLM
     arguments if given (the last one wins, as in vLLM), else ``default``."""
@@ -220,7 +246,12 @@ def run(args: argparse.Namespace) -> int:
     )
     _prepare_vllm_environment(os.environ, extra)
 
-    max_resolved = getattr(args, "max_resolved", None) or envs.LORAGEN_MAX_RESOLVED
+    requested = getattr(args, "max_resolved", None)
+    if requested is None and os.environ.get("LORAGEN_MAX_RESOLVED"):
+        requested = envs.LORAGEN_MAX_RESOLVED
+    max_resolved, note = fit_max_resolved(requested, envs.LORAGEN_STORE_MAX_ADAPTERS)
+    if note:
+        print(f"loragen-vllm: {note}", flush=True)
     middleware = (SYSTEM_PROMPT_MIDDLEWARE,) if getattr(args, "description_system_prompt", True) else ()
     middleware += (EDGE_MIDDLEWARE,)  # outermost: nothing it refuses reaches the other
     import torch

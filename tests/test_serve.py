@@ -34,6 +34,7 @@ from loragen_vllm.serve import (
     check_generator_fits,
     default_cpu_kv_cache,
     fit_lora_rank,
+    fit_max_resolved,
     served_model_names,
     vllm_serve_argv,
 )
@@ -94,6 +95,18 @@ def test_lora_slots_fit_the_machine() -> None:
     argv = vllm_serve_argv(Path("/m/M"), "M", 8, "h", 1, [], lora_slots=gpu)
     assert argv[argv.index("--max-loras") + 1] == str(gpu[0])
     assert argv[argv.index("--max-cpu-loras") + 1] == str(gpu[1])
+
+
+def test_max_resolved_fits_the_store_limit() -> None:
+    """Remembered descriptions pin their adapters: never more of them than the store may hold."""
+    assert fit_max_resolved(None, None) == (256, None) and fit_max_resolved(None, 1000) == (256, None)
+    n, note = fit_max_resolved(None, 200)  # the default is lowered, and says so
+    assert n == 200 and "200" in note and "pins" in note
+    assert fit_max_resolved(64, 200) == (64, None) and fit_max_resolved(300, None) == (300, None)
+    with pytest.raises(UsageError, match="--max-resolved 256 is above the store's limit LORAGEN_STORE_MAX_ADAPTERS=200"):
+        fit_max_resolved(256, 200)
+    with pytest.raises(UsageError, match="LORAGEN_STORE_MAX_ADAPTERS=0"):
+        fit_max_resolved(None, 0)
 
 
 def test_served_names_and_middleware_on_the_command_line() -> None:
@@ -491,6 +504,15 @@ def test_serve_refuses_a_generator_for_another_base_model(tiny_generator_ckpt: P
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     assert "not for the served model OtherModel" in out.stderr and "q_proj" in out.stderr
+
+
+def test_serve_refuses_more_remembered_descriptions_than_the_store_holds(tiny_generator_ckpt: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "LORAGEN_STORE_MAX_ADAPTERS": "10"}
+    out = subprocess.run([sys.executable, "-m", "loragen_vllm", "serve", "--generator", str(tiny_generator_ckpt),
+                          "--store", str(tmp_path / "store"), "--max-resolved", "50"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2, out.stderr
+    assert "--max-resolved 50 is above the store's limit LORAGEN_STORE_MAX_ADAPTERS=10" in out.stderr
 
 
 @pytest.mark.parametrize("how", ["truncate", "flip"])

@@ -3,7 +3,8 @@
 Mixed load with injected faults (a client that disconnects mid-generation, a corrupted adapter
 vLLM still remembers, kill -9 of the server, adapters corrupted on disk, a broken generator
 checkpoint, a full disk), then a soak of distinct new descriptions with the server's memory and
-table sizes sampled over time; every adapter the server answered with is checked at the end.
+table sizes sampled over time, then the generator's Ray actor killed with SIGKILL under load;
+every adapter the server answered with is checked at the end.
 Phases: `benchmarks.faults.run`; what "lost" means: `benchmarks.faults.ledger`; the results
 (JSON, Markdown, PNG): `benchmarks.faults.report`. Every loop is bounded in count and time,
 every wait has a deadline, the server is always stopped and the tmpfs unmounted.
@@ -36,6 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--soak-max-tokens", type=int, default=1)
     ap.add_argument("--soak-warmup", type=int, default=1000, help="soak descriptions before the memory baseline")
     ap.add_argument("--lost-sample", type=int, default=200, help="evicted soak adapters asked for again")
+    ap.add_argument("--ray-phase-s", type=float, default=30.0, help="seconds of new descriptions around the actor kill")
     ap.add_argument("--store-max-adapters", type=int, default=200, help="LORAGEN_STORE_MAX_ADAPTERS of the server")
     ap.add_argument("--tmpfs-size", default="1g",
                     help="size of the store's tmpfs ('none': no tmpfs); ~264 pinned adapters of 1.86 MB must fit")

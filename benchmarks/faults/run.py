@@ -16,7 +16,12 @@ checkpoint serve every phase; the server is started, killed with SIGKILL and sta
    `loragen-vllm store gc` with a lower count frees room, then the filler is deleted.
 7. ``after_faults``: mixed load again; then ``soak``: distinct new descriptions from several
    clients (the generator batches them) up to a count or a time limit, RSS and table sizes
-   sampled throughout; then ``lost_check`` (`ledger`).
+   sampled throughout.
+8. ``ray_actor_kill``: the generator moves into a Ray actor (a one-node cluster on loopback,
+   ``loragen-vllm generator start``) and the server restarts with ``--ray-address`` on the same
+   store; clients send new descriptions and the actor's process is killed with SIGKILL among
+   them; Ray restarts it and re-sends the calls in flight. Then ``lost_check`` (`ledger`), through
+   that server.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +43,11 @@ from benchmarks.faults import injectors
 from benchmarks.faults.client import Answer, Stats, chat, disconnect_mid_generation, parse_adapter_header
 from benchmarks.faults.ledger import Ledger, verify_store
 from benchmarks.faults.sampling import Sampler
+from benchmarks.ray_hop import start_ray_head, stop_ray_head
 from benchmarks.serving import server as srv
 
 REPO = Path(__file__).resolve().parents[2]
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}  # as the head runs (ray_hop)
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CHECKPOINT = REPO / "generator/checkpoints/default"
 
@@ -59,6 +67,8 @@ class Run:
     faults: dict = field(default_factory=dict)
     soak_done: int = 0
     killed_at: float = 0.0  # time.time() of the kill -9
+    ray_head: subprocess.Popen | None = None  # the Ray cluster of phase ray_actor_kill
+    ray_address: str | None = None
     new_i: int = 0
     ledger_used: list[str] = field(default_factory=list)  # descriptions a fault phase already asked after the restart
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -96,15 +106,21 @@ class Run:
             return f"Reply with the number {self.new_i} spelled out."
 
     def start_server(self, name: str) -> None:
+        """`loragen-vllm serve` on the store: the generator in-process, or (once phase
+        ray_actor_kill set `ray_address`) in the Ray actor, with the local checkpoint copy giving
+        its fingerprint."""
         cmd = srv.loragen_serve_prefix() + ["serve", "--port", str(self.a.port), "--store", str(self.store),
                                             "--generator", str(self.ckpt), "--list-descriptions"]
+        if self.ray_address:
+            cmd += ["--ray-address", self.ray_address]
         self.server = srv.start(cmd, self.server_env(), self.a.port, self.logdir / f"{name}.log", timeout_s=600)
         self.events.append((f"server {name} healthy", self.now()))
 
     def server_env(self) -> dict[str, str]:
-        return {"LORAGEN_STORE_MAX_ADAPTERS": str(self.a.store_max_adapters),
-                "LORAGEN_GENERATE_TIMEOUT_S": str(self.a.server_deadline_s),
-                "VLLM_CPU_KVCACHE_SPACE": str(self.a.kv_gib)}
+        env = {"LORAGEN_STORE_MAX_ADAPTERS": str(self.a.store_max_adapters),
+               "LORAGEN_GENERATE_TIMEOUT_S": str(self.a.server_deadline_s),
+               "VLLM_CPU_KVCACHE_SPACE": str(self.a.kv_gib)}
+        return {**env, **RAY_ENV} if self.ray_address else env
 
     def load(self, seconds: float, clients: int, max_req: int = 200) -> None:
         """Mixed load: stored, new and base-model requests round-robin from ``clients`` threads."""
@@ -338,6 +354,67 @@ def phase_soak(r: Run) -> None:
                         "max_tokens": r.a.soak_max_tokens}
 
 
+def _generator_cli(r: Run, *args: str, timeout_s: float) -> dict:
+    """``loragen-vllm generator ARGS --ray-address ...``: its JSON answer (RuntimeError if it failed)."""
+    assert r.ray_address is not None
+    out = subprocess.run(srv.loragen_serve_prefix() + ["generator", *args, "--ray-address", r.ray_address],
+                         capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **RAY_ENV})
+    if out.returncode != 0:
+        raise RuntimeError(f"loragen-vllm generator {args[0]} failed ({out.returncode}): {out.stderr[-500:]}")
+    return json.loads(out.stdout)
+
+
+def phase_ray_actor_kill(r: Run) -> None:
+    """The server restarted on the Ray actor; SIGKILL of the actor amid new descriptions.
+
+    What `ray_actor.py` and `ray_backend.py` promise: Ray restarts the actor and re-sends the calls
+    in flight; calls sent while it is down wait for it; each request is a 200 once the actor is
+    back, or a 503 at the server's bound on one call (LORAGEN_RAY_TIMEOUT_S), never past the
+    client's deadline. Every 200 goes into the ledger like any other answer.
+    """
+    r.enter("ray_actor_kill")
+    assert r.server is not None
+    r.server.stop(grace_s=20)
+    r.server = None
+    r.ray_head, r.ray_address = start_ray_head(r.logdir, None)
+    t = time.monotonic()
+    before = _generator_cli(r, "start", "--checkpoint", str(r.ckpt), "--timeout", "300", timeout_s=360)
+    res: dict = {"actor_start_s": round(time.monotonic() - t, 1), "actor_pid_before": before["pid"]}
+    r.start_server("serve3_ray")
+    res["before_kill"] = [brief(r.ask(r.new_description(), "new")) for _ in range(2)]
+    stop_at = time.monotonic() + r.a.ray_phase_s
+    timed: list[tuple[float, float, str]] = []  # (sent, answered, status) of the clients' requests
+
+    def client() -> None:
+        while time.monotonic() < stop_at:
+            sent = time.monotonic()
+            a = r.ask(r.new_description(), "new")
+            timed.append((sent, time.monotonic(), a.status))
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(r.a.clients)]
+    for th in threads:
+        th.start()
+    time.sleep(r.a.ray_phase_s / 3)
+    os.kill(before["pid"], signal.SIGKILL)  # the actor's worker process, on this machine
+    killed = time.monotonic()
+    r.events.append(("actor killed", r.now()))
+    after = before
+    while after.get("pid") == before["pid"] and time.monotonic() - killed < 300:
+        time.sleep(1)
+        with contextlib.suppress(RuntimeError, ValueError, subprocess.TimeoutExpired):
+            after = _generator_cli(r, "status", "--timeout", "10", timeout_s=60)
+    res["actor_back_s"] = round(time.monotonic() - killed, 1) if after.get("pid") != before["pid"] else None
+    res["actor_after"] = {k: after.get(k) for k in ("pid", "reconstructed", "stats")}
+    for th in threads:
+        th.join(timeout=r.a.ray_phase_s + r.a.deadline_s + 30)
+    spanning = [status for sent, answered, status in timed if sent < killed < answered]
+    res["requests_spanning_the_kill"] = {"count": len(spanning), "statuses": dict(Counter(spanning))}
+    with contextlib.suppress(RuntimeError, ValueError, subprocess.TimeoutExpired):
+        res["actor_stats_at_end"] = _generator_cli(r, "status", "--timeout", "10", timeout_s=60).get("stats")
+    res["new_after_restart"] = [brief(r.ask(r.new_description(), "new")) for _ in range(3)]
+    res["health_after"] = srv.http_ok(r.server.url + "/health")
+    r.faults["ray_actor_kill"] = res
+
+
 def run_all(a: argparse.Namespace, on_error: Callable[[Run, BaseException], None]) -> Run:
     """Every phase in order; the server is always stopped and the tmpfs unmounted."""
     work = Path(tempfile.mkdtemp(prefix="faults_"))
@@ -363,6 +440,7 @@ def run_all(a: argparse.Namespace, on_error: Callable[[Run, BaseException], None
         r.enter("after_faults")
         r.load(r.a.phase_s / 2, r.a.clients)
         phase_soak(r)
+        phase_ray_actor_kill(r)
         r.enter("lost_check")
         assert r.server is not None
         fault_phases = tuple({e.phase for e in r.ledger.entries.values()} - {"soak"})
@@ -375,6 +453,8 @@ def run_all(a: argparse.Namespace, on_error: Callable[[Run, BaseException], None
         r.sampler.stop()
         if r.server:
             r.server.stop(grace_s=20)
+        if r.ray_head is not None:
+            stop_ray_head(r.ray_head)
         r.faults["store_final"] = verify_store(store)
         r.faults["store_final"]["corrupt"] = r.faults["store_final"]["corrupt"][:10]
         r.faults["store_final"]["quarantined"] = len(r.faults["store_final"]["quarantined"])
