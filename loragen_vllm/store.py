@@ -93,8 +93,8 @@ from loragen_vllm.pins import Pin, PinBoard
 from loragen_vllm.processes import HOST, pid_alive
 from loragen_vllm.store_meta import (
     META_FILE,
-    StoredAdapterMeta,
     FolderState,
+    StoredAdapterMeta,
     file_infos,
     folder_state,
     read_meta,
