@@ -12,7 +12,9 @@ that holds pins renews all of them every third of the lease (a daemon thread tou
   evicted;
 * a dead or stopped holder's pins expire after at most ``lease_s``, wherever it ran; nothing
   depends on process ids or host names being unique or visible (containers that share a
-  hostname, stores on shared file systems).
+  hostname, stores on shared file systems);
+* a holder that exits normally (a server stopped with SIGTERM) removes its pins at exit
+  (`PinBoard.release`), so its adapters may be evicted at once rather than one lease later.
 
 A pin written for another process (``holder=<pid>``, e.g. by a test or a tool) is not renewed
 by anyone and lasts one lease.
@@ -23,6 +25,7 @@ an eviction of the same adapter never interleave.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import secrets
@@ -120,6 +123,22 @@ class PinBoard:
                 self._mine.add(key)
             self._start_renewer()
 
+    def release(self) -> int:
+        """Remove every pin this process holds (it will load nothing more: it is exiting);
+        returns how many. Run at exit once the process pinned something. No key lock: removing
+        a pin only allows an eviction, which checks the pins under the key's lock itself."""
+        with self._mine_lock:
+            keys, self._mine = list(self._mine), set()
+        _, name = self._holder_name(None)
+        n = 0
+        for key in keys:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.folder / key / name)
+                n += 1
+            with contextlib.suppress(OSError):
+                (self.folder / key).rmdir()  # only if empty
+        return n
+
     def unpin(self, key: str, holder: int | None = None) -> None:
         """Drop the pin of process ``holder`` (default: this process) on ``key``, if any."""
         _, name = self._holder_name(holder)
@@ -211,3 +230,10 @@ class PinBoard:
 
         self._renewer = threading.Thread(target=loop, name="loragen-pin-renewer", daemon=True)
         self._renewer.start()
+        atexit.register(_release_at_exit, ref)
+
+
+def _release_at_exit(ref: weakref.ref[PinBoard]) -> None:
+    board = ref()
+    if board is not None:
+        board.release()

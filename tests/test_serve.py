@@ -576,13 +576,22 @@ def _repair_generator(server: ServerProcess) -> None:
         shutil.copyfile(good, server.generator / "model.safetensors")
 
 
+PINS: dict[str, list[str]] = {}  # the pin files of the server before and after its stop
+
+
+def _pin_files(server: ServerProcess) -> list[str]:
+    return sorted(str(p.relative_to(server.store)) for p in (server.store / "pins").rglob("*") if p.is_file())
+
+
 @pytest.fixture(scope="module")
 def restarted(vllm_server: ServerProcess) -> ServerProcess:
     """The server restarted on its store, after: SENTIMENT/TRANSLATE/SUMMARY stored, TRANSLATE's
     adapter truncated, SUMMARY's with a flipped byte, and the generator's weights truncated."""
     for d in (SENTIMENT, TRANSLATE, SUMMARY):
         assert chat(vllm_server, d).status_code == 200
+    PINS["before_stop"] = _pin_files(vllm_server)
     vllm_server.stop()
+    PINS["after_stop"] = _pin_files(vllm_server)
     store = store_of(vllm_server)
     _corrupt(store, key_of(vllm_server, TRANSLATE), "truncate")
     _corrupt(store, key_of(vllm_server, SUMMARY), "flip")
@@ -590,6 +599,11 @@ def restarted(vllm_server: ServerProcess) -> ServerProcess:
     vllm_server.start()
     yield vllm_server
     _repair_generator(vllm_server)
+
+
+def test_a_server_stopped_normally_removes_its_pins(restarted: ServerProcess) -> None:
+    """So its adapters may be evicted at once; a killed server's pins expire with their lease."""
+    assert len(PINS["before_stop"]) >= 3 and PINS["after_stop"] == []
 
 
 def test_store_survives_a_restart(restarted: ServerProcess) -> None:
