@@ -248,6 +248,13 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *SETTINGS])
 
 
+def is_set(name: str) -> bool:
+    """Whether ``name`` is set in this process's environment (not empty), i.e. not at its default.
+
+    Raises KeyError for a name that is not a setting."""
+    return bool(os.environ.get(SETTINGS[name].name, "").strip())
+
+
 def default(name: str) -> Any:
     """The value ``name`` has when it is not set (for Python APIs that share the default)."""
     setting = SETTINGS[name]

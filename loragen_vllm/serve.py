@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     _prepare_vllm_environment(os.environ, extra)
 
     requested = getattr(args, "max_resolved", None)
-    if requested is None and os.environ.get("LORAGEN_MAX_RESOLVED"):
+    if requested is None and envs.is_set("LORAGEN_MAX_RESOLVED"):
         requested = envs.LORAGEN_MAX_RESOLVED
     max_resolved, note = fit_max_resolved(requested, envs.LORAGEN_STORE_MAX_ADAPTERS)
     if note:

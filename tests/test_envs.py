@@ -33,6 +33,16 @@ def test_defaults_when_unset(clean_env: pytest.MonkeyPatch) -> None:
         assert getattr(envs, name) == envs.default(name)
 
 
+def test_is_set_tells_a_set_variable_from_its_default(clean_env: pytest.MonkeyPatch) -> None:
+    assert not envs.is_set("LORAGEN_MAX_RESOLVED")
+    clean_env.setenv("LORAGEN_MAX_RESOLVED", "  ")
+    assert not envs.is_set("LORAGEN_MAX_RESOLVED")  # blank reads as unset, as everywhere
+    clean_env.setenv("LORAGEN_MAX_RESOLVED", "256")  # set, even to the default's value
+    assert envs.is_set("LORAGEN_MAX_RESOLVED")
+    with pytest.raises(KeyError):
+        envs.is_set("LORAGEN_NO_SUCH_SETTING")
+
+
 def test_values_are_parsed_on_each_access(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("LORAGEN_SEED", " 7 ")
     clean_env.setenv("LORAGEN_STORE", "~/somewhere")
