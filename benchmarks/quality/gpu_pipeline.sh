@@ -19,6 +19,9 @@
 #   written into the LoRAGen checkpoint's config; then every generated row on test (+ in-distribution):
 #   LoRAGen, its user-style descriptions, with the description as system prompt, its two conditioning
 #   controls, T2L (recon) and T2L (SFT).
+# sft / eval_sft: SFT_ONLY (the variants to train), SFT_STEPS, SFT_LR, SFT_DEADLINE_S (sft_eval's
+#   share for sft), SFT_CONTROLS (rows, e.g. "incumbent loragen_sft_contrast", whose conditioning
+#   controls eval_sft also generates on validation).
 # Results go to $OUT (at most 8 files, 16 MiB each). Scores: python -m benchmarks.quality score ...
 # Env: WORK (/tmp/runs), CK (/tmp/ck), DEADLINE_S (per call, default 560), DRY=1 (tiny CPU run).
 set -euo pipefail
@@ -176,8 +179,10 @@ eval)
 sft)
   # LoRAGen SFT through the base model, from the shipped (reconstruction-trained) checkpoint, side
   # by side: the sampler it is served with (20 steps, guidance 2, description as system prompt),
-  # a higher learning rate, 5 sampler steps, no system prompt in training, and only the 204
-  # tasks the shipped checkpoint's oracles covered (quality against tasks). No oracles needed.
+  # a higher learning rate, 5 sampler steps, no system prompt in training, only the 204 tasks
+  # the shipped checkpoint's oracles covered (quality against tasks), and 5 sampler steps with the
+  # contrastive term (right description's CE below another task's by 0.5 nats per output token;
+  # it logs sft_ce_right / sft_ce_wrong / sft_ce_gap every 20 steps). No oracles needed.
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"  # once, before 5 readers
   mkdir -p "$WORK/subsets"
   $PY -c "import json; print('\n'.join(json.load(open('$INIT/config.json'))['extra']['library']['tasks']))" \
@@ -190,6 +195,7 @@ sft)
   sft loragen_sft_s5 --system-prompt --sampler-steps 5
   sft loragen_sft_nosys
   sft loragen_sft_n204 --system-prompt --tasks-file "$WORK/subsets/init_tasks.txt"
+  sft loragen_sft_contrast --system-prompt --sampler-steps 5 --contrast-weight 1.0 --contrast-margin 0.5
   waitall
   for f in "$WORK"/train_loragen_sft*.log; do echo "== $f"; tail -n 2 "$f"; done
   mkdir -p "$WORK/configs"
@@ -201,14 +207,21 @@ eval_sft)
   # Validation, as served (description also as system prompt; `--system-prompt`): the incumbent
   # and every SFT checkpoint (one row each, 2 descriptions per task); the best wins (ties: the
   # incumbent). Then the winner's rows on test (+ in-distribution), once, if it is not the incumbent.
+  # The rows named in SFT_CONTROLS (incumbent, variants) also get their conditioning controls on
+  # validation (<name>_random, <name>_other): whether the description matters, also for a loser.
   qv="$WORK/q_validation_sft" qt="$WORK/q_test_sft"
+  controls() { [[ " ${SFT_CONTROLS:-} " == *" $1 "* ]] || return 0
+    gen "val_$1_controls" "$qv" --generator "$2" --task-set validation --rows "$1_random" "$1_other" --system-prompt \
+      --num-descriptions 2; }
   cands=(--candidate "incumbent=$INIT")
   gen val_incumbent "$qv" --generator "$INIT" --task-set validation --rows incumbent --system-prompt --num-descriptions 2
+  controls incumbent "$INIT"
   for d in "$CK"/loragen_sft*/; do
     name=$(basename "$d")
     [ -f "$d/config.json" ] || continue
     gen "val_$name" "$qv" --generator "$d" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
     cands+=(--candidate "$name=$d")
+    controls "$name" "$d"
   done
   waitall
   echo "validation done at $((SECONDS - start)) s"
