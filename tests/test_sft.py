@@ -6,6 +6,7 @@ reference without micro-batches."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -15,7 +16,7 @@ import torch
 from generator import Generator
 from generator.config import T2LConfig, TargetSpec, TrainConfig
 from generator.data.library import save_task
-from generator.data.sni import load_tasks
+from generator.data.sni import load_splits, load_tasks
 from generator.data.synthetic import synthetic_adapters
 from generator.training.multilora import MultiLoRA
 from generator.training.prompts import microbatches, output_token_ce
@@ -78,14 +79,22 @@ def test_train_descriptions_only():
 
 
 def test_loragen_sft_trains_the_denoiser_through_the_sampler(base_model_dir, tiny_generator_ckpt, tmp_path):  # noqa: F811
-    """From a reconstruction-trained LoRAGen, with the contrastive term: the denoiser and decoder
-    move, the LAE encoder (no part of generation) does not, the checkpoint serves with the sampler
-    it was trained through and records the term's settings and its last step's CE gap."""
+    """From a reconstruction-trained LoRAGen, with the contrastive term and the probe: the denoiser
+    and decoder move, the LAE encoder (no part of generation) does not, the checkpoint serves with
+    the sampler it was trained through and records the term's settings, its last step's CE gap and
+    the last probe (also in probe.jsonl, one line per probed step)."""
     init = Generator.load(tiny_generator_ckpt)
     sft = SFTConfig(tasks_per_step=2, examples_per_task=2, system_prompt=True, sampler_steps=3, guidance=2.0,
                     contrast_weight=1.0, contrast_margin=0.25)
-    gen = train_sft(tmp_path / "ck", "loragen", TASKS_DIR, NAMES, init=tiny_generator_ckpt, sft=sft, **TINY)
+    probe_task = load_splits(TASKS_DIR).validation[0]
+    gen = train_sft(tmp_path / "ck", "loragen", TASKS_DIR, NAMES, init=tiny_generator_ckpt, sft=sft, **TINY,
+                    probe_tasks=[probe_task], probe_every=1)
     assert gen.kind == "loragen" and gen.extra["init"] == init.fingerprint
+    probes = [json.loads(line) for line in (tmp_path / "ck" / "probe.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in probes] == [1, 2]  # every step, the last included
+    assert gen.extra["probe"]["tasks"] == [probe_task]
+    assert gen.extra["probe"]["probe_gap"] == pytest.approx(probes[-1]["probe_gap"], abs=1e-4)
+    assert probes[-1]["probe_gap"] == pytest.approx(probes[-1]["probe_ce_random"] - probes[-1]["probe_ce_right"], abs=2e-4)
     assert gen.extra["sft"]["contrast_weight"] == 1.0 and gen.extra["sft"]["contrast_margin"] == 0.25
     final = gen.extra["final"]
     assert final["sft_ce_gap"] == pytest.approx(final["sft_ce_wrong"] - final["sft_ce_right"])
@@ -98,6 +107,12 @@ def test_loragen_sft_trains_the_denoiser_through_the_sampler(base_model_dir, tin
     assert not any(n.startswith("lae.encoders.") for n in moved)
     loaded = Generator.load(tmp_path / "ck")
     assert loaded.fingerprint == gen.fingerprint and loaded.sampler == gen.sampler
+
+
+def test_probe_tasks_must_be_held_out(tiny_generator_ckpt, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="probe tasks must be held out, but 1 are training tasks"):
+        train_sft(tmp_path / "ck", "loragen", TASKS_DIR, NAMES, init=tiny_generator_ckpt, **TINY,
+                  probe_tasks=NAMES[:1], probe_every=1)
 
 
 def test_loragen_sft_needs_a_starting_checkpoint(tmp_path):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from benchmarks.provenance import git_commit
 from generator.api import Generator, shared_encoder
@@ -81,21 +82,26 @@ def ce_gap(
     gen = Generator.load(generator, cuda_graphs=False)
     trained = list(gen.extra.get("library", {}).get("tasks") or splits.train)
     sampler = {**gen.sampler, **({"steps": steps} if steps else {}), **({"guidance": guidance} if guidance else {})}
-    base, tok, _ = load_base_model(device)
-    base.float()
+    base, tok, _ = load_base_model(device)  # float32 on a CPU, bf16 on CUDA, as SFT trains
     encoder = shared_encoder(device)
     model = gen.model.to(device).eval()
     sets = {"train": (pick_tasks(tasks, trained, num_tasks), False),
             "validation": (pick_tasks(tasks, splits.validation, num_tasks), True)}
     probes = {k: probe_set(ts, tok, encoder, examples, system_prompt=True, held_out=held) for k, (ts, held) in sets.items()}
-    base_ce = {k: _base_ce(base, p, tok.pad_token_id) for k, p in probes.items()}
+    bar = tqdm(total=3 * len(probes), desc="ce-gap (base, right, random per set)")
+    base_ce = {}
+    for k, p in probes.items():
+        base_ce[k] = _base_ce(base, p, tok.pad_token_id)
+        bar.update()
     multi = MultiLoRA(base, gen.target, num_adapters=1)
     out: dict = {"generator": str(generator), "fingerprint": gen.fingerprint, "sampler": sampler,
                  "examples_per_task": examples, "sets": {}}
     try:
         for name, p in probes.items():
             right = conditioned_ce(model, sampler, p.cond, p, base, multi, tok.pad_token_id)
+            bar.update()
             rand = conditioned_ce(model, sampler, p.control_cond, p, base, multi, tok.pad_token_id)
+            bar.update()
             out["sets"][name] = {
                 "instances": "train" if name == "train" else "test",
                 "ce_right": round(float(right.mean()), 4), "ce_random": round(float(rand.mean()), 4),
@@ -107,6 +113,7 @@ def ce_gap(
             }
     finally:
         multi.unload()
+        bar.close()
     out.update(command=" ".join(["python", "-m", "benchmarks.quality"] + sys.argv[1:]), commit=git_commit() or "unknown",
                machine=torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.node(),
                date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"))

@@ -47,8 +47,11 @@ Conditioning noise (`cond_noise` = s > 0): each step's description embeddings (u
 replaced by normalize(c + s * n / sqrt(d)), n ~ N(0, I): a cosine of about 1 / sqrt(1 + s^2) to the
 clean embedding, so the generator is trained on a neighbourhood of each training description rather
 than on the point; descriptions of unseen tasks land between the training points, where plain SFT
-has no reason to make the adapter depend on them (see `probe`: on the shipped checkpoint a random
-string's adapter is within 0.1 nat of the right description's on validation tasks).
+has no reason to make the adapter depend on them (see `probe`: on the shipped checkpoint the right
+description's adapter beats a random string's by 1.08 nats per output token on training tasks and
+by 0.41 on validation tasks). The encoder puts two descriptions of one task at a cosine of 0.62 and
+a description and the nearest description of another task at 0.54-0.59, so tasks are close
+neighbours; s = 0.75 (cosine 0.8) stays inside a task's own spread.
 
 The probe (`probe_tasks`, `probe_every`): every that many steps, and at the last, the mean
 output-token CE of held-out tasks' test examples under their descriptions' adapters and under
@@ -364,6 +367,14 @@ def train_sft(
     return gen
 
 
+def _names_in(path: str) -> list[str]:
+    """Task names, one per line (blank lines skipped)."""
+    try:
+        return [n.strip() for n in Path(path).read_text().splitlines() if n.strip()]
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {path}: {e.strerror}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m generator.training.sft", description=__doc__.split("\n")[0])
     ap.add_argument("--kind", choices=("t2l", "loragen"), default="t2l")
@@ -389,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="noise on the description embeddings each step (about the norm of the noise; 0: none)")
     ap.add_argument("--probe-every", type=int, default=0,
                     help="probe the validation tasks every N steps and at the last: CE right vs random string (0: never)")
+    ap.add_argument("--probe-tasks-file", help="probe the task names in this file (default: the validation split)")
     ap.add_argument("--checkpoint-every", type=int, default=200)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1)
@@ -399,16 +411,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="stop early after this long and write the checkpoint so far (resumable)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    names = None
-    if a.tasks_file:
-        names = [n.strip() for n in Path(a.tasks_file).read_text().splitlines() if n.strip()]
+    names = _names_in(a.tasks_file) if a.tasks_file else None
+    probe_tasks = _names_in(a.probe_tasks_file) if a.probe_tasks_file else None
     cfg = TrainConfig(steps=a.steps, lr=a.lr, seed=a.seed, checkpoint_every=a.checkpoint_every, batch_size=a.tasks_per_step)
     try:
         sft = SFTConfig(a.tasks_per_step, a.examples_per_task, a.tokens_per_microbatch, a.system_prompt,
                         a.sampler_steps, a.guidance, a.contrast_weight, a.contrast_margin, a.cond_noise)
         gen = train_sft(a.out, a.kind, a.tasks, names, a.init, a.library, cfg=cfg, sft=sft, device=a.device,
                         resume=a.resume, progress=not a.no_progress, max_seconds=a.max_seconds,
-                        log_every=a.log_every, probe_every=a.probe_every)
+                        log_every=a.log_every, probe_tasks=probe_tasks, probe_every=a.probe_every)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     stopped = gen.extra.get("stopped_at")
