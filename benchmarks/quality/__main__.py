@@ -16,6 +16,11 @@ The sampler and system-prompt choice, from validation rows (written into the che
     python -m benchmarks.quality choose --tasks data/sni/tasks --validation runs/q_validation \
         --checkpoint runs/loragen --out runs/choice.json
 
+What the description adds through the adapter, in nats, on training and validation tasks (CPU):
+
+    python -m benchmarks.quality ce-gap --tasks data/sni/tasks --generator generator/checkpoints/default \
+        --out benchmarks/results/quality_ce_gap
+
 Scores (CPU), merged into the existing table:
 
     python -m benchmarks.quality score --tasks data/sni/tasks --generations runs/quality/*.jsonl \
@@ -91,7 +96,8 @@ def main(argv=None) -> None:
     s.add_argument("--results", default="benchmarks/results")
     s.add_argument("--stem", default="quality", help="output file names (<stem>.json/.md/.png)")
     s.add_argument("--fresh", action="store_true", help="do not merge into the existing <stem>.json")
-    s.add_argument("--oracle-summary", help="oracles.json of generator.training.oracles: its settings and speed go into the table")
+    s.add_argument("--oracle-summary",
+                   help="oracles.json of generator.training.oracles: its settings and speed go into the table")
     c = sub.add_parser("choose", help="pick the sampler and system-prompt setting with the best validation EM")
     c.add_argument("--tasks", required=True)
     c.add_argument("--validation", required=True, help="folder of validation rows loragen_g<G>_s<S>.jsonl, loragen_sys.jsonl")
@@ -103,6 +109,16 @@ def main(argv=None) -> None:
     k.add_argument("--candidate", action="append", required=True, metavar="ROW=CHECKPOINT",
                    help="a validation row and the checkpoint that made it; the incumbent first")
     k.add_argument("--out", required=True, help="JSON file of the choice and every candidate's score")
+    e = sub.add_parser("ce-gap", help="CE under the right description's adapter vs a random string's, train vs validation")
+    e.add_argument("--tasks", required=True)
+    e.add_argument("--generator", required=True, help="generator checkpoint folder")
+    e.add_argument("--out", required=True, help="output stem: <out>.json and <out>.md")
+    e.add_argument("--num-tasks", type=int, default=16, help="tasks per set (training tasks, validation tasks)")
+    e.add_argument("--examples", type=int, default=4, help="examples per task")
+    e.add_argument("--sampler-steps", type=int, help="default: the checkpoint's")
+    e.add_argument("--guidance", type=float, help="default: the checkpoint's")
+    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    e.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
 
     tasks = load_tasks(a.tasks)
@@ -120,6 +136,15 @@ def main(argv=None) -> None:
             raise SystemExit(f"error: --candidate takes ROW=CHECKPOINT, got {bad}")
         candidates = dict(c.split("=", 1) for c in a.candidate)
         print(json.dumps(choose_checkpoint(a.validation, candidates, {t.name: t for t in tasks}, splits, a.out), indent=1))
+        return
+    if a.cmd == "ce-gap":
+        from .ce_gap import ce_gap, write
+
+        torch.set_num_threads(a.threads)
+        result = ce_gap(a.generator, tasks, splits, a.num_tasks, a.examples, a.sampler_steps, a.guidance, a.device)
+        for p in write(result, a.out):
+            print(p)
+        print(json.dumps({k: {x: v for x, v in s.items() if x != "tasks"} for k, s in result["sets"].items()}, indent=1))
         return
     if a.cmd == "generate":
         torch.set_num_threads(a.threads)

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -34,7 +32,7 @@ from generator.adapter import LoRAAdapter
 from generator.base_model import load_base_model
 from generator.config import TargetSpec
 from generator.data.library import load_adapters
-from generator.data.sni import Instance, Task, shot_examples, split_descriptions, split_instances
+from generator.data.sni import Instance, Task, random_description, shot_examples, split_descriptions, split_instances
 from generator.training.multilora import MultiLoRA
 from generator.training.prompts import chat_messages, prompt_ids, truncate_text
 
@@ -169,15 +167,6 @@ def icl_prompts(tokenizer, tasks: Sequence[Task], k: int = 3) -> list[Prompt]:
             msgs = chat_messages(truncate_text(tokenizer, x.input, MAX_INPUT_TOKENS), shots=shots)
             out.append(Prompt(t.name, i, "0", msgs))
     return out
-
-
-def random_description(task: str, j: int, seed: int, length: int) -> str:
-    """A control: a random string of lowercase words, `length` characters, seeded by (task, j, seed)."""
-    rng = random.Random(int(hashlib.sha256(f"random-desc\x00{task}\x00{j}\x00{seed}".encode()).hexdigest()[:15], 16))
-    words = []
-    while sum(len(w) + 1 for w in words) < length:
-        words.append("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))))
-    return " ".join(words)[:length].strip()
 
 
 def other_task(tasks_by_name: dict[str, Task], name: str) -> Task:

@@ -19,6 +19,9 @@
 #   written into the LoRAGen checkpoint's config; then every generated row on test (+ in-distribution):
 #   LoRAGen, its user-style descriptions, with the description as system prompt, its two conditioning
 #   controls, T2L (recon) and T2L (SFT).
+# sft / eval_sft: SFT_ONLY (the variants to train), SFT_STEPS, SFT_LR, SFT_DEADLINE_S (sft_eval's
+#   share for sft), SFT_CONTROLS (rows, e.g. "incumbent loragen_sft_contrast", whose conditioning
+#   controls eval_sft also generates on validation).
 # Results go to $OUT (at most 8 files, 16 MiB each). Scores: python -m benchmarks.quality score ...
 # Env: WORK (/tmp/runs), CK (/tmp/ck), DEADLINE_S (per call, default 560), DRY=1 (tiny CPU run).
 set -euo pipefail
@@ -49,8 +52,10 @@ print('\n'.join(order[:8] + list(s.validation[:2]) + list(s.test[:2])))")
   SUBSETS="4 8"
   EVAL=(--limit-instances 2 --only "${DRY_TASKS[@]}")
   GUIDANCES="1.0 2.0" STEPS="5"
-  SFT_L=(--steps 2 --tasks-per-step 2 --examples-per-task 2 --sampler-steps 3 --tasks-file "$WORK/subsets/dry.txt")
+  SFT_L=(--steps 2 --tasks-per-step 2 --examples-per-task 2 --sampler-steps 3 --tasks-file "$WORK/subsets/dry.txt"
+    --probe-tasks-file "$WORK/subsets/dry_probe.txt")
   mkdir -p "$WORK/subsets" && printf '%s\n' "${DRY_TASKS[@]:0:4}" > "$WORK/subsets/dry.txt"
+  printf '%s\n' "${DRY_TASKS[@]:8:1}" > "$WORK/subsets/dry_probe.txt"  # one validation task
 else
   DEV=cuda
   ORACLE=(--group-size 160 --tokens-per-microbatch 98304)
@@ -176,24 +181,32 @@ eval)
 sft)
   # LoRAGen SFT through the base model, from the shipped (reconstruction-trained) checkpoint, side
   # by side: the sampler it is served with (20 steps, guidance 2, description as system prompt),
-  # a higher learning rate, 5 sampler steps, no system prompt in training, and only the 204
-  # tasks the shipped checkpoint's oracles covered (quality against tasks). No oracles needed.
+  # a higher learning rate, 5 sampler steps, no system prompt in training, only the 204 tasks
+  # the shipped checkpoint's oracles covered (quality against tasks), and 5 sampler steps with the
+  # contrastive term (right description's CE below another task's by 0.5 nats per output token;
+  # it logs sft_ce_right / sft_ce_wrong / sft_ce_gap every 20 steps) or with noise on the
+  # description embeddings (cosine ~0.8 to the clean one). Every variant probes the validation
+  # tasks every 25 steps (CE under the right description's adapter vs a random string's, in
+  # <checkpoint>/probe.jsonl, copied into sft_logs.tgz). No oracles needed.
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"  # once, before 5 readers
   mkdir -p "$WORK/subsets"
   $PY -c "import json; print('\n'.join(json.load(open('$INIT/config.json'))['extra']['library']['tasks']))" \
     > "$WORK/subsets/init_tasks.txt"
   sft() { local name=$1; shift; [ -n "${SFT_ONLY:-}" ] && [[ " $SFT_ONLY " != *" $name "* ]] && return 0; run "$name" $PY -m generator.training.sft --kind loragen --init "$INIT" \
     --tasks data/sni/tasks --out "$CK/$name" --device $DEV --no-progress --threads 2 --resume \
-    --max-seconds $(( $(left) > 60 ? $(left) - 45 : 15 )) "${SFT_L[@]}" "$@"; }
+    --max-seconds $(( $(left) > 60 ? $(left) - 45 : 15 )) --probe-every 25 "${SFT_L[@]}" "$@"; }
   sft loragen_sft --system-prompt
   sft loragen_sft_lr3 --system-prompt --lr 3e-4
   sft loragen_sft_s5 --system-prompt --sampler-steps 5
   sft loragen_sft_nosys
   sft loragen_sft_n204 --system-prompt --tasks-file "$WORK/subsets/init_tasks.txt"
+  sft loragen_sft_contrast --system-prompt --sampler-steps 5 --contrast-weight 1.0 --contrast-margin 0.5
+  sft loragen_sft_noise --system-prompt --sampler-steps 5 --cond-noise 0.75
   waitall
   for f in "$WORK"/train_loragen_sft*.log; do echo "== $f"; tail -n 2 "$f"; done
   mkdir -p "$WORK/configs"
-  for d in "$CK"/loragen_sft*/; do [ -f "$d/config.json" ] && cp "$d/config.json" "$WORK/configs/$(basename "$d").json"; done
+  for d in "$CK"/loragen_sft*/; do [ -f "$d/config.json" ] && cp "$d/config.json" "$WORK/configs/$(basename "$d").json"
+    [ -f "$d/probe.jsonl" ] && cp "$d/probe.jsonl" "$WORK/configs/$(basename "$d")_probe.jsonl"; done
   (cd "$WORK" && tar czf "$OUT/sft_logs.tgz" train_loragen_sft*.log configs subsets)
   echo "sft phase done at $((SECONDS - start)) s"
   ;;
@@ -201,14 +214,21 @@ eval_sft)
   # Validation, as served (description also as system prompt; `--system-prompt`): the incumbent
   # and every SFT checkpoint (one row each, 2 descriptions per task); the best wins (ties: the
   # incumbent). Then the winner's rows on test (+ in-distribution), once, if it is not the incumbent.
+  # The rows named in SFT_CONTROLS (incumbent, variants) also get their conditioning controls on
+  # validation (<name>_random, <name>_other): whether the description matters, also for a loser.
   qv="$WORK/q_validation_sft" qt="$WORK/q_test_sft"
+  controls() { [[ " ${SFT_CONTROLS:-} " == *" $1 "* ]] || return 0
+    gen "val_$1_controls" "$qv" --generator "$2" --task-set validation --rows "$1_random" "$1_other" --system-prompt \
+      --num-descriptions 2; }
   cands=(--candidate "incumbent=$INIT")
   gen val_incumbent "$qv" --generator "$INIT" --task-set validation --rows incumbent --system-prompt --num-descriptions 2
+  controls incumbent "$INIT"
   for d in "$CK"/loragen_sft*/; do
     name=$(basename "$d")
     [ -f "$d/config.json" ] || continue
     gen "val_$name" "$qv" --generator "$d" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
     cands+=(--candidate "$name=$d")
+    controls "$name" "$d"
   done
   waitall
   echo "validation done at $((SECONDS - start)) s"
@@ -234,9 +254,10 @@ eval_sft)
   echo "eval_sft phase done at $((SECONDS - start)) s"
   ;;
 sft_eval)
-  # Both in one call (a machine released between calls loses /tmp): SFT of $SFT_ONLY (default: the
-  # served sampler and 5 steps) for SFT_DEADLINE_S, then eval_sft in the time left.
-  SFT_ONLY=${SFT_ONLY:-"loragen_sft loragen_sft_s5"} DEADLINE_S=${SFT_DEADLINE_S:-290} bash "$0" sft
+  # Both in one call (a machine released between calls loses /tmp): SFT of $SFT_ONLY (default: plain
+  # SFT continued with the shipped sampler, against the contrastive term and the conditioning
+  # noise) for SFT_DEADLINE_S, then eval_sft in the time left.
+  SFT_ONLY=${SFT_ONLY:-"loragen_sft_s5 loragen_sft_contrast loragen_sft_noise"} DEADLINE_S=${SFT_DEADLINE_S:-290} bash "$0" sft
   DEADLINE_S=$(left) bash "$0" eval_sft
   ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import string
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -38,6 +39,7 @@ __all__ = [
     "load_tasks",
     "split_instances",
     "split_descriptions",
+    "random_description",
     "load_splits",
     "propose_splits",
     "normalize_answer",
@@ -173,6 +175,16 @@ def shot_examples(task: Task, k: int = 3) -> list[Instance]:
     """The k in-context examples of a task: the first k train instances in sha256 order."""
     train, _ = split_instances(task)
     return sorted(train, key=lambda x: _digest("sni-shot", task.name, x.input))[:k]
+
+
+def random_description(task: str, j: int, seed: int, length: int) -> str:
+    """A conditioning control: a random string of lowercase words, `length` characters, seeded by
+    (task, j, seed) through sha256 (the same string on every machine)."""
+    rng = random.Random(int(_digest("random-desc", task, j, seed)[:15], 16))
+    words: list[str] = []
+    while sum(len(w) + 1 for w in words) < length:
+        words.append("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))))
+    return " ".join(words)[:length].strip()
 
 
 SPLIT_NAMES = ("train", "validation", "test")

@@ -98,9 +98,10 @@ class TrainingRun:
 
     def __init__(
         self, kind: str, out: Path, identity: dict[str, Any], resume: bool, progress: bool,
-        callback: Callable[[str, int], None] | None = None,
+        callback: Callable[[str, int], None] | None = None, log_every: int = 0,
     ) -> None:
         self.kind, self.out, self.identity, self.progress, self.callback = kind, out, identity, progress, callback
+        self.log_every = log_every  # print a step's logs every that many steps (0: only the progress bar)
         self.deadline: float | None = None  # time.monotonic() after which `loop` stops early (see stop_after)
         self.stopped_at: int | None = None  # the step a stage stopped at, if the deadline ended it
         out.mkdir(parents=True, exist_ok=True)
@@ -179,6 +180,8 @@ class TrainingRun:
             optim.step()
             if step % 10 == 0:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+            if self.log_every and (step == start or (step + 1) % self.log_every == 0):
+                tqdm.write(f"{self.kind}:{stage} step {step + 1}/{steps} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
             if self.callback is not None:  # before the state moves past this step: a resume redoes it
                 self.callback(stage, step + 1)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
