@@ -12,6 +12,7 @@ boundaries); only `json` and `safetensors` are needed, not peft.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -93,28 +94,7 @@ class LoRAAdapter:
 
     def peft_config(self, base_model_name_or_path: str | None = None) -> dict:
         """The `adapter_config.json` content (a standard peft LoraConfig for a causal LM)."""
-        t = self.target
-        alpha: int | float = int(t.alpha) if float(t.alpha).is_integer() else float(t.alpha)
-        return {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_model_name_or_path or t.base_model,
-            "r": t.rank,
-            "lora_alpha": alpha,
-            "target_modules": sorted(t.modules),
-            "lora_dropout": 0.0,
-            "bias": "none",
-            "fan_in_fan_out": False,
-            "inference_mode": True,
-            "init_lora_weights": True,
-            "use_rslora": False,
-            "use_dora": False,
-            "modules_to_save": None,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-        }
+        return peft_config(self.target, base_model_name_or_path)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """PEFT tensor names -> contiguous float32 tensors."""
@@ -130,8 +110,8 @@ class LoRAAdapter:
 
     def to_peft_files(self, base_model_name_or_path: str | None = None) -> AdapterFiles:
         """The PEFT folder as {file name: bytes}."""
-        config = json.dumps(self.peft_config(base_model_name_or_path), indent=2, sort_keys=True)
-        return {ADAPTER_CONFIG: config.encode(), ADAPTER_WEIGHTS: self.safetensors_bytes()}
+        return {ADAPTER_CONFIG: _peft_config_bytes(self.target, base_model_name_or_path),
+                ADAPTER_WEIGHTS: self.safetensors_bytes()}
 
     def safetensors_bytes(self) -> bytes:
         """`adapter_model.safetensors` written straight from the stacked factors.
@@ -139,33 +119,19 @@ class LoRAAdapter:
         The same tensors as `safetensors.torch.save(self.state_dict())`, but each module's
         stacked A (L, r, d_in) and B (L, d_out, r) is copied once, whole, into the file's data
         section (its layers are consecutive there, as in memory) instead of as 2L small tensors.
-        Format: u64 little-endian header size, JSON header (names -> dtype, shape, byte
-        offsets), padded with spaces to 8 bytes, then the data.
+        The header is the same for every adapter of a target, so it is made once per target
+        (`_safetensors_head`; building it took as long as copying the data).
         """
-        L = self.target.num_layers
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        blocks: list[torch.Tensor] = []
-        offset = 0
-        for m in self.target.modules:
-            for ab, stacked in (("A", self.A[m]), ("B", self.B[m])):
-                x = stacked.detach().to("cpu", torch.float32).contiguous()
-                per_layer = x[0].numel() * 4
-                for l in range(L):
-                    name = f"base_model.model.{self.target.path(m, l)}.lora_{ab}.weight"
-                    header[name] = {"dtype": "F32", "shape": list(x.shape[1:]),
-                                    "data_offsets": [offset + l * per_layer, offset + (l + 1) * per_layer]}
-                offset += L * per_layer
-                blocks.append(x)
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-(8 + len(head)) % 8)
-        out = bytearray(8 + len(head) + offset)
-        out[:8] = len(head).to_bytes(8, "little")
-        out[8 : 8 + len(head)] = head
-        pos = 8 + len(head)
-        for x in blocks:
-            n = x.numel() * 4
-            out[pos : pos + n] = x.view(-1).view(torch.uint8).numpy().data
-            pos += n
+        head, size = _safetensors_head(self.target)
+        out = bytearray(len(head) + size)
+        out[: len(head)] = head
+        pos = len(head)
+        for m in self.target.modules:  # the factors have the target's shapes (checked in __post_init__)
+            for x in (self.A[m], self.B[m]):
+                x = x.detach().to("cpu", torch.float32).contiguous()
+                n = x.numel() * 4
+                out[pos : pos + n] = x.view(-1).view(torch.uint8).numpy().data
+                pos += n
         return bytes(out)
 
     def save_peft(self, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
@@ -264,6 +230,57 @@ class LoRAAdapter:
         # Fold any alpha difference into B so dW is unchanged.
         k = self.target.scaling / target.scaling
         return LoRAAdapter(target, {m: self.A[m] for m in target.modules}, {m: self.B[m] * k for m in target.modules})
+
+
+@functools.lru_cache(maxsize=16)
+def _safetensors_head(target: TargetSpec) -> tuple[bytes, int]:
+    """(u64 little-endian header size + JSON header padded with spaces to 8 bytes, data size) of
+    every adapter of `target`: names -> dtype F32, shape, byte offsets, layers consecutive per
+    module and factor, modules in the target's order, A before B."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for m in target.modules:
+        d_in, d_out = target.shapes[m]
+        for ab, shape in (("A", [target.rank, d_in]), ("B", [d_out, target.rank])):
+            per_layer = shape[0] * shape[1] * 4
+            for l in range(target.num_layers):
+                name = f"base_model.model.{target.path(m, l)}.lora_{ab}.weight"
+                header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + per_layer]}
+                offset += per_layer
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-(8 + len(head)) % 8)
+    return len(head).to_bytes(8, "little") + head, offset
+
+
+def peft_config(t: TargetSpec, base_model_name_or_path: str | None = None) -> dict:
+    """The `adapter_config.json` content of adapters of target `t` (a standard peft LoraConfig for a causal LM)."""
+    alpha: int | float = int(t.alpha) if float(t.alpha).is_integer() else float(t.alpha)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or t.base_model,
+        "r": t.rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(t.modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+@functools.lru_cache(maxsize=16)
+def _peft_config_bytes(target: TargetSpec, base_model_name_or_path: str | None) -> bytes:
+    """`adapter_config.json` of every adapter of `target`, as bytes (made once per target and name)."""
+    return json.dumps(peft_config(target, base_model_name_or_path), indent=2, sort_keys=True).encode()
 
 
 def write_peft_files(files: Mapping[str, bytes], out_dir: str | Path) -> Path:

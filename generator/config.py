@@ -77,6 +77,10 @@ class TargetSpec:
     def num_locations(self) -> int:
         return len(self.modules) * self.num_layers
 
+    def __hash__(self) -> int:  # the dict fields are compared by value (dataclass eq); hash them the same way
+        return hash((self.base_model, self.modules, self.num_layers, self.rank, self.alpha,
+                     tuple(sorted(self.shapes.items())), tuple(sorted(self.module_paths.items()))))
+
     def path(self, module: str, layer: int) -> str:
         """Dotted module path inside the base model, e.g. model.layers.3.self_attn.q_proj."""
         return self.module_paths[module].format(layer=layer)

@@ -151,3 +151,30 @@ def test_safetensors_bytes_hold_the_state_dict():
     got, want = load(raw), adapter.state_dict()
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     assert int.from_bytes(raw[:8], "little") % 8 == 0  # header padded to 8 bytes
+
+
+def test_files_made_once_per_target_describe_each_adapter_of_it():
+    """The header and config are cached per target: equal targets share them (equal and
+    equally hashed), a target that differs only in its base model or its shapes gets its own,
+    and factors of other shapes than the target's never reach a header (refused when the adapter
+    is made)."""
+    from safetensors.torch import load
+
+    t = _small_target()
+    same = TargetSpec.from_dict(json.loads(json.dumps(t.to_dict())))
+    assert same == t and hash(same) == hash(t) and same is not t
+    a, b = _random_adapter(t, 0), _random_adapter(same, 1)
+    fa, fb = a.to_peft_files(), b.to_peft_files()
+    assert fa[ADAPTER_CONFIG] == fb[ADAPTER_CONFIG] and fa[ADAPTER_WEIGHTS] != fb[ADAPTER_WEIGHTS]
+    for adapter, files in ((a, fa), (b, fb)):
+        got, want = load(files[ADAPTER_WEIGHTS]), adapter.state_dict()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    renamed = TargetSpec.from_dict({**t.to_dict(), "base_model": "other-model"})
+    assert hash(renamed) != hash(t)
+    assert json.loads(_random_adapter(renamed).to_peft_files()[ADAPTER_CONFIG])["base_model_name_or_path"] == "other-model"
+    assert json.loads(a.to_peft_files("served-name")[ADAPTER_CONFIG])["base_model_name_or_path"] == "served-name"
+    wider = TargetSpec.from_dict({**t.to_dict(), "shapes": {"q_proj": (6, 6), "v_proj": (6, 5)}})
+    w = _random_adapter(wider)
+    assert load(w.safetensors_bytes())["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"].shape == (5, 2)
+    with pytest.raises(ValueError, match=r"B\[v_proj\] has shape \(3, 5, 2\), want \(3, 4, 2\)"):
+        LoRAAdapter(t, a.A, {**a.B, "v_proj": w.B["v_proj"]})
