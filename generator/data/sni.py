@@ -179,7 +179,9 @@ def shot_examples(task: Task, k: int = 3) -> list[Instance]:
 
 def random_description(task: str, j: int, seed: int, length: int) -> str:
     """A conditioning control: a random string of lowercase words, `length` characters, seeded by
-    (task, j, seed) through sha256 (the same string on every machine)."""
+    (task, j, seed) through sha256. The one use of a random generator here (`random.Random`'s
+    choice and randint: Python keeps only its seeding and `random()` fixed across versions, so the
+    strings are the same on every machine with the same Python, 3.12 for every result so far)."""
     rng = random.Random(int(_digest("random-desc", task, j, seed)[:15], 16))
     words: list[str] = []
     while sum(len(w) + 1 for w in words) < length:

@@ -11,9 +11,10 @@ sends it), so their gap is what the adapter's conditioning adds, in nats per out
 SFT lowers the training tasks' CE; the probe says whether the description still matters where it
 matters to users. On the shipped checkpoint (`benchmarks/results/quality_ce_gap.md`: 40 tasks x 4
 examples each, 5 DDIM steps) the gap is 1.08 nats on training tasks and 0.41 on validation tasks:
-on an unseen task the description does less than half of what it does on a training task. `train_sft --probe-every N`
-logs the probe (`probe_ce_right`, `probe_ce_random`, `probe_gap`) every N steps;
-`python -m benchmarks.quality ce-gap` measures a checkpoint on a split.
+on an unseen task the description does less than half of what it does on a training task.
+`python -m generator.training.sft --probe-every N` logs the probe (`probe_ce_right`,
+`probe_ce_random`, `probe_gap`) every N steps; `python -m benchmarks.quality ce-gap` measures a
+checkpoint on training and validation tasks.
 """
 
 from __future__ import annotations
