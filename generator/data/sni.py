@@ -181,7 +181,7 @@ def random_description(task: str, j: int, seed: int, length: int) -> str:
     """A conditioning control: a random string of lowercase words, `length` characters, seeded by
     (task, j, seed) through sha256. The one use of a random generator here (`random.Random`'s
     choice and randint: Python keeps only its seeding and `random()` fixed across versions, so the
-    strings are the same on every machine with the same Python, 3.12 for every result so far)."""
+    strings are the same on machines with the same Python: 3.11 here, 3.12 on the GPU image)."""
     rng = random.Random(int(_digest("random-desc", task, j, seed)[:15], 16))
     words: list[str] = []
     while sum(len(w) + 1 for w in words) < length:
