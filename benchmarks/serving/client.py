@@ -55,12 +55,16 @@ class RequestRecord:
         return d
 
 
-def make_client(base_url: str, timeout_s: float, max_connections: int = 256) -> openai.AsyncOpenAI:
+def make_client(base_url: str, timeout_s: float, admin_key: str | None = None) -> openai.AsyncOpenAI:
     """An AsyncOpenAI client for a vLLM server at `base_url` (…/v1), no retries.
 
-    Retries would hide failures and fold two attempts into one latency.
+    Retries would hide failures and fold two attempts into one latency. `admin_key` goes in the
+    ``X-LoRAGen-Admin-Key`` header of every request: `loragen-vllm serve` opens vLLM's
+    ``/v1/load_lora_adapter`` (how the oracle rows load their adapters) only to requests with it.
     """
-    return openai.AsyncOpenAI(base_url=base_url, api_key="EMPTY", timeout=timeout_s, max_retries=0)
+    headers = {"X-LoRAGen-Admin-Key": admin_key} if admin_key else None
+    return openai.AsyncOpenAI(base_url=base_url, api_key="EMPTY", timeout=timeout_s, max_retries=0,
+                              default_headers=headers)
 
 
 async def load_adapter(client: openai.AsyncOpenAI, name: str, path: str) -> None:

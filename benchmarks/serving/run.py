@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import openai
+
 from benchmarks.serving import meta as meta_mod
 from benchmarks.serving import server as server_mod
 from benchmarks.serving.client import make_client
@@ -31,8 +33,9 @@ def free_port() -> int:
 
 
 def serve_command(args: argparse.Namespace, base_model: str, port: int, preloaded_name: str,
-                  preloaded_path: str, store_dir: Path) -> tuple[list[str], dict[str, str]]:
-    """`loragen-vllm serve` with the preloaded oracle and vLLM's adapter slots set for the run."""
+                  preloaded_path: str, store_dir: Path, admin_key: str) -> tuple[list[str], dict[str, str]]:
+    """`loragen-vllm serve` with the preloaded oracle, vLLM's adapter slots set for the run and
+    the admin routes open to `admin_key` (the oracle rows load adapters through them)."""
     cmd = server_mod.loragen_serve_prefix() + [
         "serve", "--base-model", base_model, "--store", str(store_dir), "--port", str(port),
     ]
@@ -44,7 +47,7 @@ def serve_command(args: argparse.Namespace, base_model: str, port: int, preloade
             "--lora-modules", f"{preloaded_name}={preloaded_path}"]
     for extra in args.vllm_arg:
         cmd += extra.split()
-    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "LORAGEN_ADMIN_KEY": admin_key}
     if args.generator_device:
         env["LORAGEN_GENERATOR_DEVICE"] = args.generator_device
     if args.kv_cache_gib is not None:
@@ -53,19 +56,22 @@ def serve_command(args: argparse.Namespace, base_model: str, port: int, preloade
 
 
 async def _bench(args: argparse.Namespace, server: server_mod.Server, oracles: list, cfg: BenchConfig,
-                 run_tag: str) -> Bench:
-    models = server.served_models()
+                 run_tag: str, admin_key: str | None, started: bool) -> Bench:
+    models = server.served_models()  # the base model (`serve` lists no adapters)
     base_name = args.base_name or (models[0] if models else None)
     if base_name is None:
         raise RuntimeError("cannot tell the base model's served name; pass --base-name")
     preloaded, rest = oracles[0], oracles[1:]
-    if preloaded.name not in models:
-        # An attached server: load "our" preloaded oracle before any timing.
+    if not started:
+        # An attached server: load "our" preloaded oracle before any timing (400: loaded already).
         from benchmarks.serving.client import load_adapter
 
-        async with make_client(server.api_url, args.timeout) as c:
-            await load_adapter(c, preloaded.name, preloaded.path)
-    async with make_client(server.api_url, args.timeout) as client:
+        async with make_client(server.api_url, args.timeout, admin_key) as c:
+            try:
+                await load_adapter(c, preloaded.name, preloaded.path)
+            except openai.BadRequestError:
+                pass
+    async with make_client(server.api_url, args.timeout, admin_key) as client:
         bench = Bench(client, base_name, preloaded, rest, Workload.load(args.workload), cfg, run_tag)
         await bench.run_all()
     return bench
@@ -112,15 +118,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         if args.start_server:
             store_dir = Path(args.store) if args.store else scratch / "store"
             port = args.port or free_port()
-            cmd, env = serve_command(args, base_model, port, oracles[0].name, oracles[0].path, store_dir)
+            admin_key = secrets.token_urlsafe(24)  # this run's; never written to the results
+            cmd, env = serve_command(args, base_model, port, oracles[0].name, oracles[0].path, store_dir, admin_key)
             log_path = Path(args.server_log) if args.server_log else out.with_suffix(".server.log")
             print(f"starting the server (log: {log_path})\n  {' '.join(cmd)}", flush=True)
             t = time.perf_counter()
             server = server_mod.start(cmd, env, port, log_path, timeout_s=args.start_timeout)
-            meta["server"] = {"started_by_benchmark": True, "command": cmd, "env": env,
+            meta["server"] = {"started_by_benchmark": True, "command": cmd,
+                              "env": {k: v for k, v in env.items() if k != "LORAGEN_ADMIN_KEY"},
                               "store": str(store_dir), "startup_s": time.perf_counter() - t,
                               "log": str(log_path)}
         else:
+            admin_key = args.admin_key
             server = server_mod.attach(args.server_url)
             store_dir = Path(args.store) if args.store else None
             meta["server"] = {"started_by_benchmark": False, "url": server.url,
@@ -129,7 +138,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         meta["generator"] = generator_info(args.generator)
 
         t = time.perf_counter()
-        bench = asyncio.run(_bench(args, server, oracles, cfg, run_tag))
+        bench = asyncio.run(_bench(args, server, oracles, cfg, run_tag, admin_key, args.start_server))
         meta["bench_wall_s"] = time.perf_counter() - t
         meta["setup_errors"] = bench.setup_errors
         meta["load_endpoint_rtt_s"] = summarize(bench.load_rtt)
