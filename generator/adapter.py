@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 from safetensors.torch import load as st_load
 
@@ -117,22 +118,21 @@ class LoRAAdapter:
         """`adapter_model.safetensors` written straight from the stacked factors.
 
         The same tensors as `safetensors.torch.save(self.state_dict())`, but each module's
-        stacked A (L, r, d_in) and B (L, d_out, r) is copied once, whole, into the file's data
-        section (its layers are consecutive there, as in memory) instead of as 2L small tensors.
-        The header is the same for every adapter of a target, so it is made once per target
+        stacked A (L, r, d_in) and B (L, d_out, r) goes into the file's data section whole (its
+        layers are consecutive there, as in memory) instead of as 2L small tensors, and every
+        byte is copied once: `bytes.join` writes the header and the factors' own buffers straight
+        into the result (a zeroed bytearray filled and then copied to `bytes` cost 7x more). The
+        header is the same for every adapter of a target, so it is made once per target
         (`_safetensors_head`; building it took as long as copying the data).
         """
         head, size = _safetensors_head(self.target)
-        out = bytearray(len(head) + size)
-        out[: len(head)] = head
-        pos = len(head)
+        parts: list[bytes | np.ndarray] = [head]
         for m in self.target.modules:  # the factors have the target's shapes (checked in __post_init__)
             for x in (self.A[m], self.B[m]):
-                x = x.detach().to("cpu", torch.float32).contiguous()
-                n = x.numel() * 4
-                out[pos : pos + n] = x.view(-1).view(torch.uint8).numpy().data
-                pos += n
-        return bytes(out)
+                parts.append(x.detach().to("cpu", torch.float32).contiguous().view(-1).view(torch.uint8).numpy())
+        out = b"".join(parts)
+        assert len(out) == len(head) + size
+        return out
 
     def save_peft(self, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
         """Write the PEFT folder (files written atomically, each via a temporary + rename)."""
