@@ -121,7 +121,8 @@ class LoRAAdapter:
         stacked A (L, r, d_in) and B (L, d_out, r) goes into the file's data section whole (its
         layers are consecutive there, as in memory) instead of as 2L small tensors, and every
         byte is copied once: `bytes.join` writes the header and the factors' own buffers straight
-        into the result (a zeroed bytearray filled and then copied to `bytes` cost 7x more). The
+        into the result (a zeroed bytearray filled and then copied to `bytes` took 2.5-3x as long,
+        `benchmarks/results/serialise_cpu.md`). The
         header is the same for every adapter of a target, so it is made once per target
         (`_safetensors_head`; building it took as long as copying the data).
         """
