@@ -122,9 +122,9 @@ class LoRAAdapter:
         layers are consecutive there, as in memory) instead of as 2L small tensors, and every
         byte is copied once: `bytes.join` writes the header and the factors' own buffers straight
         into the result (a zeroed bytearray filled and then copied to `bytes` took 2.5-3x as long,
-        `benchmarks/results/serialise_cpu.md`). The
-        header is the same for every adapter of a target, so it is made once per target
-        (`_safetensors_head`; building it took as long as copying the data).
+        `benchmarks/results/serialise_cpu.md`). The header is the same for every adapter of a
+        target, so it is made once per target (`_safetensors_head`; building it took as long as
+        copying the data).
         """
         head, size = _safetensors_head(self.target)
         parts: list[bytes | np.ndarray] = [head]
