@@ -17,7 +17,7 @@ import openai
 
 from benchmarks.serving import meta as meta_mod
 from benchmarks.serving import server as server_mod
-from benchmarks.serving.client import make_client
+from benchmarks.serving.client import load_adapter, make_client
 from benchmarks.serving.oracles import oracle_set
 from benchmarks.serving.report import check_targets, ratios, summarize_phases
 from benchmarks.serving.scenarios import Bench, BenchConfig
@@ -56,16 +56,14 @@ def serve_command(args: argparse.Namespace, base_model: str, port: int, preloade
 
 
 async def _bench(args: argparse.Namespace, server: server_mod.Server, oracles: list, cfg: BenchConfig,
-                 run_tag: str, admin_key: str | None, started: bool) -> Bench:
+                 run_tag: str, admin_key: str | None) -> Bench:
     models = server.served_models()  # the base model (`serve` lists no adapters)
     base_name = args.base_name or (models[0] if models else None)
     if base_name is None:
         raise RuntimeError("cannot tell the base model's served name; pass --base-name")
     preloaded, rest = oracles[0], oracles[1:]
-    if not started:
+    if not args.start_server:
         # An attached server: load "our" preloaded oracle before any timing (400: loaded already).
-        from benchmarks.serving.client import load_adapter
-
         async with make_client(server.api_url, args.timeout, admin_key) as c:
             try:
                 await load_adapter(c, preloaded.name, preloaded.path)
@@ -138,7 +136,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         meta["generator"] = generator_info(args.generator)
 
         t = time.perf_counter()
-        bench = asyncio.run(_bench(args, server, oracles, cfg, run_tag, admin_key, args.start_server))
+        bench = asyncio.run(_bench(args, server, oracles, cfg, run_tag, admin_key))
         meta["bench_wall_s"] = time.perf_counter() - t
         meta["setup_errors"] = bench.setup_errors
         meta["load_endpoint_rtt_s"] = summarize(bench.load_rtt)
