@@ -2,7 +2,8 @@
 
 For each sampler step count it measures one adapter and a batch of --batch (16), split into
 encode (description -> embedding) / diffuse (DDIM over latents) / decode (LAE decoder -> factors)
-/ serialise (PEFT safetensors + config bytes), and reports quality as the cosine of dW to the
+/ serialise (the factors' copy to the CPU, also reported alone as to_host, then the PEFT
+safetensors + config bytes), and reports quality as the cosine of dW to the
 library target of each description (mean over locations and tasks), and to the result of the
 largest step count (500 by default).
 
@@ -107,6 +108,7 @@ def run_once(gen: Generator, descriptions: list[str], steps: int, seed: int) -> 
     A, B = gen.generate_factors(cond, descriptions, seed=seed, steps=steps, timings=times)
     t0 = time.perf_counter()
     adapters = unstack_adapters(gen.target, A, B)
+    times["to_host"] = time.perf_counter() - t0  # part of "serialise": the factors' copy to the CPU
     for a in adapters:
         a.to_peft_files()
     times["serialise"] = time.perf_counter() - t0

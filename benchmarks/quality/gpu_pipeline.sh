@@ -181,7 +181,7 @@ eval)
 sft)
   # LoRAGen SFT through the base model, from the shipped (reconstruction-trained) checkpoint, side
   # by side: the sampler it is served with (20 steps, guidance 2, description as system prompt),
-  # a higher learning rate, 5 sampler steps, no system prompt in training, only the 204 tasks
+  # a higher learning rate, 5 sampler steps (also at a lower rate, 3e-5), no system prompt in training, only the 204 tasks
   # the shipped checkpoint's oracles covered (quality against tasks), and 5 sampler steps with the
   # contrastive term (right description's CE below another task's by 0.5 nats per output token;
   # it logs sft_ce_right / sft_ce_wrong / sft_ce_gap every 20 steps) or with noise on the
@@ -198,6 +198,7 @@ sft)
   sft loragen_sft --system-prompt
   sft loragen_sft_lr3 --system-prompt --lr 3e-4
   sft loragen_sft_s5 --system-prompt --sampler-steps 5
+  sft loragen_sft_s5_lowlr --system-prompt --sampler-steps 5 --lr 3e-5
   sft loragen_sft_nosys
   sft loragen_sft_n204 --system-prompt --tasks-file "$WORK/subsets/init_tasks.txt"
   sft loragen_sft_contrast --system-prompt --sampler-steps 5 --contrast-weight 1.0 --contrast-margin 0.5
