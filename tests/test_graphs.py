@@ -1,4 +1,5 @@
-"""CUDA-graph generation gives the eager path's adapters (runs where a GPU is; skipped elsewhere)."""
+"""CUDA-graph generation gives the eager path's adapters, and factors cross from the GPU to the
+CPU intact (runs where a GPU is; skipped elsewhere)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,23 @@ def test_graphed_adapters_match_eager(n, guidance):
             for m in x.target.modules:
                 torch.testing.assert_close(x.A[m], y.A[m], atol=1e-4, rtol=1e-3)
                 torch.testing.assert_close(x.B[m], y.B[m], atol=1e-4, rtol=1e-3)
+
+
+@cuda
+@pytest.mark.parametrize("n", [1, 32])
+def test_unstack_from_the_gpu_gives_the_cpu_paths_bytes(n):
+    """`unstack_adapters` copies CUDA factors through one page-locked buffer; the adapters and
+    their safetensors bytes are those of the same factors unstacked on the CPU."""
+    from generator.adapter import unstack_adapters
+    from generator.api import Generator
+    from loragen_vllm.defaults import default_generator_checkpoint
+
+    target = Generator.load(default_generator_checkpoint(), device="cpu").target
+    g = torch.Generator().manual_seed(n)
+    A = {m: torch.randn(n, target.num_layers, target.rank, target.shapes[m][0], generator=g) for m in target.modules}
+    B = {m: torch.randn(n, target.num_layers, target.shapes[m][1], target.rank, generator=g) for m in target.modules}
+    on_gpu = unstack_adapters(target, {m: x.cuda() for m, x in A.items()}, {m: x.cuda() for m, x in B.items()})
+    on_cpu = unstack_adapters(target, A, B)
+    assert on_gpu[0].A[target.modules[0]].is_pinned()
+    for x, y in zip(on_gpu, on_cpu, strict=True):
+        assert x.safetensors_bytes() == y.safetensors_bytes()
