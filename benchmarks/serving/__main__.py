@@ -101,6 +101,17 @@ def main(argv: list[str] | None = None) -> int:
             for out in plot_result(Path(r)):
                 print(f"wrote {out}")
         return 0
+    if argv[:1] == ["report"]:
+        p = argparse.ArgumentParser(prog="python -m benchmarks.serving report",
+                                    description="Summary and targets of a result, recomputed from its phases "
+                                                "(after the targets changed).")
+        p.add_argument("result")
+        p.add_argument("--write", action="store_true", help="write them back into the result (meta.recomputed)")
+        a = p.parse_args(argv[1:])
+        from benchmarks.serving.run import recompute
+
+        recompute(Path(a.result), write=a.write)
+        return 0
     if argv[:1] == ["workload"]:
         p = argparse.ArgumentParser(prog="python -m benchmarks.serving workload")
         p.add_argument("--sni-dir", required=True)

@@ -187,6 +187,20 @@ def build_result(meta: dict, phases: list[dict]) -> dict:
             "phases": phases}
 
 
+def recompute(path: Path, write: bool = False) -> dict:
+    """A result's summary, ratios and targets made again from its phases and printed; with
+    `write`, stored back with when and by which commit (meta.recomputed)."""
+    result = json.loads(path.read_text())
+    new = build_result(result["meta"], result["phases"])
+    if write:
+        new["meta"]["recomputed"] = {"commit": meta_mod.git_state()["commit"],
+                                     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        path.write_text(json.dumps(new, indent=1, default=str))
+        print(f"wrote {path}")
+    print_summary(new)
+    return new
+
+
 def generator_info(ckpt: str | None) -> dict | None:
     if not ckpt:
         return None
@@ -214,7 +228,7 @@ def print_summary(result: dict) -> None:
             t = s["ttft"]
             print(f"mixed {arm:<9} c={c:<3} TTFT p50 {t['p50']} p95 {t['p95']} tok/s {s.get('output_tok_s')} "
                   f"errors {s['errors']}")
-    print("\ntargets (H100):")
+    print("\ntargets:")
     for v in result["targets"]["checks"]:
         m = v["measured"]
         state = "n/a" if v["met"] is None else ("MET" if v["met"] else "MISSED")
