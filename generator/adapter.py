@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -36,6 +37,8 @@ __all__ = [
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 AdapterFiles = dict[str, bytes]
+
+logger = logging.getLogger(__name__)
 
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _LAYER_RE = re.compile(r"^(?P<pre>.*\.)(?P<layer>\d+)(?P<post>\..*)$")
@@ -325,6 +328,24 @@ def factor_stats(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, (X - mean).flatten(2).std(dim=(0, 2)).clamp_min(1e-8)
 
 
+def _to_pinned_host(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """float32 copies of CUDA `tensors` in one page-locked buffer (None where memory cannot be
+    pinned: the caller copies to pageable memory instead)."""
+    try:
+        flat = torch.empty(sum(x.numel() for x in tensors), dtype=torch.float32, pin_memory=True)
+    except RuntimeError as e:
+        logger.warning("page-locked memory unavailable (%s): factors cross to the CPU unpinned", e)
+        return None
+    host, offset = [], 0
+    for x in tensors:
+        view = flat[offset:offset + x.numel()].view(x.shape)
+        view.copy_(x.detach(), non_blocking=True)
+        host.append(view)
+        offset += x.numel()
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return host
+
+
 def unstack_adapters(
     target: TargetSpec, A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor]
 ) -> list[LoRAAdapter]:
@@ -339,16 +360,8 @@ def unstack_adapters(
     """
     n = next(iter(A.values())).shape[0]
     src = [A[m] for m in target.modules] + [B[m] for m in target.modules]
-    if src[0].is_cuda:
-        flat = torch.empty(sum(x.numel() for x in src), dtype=torch.float32, pin_memory=True)
-        host, offset = [], 0
-        for x in src:
-            view = flat[offset:offset + x.numel()].view(x.shape)
-            view.copy_(x.detach(), non_blocking=True)
-            host.append(view)
-            offset += x.numel()
-        torch.cuda.current_stream(src[0].device).synchronize()
-    else:
+    host = _to_pinned_host(src) if src[0].is_cuda else None
+    if host is None:
         host = [x.detach().to("cpu", torch.float32).contiguous() for x in src]
     k = len(target.modules)
     A_cpu, B_cpu = dict(zip(target.modules, host[:k])), dict(zip(target.modules, host[k:]))
