@@ -178,3 +178,14 @@ def test_files_made_once_per_target_describe_each_adapter_of_it():
     assert load(w.safetensors_bytes())["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"].shape == (5, 2)
     with pytest.raises(ValueError, match=r"B\[v_proj\] has shape \(3, 5, 2\), want \(3, 4, 2\)"):
         LoRAAdapter(t, a.A, {**a.B, "v_proj": w.B["v_proj"]})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for machines that cannot pin memory")
+def test_unpinnable_memory_falls_back_to_pageable_copies(caplog):
+    """Where page-locked memory cannot be had (here: no accelerator), the pinned copy declines
+    with a warning and `unstack_adapters` copies as before (its GPU path: tests/test_graphs.py)."""
+    from generator.adapter import _to_pinned_host
+
+    with caplog.at_level("WARNING", logger="generator.adapter"):
+        assert _to_pinned_host([torch.ones(2, 3)]) is None
+    assert "page-locked memory unavailable" in caplog.text
