@@ -180,14 +180,14 @@ eval)
   ;;
 sft)
   # LoRAGen SFT through the base model, from the shipped (reconstruction-trained) checkpoint, side
-  # by side: the sampler it is served with (20 steps, guidance 2, description as system prompt),
-  # a higher learning rate, 5 sampler steps (also at a lower rate, 3e-5), no system prompt in
-  # training, only the 204 tasks the shipped checkpoint's oracles covered (quality against
-  # tasks), and 5 sampler steps with the contrastive term (right description's CE below another
-  # task's by 0.5 nats per output token; it logs sft_ce_right / sft_ce_wrong / sft_ce_gap every 20 steps) or with noise on the
-  # description embeddings (cosine ~0.8 to the clean one). Every variant probes the validation
-  # tasks every 25 steps (CE under the right description's adapter vs a random string's, in
-  # <checkpoint>/probe.jsonl, copied into sft_logs.tgz). No oracles needed.
+  # by side: the sampler it is served with (20 steps, guidance 2, description as system prompt), a
+  # higher learning rate, 5 sampler steps (also at a lower rate, 3e-5), no system prompt in
+  # training, only the 204 tasks the shipped checkpoint's oracles covered (quality against tasks),
+  # and 5 sampler steps with the contrastive term (right description's CE below another task's by
+  # 0.5 nats per output token; it logs sft_ce_right / sft_ce_wrong / sft_ce_gap every 20 steps) or
+  # with noise on the description embeddings (cosine ~0.8 to the clean one). Every variant probes
+  # the validation tasks every 25 steps (CE under the right description's adapter vs a random
+  # string's, in <checkpoint>/probe.jsonl, copied into sft_logs.tgz). No oracles needed.
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"  # once, before 5 readers
   mkdir -p "$WORK/subsets"
   $PY -c "import json; print('\n'.join(json.load(open('$INIT/config.json'))['extra']['library']['tasks']))" \
