@@ -179,7 +179,7 @@ eval)
   echo "eval phase done at $((SECONDS - start)) s"
   ;;
 sft)
-  # LoRAGen SFT through the base model, from the shipped (reconstruction-trained) checkpoint, side
+  # LoRAGen SFT through the base model, from $INIT (default: the shipped checkpoint), side
   # by side: the sampler it is served with (20 steps, guidance 2, description as system prompt), a
   # higher learning rate, 5 sampler steps (also at a lower rate, 3e-5), no system prompt in
   # training, only the 204 tasks the shipped checkpoint's oracles covered (quality against tasks),
