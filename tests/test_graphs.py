@@ -54,3 +54,17 @@ def test_unstack_from_the_gpu_gives_the_cpu_paths_bytes(n):
     assert on_gpu[0].A[target.modules[0]].is_pinned()
     for x, y in zip(on_gpu, on_cpu, strict=True):
         assert x.safetensors_bytes() == y.safetensors_bytes()
+
+
+@cuda
+@pytest.mark.parametrize("n", [1, 3, 40])
+def test_graphed_encoder_matches_eager(n):
+    """The encoder's CUDA graphs (rows and tokens padded up to their buckets) give the eager
+    embeddings, for short and long descriptions, and they were captured (no fallback)."""
+    from generator.encoder import DescriptionEncoder
+
+    graphed = DescriptionEncoder(device="cuda")
+    eager = DescriptionEncoder(device="cuda", cuda_graphs=False)
+    descriptions = [f"Task {i}: " + "classify the sentiment of a movie review " * (1 + i % 9) for i in range(n)]
+    torch.testing.assert_close(graphed.encode(descriptions), eager.encode(descriptions), atol=1e-5, rtol=1e-4)
+    assert graphed.cuda_graphs and graphed._graphs

@@ -167,3 +167,46 @@ def test_checkpoint_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path): 
     assert choose_checkpoint(tmp_path, {"incumbent": ck, "same": ck}, by, splits, out)["chosen"] == "incumbent"
     with pytest.raises(ValueError, match="different numbers of validation tasks"):
         choose_checkpoint(tmp_path, {"incumbent": ck, "partial": ck}, by, splits, out)
+
+
+def test_sampler_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path):  # noqa: F811
+    """The sampler row with the best validation EM is written into the checkpoint (a new
+    fingerprint); a tie keeps the checkpoint's own setting; with the system prompt fixed the record
+    says so and a separate system-prompt row is refused."""
+    import shutil
+
+    from benchmarks.quality.choose import choose
+    from benchmarks.quality.generate import Prompt, write_row
+    from generator.api import Generator
+
+    splits = load_splits(TASKS)
+    by = {t.name: t for t in tasks}
+    a, b = splits.validation[:2]
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_generator_ckpt, ck)
+    own = Generator.load(ck)
+    g0, s0 = float(own.sampler["guidance"]), int(own.sampler["steps"])
+    rows = tmp_path / "rows"
+    rows.mkdir()
+
+    def row(name: str, correct: dict[str, bool]) -> None:
+        prompts, preds = [], []
+        for task, ok in correct.items():
+            _, test = split_instances(by[task])
+            prompts += [Prompt(task, i, "d0s0", []) for i in range(len(test))]
+            preds += [x.outputs[0] if ok else "wrong answer" for x in test]
+        meta = {"row": name, "commit": "c", "machine": "m", "date": "d", "command": "x"}
+        write_row(rows / f"{name}.jsonl", meta, prompts, preds)
+
+    row(f"loragen_g{g0}_s{s0}", {a: True, b: False})
+    row(f"loragen_g{g0 + 1}_s{s0}", {a: False, b: True})  # a tie: the checkpoint's own setting stays
+    rec = choose(rows, by, splits, ck, tmp_path / "c1.json", system_prompt_fixed=True)
+    assert (rec["guidance"], rec["steps"]) == (g0, s0) and rec["fingerprint"] == own.fingerprint
+    assert rec["system_prompt"] and rec["system_prompt_fixed"]
+    row(f"loragen_g{g0 + 2}_s{s0}", {a: True, b: True})
+    rec = choose(rows, by, splits, ck, tmp_path / "c2.json", system_prompt_fixed=True)
+    assert (rec["guidance"], rec["steps"]) == (g0 + 2, s0) and rec["fingerprint"] != own.fingerprint
+    assert Generator.load(ck).sampler["guidance"] == g0 + 2
+    row("loragen_sys", {a: True, b: True})
+    with pytest.raises(ValueError, match="no loragen_sys row"):
+        choose(rows, by, splits, ck, tmp_path / "c3.json", system_prompt_fixed=True)

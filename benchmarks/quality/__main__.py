@@ -103,6 +103,8 @@ def main(argv=None) -> None:
     c.add_argument("--validation", required=True, help="folder of validation rows loragen_g<G>_s<S>.jsonl, loragen_sys.jsonl")
     c.add_argument("--checkpoint", required=True, help="LoRAGen checkpoint: the chosen sampler is written into it")
     c.add_argument("--out", required=True, help="JSON file of the choice and every candidate's score")
+    c.add_argument("--system-prompt-fixed", action="store_true",
+                   help="every sampler row was generated with --system-prompt: choose the sampler only")
     k = sub.add_parser("choose-checkpoint", help="pick the checkpoint with the best validation EM (ties: the first)")
     k.add_argument("--tasks", required=True)
     k.add_argument("--validation", required=True, help="folder of the candidates' validation rows <ROW>.jsonl")
@@ -126,7 +128,8 @@ def main(argv=None) -> None:
     if a.cmd == "choose":
         from .choose import choose
 
-        print(json.dumps(choose(a.validation, {t.name: t for t in tasks}, splits, a.checkpoint, a.out), indent=1))
+        print(json.dumps(choose(a.validation, {t.name: t for t in tasks}, splits, a.checkpoint, a.out,
+                                    a.system_prompt_fixed), indent=1))
         return
     if a.cmd == "choose-checkpoint":
         from .choose import choose_checkpoint

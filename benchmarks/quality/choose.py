@@ -5,7 +5,9 @@ settings) and `loragen_sys.jsonl` (the checkpoint's sampler, with the descriptio
 system prompt). The chosen sampler is the one with the best mean exact match over the validation
 tasks (ties: the checkpoint's own setting, then fewer steps); the system prompt is chosen if
 `loragen_sys` beats the checkpoint's own setting without it. The sampler is written into the
-checkpoint's config (a new fingerprint) so that serving and the test rows use it.
+checkpoint's config (a new fingerprint) so that serving and the test rows use it. With
+``system_prompt_fixed`` every sampler row was generated with the system prompt (as `serve` runs
+by default) and only the sampler is chosen.
 
 `choose_checkpoint` picks among whole checkpoints (e.g. the shipped one and SFT-trained ones), each
 scored on validation as served: the candidate with the best mean exact match wins; ties go to the
@@ -39,7 +41,7 @@ def _validation_em(path: Path, tasks: dict[str, Task], splits: TaskSplits) -> tu
 
 
 def choose(folder: str | Path, tasks: dict[str, Task], splits: TaskSplits, checkpoint: str | Path,
-           out: str | Path) -> dict:
+           out: str | Path, system_prompt_fixed: bool = False) -> dict:
     """Pick the setting (see module docstring), write it into `checkpoint`, return and save the record."""
     from generator.api import Generator
 
@@ -55,15 +57,18 @@ def choose(folder: str | Path, tasks: dict[str, Task], splits: TaskSplits, check
         raise ValueError(f"no sampler candidates (loragen_g<G>_s<S>.jsonl) in {folder}")
     best = max(samplers, key=lambda k: (round(samplers[k], 6), k == default, -k[1]))
     sys_path = Path(folder) / "loragen_sys.jsonl"
+    if system_prompt_fixed and sys_path.is_file():
+        raise ValueError(f"{sys_path}: with the system prompt fixed every sampler row has it; no loragen_sys row")
     sys_em = _validation_em(sys_path, tasks, splits)[1] if sys_path.is_file() else None
     plain_em = samplers.get(default)
-    system_prompt = sys_em is not None and plain_em is not None and sys_em > plain_em
+    system_prompt = system_prompt_fixed or (sys_em is not None and plain_em is not None and sys_em > plain_em)
     before = gen.fingerprint
     if best != default:
         gen = gen.with_sampler(guidance=best[0], steps=best[1])
         gen.save(checkpoint)
     record = {
         "guidance": best[0], "steps": best[1], "system_prompt": system_prompt,
+        "system_prompt_fixed": system_prompt_fixed,
         "validation_em": {f"g{g}_s{s}": round(v, 2) for (g, s), v in sorted(samplers.items())},
         "validation_em_system_prompt": None if sys_em is None else round(sys_em, 2),
         "checkpoint_default": {"guidance": default[0], "steps": default[1]},

@@ -8,6 +8,8 @@
 #   bash benchmarks/quality/gpu_pipeline.sh sft       # LoRAGen SFT variants from the shipped checkpoint
 #   bash benchmarks/quality/gpu_pipeline.sh eval_sft  # incumbent vs SFT on validation; the winner on test
 #   bash benchmarks/quality/gpu_pipeline.sh sft_eval  # a short sft (SFT_ONLY variants) and eval_sft in one call
+#   bash benchmarks/quality/gpu_pipeline.sh sampler   # the shipped checkpoint's sampler chosen again on validation
+#   bash benchmarks/quality/gpu_pipeline.sh latency   # CUDA-graph tests + generation latency of $INIT
 #
 # train: LoRAGen on all training tasks (with snapshots along its denoiser steps: quality against
 #   steps), LoRAGen on the first 50 / 100 training tasks (quality against tasks), T2L
@@ -253,6 +255,50 @@ eval_sft)
   tar czf "$OUT/generations_sft.tgz" -C "$WORK" q_validation_sft choice_sft.json $(cd "$WORK" && ls eval_*.log) \
     $( [ -d "$qt" ] && echo q_test_sft )
   echo "eval_sft phase done at $((SECONDS - start)) s"
+  ;;
+sampler)
+  # The sampler of the shipped checkpoint ($INIT) chosen again on validation, as served (description
+  # also as system prompt, 2 descriptions per task): guidance x steps (SAMPLER_GUIDANCES,
+  # SAMPLER_STEPS; the checkpoint's own setting among them). The best wins (ties: the checkpoint's
+  # own setting) and is written into a copy of the checkpoint; if that is a new setting, its rows
+  # on test (+ in-distribution), once, and the new config in $OUT.
+  qv="$WORK/q_validation_sampler" qt="$WORK/q_test_sampler" ck="$CK/sampler"
+  rm -rf "$ck" && mkdir -p "$ck" && cp "$INIT"/config.json "$INIT"/model.safetensors "$ck/"
+  $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"  # once, before the readers
+  for g in ${SAMPLER_GUIDANCES:-1.0 1.5 2.0 3.0 4.0}; do
+    for s in ${SAMPLER_STEPS:-5 10}; do
+      gen "sampler_g${g}_s$s" "$qv" --generator "$INIT" --task-set validation --rows "loragen_g${g}_s$s" \
+        --guidance "$g" --sampler-steps "$s" --system-prompt --num-descriptions 2
+    done
+  done
+  waitall
+  echo "validation done at $((SECONDS - start)) s"
+  before=$($PY -c "import json; print(json.load(open('$ck/config.json'))['fingerprint'])")
+  $PY -m benchmarks.quality choose --tasks data/sni/tasks --validation "$qv" --checkpoint "$ck" --system-prompt-fixed \
+    --out "$WORK/choice_sampler.json" | tee "$OUT/choice_sampler.txt"
+  after=$($PY -c "import json; print(json.load(open('$ck/config.json'))['fingerprint'])")
+  if [ "$after" != "$before" ]; then
+    gen sampler_table "$qt" --generator "$ck" --task-set table --rows loragen_sampler --system-prompt
+    gen sampler_controls "$qt" --generator "$ck" --task-set test --rows loragen_sampler_random loragen_sampler_other \
+      --system-prompt
+    gen sampler_user "$qt" --generator "$ck" --task-set test --rows loragen_sampler_user --user-descriptions --system-prompt
+    waitall
+    cp "$ck/config.json" "$OUT/loragen_sampler_config.json"
+  fi
+  for f in "$WORK"/eval_sampler*.log; do echo "== $f"; tail -n 2 "$f"; done
+  tar czf "$OUT/generations_sampler.tgz" -C "$WORK" q_validation_sampler choice_sampler.json \
+    $(cd "$WORK" && ls eval_sampler*.log) $( [ -d "$qt" ] && echo q_test_sampler )
+  echo "sampler phase done at $((SECONDS - start)) s"
+  ;;
+latency)
+  # Issue 12's generator figures for $INIT: the CUDA-graph tests (sampler, encoder, the pinned copy
+  # to the host), then description -> PEFT bytes at 5 and 20 steps, one and 32 descriptions.
+  timeout $(( $(left) - 10 )) $PY -m pytest -q --noconftest tests/test_graphs.py > "$OUT/test_graphs.log" 2>&1 || true
+  tail -n 3 "$OUT/test_graphs.log"
+  timeout $(( $(left) > 15 ? $(left) - 10 : 5 )) $PY -m benchmarks.generation_latency --device cuda \
+    --checkpoint "$INIT" --steps 5,20 --batch 32 --repeats 9 --out "$OUT/generation_latency_cuda.json" \
+    2>&1 | grep -v '%|' | tail -n 20 || echo "latency benchmark: not finished"
+  echo "latency phase done at $((SECONDS - start)) s"
   ;;
 sft_eval)
   # Both in one call (a machine released between calls loses /tmp): SFT of $SFT_ONLY (default: plain

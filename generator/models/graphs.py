@@ -12,7 +12,7 @@ padding changes no real row beyond float rounding of differently shaped matmuls.
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from torch import Tensor
 from .loragen import LoRAGen
 
 Factors = tuple[dict[str, Tensor], dict[str, Tensor]]
+T = TypeVar("T")
 
 
 def bucket(n: int, max_batch: int) -> int:
@@ -28,6 +29,22 @@ def bucket(n: int, max_batch: int) -> int:
     while b < n and b < max_batch:
         b *= 2
     return min(b, max_batch)
+
+
+def capture(run: Callable[[], T], device: torch.device) -> tuple[torch.cuda.CUDAGraph, T]:
+    """Capture `run` (reading and writing only static tensors) as a CUDA graph: two warm-up runs
+    on a side stream first (allocations, cuBLAS handles and autotuning stay outside the capture).
+    Returns the graph and the outputs of the captured run, which each replay overwrites."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        out = run()
+    return graph, out
 
 
 class _Graph:
@@ -43,15 +60,7 @@ class _Graph:
             A, B, _ = model.lae.decode(x0 * model.z_std + model.z_mean)
             return A, B
 
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(2):  # warm-up: allocations, cuBLAS handles and autotuning outside the capture
-                run()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.inference_mode():
-            self.A, self.B = run()
+        self.graph, (self.A, self.B) = capture(run, device)
 
     def __call__(self, cond: Tensor, noise: Tensor) -> Factors:
         n = cond.shape[0]
