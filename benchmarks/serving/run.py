@@ -20,7 +20,7 @@ from benchmarks.serving import server as server_mod
 from benchmarks.serving.client import load_adapter, make_client
 from benchmarks.serving.oracles import oracle_set
 from benchmarks.serving.report import check_targets, ratios, summarize_phases
-from benchmarks.serving.scenarios import Bench, BenchConfig
+from benchmarks.serving.scenarios import Bench, BenchConfig, stop_on_sigint
 from benchmarks.serving.server_timings import attach_server_timings
 from benchmarks.serving.stats import summarize
 from benchmarks.serving.workload import Workload
@@ -56,9 +56,12 @@ def serve_command(args: argparse.Namespace, base_model: str, port: int, preloade
 
 
 async def _bench(args: argparse.Namespace, server: server_mod.Server, oracles: list, cfg: BenchConfig,
-                 run_tag: str, admin_key: str | None, started: list[Bench]) -> None:
+                 run_tag: str, admin_key: str | None, started: list[Bench], stop: asyncio.Event | None = None) -> None:
     """Run the scenarios; the Bench goes into `started` before they run, so that the phases it
-    finished survive an interrupt."""
+    finished survive an interrupt. A SIGINT sets `stop` (default: a new event): the running phase
+    is cancelled and no other starts."""
+    stop = stop or asyncio.Event()
+    stop_on_sigint(stop)
     models = server.served_models()  # the base model (`serve` lists no adapters)
     base_name = args.base_name or (models[0] if models else None)
     if base_name is None:
@@ -74,7 +77,7 @@ async def _bench(args: argparse.Namespace, server: server_mod.Server, oracles: l
     async with make_client(server.api_url, args.timeout, admin_key) as client:
         bench = Bench(client, base_name, preloaded, rest, Workload.load(args.workload), cfg, run_tag)
         started.append(bench)
-        await bench.run_all()
+        await bench.run_all(stop)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> Path:
@@ -139,11 +142,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
 
         t = time.perf_counter()
         started: list[Bench] = []
+        stop = asyncio.Event()
         try:
-            asyncio.run(_bench(args, server, oracles, cfg, run_tag, admin_key, started))
-        except KeyboardInterrupt:  # e.g. `timeout -s INT` at a GPU call's deadline: keep what finished
+            asyncio.run(_bench(args, server, oracles, cfg, run_tag, admin_key, started, stop))
+        except KeyboardInterrupt:  # a second SIGINT, or one before the handler was in place
             if not started or not started[0].phases:
                 raise
+            stop.set()
+        if stop.is_set():  # e.g. `timeout -s INT` at a GPU call's deadline: keep what finished
+            if not started or not started[0].phases:
+                raise SystemExit("interrupted before any phase recorded a request: nothing written")
             meta["interrupted"] = "stopped by SIGINT before every phase ran: the phases here are those that finished"
             print("interrupted: writing the phases that finished", flush=True)
         bench = started[0]

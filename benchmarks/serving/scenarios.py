@@ -19,8 +19,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Awaitable, Callable
 
 import openai
 from tqdm import tqdm
@@ -295,13 +298,50 @@ class Bench:
                 self.add(f"mixed_{arm}", recs, wall, concurrency=conc, requests=n, new=n_new,
                          pool=c.mixed_pool, zipf_s=c.mixed_zipf_s, new_share=c.mixed_new_share)
 
-    async def run_all(self) -> list[Phase]:
+    async def run_all(self, stop: asyncio.Event | None = None) -> list[Phase]:
+        """Warm up, then every phase not skipped, in order. Once `stop` is set (see
+        `stop_on_sigint`) no further phase starts; the one running is cancelled and what it had
+        recorded stays in `phases`."""
         order = ["single", "evicted", "burst", "steady", "mixed"]
         await self.warmup()
-        for name in order:
-            if name in self.cfg.skip:
-                continue
-            t = time.perf_counter()
-            await getattr(self, name)()
-            tqdm.write(f"phase {name} done in {time.perf_counter() - t:.1f} s")
+        await run_phases([(n, getattr(self, n)) for n in order if n not in self.cfg.skip], stop or asyncio.Event())
         return self.phases
+
+
+async def run_phases(phases: list[tuple[str, Callable[[], Awaitable[None]]]], stop: asyncio.Event) -> list[str]:
+    """Run the phases one after another until `stop` is set: the running phase is then cancelled
+    and no other starts (a cancellation swallowed inside it just lets it finish). Returns the
+    names of the phases that ran to the end."""
+    done: list[str] = []
+    for name, phase in phases:
+        if stop.is_set():
+            break
+        t = time.perf_counter()
+        task = asyncio.ensure_future(phase())
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            tqdm.write(f"phase {name} stopped after {time.perf_counter() - t:.1f} s")
+            break
+        task.result()  # a phase's own error ends the run
+        done.append(name)
+        tqdm.write(f"phase {name} done in {time.perf_counter() - t:.1f} s")
+    return done
+
+
+def stop_on_sigint(stop: asyncio.Event) -> None:
+    """In the running event loop: the first SIGINT sets `stop` (the run ends at the running phase
+    and writes what finished), a second one interrupts as usual."""
+    loop = asyncio.get_running_loop()
+
+    def first() -> None:
+        tqdm.write("SIGINT: stopping after the running phase is cancelled; again to interrupt at once")
+        stop.set()
+        loop.remove_signal_handler(signal.SIGINT)
+
+    loop.add_signal_handler(signal.SIGINT, first)
