@@ -265,13 +265,13 @@ sampler)
   qv="$WORK/q_validation_sampler" qt="$WORK/q_test_sampler" ck="$CK/sampler"
   rm -rf "$ck" && mkdir -p "$ck" && cp "$INIT"/config.json "$INIT"/model.safetensors "$ck/"
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"  # once, before the readers
-  for g in ${SAMPLER_GUIDANCES:-1.0 1.5 2.0 3.0 4.0}; do
-    for s in ${SAMPLER_STEPS:-5 10}; do
+  for s in ${SAMPLER_STEPS:-5 10}; do  # one step count at a time: ten rows at once ran out of memory on an H100
+    for g in ${SAMPLER_GUIDANCES:-1.0 1.5 2.0 3.0 4.0}; do
       gen "sampler_g${g}_s$s" "$qv" --generator "$INIT" --task-set validation --rows "loragen_g${g}_s$s" \
         --guidance "$g" --sampler-steps "$s" --system-prompt --num-descriptions 2
     done
+    waitall
   done
-  waitall
   echo "validation done at $((SECONDS - start)) s"
   before=$($PY -c "import json; print(json.load(open('$ck/config.json'))['fingerprint'])")
   $PY -m benchmarks.quality choose --tasks data/sni/tasks --validation "$qv" --checkpoint "$ck" --system-prompt-fixed \
