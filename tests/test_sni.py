@@ -136,24 +136,30 @@ def test_table_scores_from_generation_files(tasks, tmp_path):
     assert q["rows"]["loragen"]["in_distribution"] is None  # none of its tasks evaluated
 
 
+def _validation_row(folder: Path, by: dict, name: str, correct: dict[str, bool]) -> None:
+    """A generation file `<folder>/<name>.jsonl` answering each task's test instances right or wrong."""
+    from benchmarks.quality.generate import Prompt, write_row
+
+    prompts, preds = [], []
+    for task, ok in correct.items():
+        _, test = split_instances(by[task])
+        prompts += [Prompt(task, i, "d0s0", []) for i in range(len(test))]
+        preds += [x.outputs[0] if ok else "wrong answer" for x in test]
+    meta = {"row": name, "commit": "c", "machine": "m", "date": "d", "command": "x"}
+    write_row(folder / f"{name}.jsonl", meta, prompts, preds)
+
+
 def test_checkpoint_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path):  # noqa: F811
     """The best validation EM wins; a tie goes to the first candidate (the incumbent); candidates
     scored on different task sets are refused."""
     from benchmarks.quality.choose import choose_checkpoint
-    from benchmarks.quality.generate import Prompt, write_row
 
     splits = load_splits(TASKS)
     by = {t.name: t for t in tasks}
     a, b = splits.validation[:2]
 
     def row(name: str, correct: dict[str, bool]) -> None:
-        prompts, preds = [], []
-        for task, ok in correct.items():
-            _, test = split_instances(by[task])
-            prompts += [Prompt(task, i, "d0s0", []) for i in range(len(test))]
-            preds += [x.outputs[0] if ok else "wrong answer" for x in test]
-        meta = {"row": name, "commit": "c", "machine": "m", "date": "d", "command": "x"}
-        write_row(tmp_path / f"{name}.jsonl", meta, prompts, preds)
+        _validation_row(tmp_path, by, name, correct)
 
     row("incumbent", {a: True, b: False})
     row("better", {a: True, b: True})
@@ -176,7 +182,6 @@ def test_sampler_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path):  # 
     import shutil
 
     from benchmarks.quality.choose import choose
-    from benchmarks.quality.generate import Prompt, write_row
     from generator.api import Generator
 
     splits = load_splits(TASKS)
@@ -190,13 +195,7 @@ def test_sampler_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path):  # 
     rows.mkdir()
 
     def row(name: str, correct: dict[str, bool]) -> None:
-        prompts, preds = [], []
-        for task, ok in correct.items():
-            _, test = split_instances(by[task])
-            prompts += [Prompt(task, i, "d0s0", []) for i in range(len(test))]
-            preds += [x.outputs[0] if ok else "wrong answer" for x in test]
-        meta = {"row": name, "commit": "c", "machine": "m", "date": "d", "command": "x"}
-        write_row(rows / f"{name}.jsonl", meta, prompts, preds)
+        _validation_row(rows, by, name, correct)
 
     row(f"loragen_g{g0}_s{s0}", {a: True, b: False})
     row(f"loragen_g{g0 + 1}_s{s0}", {a: False, b: True})  # a tie: the checkpoint's own setting stays

@@ -82,6 +82,12 @@ gen() { local name=$1 out=$2; shift 2; ( timeout "$(left)" $PY -m benchmarks.qua
     --out "$out" --device $DEV --seeds 0 "${EVAL[@]}" "$@" > "$WORK/eval_$name.log" 2>&1
     echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
 waitall() { for p in "${pids[@]}"; do wait "$p" || true; done; pids=(); }
+# A chosen generator's rows, once, as served (description also as system prompt), into `out`: row
+# `row` on test + in-distribution, its conditioning controls and the user-style descriptions on test.
+test_rows() { local row=$1 out=$2 ck=$3
+  gen "$row" "$out" --generator "$ck" --task-set table --rows "$row" --system-prompt
+  gen "${row}_controls" "$out" --generator "$ck" --task-set test --rows "${row}_random" "${row}_other" --system-prompt
+  gen "${row}_user" "$out" --generator "$ck" --task-set test --rows "${row}_user" --user-descriptions --system-prompt; }
 
 case "$phase" in
 oracles)
@@ -239,11 +245,7 @@ eval_sft)
     --out "$WORK/choice_sft.json" | tee "$OUT/choice_sft.txt"
   win=$($PY -c "import json; print(json.load(open('$WORK/choice_sft.json'))['checkpoint'])")
   if [ "$win" != "$INIT" ]; then
-    gen loragen_sft "$qt" --generator "$win" --task-set table --rows loragen_sft --system-prompt
-    gen loragen_sft_controls "$qt" --generator "$win" --task-set test --rows loragen_sft_random loragen_sft_other \
-      --system-prompt
-    gen loragen_sft_user "$qt" --generator "$win" --task-set test --rows loragen_sft_user --user-descriptions \
-      --system-prompt
+    test_rows loragen_sft "$qt" "$win"
     # The task-count point of SFT (the 204-task run), on test, 1 description per task, as the curves.
     [ -f "$CK/loragen_sft_n204/config.json" ] && gen curve_sft_n204 "$qt" --generator "$CK/loragen_sft_n204" \
       --task-set test --rows loragen_sft_n204 --system-prompt --num-descriptions 1
@@ -278,16 +280,13 @@ sampler)
     --out "$WORK/choice_sampler.json" | tee "$OUT/choice_sampler.txt"
   after=$($PY -c "import json; print(json.load(open('$ck/config.json'))['fingerprint'])")
   if [ "$after" != "$before" ]; then
-    gen sampler_table "$qt" --generator "$ck" --task-set table --rows loragen_sampler --system-prompt
-    gen sampler_controls "$qt" --generator "$ck" --task-set test --rows loragen_sampler_random loragen_sampler_other \
-      --system-prompt
-    gen sampler_user "$qt" --generator "$ck" --task-set test --rows loragen_sampler_user --user-descriptions --system-prompt
+    test_rows loragen_sampler "$qt" "$ck"
     waitall
     cp "$ck/config.json" "$OUT/loragen_sampler_config.json"
   fi
-  for f in "$WORK"/eval_sampler*.log; do echo "== $f"; tail -n 2 "$f"; done
+  for f in "$WORK"/eval_*sampler*.log; do echo "== $f"; tail -n 2 "$f"; done
   tar czf "$OUT/generations_sampler.tgz" -C "$WORK" q_validation_sampler choice_sampler.json \
-    $(cd "$WORK" && ls eval_sampler*.log) $( [ -d "$qt" ] && echo q_test_sampler )
+    $(cd "$WORK" && ls eval_*sampler*.log) $( [ -d "$qt" ] && echo q_test_sampler )
   echo "sampler phase done at $((SECONDS - start)) s"
   ;;
 latency)
