@@ -109,6 +109,15 @@ def test_loragen_sft_trains_the_denoiser_through_the_sampler(base_model_dir, tin
     assert loaded.fingerprint == gen.fingerprint and loaded.sampler == gen.sampler
 
 
+def test_loragen_sft_trains_through_the_sampler_init_is_served_with(base_model_dir, tiny_generator_ckpt, tmp_path):  # noqa: F811
+    """Sampler steps and guidance left unset: those of the starting checkpoint, not fixed defaults."""
+    init = Generator.load(tiny_generator_ckpt).with_sampler(steps=2, guidance=1.5).save(tmp_path / "init")
+    gen = train_sft(tmp_path / "ck", "loragen", TASKS_DIR, NAMES, init=init,
+                    sft=SFTConfig(tasks_per_step=2, examples_per_task=2), **TINY | dict(cfg=TrainConfig(steps=1)))
+    assert gen.sampler == {"steps": 2, "guidance": 1.5}
+    assert gen.extra["sft"]["sampler_steps"] == 2 and gen.extra["sft"]["guidance"] == 1.5
+
+
 def test_probe_tasks_must_be_held_out(tiny_generator_ckpt, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match="probe tasks must be held out, but 1 are training tasks"):
         train_sft(tmp_path / "ck", "loragen", TASKS_DIR, NAMES, init=tiny_generator_ckpt, **TINY,

@@ -187,16 +187,17 @@ eval)
   echo "eval phase done at $((SECONDS - start)) s"
   ;;
 sft)
-  # LoRAGen SFT through the base model, from $INIT (default: the shipped checkpoint), side
-  # by side: the sampler it is served with (20 steps, guidance 2, description as system prompt), a
-  # higher learning rate, 5 sampler steps (also at a lower rate, 3e-5), no system prompt in
-  # training, only the 204 tasks the shipped checkpoint's oracles covered (quality against tasks),
-  # and 5 sampler steps with the contrastive term (right description's CE below another task's by
-  # 0.5 nats per output token; it logs sft_ce_right / sft_ce_wrong / sft_ce_gap every 20 steps) or
-  # with noise on the description embeddings (cosine ~0.8 to the clean one), or through guidance 1.0
-  # (the sampler chosen for the shipped e8f7b1c045c0; at SFT_LR and at 3e-5). Every variant probes
-  # the validation tasks every 25 steps (CE under the right description's adapter vs a random
-  # string's, in <checkpoint>/probe.jsonl, copied into sft_logs.tgz). No oracles needed.
+  # LoRAGen SFT through the base model, from $INIT (default: the shipped checkpoint), side by side.
+  # Without --sampler-steps / --guidance a variant trains through the sampler $INIT is served with
+  # (e8f7b1c045c0: 5 steps, guidance 1.0). Variants: that sampler with the description as system
+  # prompt (loragen_sft; loragen_sft_lowlr at lr 3e-5), a higher learning rate, 5 sampler steps
+  # (also at 3e-5), no system prompt in training, only the 204 tasks the shipped checkpoint's
+  # oracles covered (quality against tasks), and 5 sampler steps with the contrastive term (right
+  # description's CE below another task's by 0.5 nats per output token; it logs sft_ce_right /
+  # sft_ce_wrong / sft_ce_gap every 20 steps) or with noise on the description embeddings (cosine
+  # ~0.8 to the clean one). Every variant probes the validation tasks every 25 steps (CE under the
+  # right description's adapter vs a random string's, in <checkpoint>/probe.jsonl, copied into
+  # sft_logs.tgz). No oracles needed.
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"  # once, before 5 readers
   mkdir -p "$WORK/subsets"
   $PY -c "import json; print('\n'.join(json.load(open('$INIT/config.json'))['extra']['library']['tasks']))" \
@@ -212,8 +213,7 @@ sft)
   sft loragen_sft_n204 --system-prompt --tasks-file "$WORK/subsets/init_tasks.txt"
   sft loragen_sft_contrast --system-prompt --sampler-steps 5 --contrast-weight 1.0 --contrast-margin 0.5
   sft loragen_sft_noise --system-prompt --sampler-steps 5 --cond-noise 0.75
-  sft loragen_sft_g1 --system-prompt --sampler-steps 5 --guidance 1.0
-  sft loragen_sft_g1_lowlr --system-prompt --sampler-steps 5 --guidance 1.0 --lr 3e-5
+  sft loragen_sft_lowlr --system-prompt --lr 3e-5
   waitall
   for f in "$WORK"/train_loragen_sft*.log; do echo "== $f"; tail -n 2 "$f"; done
   mkdir -p "$WORK/configs"

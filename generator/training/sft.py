@@ -72,7 +72,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -114,8 +114,9 @@ class SFTConfig:
     examples_per_task: int = 8
     tokens_per_microbatch: int = 32768
     system_prompt: bool = False  # the description as the system prompt of every training prompt
-    sampler_steps: int = 20  # LoRAGen: DDIM steps trained through (the checkpoint is served with them)
-    guidance: float = 2.0  # LoRAGen: classifier-free guidance scale, likewise
+    sampler_steps: int | None = None  # LoRAGen: DDIM steps trained through (the checkpoint is served with
+    # them); None: those `init` is served with
+    guidance: float | None = None  # LoRAGen: classifier-free guidance scale, likewise
     contrast_weight: float = 0.0  # weight of the contrastive hinge; 0: plain SFT (no second pass)
     contrast_margin: float = 0.5  # nats per output token by which the right description's CE must win
     cond_noise: float = 0.0  # scale of the noise on each step's description embeddings; 0: none
@@ -170,13 +171,14 @@ def load_sft_tasks(tasks_dir: str | Path, names: Sequence[str] | None, encoder: 
 
 def _initial_model(
     kind: str, init: str | Path | None, library: str | Path | None, model_cfg: T2LConfig | None,
-) -> tuple[torch.nn.Module, str, TargetSpec, dict[str, Any], str | None]:
-    """(model, kind, target, configs, init fingerprint): from a checkpoint, or a T2L fitted to a library."""
+) -> tuple[torch.nn.Module, str, TargetSpec, dict[str, Any], str | None, dict[str, Any]]:
+    """(model, kind, target, configs, init fingerprint, the sampler init is served with): from a
+    checkpoint, or a T2L fitted to a library."""
     if init is not None:
         gen = Generator.load(init, cuda_graphs=False)
         if gen.kind != kind:
             raise ValueError(f"--init {init} is a {gen.kind} checkpoint, not {kind}")
-        return gen.model, gen.kind, gen.target, gen.configs, gen.fingerprint
+        return gen.model, gen.kind, gen.target, gen.configs, gen.fingerprint, gen.sampler
     if kind != "t2l":
         raise ValueError(f"SFT of {kind} starts from a reconstruction-trained checkpoint: give init")
     if library is None:
@@ -185,7 +187,7 @@ def _initial_model(
     configs = {"t2l": (model_cfg or T2LConfig()).to_dict()}
     model = build_model("t2l", adapters[0].target, configs)
     model.standardizer.fit(*stack_adapters(adapters))
-    return model, "t2l", adapters[0].target, configs, None
+    return model, "t2l", adapters[0].target, configs, None, model.sampler_defaults()
 
 
 Row = tuple[int, list[int], int]  # (task's position in the step, prompt + output ids, prompt length)
@@ -296,7 +298,10 @@ def train_sft(
     names = list(names) if names is not None else list(load_splits(tasks_dir).train)
     k = sft.tasks_in_step(len(names))  # before any loading: a contrastive run needs two tasks a step
     torch.manual_seed(cfg.seed)
-    model, kind, target, configs, init_fp = _initial_model(kind, init, library, model_cfg)
+    model, kind, target, configs, init_fp, served = _initial_model(kind, init, library, model_cfg)
+    if kind == "loragen":  # what is not set: the sampler init is served with
+        sft = replace(sft, sampler_steps=int(served["steps"]) if sft.sampler_steps is None else sft.sampler_steps,
+                      guidance=float(served["guidance"]) if sft.guidance is None else sft.guidance)
     model = model.to(device)
     data = load_sft_tasks(tasks_dir, names, shared_encoder(device))
     base, tok, _ = load_base_model(device)
@@ -390,8 +395,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--examples-per-task", type=int, default=SFTConfig.examples_per_task)
     ap.add_argument("--tokens-per-microbatch", type=int, default=SFTConfig.tokens_per_microbatch)
     ap.add_argument("--system-prompt", action="store_true", help="the description as each training prompt's system prompt")
-    ap.add_argument("--sampler-steps", type=int, default=SFTConfig.sampler_steps, help="loragen: DDIM steps")
-    ap.add_argument("--guidance", type=float, default=SFTConfig.guidance, help="loragen: guidance scale")
+    ap.add_argument("--sampler-steps", type=int, help="loragen: DDIM steps (default: those --init is served with)")
+    ap.add_argument("--guidance", type=float, help="loragen: guidance scale (default: that --init is served with)")
     ap.add_argument("--contrast-weight", type=float, default=SFTConfig.contrast_weight,
                     help="weight of the contrastive hinge (right description's CE below another task's; 0: off)")
     ap.add_argument("--contrast-margin", type=float, default=SFTConfig.contrast_margin,
