@@ -580,7 +580,10 @@ PINS: dict[str, list[str]] = {}  # the pin files of the server before and after 
 
 
 def _pin_files(server: ServerProcess) -> list[str]:
-    return sorted(str(p.relative_to(server.store)) for p in (server.store / "pins").rglob("*") if p.is_file())
+    # os.walk, not rglob: a running server may remove a pin folder mid-walk (an adapter vLLM forgot
+    # is unpinned), which rglob raises on (CI, 2026-12-05) and os.walk skips
+    return sorted(str((Path(d) / f).relative_to(server.store)) for d, _, files in os.walk(server.store / "pins")
+                  for f in files)
 
 
 @pytest.fixture(scope="module")
