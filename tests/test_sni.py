@@ -202,6 +202,7 @@ def test_sampler_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path):  # 
     rec = choose(rows, by, splits, ck, tmp_path / "c1.json", system_prompt_fixed=True)
     assert (rec["guidance"], rec["steps"]) == (g0, s0) and rec["fingerprint"] == own.fingerprint
     assert rec["system_prompt"] and rec["system_prompt_fixed"]
+    assert rec["date"] and rec["machine"] and rec["command"].startswith("python -m")  # what made it
     row(f"loragen_g{g0 + 2}_s{s0}", {a: True, b: True})
     rec = choose(rows, by, splits, ck, tmp_path / "c2.json", system_prompt_fixed=True)
     assert (rec["guidance"], rec["steps"]) == (g0 + 2, s0) and rec["fingerprint"] != own.fingerprint

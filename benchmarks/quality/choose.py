@@ -43,6 +43,7 @@ def _validation_em(path: Path, tasks: dict[str, Task], splits: TaskSplits) -> tu
 def choose(folder: str | Path, tasks: dict[str, Task], splits: TaskSplits, checkpoint: str | Path,
            out: str | Path, system_prompt_fixed: bool = False) -> dict:
     """Pick the setting (see module docstring), write it into `checkpoint`, return and save the record."""
+    from benchmarks.provenance import provenance
     from generator.api import Generator
 
     gen = Generator.load(checkpoint)
@@ -74,6 +75,7 @@ def choose(folder: str | Path, tasks: dict[str, Task], splits: TaskSplits, check
         "checkpoint_default": {"guidance": default[0], "steps": default[1]},
         "fingerprint_before": before, "fingerprint": gen.fingerprint,
         "validation_tasks": len(splits.validation),
+        **provenance(),
     }
     Path(out).write_text(json.dumps(record, indent=1))
     return record
