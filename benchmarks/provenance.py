@@ -39,6 +39,11 @@ def provenance(command: str | None = None) -> dict[str, str | None]:
             machine = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    return {"command": command or " ".join(["python -m", Path(sys.argv[0]).parent.name, *sys.argv[1:]]),
+    if command is None:  # `python -m a.b` runs a/b/__main__.py or a/b.py: name the module, not the file
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name.removesuffix(".__main__") if spec is not None else None
+        command = " ".join(["python -m", module] if module else ["python", sys.argv[0]]) + "".join(
+            " " + a for a in sys.argv[1:])
+    return {"command": command,
             "commit": git_commit(), "machine": machine,
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")}
