@@ -210,3 +210,47 @@ def test_sampler_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path):  # 
     row("loragen_sys", {a: True, b: True})
     with pytest.raises(ValueError, match="no loragen_sys row"):
         choose(rows, by, splits, ck, tmp_path / "c3.json", system_prompt_fixed=True)
+
+
+def test_anchor_blend_pulls_towards_the_nearest_training_descriptions(tasks, tiny_generator_ckpt):  # noqa: F811
+    """alpha 1 is the generator as served; alpha 0, k 1 conditions on the nearest training
+    description; the blended adapters differ and the row records the blend; bad settings are refused."""
+    import torch
+
+    from benchmarks.quality.anchors import AnchorBlend, training_descriptions
+    from benchmarks.quality.generate import eval_descriptions, generated_adapters
+
+    anchors = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), dim=1)
+    cond = torch.nn.functional.normalize(torch.tensor([[0.9, 0.3, 0.0]]), dim=1)
+    same, top1 = AnchorBlend(1.0).apply(cond, anchors)
+    assert torch.allclose(same, cond) and top1.item() == pytest.approx(cond[0, 0].item())
+    nearest, _ = AnchorBlend(0.0, k=1).apply(cond, anchors)
+    assert torch.allclose(nearest, anchors[:1])
+    half, _ = AnchorBlend(0.5, k=2).apply(cond, anchors)
+    assert half.norm().item() == pytest.approx(1.0) and half[0, 0] > cond[0, 0]  # pulled towards anchor 0
+    for bad in ({"alpha": 1.5}, {"alpha": 0.5, "k": 0}, {"alpha": 0.5, "temperature": 0.0}):
+        with pytest.raises(ValueError):
+            AnchorBlend(**bad)
+
+    splits = load_splits(TASKS)
+    by = {t.name: t for t in tasks}
+    val, train = [by[n] for n in splits.validation[:2]], [by[n] for n in splits.train[:5]]
+    assert training_descriptions(train) and not set(training_descriptions(train)) & {
+        d for t in train for d in eval_descriptions(t)}
+    ck = str(tiny_generator_ckpt)
+
+    def made(blend):
+        return generated_adapters(ck, val, "description", [0], "cpu", by, blend=blend, anchor_tasks=train)
+
+    plain, slots, _, info = made(None)
+    kept, _, _, info1 = made(AnchorBlend(1.0))
+    pulled, _, _, info0 = made(AnchorBlend(0.0, k=1))
+    assert "anchor_blend" not in info and info0["anchor_blend"]["alpha"] == 0.0
+    assert -1.0 <= info0["anchor_blend"]["nearest_cosine_mean"] <= 1.0 and info0["anchor_blend"]["anchors"] > 0
+    key = next(iter(slots))
+    a_plain, a_kept, a_pulled = (x[slots[key]].A for x in (plain, kept, pulled))
+    first = next(iter(a_plain))
+    assert torch.allclose(a_plain[first], a_kept[first], atol=1e-5)
+    assert not torch.allclose(a_plain[first], a_pulled[first], atol=1e-5)
+    with pytest.raises(ValueError, match="training tasks"):
+        generated_adapters(ck, val, "description", [0], "cpu", by, blend=AnchorBlend(0.5), anchor_tasks=[])

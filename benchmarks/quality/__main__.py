@@ -38,6 +38,7 @@ import torch
 
 from generator.data.sni import load_splits, load_tasks
 
+from .anchors import AnchorBlend
 from .generate import BASELINE_ROWS, run_rows
 from .score import merge_rows, write_outputs
 
@@ -83,6 +84,11 @@ def main(argv=None) -> None:
     g.add_argument("--sampler-steps", type=int, help="generated rows: sampler steps (default: the checkpoint's)")
     g.add_argument("--guidance", type=float, help="generated rows: guidance scale (default: the checkpoint's)")
     g.add_argument("--num-descriptions", type=int, default=3, help="generated rows: evaluation descriptions per task")
+    g.add_argument("--anchor-blend", type=float, metavar="ALPHA",
+                   help="generated rows: condition on ALPHA x the description's embedding + (1 - ALPHA) x its "
+                        "nearest training descriptions' (anchors.py; an experiment, default: off)")
+    g.add_argument("--anchor-k", type=int, default=5, help="with --anchor-blend: nearest training descriptions")
+    g.add_argument("--anchor-temperature", type=float, default=0.1, help="with --anchor-blend: softmax temperature")
     g.add_argument("--limit-tasks", type=int, help="first N tasks of the set (dry runs)")
     g.add_argument("--only", nargs="+", help="only these tasks of the set (dry runs)")
     g.add_argument("--limit-instances", type=int, help="first N test instances per task (dry runs)")
@@ -156,6 +162,10 @@ def main(argv=None) -> None:
             chosen = [t for t in chosen if t.name in set(a.only)]
         chosen = chosen[: a.limit_tasks]
         max_rows = a.max_rows or (512 if torch.device(a.device).type == "cuda" else 8)
+        try:
+            blend = None if a.anchor_blend is None else AnchorBlend(a.anchor_blend, a.anchor_k, a.anchor_temperature)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
         times = run_rows(
             a.rows, chosen, Path(a.out), a.device, oracles=a.oracles,
             train_task_names=splits.train_tasks([t.name for t in tasks]), max_rows=max_rows,
@@ -164,6 +174,7 @@ def main(argv=None) -> None:
             user_descriptions=dict(splits.user_descriptions) if a.user_descriptions else None,
             system_prompt=a.system_prompt, steps=a.sampler_steps, guidance=a.guidance,
             num_descriptions=a.num_descriptions,
+            blend=blend,
         )
         print(json.dumps({k: round(v, 1) for k, v in times.items()}))
     else:

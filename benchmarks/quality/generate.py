@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.provenance import git_commit
+from benchmarks.quality.anchors import AnchorBlend, training_descriptions
 from generator.adapter import LoRAAdapter
 from generator.base_model import load_base_model
 from generator.config import TargetSpec
@@ -206,18 +207,27 @@ def generated_adapters(
     ckpt: str | Path, tasks: Sequence[Task], conditioning: str, seeds: Sequence[int], device: str,
     all_tasks: dict[str, Task], descriptions_of: Callable[[Task], Sequence[str]] = eval_descriptions,
     steps: int | None = None, guidance: float | None = None,
+    blend: AnchorBlend | None = None, anchor_tasks: Sequence[Task] = (),
 ) -> tuple[list[LoRAAdapter], dict[tuple[str, str], int], dict[tuple[str, str], str], dict]:
     """Adapters from a generator checkpoint: per task, its descriptions (`descriptions_of`) x seeds.
 
     conditioning: "description" (the task's descriptions), "random" (random strings of the same
     length) or "other" (another task's descriptions). `steps` / `guidance` override the
-    checkpoint's sampler. Returns (adapters, {(task, variant): slot}, {(task, variant): the text
-    the adapter was generated from}, info).
+    checkpoint's sampler. `blend` conditions on a blend with the nearest descriptions of
+    `anchor_tasks` (the training tasks; `anchors.py`). Returns (adapters, {(task, variant): slot},
+    {(task, variant): the text the adapter was generated from}, info).
     """
+    from generator.adapter import unstack_adapters
     from generator.api import Generator
 
     gen = Generator.load(ckpt, device=device)
     adapters, slot_of, text_of, seconds = [], {}, {}, 0.0
+    if blend is not None:
+        anchor_texts = training_descriptions(anchor_tasks)
+        if not anchor_texts:
+            raise ValueError("--anchor-blend needs the training tasks' descriptions")
+        anchors = torch.cat([gen.encoder.encode(anchor_texts[i:i + 1024]) for i in range(0, len(anchor_texts), 1024)])
+        nearest: list[float] = []
     for seed in seeds:
         descs, keys = [], []
         for t in tasks:
@@ -228,7 +238,12 @@ def generated_adapters(
                 descs.append(d)
                 keys.append((t.name, f"d{j}s{seed}"))
         t0 = time.perf_counter()
-        made = gen.generate(descs, seed=seed, steps=steps, guidance=guidance)
+        if blend is None:
+            made = gen.generate(descs, seed=seed, steps=steps, guidance=guidance)
+        else:
+            cond, top1 = blend.apply(gen.encoder.encode(descs), anchors)
+            nearest += top1.tolist()
+            made = unstack_adapters(gen.target, *gen.generate_factors(cond, descs, seed, steps, guidance))
         seconds += time.perf_counter() - t0
         for key, d, a in zip(keys, descs, made):
             slot_of[key] = len(adapters)
@@ -237,6 +252,9 @@ def generated_adapters(
     sampler = {**gen.sampler, **({"steps": steps} if steps else {}), **({"guidance": guidance} if guidance else {})}
     info = {"generator": str(ckpt), "kind": gen.kind, "fingerprint": gen.fingerprint, "conditioning": conditioning,
             "seeds": list(seeds), "sampler": sampler, "generate_seconds": round(seconds, 2)}
+    if blend is not None:
+        info["anchor_blend"] = {**blend.to_dict(), "anchors": len(anchor_texts),
+                                "nearest_cosine_mean": round(sum(nearest) / len(nearest), 4)}
     return adapters, slot_of, text_of, info
 
 
@@ -301,6 +319,7 @@ def run_rows(
     steps: int | None = None,
     guidance: float | None = None,
     num_descriptions: int = NUM_DESCRIPTIONS,
+    blend: AnchorBlend | None = None,
 ) -> dict[str, float]:
     """Generate every requested row into `out/<row>.jsonl`; returns seconds per row.
 
@@ -315,7 +334,7 @@ def run_rows(
         try:
             times[row] = _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, generator_ckpt,
                                   conditioning, seeds, all_tasks, progress, limit_instances,
-                                  user_descriptions, system_prompt, steps, guidance, num_descriptions)
+                                  user_descriptions, system_prompt, steps, guidance, num_descriptions, blend)
         except Exception:  # one broken row must not cost the others (a GPU call is precious)
             import traceback
 
@@ -330,7 +349,7 @@ def run_rows(
 
 def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, generator_ckpt, conditioning, seeds,
              all_tasks, progress, limit_instances, user_descriptions=None, system_prompt=False, steps=None,
-             guidance=None, num_descriptions=NUM_DESCRIPTIONS) -> float:
+             guidance=None, num_descriptions=NUM_DESCRIPTIONS, blend=None) -> float:
     """Generate one row into `path`; returns its seconds."""
     t0 = time.perf_counter()
     model, tok, _ = load_base_model(device)
@@ -373,9 +392,10 @@ def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, gene
             descriptions_of = lambda t: list(user_descriptions[t.name])
         else:
             descriptions_of = lambda t: eval_descriptions(t, num_descriptions)
+        all_tasks = all_tasks or {t.name: t for t in tasks}
         adapters, slot_of, text_of, extra = generated_adapters(
-            generator_ckpt, tasks, cond, seeds, device, all_tasks or {t.name: t for t in tasks},
-            descriptions_of, steps, guidance)
+            generator_ckpt, tasks, cond, seeds, device, all_tasks, descriptions_of, steps, guidance,
+            blend, [all_tasks[n] for n in train_task_names if n in all_tasks])
         extra |= {"descriptions": "user" if user_descriptions is not None else "eval", "system_prompt": system_prompt}
         multi = multi_with(model, adapters)
         variants = lambda t: [f"d{j}s{s}" for s in seeds for j in range(len(descriptions_of(t)))]

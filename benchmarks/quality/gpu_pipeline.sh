@@ -9,6 +9,7 @@
 #   bash benchmarks/quality/gpu_pipeline.sh eval_sft  # incumbent vs SFT on validation; the winner on test
 #   bash benchmarks/quality/gpu_pipeline.sh sft_eval  # a short sft (SFT_ONLY variants) and eval_sft in one call
 #   bash benchmarks/quality/gpu_pipeline.sh sampler   # the shipped checkpoint's sampler chosen again on validation
+#   bash benchmarks/quality/gpu_pipeline.sh anchors   # conditioning blended with the nearest training descriptions
 #   bash benchmarks/quality/gpu_pipeline.sh latency   # CUDA-graph tests + generation latency of $INIT
 #
 # train: LoRAGen on all training tasks (with snapshots along its denoiser steps: quality against
@@ -291,6 +292,45 @@ sampler)
   tar czf "$OUT/generations_sampler.tgz" -C "$WORK" q_validation_sampler choice_sampler.json \
     $(cd "$WORK" && ls eval_*sampler*.log) $( [ -d "$qt" ] && echo q_test_sampler )
   echo "sampler phase done at $((SECONDS - start)) s"
+  ;;
+anchors)
+  # Conditioning on a blend of the description and its nearest training descriptions
+  # (benchmarks/quality/anchors.py), on validation as served (description also as system prompt,
+  # 2 descriptions per task), against $INIT as served. ANCHOR_SETTINGS: alpha:k pairs. The best
+  # validation EM wins (ties: the incumbent); a winning blend's rows on test (+ in-distribution),
+  # once.
+  qv="$WORK/q_validation_anchors" qt="$WORK/q_test_anchors"
+  $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"  # once, before the readers
+  cands=(--candidate "incumbent=$INIT")
+  gen val_anchor_incumbent "$qv" --generator "$INIT" --task-set validation --rows incumbent --system-prompt \
+    --num-descriptions 2
+  n=1
+  for ak in ${ANCHOR_SETTINGS:-0.0:1 0.0:5 0.5:5 0.75:5 0.9:5}; do
+    row="anchor_a${ak%%:*}_k${ak##*:}"
+    gen "val_$row" "$qv" --generator "$INIT" --task-set validation --rows "$row" --system-prompt --num-descriptions 2 \
+      --anchor-blend "${ak%%:*}" --anchor-k "${ak##*:}"
+    cands+=(--candidate "$row=$INIT")
+    n=$((n + 1)); [ $((n % 3)) = 0 ] && waitall  # three row processes at a time
+  done
+  waitall
+  echo "validation done at $((SECONDS - start)) s"
+  $PY -m benchmarks.quality choose-checkpoint --tasks data/sni/tasks --validation "$qv" "${cands[@]}" \
+    --out "$WORK/choice_anchors.json" | tee "$OUT/choice_anchors.txt"
+  win=$($PY -c "import json; print(json.load(open('$WORK/choice_anchors.json'))['chosen'])")
+  if [ "$win" != incumbent ]; then
+    a=${win#anchor_a}; k=${a#*_k}; a=${a%%_k*}
+    blend=(--anchor-blend "$a" --anchor-k "$k")
+    gen anchor "$qt" --generator "$INIT" --task-set table --rows loragen_anchor --system-prompt "${blend[@]}"
+    gen anchor_controls "$qt" --generator "$INIT" --task-set test --rows loragen_anchor_random loragen_anchor_other \
+      --system-prompt "${blend[@]}"
+    gen anchor_user "$qt" --generator "$INIT" --task-set test --rows loragen_anchor_user --user-descriptions \
+      --system-prompt "${blend[@]}"
+    waitall
+  fi
+  for f in "$WORK"/eval_*anchor*.log; do echo "== $f"; tail -n 2 "$f"; done
+  tar czf "$OUT/generations_anchors.tgz" -C "$WORK" q_validation_anchors choice_anchors.json \
+    $(cd "$WORK" && ls eval_*anchor*.log) $( [ -d "$qt" ] && echo q_test_anchors )
+  echo "anchors phase done at $((SECONDS - start)) s"
   ;;
 latency)
   # Issue 12's generator figures for $INIT: the CUDA-graph tests (sampler, encoder, the pinned copy
