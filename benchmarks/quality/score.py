@@ -56,11 +56,18 @@ ROW_LABELS = {
     "loragen_sft_user": "LoRAGen SFT, user-style descriptions",
     "loragen_sft_random": "LoRAGen SFT, random-string description (control)",
     "loragen_sft_other": "LoRAGen SFT, another task's description (control)",
+    # The shipped checkpoint with its conditioning blended with the nearest training descriptions
+    # (anchors.py; alpha 0.75, k 5, chosen on validation): an experiment, not served.
+    "loragen_anchor": "LoRAGen SFT, anchor blend 0.75 (not served)",
+    "loragen_anchor_user": "LoRAGen SFT, anchor blend 0.75 (not served), user-style descriptions",
+    "loragen_anchor_random": "LoRAGen SFT, anchor blend 0.75 (not served), random-string description (control)",
+    "loragen_anchor_other": "LoRAGen SFT, anchor blend 0.75 (not served), another task's description (control)",
 }
 OPTIONAL_ROWS = ("loragen_ws2", "loragen_ws2_random", "loragen_ws2_other", "loragen_no_moe", "loragen_no_direction",
                  "loragen_no_spectral", "t2l_sft_random", "t2l_sft_other", "loragen_user_sys",
                  "loragen_sys", "loragen_sft", "loragen_sft_user", "loragen_sft_random",
-                 "loragen_sft_other")  # not listed as missing
+                 "loragen_sft_other", "loragen_anchor", "loragen_anchor_user", "loragen_anchor_random",
+                 "loragen_anchor_other")  # not listed as missing
 
 
 def row_label(row: str) -> str:
@@ -170,6 +177,8 @@ def _setting(meta: dict) -> str:
         out += ", + description as system prompt"
     if meta.get("descriptions") == "user":
         out += ", user-style descriptions"
+    if blend := meta.get("anchor_blend"):
+        out += f", anchor blend alpha {blend['alpha']} k {blend['k']}"
     return out
 
 
