@@ -310,7 +310,7 @@ anchors)
     gen "val_$row" "$qv" --generator "$INIT" --task-set validation --rows "$row" --system-prompt --num-descriptions 2 \
       --anchor-blend "${ak%%:*}" --anchor-k "${ak##*:}"
     cands+=(--candidate "$row=$INIT")
-    n=$((n + 1)); [ $((n % 3)) = 0 ] && waitall  # three row processes at a time
+    n=$((n + 1)); if [ $((n % 3)) = 0 ]; then waitall; fi  # three row processes at a time
   done
   waitall
   echo "validation done at $((SECONDS - start)) s"
