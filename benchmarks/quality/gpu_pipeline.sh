@@ -84,11 +84,12 @@ gen() { local name=$1 out=$2; shift 2; ( timeout "$(left)" $PY -m benchmarks.qua
     echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
 waitall() { for p in "${pids[@]}"; do wait "$p" || true; done; pids=(); }
 # A chosen generator's rows, once, as served (description also as system prompt), into `out`: row
-# `row` on test + in-distribution, its conditioning controls and the user-style descriptions on test.
-test_rows() { local row=$1 out=$2 ck=$3
-  gen "$row" "$out" --generator "$ck" --task-set table --rows "$row" --system-prompt
-  gen "${row}_controls" "$out" --generator "$ck" --task-set test --rows "${row}_random" "${row}_other" --system-prompt
-  gen "${row}_user" "$out" --generator "$ck" --task-set test --rows "${row}_user" --user-descriptions --system-prompt; }
+# `row` on test + in-distribution, its conditioning controls and the user-style descriptions on test
+# (more `generate` options after the checkpoint).
+test_rows() { local row=$1 out=$2 ck=$3; shift 3
+  gen "$row" "$out" --generator "$ck" --task-set table --rows "$row" --system-prompt "$@"
+  gen "${row}_controls" "$out" --generator "$ck" --task-set test --rows "${row}_random" "${row}_other" --system-prompt "$@"
+  gen "${row}_user" "$out" --generator "$ck" --task-set test --rows "${row}_user" --user-descriptions --system-prompt "$@"; }
 
 case "$phase" in
 oracles)
@@ -319,12 +320,7 @@ anchors)
   win=$($PY -c "import json; print(json.load(open('$WORK/choice_anchors.json'))['chosen'])")
   if [ "$win" != incumbent ]; then
     a=${win#anchor_a}; k=${a#*_k}; a=${a%%_k*}
-    blend=(--anchor-blend "$a" --anchor-k "$k")
-    gen anchor "$qt" --generator "$INIT" --task-set table --rows loragen_anchor --system-prompt "${blend[@]}"
-    gen anchor_controls "$qt" --generator "$INIT" --task-set test --rows loragen_anchor_random loragen_anchor_other \
-      --system-prompt "${blend[@]}"
-    gen anchor_user "$qt" --generator "$INIT" --task-set test --rows loragen_anchor_user --user-descriptions \
-      --system-prompt "${blend[@]}"
+    test_rows loragen_anchor "$qt" "$INIT" --anchor-blend "$a" --anchor-k "$k"
     waitall
   fi
   for f in "$WORK"/eval_*anchor*.log; do echo "== $f"; tail -n 2 "$f"; done
