@@ -254,3 +254,22 @@ def test_anchor_blend_pulls_towards_the_nearest_training_descriptions(tasks, tin
     assert not torch.allclose(a_plain[first], a_pulled[first], atol=1e-5)
     with pytest.raises(ValueError, match="training tasks"):
         generated_adapters(ck, val, "description", [0], "cpu", by, blend=AnchorBlend(0.5), anchor_tasks=[])
+
+
+def test_adapter_scale_multiplies_dw(tasks, tiny_generator_ckpt):  # noqa: F811
+    """--adapter-scale S: the same A, S x B (so S x dW), recorded in the row's meta."""
+    import torch
+
+    from benchmarks.quality.generate import generated_adapters
+
+    splits = load_splits(TASKS)
+    by = {t.name: t for t in tasks}
+    val = [by[n] for n in splits.validation[:1]]
+    plain, slots, _, info = generated_adapters(str(tiny_generator_ckpt), val, "description", [0], "cpu", by)
+    half, _, _, info_half = generated_adapters(str(tiny_generator_ckpt), val, "description", [0], "cpu", by,
+                                               adapter_scale=0.5)
+    assert "adapter_scale" not in info and info_half["adapter_scale"] == 0.5
+    for a, b in zip(plain, half):
+        for m in a.A:
+            assert torch.equal(a.A[m], b.A[m]) and torch.allclose(a.B[m] * 0.5, b.B[m])
+            assert torch.allclose(a.delta(m, 0) * 0.5, b.delta(m, 0), atol=1e-6)

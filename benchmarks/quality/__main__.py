@@ -89,6 +89,8 @@ def main(argv=None) -> None:
                         "nearest training descriptions' (anchors.py; an experiment, default: off)")
     g.add_argument("--anchor-k", type=int, default=5, help="with --anchor-blend: nearest training descriptions")
     g.add_argument("--anchor-temperature", type=float, default=0.1, help="with --anchor-blend: softmax temperature")
+    g.add_argument("--adapter-scale", type=float, default=1.0, metavar="S",
+                   help="generated rows: multiply every adapter's dW by S (an experiment; default 1)")
     g.add_argument("--limit-tasks", type=int, help="first N tasks of the set (dry runs)")
     g.add_argument("--only", nargs="+", help="only these tasks of the set (dry runs)")
     g.add_argument("--limit-instances", type=int, help="first N test instances per task (dry runs)")
@@ -166,6 +168,8 @@ def main(argv=None) -> None:
             blend = None if a.anchor_blend is None else AnchorBlend(a.anchor_blend, a.anchor_k, a.anchor_temperature)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
+        if not a.adapter_scale > 0:
+            raise SystemExit(f"error: --adapter-scale must be positive, got {a.adapter_scale}")
         times = run_rows(
             a.rows, chosen, Path(a.out), a.device, oracles=a.oracles,
             train_task_names=splits.train_tasks([t.name for t in tasks]), max_rows=max_rows,
@@ -174,7 +178,7 @@ def main(argv=None) -> None:
             user_descriptions=dict(splits.user_descriptions) if a.user_descriptions else None,
             system_prompt=a.system_prompt, steps=a.sampler_steps, guidance=a.guidance,
             num_descriptions=a.num_descriptions,
-            blend=blend,
+            blend=blend, adapter_scale=a.adapter_scale,
         )
         print(json.dumps({k: round(v, 1) for k, v in times.items()}))
     else:

@@ -207,14 +207,15 @@ def generated_adapters(
     ckpt: str | Path, tasks: Sequence[Task], conditioning: str, seeds: Sequence[int], device: str,
     all_tasks: dict[str, Task], descriptions_of: Callable[[Task], Sequence[str]] = eval_descriptions,
     steps: int | None = None, guidance: float | None = None,
-    blend: AnchorBlend | None = None, anchor_tasks: Sequence[Task] = (),
+    blend: AnchorBlend | None = None, anchor_tasks: Sequence[Task] = (), adapter_scale: float = 1.0,
 ) -> tuple[list[LoRAAdapter], dict[tuple[str, str], int], dict[tuple[str, str], str], dict]:
     """Adapters from a generator checkpoint: per task, its descriptions (`descriptions_of`) x seeds.
 
     conditioning: "description" (the task's descriptions), "random" (random strings of the same
     length) or "other" (another task's descriptions). `steps` / `guidance` override the
     checkpoint's sampler. `blend` conditions on a blend with the nearest descriptions of
-    `anchor_tasks` (the training tasks; `anchors.py`). Returns (adapters, {(task, variant): slot},
+    `anchor_tasks` (the training tasks; `anchors.py`); `adapter_scale` multiplies every adapter's
+    dW (its B factors). Returns (adapters, {(task, variant): slot},
     {(task, variant): the text the adapter was generated from}, info).
     """
     from generator.adapter import unstack_adapters
@@ -244,6 +245,8 @@ def generated_adapters(
             cond, top1 = blend.apply(gen.encoder.encode(descs), anchors)
             nearest += top1.tolist()
             made = unstack_adapters(gen.target, *gen.generate_factors(cond, descs, seed, steps, guidance))
+        if adapter_scale != 1.0:
+            made = [LoRAAdapter(a.target, a.A, {m: b * adapter_scale for m, b in a.B.items()}) for a in made]
         seconds += time.perf_counter() - t0
         for key, d, a in zip(keys, descs, made):
             slot_of[key] = len(adapters)
@@ -255,6 +258,8 @@ def generated_adapters(
     if blend is not None:
         info["anchor_blend"] = {**blend.to_dict(), "anchors": len(anchor_texts),
                                 "nearest_cosine_mean": round(sum(nearest) / len(nearest), 4)}
+    if adapter_scale != 1.0:
+        info["adapter_scale"] = adapter_scale
     return adapters, slot_of, text_of, info
 
 
@@ -320,6 +325,7 @@ def run_rows(
     guidance: float | None = None,
     num_descriptions: int = NUM_DESCRIPTIONS,
     blend: AnchorBlend | None = None,
+    adapter_scale: float = 1.0,
 ) -> dict[str, float]:
     """Generate every requested row into `out/<row>.jsonl`; returns seconds per row.
 
@@ -334,7 +340,8 @@ def run_rows(
         try:
             times[row] = _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, generator_ckpt,
                                   conditioning, seeds, all_tasks, progress, limit_instances,
-                                  user_descriptions, system_prompt, steps, guidance, num_descriptions, blend)
+                                  user_descriptions, system_prompt, steps, guidance, num_descriptions, blend,
+                                  adapter_scale)
         except Exception:  # one broken row must not cost the others (a GPU call is precious)
             import traceback
 
@@ -349,7 +356,7 @@ def run_rows(
 
 def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, generator_ckpt, conditioning, seeds,
              all_tasks, progress, limit_instances, user_descriptions=None, system_prompt=False, steps=None,
-             guidance=None, num_descriptions=NUM_DESCRIPTIONS, blend=None) -> float:
+             guidance=None, num_descriptions=NUM_DESCRIPTIONS, blend=None, adapter_scale=1.0) -> float:
     """Generate one row into `path`; returns its seconds."""
     t0 = time.perf_counter()
     model, tok, _ = load_base_model(device)
@@ -395,7 +402,7 @@ def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, gene
         all_tasks = all_tasks or {t.name: t for t in tasks}
         adapters, slot_of, text_of, extra = generated_adapters(
             generator_ckpt, tasks, cond, seeds, device, all_tasks, descriptions_of, steps, guidance,
-            blend, [all_tasks[n] for n in train_task_names if n in all_tasks])
+            blend, [all_tasks[n] for n in train_task_names if n in all_tasks], adapter_scale)
         extra |= {"descriptions": "user" if user_descriptions is not None else "eval", "system_prompt": system_prompt}
         multi = multi_with(model, adapters)
         variants = lambda t: [f"d{j}s{s}" for s in seeds for j in range(len(descriptions_of(t)))]

@@ -10,6 +10,7 @@
 #   bash benchmarks/quality/gpu_pipeline.sh sft_eval  # a short sft (SFT_ONLY variants) and eval_sft in one call
 #   bash benchmarks/quality/gpu_pipeline.sh sampler   # the shipped checkpoint's sampler chosen again on validation
 #   bash benchmarks/quality/gpu_pipeline.sh anchors   # conditioning blended with the nearest training descriptions
+#   bash benchmarks/quality/gpu_pipeline.sh variants  # other served-time variants ($VARIANTS, e.g. scale_0.75)
 #   bash benchmarks/quality/gpu_pipeline.sh latency   # CUDA-graph tests + generation latency of $INIT
 #
 # train: LoRAGen on all training tasks (with snapshots along its denoiser steps: quality against
@@ -294,39 +295,51 @@ sampler)
     $(cd "$WORK" && ls eval_*sampler*.log) $( [ -d "$qt" ] && echo q_test_sampler )
   echo "sampler phase done at $((SECONDS - start)) s"
   ;;
-anchors)
-  # Conditioning on a blend of the description and its nearest training descriptions
-  # (benchmarks/quality/anchors.py), on validation as served (description also as system prompt,
-  # 2 descriptions per task), against $INIT as served. ANCHOR_SETTINGS: alpha:k pairs. The best
-  # validation EM wins (ties: the incumbent); a winning blend's rows on test (+ in-distribution),
-  # once.
-  qv="$WORK/q_validation_anchors" qt="$WORK/q_test_anchors"
+anchors|variants)
+  # Served-time variants of $INIT, on validation as served (description also as system prompt, 2
+  # descriptions per task), against $INIT as served. VARIANTS: row names that say their options:
+  # anchor_a<ALPHA>_k<K> (--anchor-blend ALPHA --anchor-k K: the description blended with its
+  # nearest training descriptions, anchors.py), scale_<S> (--adapter-scale S: every adapter's dW
+  # times S). `anchors` is `variants` with the blends of quality_anchors.md. The best validation EM
+  # wins (ties: the incumbent); the winner's rows on test (+ in-distribution), once, as
+  # loragen_anchor* / loragen_scale*.
+  if [ "$phase" = anchors ]; then
+    VARIANTS=${VARIANTS:-"anchor_a0.0_k1 anchor_a0.0_k5 anchor_a0.5_k5 anchor_a0.75_k5 anchor_a0.9_k5"}
+  fi
+  variant_opts() { case $1 in
+    anchor_a*_k*) local a=${1#anchor_a}; echo "--anchor-blend ${a%%_k*} --anchor-k ${a#*_k}" ;;
+    scale_*) echo "--adapter-scale ${1#scale_}" ;;
+    *) echo "unknown variant $1 (anchor_a<ALPHA>_k<K> | scale_<S>)" >&2; return 1 ;;
+  esac; }
+  for v in ${VARIANTS:?set VARIANTS}; do variant_opts "$v" > /dev/null; done  # a typo fails before any GPU work
+  qv="$WORK/q_validation_$phase" qt="$WORK/q_test_$phase"
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"  # once, before the readers
   cands=(--candidate "incumbent=$INIT")
-  gen val_anchor_incumbent "$qv" --generator "$INIT" --task-set validation --rows incumbent --system-prompt \
+  gen "val_${phase}_incumbent" "$qv" --generator "$INIT" --task-set validation --rows incumbent --system-prompt \
     --num-descriptions 2
   n=1
-  for ak in ${ANCHOR_SETTINGS:-0.0:1 0.0:5 0.5:5 0.75:5 0.9:5}; do
-    row="anchor_a${ak%%:*}_k${ak##*:}"
-    gen "val_$row" "$qv" --generator "$INIT" --task-set validation --rows "$row" --system-prompt --num-descriptions 2 \
-      --anchor-blend "${ak%%:*}" --anchor-k "${ak##*:}"
-    cands+=(--candidate "$row=$INIT")
+  for v in $VARIANTS; do
+    gen "val_${phase}_$v" "$qv" --generator "$INIT" --task-set validation --rows "$v" --system-prompt \
+      --num-descriptions 2 $(variant_opts "$v")
+    cands+=(--candidate "$v=$INIT")
     n=$((n + 1)); if [ $((n % 3)) = 0 ]; then waitall; fi  # three row processes at a time
   done
   waitall
   echo "validation done at $((SECONDS - start)) s"
   $PY -m benchmarks.quality choose-checkpoint --tasks data/sni/tasks --validation "$qv" "${cands[@]}" \
-    --out "$WORK/choice_anchors.json" | tee "$OUT/choice_anchors.txt"
-  win=$($PY -c "import json; print(json.load(open('$WORK/choice_anchors.json'))['chosen'])")
+    --out "$WORK/choice_$phase.json" | tee "$OUT/choice_$phase.txt"
+  win=$($PY -c "import json; print(json.load(open('$WORK/choice_$phase.json'))['chosen'])")
   if [ "$win" != incumbent ]; then
-    a=${win#anchor_a}; k=${a#*_k}; a=${a%%_k*}
-    test_rows loragen_anchor "$qt" "$INIT" --anchor-blend "$a" --anchor-k "$k"
+    test_rows "loragen_${win%%_*}" "$qt" "$INIT" $(variant_opts "$win")
     waitall
   fi
-  for f in "$WORK"/eval_*anchor*.log; do echo "== $f"; tail -n 2 "$f"; done
-  tar czf "$OUT/generations_anchors.tgz" -C "$WORK" q_validation_anchors choice_anchors.json \
-    $(cd "$WORK" && ls eval_*anchor*.log) $( [ -d "$qt" ] && echo q_test_anchors )
-  echo "anchors phase done at $((SECONDS - start)) s"
+  for f in "$WORK"/eval_*"$phase"*.log "$WORK"/eval_loragen_"${win%%_*}"*.log; do
+    if [ -f "$f" ]; then echo "== $f"; tail -n 2 "$f"; fi
+  done
+  tar czf "$OUT/generations_$phase.tgz" -C "$WORK" "q_validation_$phase" "choice_$phase.json" \
+    $(cd "$WORK" && ls eval_*"$phase"*.log eval_loragen_"${win%%_*}"*.log 2>/dev/null) \
+    $( [ -d "$qt" ] && echo "q_test_$phase" )
+  echo "$phase phase done at $((SECONDS - start)) s"
   ;;
 latency)
   # Issue 12's generator figures for $INIT: the CUDA-graph tests (sampler, encoder, the pinned copy

@@ -179,6 +179,8 @@ def _setting(meta: dict) -> str:
         out += ", user-style descriptions"
     if blend := meta.get("anchor_blend"):
         out += f", anchor blend alpha {blend['alpha']} k {blend['k']}"
+    if meta.get("adapter_scale", 1.0) != 1.0:
+        out += f", adapter scale {meta['adapter_scale']}"
     return out
 
 
