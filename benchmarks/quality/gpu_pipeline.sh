@@ -91,6 +91,14 @@ test_rows() { local row=$1 out=$2 ck=$3; shift 3
   gen "$row" "$out" --generator "$ck" --task-set table --rows "$row" --system-prompt "$@"
   gen "${row}_controls" "$out" --generator "$ck" --task-set test --rows "${row}_random" "${row}_other" --system-prompt "$@"
   gen "${row}_user" "$out" --generator "$ck" --task-set test --rows "${row}_user" --user-descriptions --system-prompt "$@"; }
+# The best of the candidates (`--candidate ROW=CHECKPOINT` ...) on validation folder `qv` (ties: the
+# first, the incumbent), recorded in $WORK/choice_<tag>.json and $OUT/choice_<tag>.txt; prints the
+# choice's field `key` ("chosen": the row, "checkpoint": its checkpoint).
+choose_best() { local tag=$1 key=$2 qv=$3; shift 3
+  $PY -m benchmarks.quality choose-checkpoint --tasks data/sni/tasks --validation "$qv" "$@" \
+    --out "$WORK/choice_$tag.json" > "$OUT/choice_$tag.txt"
+  cat "$OUT/choice_$tag.txt" >&2
+  $PY -c "import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$WORK/choice_$tag.json" "$key"; }
 
 case "$phase" in
 oracles)
@@ -247,9 +255,7 @@ eval_sft)
   done
   waitall
   echo "validation done at $((SECONDS - start)) s"
-  $PY -m benchmarks.quality choose-checkpoint --tasks data/sni/tasks --validation "$qv" "${cands[@]}" \
-    --out "$WORK/choice_sft.json" | tee "$OUT/choice_sft.txt"
-  win=$($PY -c "import json; print(json.load(open('$WORK/choice_sft.json'))['checkpoint'])")
+  win=$(choose_best sft checkpoint "$qv" "${cands[@]}")
   if [ "$win" != "$INIT" ]; then
     test_rows loragen_sft "$qt" "$win"
     # The task-count point of SFT (the 204-task run), on test, 1 description per task, as the curves.
@@ -326,9 +332,7 @@ anchors|variants)
   done
   waitall
   echo "validation done at $((SECONDS - start)) s"
-  $PY -m benchmarks.quality choose-checkpoint --tasks data/sni/tasks --validation "$qv" "${cands[@]}" \
-    --out "$WORK/choice_$phase.json" | tee "$OUT/choice_$phase.txt"
-  win=$($PY -c "import json; print(json.load(open('$WORK/choice_$phase.json'))['chosen'])")
+  win=$(choose_best "$phase" chosen "$qv" "${cands[@]}")
   if [ "$win" != incumbent ]; then
     test_rows "loragen_${win%%_*}" "$qt" "$INIT" $(variant_opts "$win")
     waitall
