@@ -31,6 +31,17 @@ def test_moe_output_is_the_gated_sum_of_chosen_experts():
     assert torch.allclose(out, expected, atol=1e-6) and aux >= 1.0 - 1e-6
 
 
+def test_top1_moe_output_is_the_chosen_experts_output():
+    torch.manual_seed(3)
+    head = MoEHead(d_in=6, d_out=3, num_experts=4, top_k=1, hidden=4, tau=1.5)
+    h = torch.randn(40, 6)
+    out, _ = head(h)
+    _, idx, _ = head.route(h)
+    assert len(idx.unique()) > 1  # the rows go to several experts
+    expected = torch.stack([head.experts[int(idx[n, 0])](h[n : n + 1])[0] for n in range(40)])
+    assert torch.allclose(out, expected, atol=1e-6)  # gate softmax([x]) = 1: copied, not scaled or summed
+
+
 def test_balance_loss_of_a_head_rises_when_its_router_collapses():
     torch.manual_seed(2)
     head = MoEHead(d_in=6, d_out=3, num_experts=4, top_k=1, hidden=4, tau=1.5)
@@ -60,6 +71,23 @@ def test_encode_decode_shapes_and_module_major_tokens():
     assert changed.nonzero().flatten().tolist() == [30]
 
 
+def test_decoding_whole_adapters_equals_decoding_their_tokens():
+    """`decode` broadcasts the layer statistics over adapters; per-token decoding gathers them."""
+    torch.manual_seed(4)
+    target = TargetSpec.smollm2()
+    lae = LoRAAutoencoder(target, LAEConfig())
+    L = target.num_layers
+    with torch.no_grad():
+        for name, buf in lae.named_buffers():  # statistics that differ by layer
+            buf.copy_(torch.randn_like(buf) if "mean" in name else torch.rand_like(buf) + 0.5)
+        z = torch.randn(3, 2 * L, 64)
+        A, B, _ = lae.decode(z)
+        for i, m in enumerate(target.modules):
+            layers = torch.arange(L).repeat(3)
+            a, b, _ = lae.decode_tokens(m, z[:, i * L : (i + 1) * L].reshape(3 * L, -1), layers)
+            assert torch.equal(A[m], a.view(3, L, *a.shape[1:])) and torch.equal(B[m], b.view(3, L, *b.shape[1:]))
+
+
 def test_lae_reconstructs_a_32_adapter_library(loragen32):
     gen, data = loragen32
     lae = gen.model.lae
@@ -74,5 +102,6 @@ def test_lae_reconstructs_a_32_adapter_library(loragen32):
     # Magnitudes too, not only directions (the spectral loss): ||dW_hat|| / ||dW|| near 1.
     from generator.models.losses import delta_norm
 
-    ratio = torch.cat([(delta_norm(A_hat[m], B_hat[m]) / delta_norm(data.A[m], data.B[m])).flatten() for m in data.target.modules])
+    ratio = torch.cat([(delta_norm(A_hat[m], B_hat[m]) / delta_norm(data.A[m], data.B[m])).flatten()
+                       for m in data.target.modules])
     assert (ratio.median() - 1).abs() < 0.15

@@ -63,6 +63,13 @@ class MoEHead(nn.Module):
             weight = h.new_zeros(probs.shape).scatter_add(1, idx, gates)  # (N, E)
             out = sum(weight[:, e : e + 1] * expert(h) for e, expert in enumerate(self.experts))
             return out, moe_balance_loss(probs, idx)
+        if self.top_k == 1:  # each token has one expert and gate softmax([x]) = 1: copy, nothing to add
+            out = h.new_empty(h.shape[0], self.experts[0][-1].out_features)
+            for e, expert in enumerate(self.experts):
+                rows = (idx[:, 0] == e).nonzero(as_tuple=True)[0]
+                if rows.numel():
+                    out.index_copy_(0, rows, expert(h[rows]))
+            return out, moe_balance_loss(probs, idx)
         out = h.new_zeros(h.shape[0], self.experts[0][-1].out_features)
         for j in range(self.top_k):
             for e, expert in enumerate(self.experts):
@@ -135,9 +142,13 @@ class LoRAAutoencoder(nn.Module):
                 getattr(self, f"{name}_mean_{m}").copy_(mean)
                 getattr(self, f"{name}_scale_{m}").copy_(scale)
 
-    def _stats(self, name: str, m: str, layers: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean (n, ., .) and scale (n, 1, 1) of `name` in {"A", "B"} at the given layers."""
-        return getattr(self, f"{name}_mean_{m}")[layers], getattr(self, f"{name}_scale_{m}")[layers][:, None, None]
+    def _stats(self, name: str, m: str, layers: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Mean (n, ., .) and scale (n, 1, 1) of `name` in {"A", "B"} at the given layers; with
+        layers None, every layer in order: (L, ., .) and (L, 1, 1), views of the buffers."""
+        mean, scale = getattr(self, f"{name}_mean_{m}"), getattr(self, f"{name}_scale_{m}")
+        if layers is None:
+            return mean, scale[:, None, None]
+        return mean[layers], scale[layers][:, None, None]
 
     # -- token level --------------------------------------------------------------------------
 
@@ -147,17 +158,25 @@ class LoRAAutoencoder(nn.Module):
         mu_b, s_b = self._stats("B", m, layers)
         return self.encoders[m]((A - mu_a) / s_a, (B - mu_b) / s_b, self.layer_emb[layers])
 
-    def decode_tokens(self, m: str, z: Tensor, layers: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """z (n, d_z) of module m at `layers` (n,) -> adapter-scale A (n, r, d_in), B (n, d_out, r), aux loss."""
+    def decode_tokens(self, m: str, z: Tensor, layers: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """z (n, d_z) of module m at `layers` (n,) -> adapter-scale A (n, r, d_in), B (n, d_out, r), aux loss.
+
+        layers None: z holds whole adapters, n = N * L tokens in layer order (what `decode` passes);
+        the layer statistics then broadcast over the N adapters instead of being gathered per token.
+        """
         i = self.target.modules.index(m)
         d_in, d_out = self.target.shapes[m]
-        n, r = z.shape[0], self.target.rank
-        s = torch.cat([z, self.module_emb[i].expand(n, -1), self.layer_emb[layers]], -1)  # [z; e_m; e_l]
+        n, r, L = z.shape[0], self.target.rank, self.target.num_layers
+        e_l = self.layer_emb[layers] if layers is not None else self.layer_emb.repeat(n // L, 1)
+        s = torch.cat([z, self.module_emb[i].expand(n, -1), e_l], -1)  # [z; e_m; e_l]
         ya, aux_a = self.heads_a[m](s)
         yb, aux_b = self.heads_b[m](s)
         mu_a, s_a = self._stats("A", m, layers)
         mu_b, s_b = self._stats("B", m, layers)
-        return ya.view(n, r, d_in) * s_a + mu_a, yb.view(n, d_out, r) * s_b + mu_b, (aux_a + aux_b) / 2
+        lead = (n,) if layers is not None else (n // L, L)
+        A = ya.view(*lead, r, d_in).mul_(s_a).add_(mu_a).view(n, r, d_in)  # in place: ya is the heads' own
+        B = yb.view(*lead, d_out, r).mul_(s_b).add_(mu_b).view(n, d_out, r)
+        return A, B, (aux_a + aux_b) / 2
 
     # -- whole adapters -----------------------------------------------------------------------
 
@@ -185,13 +204,12 @@ class LoRAAutoencoder(nn.Module):
         """z: (N, P, d_z) -> adapter-scale A[m] (N, L, r, d_in), B[m] (N, L, d_out, r), MoE aux loss."""
         t = self.target
         N, L = z.shape[0], t.num_layers
-        layers = torch.arange(L, device=z.device).repeat(N)
         A: dict[str, Tensor] = {}
         B: dict[str, Tensor] = {}
         aux = z.new_zeros(())
         for i, m in enumerate(t.modules):
             zm = z[:, i * L : (i + 1) * L].reshape(N * L, -1)  # (N * L, d_z)
-            a, b, x = self.decode_tokens(m, zm, layers)
+            a, b, x = self.decode_tokens(m, zm, None)
             A[m], B[m] = a.view(N, L, *a.shape[1:]), b.view(N, L, *b.shape[1:])
             aux = aux + x
         return A, B, aux / len(t.modules)
