@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from generator.config import LAEConfig, TargetSpec
@@ -19,27 +20,19 @@ def test_gates_of_chosen_experts_sum_to_one():
         assert (idx.unique(dim=1) == idx).all() if k == 1 else all(len(set(r)) == k for r in idx.tolist())
 
 
-def test_moe_output_is_the_gated_sum_of_chosen_experts():
-    torch.manual_seed(1)
-    head = MoEHead(d_in=6, d_out=3, num_experts=3, top_k=2, hidden=4, tau=1.5)
-    h = torch.randn(9, 6)
+@pytest.mark.parametrize("k", [1, 2])
+def test_moe_output_is_the_gated_sum_of_chosen_experts(k: int):
+    """Top-2 sums its experts by gate; top-1 (its own path) copies each row from its one expert."""
+    torch.manual_seed(k)
+    head = MoEHead(d_in=6, d_out=3, num_experts=4, top_k=k, hidden=4, tau=1.5)
+    h = torch.randn(40, 6)
     out, aux = head(h)
     gates, idx, _ = head.route(h)
+    assert len(idx.unique()) > 1  # the rows go to several experts
     expected = torch.stack([
-        sum(gates[n, j] * head.experts[int(idx[n, j])](h[n]) for j in range(2)) for n in range(9)
+        sum(gates[n, j] * head.experts[int(idx[n, j])](h[n]) for j in range(k)) for n in range(40)
     ])
     assert torch.allclose(out, expected, atol=1e-6) and aux >= 1.0 - 1e-6
-
-
-def test_top1_moe_output_is_the_chosen_experts_output():
-    torch.manual_seed(3)
-    head = MoEHead(d_in=6, d_out=3, num_experts=4, top_k=1, hidden=4, tau=1.5)
-    h = torch.randn(40, 6)
-    out, _ = head(h)
-    _, idx, _ = head.route(h)
-    assert len(idx.unique()) > 1  # the rows go to several experts
-    expected = torch.stack([head.experts[int(idx[n, 0])](h[n : n + 1])[0] for n in range(40)])
-    assert torch.allclose(out, expected, atol=1e-6)  # gate softmax([x]) = 1: copied, not scaled or summed
 
 
 def test_balance_loss_of_a_head_rises_when_its_router_collapses():
