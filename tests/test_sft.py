@@ -82,14 +82,21 @@ def test_loragen_sft_trains_the_denoiser_through_the_sampler(base_model_dir, tin
     """From a reconstruction-trained LoRAGen, with the contrastive term and the probe: the denoiser
     and decoder move, the LAE encoder (no part of generation) does not, the checkpoint serves with
     the sampler it was trained through and records the term's settings, its last step's CE gap and
-    the last probe (also in probe.jsonl, one line per probed step)."""
+    the last probe (also in probe.jsonl, one line per probed step); each snapshot step leaves a
+    checkpoint of the weights at that step (the last one's are the final weights)."""
     init = Generator.load(tiny_generator_ckpt)
     sft = SFTConfig(tasks_per_step=2, examples_per_task=2, system_prompt=True, sampler_steps=3, guidance=2.0,
                     contrast_weight=1.0, contrast_margin=0.25)
     probe_task = load_splits(TASKS_DIR).validation[0]
     gen = train_sft(tmp_path / "ck", "loragen", TASKS_DIR, NAMES, init=tiny_generator_ckpt, sft=sft, **TINY,
-                    probe_tasks=[probe_task], probe_every=1)
+                    probe_tasks=[probe_task], probe_every=1, snapshots=[1, 2])
     assert gen.kind == "loragen" and gen.extra["init"] == init.fingerprint
+    snaps = {n: Generator.load(tmp_path / "ck" / "snapshots" / f"sft-{n}") for n in (1, 2)}
+    assert {n: g.extra["snapshot"] for n, g in snaps.items()} == {1: {"sft_step": 1}, 2: {"sft_step": 2}}
+    assert all(g.sampler == gen.sampler and g.extra["init"] == init.fingerprint for g in snaps.values())
+    final_state, s1, s2 = gen.model.state_dict(), snaps[1].model.state_dict(), snaps[2].model.state_dict()
+    assert all(torch.equal(s2[n], final_state[n]) for n in final_state)
+    assert not all(torch.equal(s1[n], s2[n]) for n in s2), "the step-1 snapshot holds the final weights"
     probes = [json.loads(line) for line in (tmp_path / "ck" / "probe.jsonl").read_text().splitlines()]
     assert [p["step"] for p in probes] == [1, 2]  # every step, the last included
     assert gen.extra["probe"]["tasks"] == [probe_task]
@@ -116,6 +123,12 @@ def test_loragen_sft_trains_through_the_sampler_init_is_served_with(base_model_d
                     sft=SFTConfig(tasks_per_step=2, examples_per_task=2), **TINY | dict(cfg=TrainConfig(steps=1)))
     assert gen.sampler == {"steps": 2, "guidance": 1.5}
     assert gen.extra["sft"]["sampler_steps"] == 2 and gen.extra["sft"]["guidance"] == 1.5
+
+
+@pytest.mark.parametrize("steps", [[0], [3]])
+def test_snapshot_steps_outside_the_run_are_refused(tiny_generator_ckpt, tmp_path, steps):  # noqa: F811
+    with pytest.raises(ValueError, match=r"snapshot steps must lie in 1\.\.2"):
+        train_sft(tmp_path / "ck", "loragen", TASKS_DIR, NAMES, init=tiny_generator_ckpt, **TINY, snapshots=steps)
 
 
 def test_probe_tasks_must_be_held_out(tiny_generator_ckpt, tmp_path):  # noqa: F811

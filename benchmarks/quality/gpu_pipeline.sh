@@ -8,6 +8,7 @@
 #   bash benchmarks/quality/gpu_pipeline.sh sft       # LoRAGen SFT variants from the shipped checkpoint
 #   bash benchmarks/quality/gpu_pipeline.sh eval_sft  # incumbent vs SFT on validation; the winner on test
 #   bash benchmarks/quality/gpu_pipeline.sh sft_eval  # a short sft (SFT_ONLY variants) and eval_sft in one call
+#   bash benchmarks/quality/gpu_pipeline.sh sft_curve # SFT from the reconstruction checkpoint, snapshots, eval_sft
 #   bash benchmarks/quality/gpu_pipeline.sh sampler   # the shipped checkpoint's sampler chosen again on validation
 #   bash benchmarks/quality/gpu_pipeline.sh anchors   # conditioning blended with the nearest training descriptions
 #   bash benchmarks/quality/gpu_pipeline.sh variants  # other served-time variants ($VARIANTS, e.g. scale_0.75)
@@ -25,7 +26,7 @@
 #   controls, T2L (recon) and T2L (SFT).
 # sft / eval_sft: SFT_ONLY (the variants to train), SFT_STEPS, SFT_LR, SFT_DEADLINE_S (sft_eval's
 #   share for sft), SFT_CONTROLS (rows, e.g. "incumbent loragen_sft_contrast", whose conditioning
-#   controls eval_sft also generates on validation).
+#   controls eval_sft also generates on validation), MAX_ROWS (row processes at a time, default 5).
 # Results go to $OUT (at most 8 files, 16 MiB each). Scores: python -m benchmarks.quality score ...
 # Env: WORK (/tmp/runs), CK (/tmp/ck), DEADLINE_S (per call, default 560), DRY=1 (tiny CPU run).
 set -euo pipefail
@@ -60,6 +61,8 @@ print('\n'.join(order[:8] + list(s.validation[:2]) + list(s.test[:2])))")
     --probe-tasks-file "$WORK/subsets/dry_probe.txt")
   mkdir -p "$WORK/subsets" && printf '%s\n' "${DRY_TASKS[@]:0:4}" > "$WORK/subsets/dry.txt"
   printf '%s\n' "${DRY_TASKS[@]:8:1}" > "$WORK/subsets/dry_probe.txt"  # one validation task
+  CURVE=(--steps 2 --tasks-per-step 2 --examples-per-task 2 --tasks-file "$WORK/subsets/dry.txt"
+    --probe-tasks-file "$WORK/subsets/dry_probe.txt" --snapshots 1 --probe-every 1)
 else
   DEV=cuda
   ORACLE=(--group-size 160 --tokens-per-microbatch 98304)
@@ -71,6 +74,7 @@ else
   EVAL=()
   GUIDANCES="1.0 2.0" STEPS="5 20"
   SFT_L=(--steps ${SFT_STEPS:-500} --lr ${SFT_LR:-1e-4})
+  CURVE=(--steps "${SFT_STEPS:-200}" --snapshots ${CURVE_SNAPSHOTS:-50 100 150} --probe-every 50)
 fi
 INIT=${INIT:-generator/checkpoints/default}  # the incumbent: where LoRAGen SFT starts
 lib="$WORK/oracles/library"
@@ -246,12 +250,15 @@ eval_sft)
   cands=(--candidate "incumbent=$INIT")
   gen val_incumbent "$qv" --generator "$INIT" --task-set validation --rows incumbent --system-prompt --num-descriptions 2
   controls incumbent "$INIT"
-  for d in "$CK"/loragen_sft*/; do
-    name=$(basename "$d")
+  # Every SFT checkpoint and its snapshots (<run>/snapshots/sft-<step>: row <run>_at<step>).
+  for d in "$CK"/loragen_sft*/ "$CK"/loragen_sft*/snapshots/sft-*/; do
     [ -f "$d/config.json" ] || continue
+    name=$(basename "$d")
+    [[ $name == sft-* ]] && name="$(basename "$(dirname "$(dirname "$d")")")_at${name#sft-}"
     gen "val_$name" "$qv" --generator "$d" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
     cands+=(--candidate "$name=$d")
     controls "$name" "$d"
+    if [ ${#pids[@]} -ge "${MAX_ROWS:-5}" ]; then waitall; fi  # ten row processes ran out of memory on an H100
   done
   waitall
   echo "validation done at $((SECONDS - start)) s"
@@ -360,6 +367,33 @@ sft_eval)
   # SFT continued with the shipped sampler, against the contrastive term and the conditioning
   # noise) for SFT_DEADLINE_S, then eval_sft in the time left.
   SFT_ONLY=${SFT_ONLY:-"loragen_sft_s5 loragen_sft_contrast loragen_sft_noise"} DEADLINE_S=${SFT_DEADLINE_S:-290} bash "$0" sft
+  DEADLINE_S=$(left) bash "$0" eval_sft
+  ;;
+sft_curve)
+  # How many SFT steps, chosen on validation: LoRAGen SFT from the reconstruction-trained checkpoint
+  # $RECON (not from a shipped SFT one; the default: 40ea66f850f1, the default before SFT, staged by
+  # the caller) through the sampler the shipped checkpoint is served with (5 steps, guidance 1), at
+  # each learning rate of CURVE_LRS, writing snapshots at CURVE_SNAPSHOTS; then eval_sft scores the
+  # incumbent, every run and every snapshot on validation as served, and the best on test, once.
+  RECON=${RECON:-$CK/recon}
+  if [ ! -f "$RECON/config.json" ] && [ -f /tmp/stage/files/recon_model.safetensors ]; then
+    mkdir -p "$RECON" && cp /tmp/stage/files/recon_model.safetensors "$RECON/model.safetensors"
+    cp .devtools/recon/config.json "$RECON/config.json"
+  fi
+  $PY -c "from generator import Generator; g = Generator.load('$RECON'); print('recon', g.fingerprint[:12], g.extra.get('training'))"
+  $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"  # once, before the readers
+  for lr in ${CURVE_LRS:-3e-4 1e-4}; do
+    run "loragen_sft_lr$lr" $PY -m generator.training.sft --kind loragen --init "$RECON" --tasks data/sni/tasks \
+      --out "$CK/loragen_sft_lr$lr" --device $DEV --no-progress --threads 2 --resume --system-prompt \
+      --sampler-steps 5 --guidance 1.0 --lr "$lr" --max-seconds $(( ${SFT_DEADLINE_S:-300} - (SECONDS - start) )) \
+      "${CURVE[@]}"
+  done
+  waitall
+  for f in "$WORK"/train_loragen_sft*.log; do echo "== $f"; tail -n 2 "$f"; done
+  mkdir -p "$WORK/configs"
+  for d in "$CK"/loragen_sft*/; do [ -f "$d/probe.jsonl" ] && cp "$d/probe.jsonl" "$WORK/configs/$(basename "$d")_probe.jsonl"; done
+  (cd "$WORK" && tar czf "$OUT/sft_logs.tgz" train_loragen_sft*.log configs)
+  echo "sft done at $((SECONDS - start)) s"
   DEADLINE_S=$(left) bash "$0" eval_sft
   ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;

@@ -58,6 +58,10 @@ output-token CE of held-out tasks' test examples under their descriptions' adapt
 random strings' (`generator.training.probe`), printed and appended to `<out>/probe.jsonl`: whether
 SFT still moves what matters on tasks it never trains on, step by step.
 
+Snapshots (`snapshots`): at those steps a generator checkpoint of the weights so far is also written
+to `<out>/snapshots/sft-<step>/` (served with the run's sampler), so that the SFT step count can be
+chosen on validation from one run (quality against SFT steps).
+
 The checkpoint is a normal generator (extra.training = "sft"), loaded and used like any other.
 
     python -m generator.training.sft --kind loragen --init generator/checkpoints/default --out runs/loragen_sft
@@ -69,6 +73,7 @@ The checkpoint is a normal generator (extra.training = "sft"), loaded and used l
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -282,6 +287,7 @@ def train_sft(
     log_every: int = 0,
     probe_tasks: Sequence[str] | None = None,
     probe_every: int = 0,
+    snapshots: Sequence[int] = (),
 ) -> Generator:
     """Train a generator by SFT on `names` (default: the train split) of `tasks_dir`.
 
@@ -292,11 +298,16 @@ def train_sft(
     state stays, so `resume=True` continues. `log_every`: print the step's logs every that many
     steps (0: only the progress bar shows them). `probe_tasks` (default: the validation split) are
     probed every `probe_every` steps and at the last (0: never; see the module's docstring).
+    `snapshots`: steps at which the weights so far are also written as a checkpoint to
+    `<out>/snapshots/sft-<step>/`.
     """
     started = time.monotonic()
     cfg, sft = cfg or TrainConfig(), sft or SFTConfig()
     names = list(names) if names is not None else list(load_splits(tasks_dir).train)
     k = sft.tasks_in_step(len(names))  # before any loading: a contrastive run needs two tasks a step
+    snapshot_steps = set(snapshots)
+    if any(n < 1 or n > cfg.steps for n in snapshot_steps):
+        raise ValueError(f"snapshot steps must lie in 1..{cfg.steps}: {sorted(snapshot_steps)}")
     torch.manual_seed(cfg.seed)
     model, kind, target, configs, init_fp, served = _initial_model(kind, init, library, model_cfg)
     if kind == "loragen":  # what is not set: the sampler init is served with
@@ -324,7 +335,16 @@ def train_sft(
     multi = MultiLoRA(base, target, num_adapters=1)
     cond_all = data.cond.to(device)
 
-    def probe_at(stage: str, step: int) -> None:
+    def on_step(stage: str, step: int) -> None:
+        """After each step: a snapshot if `step` is one, then the probe."""
+        if step in snapshot_steps:
+            Generator(kind, target, copy.deepcopy(model).cpu(), configs, sampler,
+                      extra={"training": "sft", "init": init_fp, "library": {"tasks": data.names},
+                             "train": cfg.to_dict(), "sft": vars(sft), "snapshot": {"sft_step": step}},
+                      ).save(Path(out) / "snapshots" / f"sft-{step}")
+        probe_at(step)
+
+    def probe_at(step: int) -> None:
         """The probe every `probe_every` steps and at the last; printed and appended to probe.jsonl."""
         if probe is None or (step % probe_every and step != cfg.steps):
             return
@@ -335,7 +355,7 @@ def train_sft(
             f.write(json.dumps(line) + "\n")
         tqdm.write(f"{kind}_sft probe step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in probe_log.items()))
 
-    run = TrainingRun(f"{kind}_sft", Path(out), identity, resume, progress, callback=probe_at, log_every=log_every)
+    run = TrainingRun(f"{kind}_sft", Path(out), identity, resume, progress, callback=on_step, log_every=log_every)
 
     def example(task: int, desc: int, i: int) -> tuple[list[int], int]:
         """(prompt + output ids, prompt length) of train instance i of a task."""
@@ -406,6 +426,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--probe-every", type=int, default=0,
                     help="probe the validation tasks every N steps and at the last: CE right vs random string (0: never)")
     ap.add_argument("--probe-tasks-file", help="probe the task names in this file (default: the validation split)")
+    ap.add_argument("--snapshots", type=int, nargs="*", default=[],
+                    help="steps at which to also write <out>/snapshots/sft-<step>/ (choose the step count on validation)")
     ap.add_argument("--checkpoint-every", type=int, default=200)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1)
@@ -424,7 +446,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         a.sampler_steps, a.guidance, a.contrast_weight, a.contrast_margin, a.cond_noise)
         gen = train_sft(a.out, a.kind, a.tasks, names, a.init, a.library, cfg=cfg, sft=sft, device=a.device,
                         resume=a.resume, progress=not a.no_progress, max_seconds=a.max_seconds,
-                        log_every=a.log_every, probe_tasks=probe_tasks, probe_every=a.probe_every)
+                        log_every=a.log_every, probe_tasks=probe_tasks, probe_every=a.probe_every,
+                        snapshots=a.snapshots)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     stopped = gen.extra.get("stopped_at")
