@@ -136,7 +136,7 @@ def test_table_scores_from_generation_files(tasks, tmp_path):
     assert q["rows"]["loragen"]["in_distribution"] is None  # none of its tasks evaluated
 
 
-def _validation_row(folder: Path, by: dict, name: str, correct: dict[str, bool]) -> None:
+def _validation_row(folder: Path, by: dict, name: str, correct: dict[str, bool], **meta_extra) -> None:
     """A generation file `<folder>/<name>.jsonl` answering each task's test instances right or wrong."""
     from benchmarks.quality.generate import Prompt, write_row
 
@@ -145,8 +145,28 @@ def _validation_row(folder: Path, by: dict, name: str, correct: dict[str, bool])
         _, test = split_instances(by[task])
         prompts += [Prompt(task, i, "d0s0", []) for i in range(len(test))]
         preds += [x.outputs[0] if ok else "wrong answer" for x in test]
-    meta = {"row": name, "commit": "c", "machine": "m", "date": "d", "command": "x"}
+    meta = {"row": name, "commit": "c", "machine": "m", "date": "d", "command": "x", **meta_extra}
     write_row(folder / f"{name}.jsonl", meta, prompts, preds)
+
+
+def test_sft_step_curve_from_snapshot_rows(tasks, tmp_path):
+    """Rows of an SFT run with snapshots become one curve against SFT steps (the run's last row at
+    the step its generations record); SFT rows without snapshots (the incumbent) stay off it and the
+    incumbent is the reference line; the plot is written."""
+    from benchmarks.quality.curves import curves, plot
+
+    splits = load_splits(TASKS)
+    by = {t.name: t for t in tasks}
+    a, b = splits.validation[:2]
+    _validation_row(tmp_path, by, "incumbent", {a: True, b: False}, sft_step=150)
+    _validation_row(tmp_path, by, "loragen_sft_lr3e-4_at50", {a: False, b: False}, sft_step=50)
+    _validation_row(tmp_path, by, "loragen_sft_lr3e-4_at100", {a: True, b: True}, sft_step=100)
+    _validation_row(tmp_path, by, "loragen_sft_lr3e-4", {a: True, b: False}, sft_step=200)
+    c = curves(str(TASKS), {"validation": tmp_path})["validation"]
+    assert c["sft"] == {"loragen_sft_lr3e-4": {50: 0.0, 100: 100.0, 200: 50.0}}
+    assert c["incumbent"] == 50.0 and c["tasks"] == {} and c["steps"] == {}
+    plot({"validation": c}, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
 
 
 def test_checkpoint_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path):  # noqa: F811

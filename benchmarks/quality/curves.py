@@ -3,8 +3,11 @@
 Reads the curve rows of the quality pipeline (one evaluation description per task, the
 checkpoint's own sampler): `loragen_n<N>` (LoRAGen trained on the first N training tasks) and
 `loragen_dit-<S>` (the all-task LoRAGen after S denoiser steps; its last snapshot is the point
-"all tasks" of the first curve), in a validation and a test folder. Writes `<stem>.json` and
-`<stem>.png` with both curves, validation and test, and the 3-shot and oracle rows for scale.
+"all tasks" of the first curve), in a validation and a test folder; and SFT runs with snapshots
+(`gpu_pipeline.sh sft_curve`): rows `<run>_at<S>` and `<run>` whose generations record `sft_step`,
+one curve per run against SFT steps, beside the `incumbent` row (the shipped default). Writes
+`<stem>.json` and `<stem>.png` with the curves that have points, validation and test, and the
+3-shot and oracle rows for scale.
 
     python -m benchmarks.quality.curves --tasks data/sni/tasks --validation runs/q_validation \
         --test runs/q_test --results benchmarks/results
@@ -22,12 +25,24 @@ from generator.data.sni import load_splits, load_tasks
 from .score import read_row, score_answers
 
 N_RE, S_RE = re.compile(r"^loragen_n(\d+)$"), re.compile(r"^loragen_dit-(\d+)$")
+AT_RE = re.compile(r"_at\d+$")  # an SFT snapshot's row: <run>_at<step>
 
 
 def _em(path: Path, tasks: dict, names: list[str]) -> float | None:
     meta, answers = read_row(path)
     per_task = score_answers(answers, {n: tasks[n] for n in names if n in tasks})
     return round(sum(v["exact_match"] for v in per_task.values()) / len(per_task), 2) if per_task else None
+
+
+def _sft_points(folder: Path, tasks: dict, names: list[str]) -> dict[str, dict[int, float | None]]:
+    """{run: {SFT step: EM}} of the SFT runs with at least one snapshot row in `folder`."""
+    points: dict[str, dict[int, float | None]] = {}
+    for path in sorted(folder.glob("*.jsonl")):
+        step = read_row(path)[0].get("sft_step")
+        if step is not None:
+            points.setdefault(AT_RE.sub("", path.stem), {})[int(step)] = _em(path, tasks, names)
+    snapshotted = {AT_RE.sub("", p.stem) for p in folder.glob("*.jsonl") if AT_RE.search(p.stem)}
+    return {run: dict(sorted(v.items())) for run, v in sorted(points.items()) if run in snapshotted}
 
 
 def curves(tasks_dir: str, folders: dict[str, Path]) -> dict:
@@ -44,40 +59,53 @@ def curves(tasks_dir: str, folders: dict[str, Path]) -> dict:
                 res["tasks"][int(m[1])] = _em(path, tasks, names[split])
             elif (m := S_RE.match(row)) is not None:
                 res["steps"][int(m[1])] = _em(path, tasks, names[split])
-            elif row in ("icl", "oracle"):
+            elif row in ("icl", "oracle", "incumbent"):
                 res[row] = _em(path, tasks, names[split])
         if res["steps"]:
             res["tasks"][len(splits.train)] = res["steps"][max(res["steps"])]
         res["tasks"] = dict(sorted(res["tasks"].items()))
         res["steps"] = dict(sorted(res["steps"].items()))
+        res["sft"] = _sft_points(folder, tasks, names[split])
         out[split] = res
     return out
 
 
 def plot(c: dict, path: Path) -> None:
+    """One panel per curve that has points: training tasks, denoiser steps, SFT steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, key, xlabel in ((axes[0], "tasks", "training tasks"), (axes[1], "steps", "denoiser training steps")):
+    panels = [(key, xlabel, title) for key, xlabel, title in (
+        ("tasks", "training tasks", "quality against the number of training tasks"),
+        ("steps", "denoiser training steps", "quality against training steps (all tasks)"),
+        ("sft", "SFT steps from the reconstruction checkpoint", "quality against SFT steps (as served)"),
+    ) if any(c.get(split, {}).get(key) for split in ("validation", "test"))]
+    if not panels:
+        raise ValueError("no curve rows to plot")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), sharey=True, squeeze=False)
+    for ax, (key, xlabel, title) in zip(axes[0], panels):
         for split, style in (("validation", "o--"), ("test", "s-")):
             if split not in c or not c[split][key]:
                 continue
-            xs = list(c[split][key])
-            ax.plot(xs, [c[split][key][x] for x in xs], style, label=f"LoRAGen ({split})")
-            for ref, ls in (("icl", ":"), ("oracle", "-.")):
-                if c[split].get(ref) is not None and split == "test":
-                    ax.axhline(c[split][ref], ls=ls, color="grey", label=f"{'3-shot ICL' if ref == 'icl' else 'oracles'} (test)")
-        ax.set_xscale("log")
+            curves = c[split][key].items() if key == "sft" else [("LoRAGen", c[split][key])]
+            for name, pts in curves:
+                xs = list(pts)
+                ax.plot(xs, [pts[x] for x in xs], style, label=f"{name} ({split})")
+            refs = (("incumbent", "shipped default"), ("icl", "3-shot ICL")) if key == "sft" else \
+                (("icl", "3-shot ICL"), ("oracle", "oracles"))
+            for (ref, label), ls in zip(refs, (":", "-.")):
+                if c[split].get(ref) is not None and (split == "test" or key == "sft"):
+                    ax.axhline(c[split][ref], ls=ls, color="grey", label=f"{label} ({split})")
+        if key != "sft":
+            ax.set_xscale("log")
         ax.set_xlabel(xlabel)
+        ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("exact match (unseen tasks)")
-    axes[0].set_title("quality against the number of training tasks")
-    axes[1].set_title("quality against training steps (all tasks)")
-    axes[1].legend(fontsize=8)
-    fig.suptitle("LoRAGen zero-shot, one description per task, the checkpoint's sampler")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("exact match (unseen tasks)")
+    fig.suptitle("LoRAGen zero-shot on tasks it never trained on")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

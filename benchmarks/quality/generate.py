@@ -255,6 +255,10 @@ def generated_adapters(
     sampler = {**gen.sampler, **({"steps": steps} if steps else {}), **({"guidance": guidance} if guidance else {})}
     info = {"generator": str(ckpt), "kind": gen.kind, "fingerprint": gen.fingerprint, "conditioning": conditioning,
             "seeds": list(seeds), "sampler": sampler, "generate_seconds": round(seconds, 2)}
+    if gen.extra.get("training") == "sft":  # how far SFT had gone: a snapshot's step, else where the run ended
+        snap, stopped = gen.extra.get("snapshot"), gen.extra.get("stopped_at")
+        info["sft_step"] = (snap["sft_step"] if snap else stopped if stopped is not None
+                            else gen.extra.get("train", {}).get("steps"))
     if blend is not None:
         info["anchor_blend"] = {**blend.to_dict(), "anchors": len(anchor_texts),
                                 "nearest_cosine_mean": round(sum(nearest) / len(nearest), 4)}
