@@ -37,11 +37,14 @@ def _em(path: Path, tasks: dict, names: list[str]) -> float | None:
 def _sft_points(folder: Path, tasks: dict, names: list[str]) -> dict[str, dict[int, float | None]]:
     """{run: {SFT step: EM}} of the SFT runs with at least one snapshot row in `folder`."""
     points: dict[str, dict[int, float | None]] = {}
+    snapshotted: set[str] = set()
     for path in sorted(folder.glob("*.jsonl")):
         step = read_row(path)[0].get("sft_step")
         if step is not None:
-            points.setdefault(AT_RE.sub("", path.stem), {})[int(step)] = _em(path, tasks, names)
-    snapshotted = {AT_RE.sub("", p.stem) for p in folder.glob("*.jsonl") if AT_RE.search(p.stem)}
+            run = AT_RE.sub("", path.stem)
+            points.setdefault(run, {})[int(step)] = _em(path, tasks, names)
+            if run != path.stem:
+                snapshotted.add(run)
     return {run: dict(sorted(v.items())) for run, v in sorted(points.items()) if run in snapshotted}
 
 

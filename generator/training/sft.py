@@ -335,13 +335,16 @@ def train_sft(
     multi = MultiLoRA(base, target, num_adapters=1)
     cond_all = data.cond.to(device)
 
+    def checkpoint(weights: torch.nn.Module, **extra: Any) -> Generator:
+        """A generator of this run: its sampler, and in `extra` what made it plus `extra`."""
+        return Generator(kind, target, weights, configs, sampler, extra={
+            "training": "sft", "init": init_fp, "library": {"tasks": data.names}, "train": cfg.to_dict(),
+            "sft": vars(sft), **extra})
+
     def on_step(stage: str, step: int) -> None:
         """After each step: a snapshot if `step` is one, then the probe."""
         if step in snapshot_steps:
-            Generator(kind, target, copy.deepcopy(model).cpu(), configs, sampler,
-                      extra={"training": "sft", "init": init_fp, "library": {"tasks": data.names},
-                             "train": cfg.to_dict(), "sft": vars(sft), "snapshot": {"sft_step": step}},
-                      ).save(Path(out) / "snapshots" / f"sft-{step}")
+            checkpoint(copy.deepcopy(model).cpu(), snapshot={"sft_step": step}).save(Path(out) / "snapshots" / f"sft-{step}")
         probe_at(step)
 
     def probe_at(step: int) -> None:
@@ -380,12 +383,8 @@ def train_sft(
         logs = run.loop(model, "sft", cfg.steps, model.sft_parameters(), cfg, step_fn, ["sft"])
     finally:
         multi.unload()
-    gen = Generator(
-        kind, target, model.cpu(), configs, sampler,
-        extra={"training": "sft", "init": init_fp, "library": {"tasks": data.names}, "train": cfg.to_dict(),
-               "sft": vars(sft), "final": logs, "stopped_at": run.stopped_at,
-               **({"probe": {"tasks": probe.names, **probe_log}} if probe is not None else {})},
-    )
+    gen = checkpoint(model.cpu(), final=logs, stopped_at=run.stopped_at,
+                     **({"probe": {"tasks": probe.names, **probe_log}} if probe is not None else {}))
     gen.save(out)
     if run.stopped_at is None:
         run.finish()
