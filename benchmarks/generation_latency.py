@@ -69,7 +69,26 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         info["load_average_1m"] = os.getloadavg()[0]  # other work on a shared machine skews CPU timings
     except OSError:
         pass
+    if device.type == "cpu":
+        info["matmul_gflops"] = round(matmul_gflops(), 1)
     return info
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
+    """This machine's float32 GEMM rate at the current thread count (GFLOP/s, best of `repeats`).
+
+    The same code has run 2-4x slower from one VM (or one hour) to the next; this number says
+    which kind of machine a CPU timing came from, so that runs can be compared.
+    """
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
 
 
 def prepare(workdir: Path, lae_steps: int, dit_steps: int) -> tuple[Path, Path]:
