@@ -124,7 +124,7 @@ def test_ce_gap_on_the_shipped_checkpoint(base_model_dir, tmp_path):  # noqa: F8
     tasks = load_tasks(TASKS_DIR)
     splits = load_splits(TASKS_DIR)
     result = ce_gap(Path(__file__).resolve().parents[1] / "generator" / "checkpoints" / "default", tasks, splits,
-                    num_tasks=1, examples=1)
+                    num_tasks=1, examples=1, seeds=2)
     assert set(result["sets"]) == {"train", "validation"}
     (v_name,) = result["sets"]["validation"]["tasks"]
     assert v_name in splits.validation and v_name == pick_tasks(tasks, splits.validation, 1)[0].name
@@ -132,9 +132,40 @@ def test_ce_gap_on_the_shipped_checkpoint(base_model_dir, tmp_path):  # noqa: F8
         (t,) = s["tasks"].values()
         assert s["gap"] == pytest.approx(t["random"] - t["right"], abs=1e-3)
         assert 0 < s["embeddings"]["cosine_same_task"] <= 1
+        sd = s["seeds"]  # seeds=2: seed 1 besides seed 0, their mean adapter, x_T = 0
+        assert len(sd["ce_seeds"]) == 1 and all(math.isfinite(sd[k]) for k in ("ce_seed_mean_adapter", "ce_zero_noise"))
+        assert -1 <= sd["cos_between_seeds"] < 0.999  # two seeds make two different adapters
+        assert 0.5 < sd["seed_mean_energy_kept"] <= 1.0
     assert result["sets"]["train"]["gap"] > 1.0
     j, m = write(result, tmp_path / "gap")
     assert json.loads(j.read_text())["fingerprint"] == result["fingerprint"]
-    assert "| validation | test instances | 1 |" in m.read_text()
+    assert "| validation | test instances | 1 |" in m.read_text() and "x_T = 0" in m.read_text()
     with pytest.raises(ValueError, match="not in the task folder"):
         pick_tasks(tasks, ["task_nobody_made"], 1)
+    with pytest.raises(ValueError, match="at least 2"):
+        ce_gap("unused", tasks, splits, seeds=1)
+
+
+def test_mean_adapter_is_the_rank_r_svd_of_the_mean_delta():
+    from benchmarks.quality.ce_gap import mean_adapter
+
+    target = TargetSpec.smollm2()
+    table = FactorTable(target, 2)  # the table's shapes; other factors per "seed"
+
+    def draw(x: torch.Tensor, seed: int) -> torch.Tensor:
+        return torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+
+    samples = [({m: draw(a, 2 * s) for m, a in table.A.items()}, {m: draw(b, 2 * s + 1) for m, b in table.B.items()})
+               for s in range(3)]
+    (A, B), kept = mean_adapter(samples)
+    m = target.modules[0]
+    mean = torch.stack([b[m] @ a[m] for a, b in samples]).mean(0)
+    U, S, Vh = torch.linalg.svd(mean, full_matrices=False)
+    r = target.rank
+    best = (U[..., :r] * S[..., None, :r]) @ Vh[..., :r, :]  # the best rank-r approximation (Eckart-Young)
+    assert A[m].shape == samples[0][0][m].shape and B[m].shape == samples[0][1][m].shape
+    assert torch.allclose(B[m] @ A[m], best, atol=1e-5)
+    assert 0 < kept < 1  # three rank-r adapters with different A: the mean has rank up to 3r
+    (A1, B1), kept1 = mean_adapter(samples[:1])  # one adapter: its own dW back, all of it
+    one = samples[0][1][m] @ samples[0][0][m]
+    assert torch.allclose(B1[m] @ A1[m], one, rtol=1e-4, atol=1e-4 * float(one.abs().max())) and kept1 == pytest.approx(1.0)

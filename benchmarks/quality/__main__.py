@@ -129,6 +129,8 @@ def main(argv=None) -> None:
     e.add_argument("--guidance", type=float, help="default: the checkpoint's")
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--seeds", type=int, default=0,
+                   help="LoRAGen: also CE under N seeds' adapters, their mean adapter and x_T = 0 (0: off; else >= 2)")
     a = ap.parse_args(argv)
 
     tasks = load_tasks(a.tasks)
@@ -152,7 +154,8 @@ def main(argv=None) -> None:
         from .ce_gap import ce_gap, write
 
         torch.set_num_threads(a.threads)
-        result = ce_gap(a.generator, tasks, splits, a.num_tasks, a.examples, a.sampler_steps, a.guidance, a.device)
+        result = ce_gap(a.generator, tasks, splits, a.num_tasks, a.examples, a.sampler_steps, a.guidance, a.device,
+                        a.seeds)
         for p in write(result, a.out):
             print(p)
         print(json.dumps({k: {x: v for x, v in s.items() if x != "tasks"} for k, s in result["sets"].items()}, indent=1))

@@ -99,6 +99,12 @@ class LoRAGen(nn.Module):
         gradients through every sampler step: SFT through the base model trains the generator as it
         is served. cond (N, d_cond) -> A[m] (N, L, r, d_in), B[m] (N, L, d_out, r)."""
         noise = torch.randn((cond.shape[0], self.num_tokens, self.lae_cfg.d_z), generator=generator).to(cond)
+        return self.factors_from_noise(cond, noise, steps, guidance)
+
+    def factors_from_noise(
+        self, cond: Tensor, noise: Tensor, steps: int, guidance: float
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """DDIM from x_T = noise (N, P, d_z), then the LAE decoder; differentiable (grad mode is the caller's)."""
         x0 = self.diffusion.ddim_sample(self.dit, cond, noise, steps=steps, guidance=guidance)
         A, B, _ = self.lae.decode(x0 * self.z_std + self.z_mean)
         return A, B

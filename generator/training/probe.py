@@ -30,7 +30,7 @@ from .multilora import MultiLoRA
 from .oracles import OracleConfig
 from .prompts import encode_example, microbatches, output_token_ce
 
-__all__ = ["ProbeSet", "probe_set", "conditioned_ce", "run_probe"]
+__all__ = ["ProbeSet", "probe_set", "conditioned_ce", "factors_ce", "run_probe"]
 
 Seq = tuple[list[int], int]  # prompt + output ids, prompt length
 
@@ -90,6 +90,17 @@ def conditioned_ce(
     device = next(base.parameters()).device
     g = torch.Generator().manual_seed(seed)
     A, B = model.sft_factors(cond.to(device), g, sampler["steps"], sampler["guidance"])
+    return factors_ce(A, B, probe, base, multi, pad_id, tokens_per_microbatch)
+
+
+@torch.no_grad()
+def factors_ce(
+    A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], probe: ProbeSet, base: torch.nn.Module,
+    multi: MultiLoRA, pad_id: int, tokens_per_microbatch: int = 32768,
+) -> torch.Tensor:
+    """(k,) each probe task's mean output-token CE under its adapter: row j of the factors
+    A[m] (k, L, r, d_in), B[m] (k, L, d_out, r)."""
+    device = next(base.parameters()).device
     rows = [(j, seq) for j, seqs in enumerate(probe.seqs) for seq in seqs]
     sums, counts = torch.zeros(len(probe.seqs), device=device), torch.zeros(len(probe.seqs), device=device)
     for group in microbatches([len(r[1][0]) for r in rows], tokens_per_microbatch):
