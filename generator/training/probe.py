@@ -9,9 +9,10 @@ prompts (with `system_prompt`, the task's own description as the system prompt i
 sends it), so their gap is what the adapter's conditioning adds, in nats per output token.
 
 SFT lowers the training tasks' CE; the probe says whether the description still matters where it
-matters to users. On the shipped checkpoint (`benchmarks/results/quality_ce_gap.md`: 40 tasks x 4
-examples each, 5 DDIM steps) the gap is 1.08 nats on training tasks and 0.41 on validation tasks:
-on an unseen task the description does less than half of what it does on a training task.
+matters to users. On checkpoint 330e027ea79f (40 tasks x 4 examples each, 5 DDIM steps) the gap
+was 1.08 nats on training tasks and 0.41 on validation tasks: on an unseen task the description did
+less than half of what it does on a training task (the shipped e8f7b1c045c0: 0.83 and 0.46;
+`benchmarks/results/quality_ce_gap.md`).
 `python -m generator.training.sft --probe-every N` logs the probe (`probe_ce_right`,
 `probe_ce_random`, `probe_gap`) every N steps; `python -m benchmarks.quality ce-gap` measures a
 checkpoint on training and validation tasks.
