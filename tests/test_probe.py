@@ -165,7 +165,7 @@ def test_mean_adapter_is_the_rank_r_svd_of_the_mean_delta():
     best = (U[..., :r] * S[..., None, :r]) @ Vh[..., :r, :]  # the best rank-r approximation (Eckart-Young)
     assert A[m].shape == samples[0][0][m].shape and B[m].shape == samples[0][1][m].shape
     assert torch.allclose(B[m] @ A[m], best, atol=1e-5)
-    assert 0 < kept < 1  # three rank-r adapters with different A: the mean has rank up to 3r
+    assert 0 < kept < 1  # three rank-r adapters with other factors: their mean has rank up to 3r
     (A1, B1), kept1 = mean_adapter(samples[:1])  # one adapter: its own dW back, all of it
     one = samples[0][1][m] @ samples[0][0][m]
     assert torch.allclose(B1[m] @ A1[m], one, rtol=1e-4, atol=1e-4 * float(one.abs().max())) and kept1 == pytest.approx(1.0)
