@@ -33,6 +33,7 @@ from benchmarks.provenance import git_commit
 from generator.api import Generator, shared_encoder
 from generator.base_model import load_base_model
 from generator.data.sni import Task, TaskSplits, split_descriptions
+from generator.models.losses import delta_cosine
 from generator.training.multilora import MultiLoRA
 from generator.training.probe import ProbeSet, conditioned_ce, factors_ce, probe_set
 from generator.training.prompts import microbatches, output_token_ce
@@ -100,13 +101,9 @@ def mean_adapter(samples: Sequence[Factors]) -> tuple[Factors, float]:
 
 
 def _dw_cosine(x: Factors, y: Factors) -> float:
-    """Mean over rows and locations of the cosine between two adapters' dW."""
-    cs = []
-    for m in x[0]:
-        dx = (x[1][m].float() @ x[0][m].float()).flatten(2)
-        dy = (y[1][m].float() @ y[0][m].float()).flatten(2)
-        cs.append(torch.nn.functional.cosine_similarity(dx, dy, dim=-1).mean())
-    return float(torch.stack(cs).mean())
+    """Mean over rows and locations of the cosine between two adapters' dW (from the factors)."""
+    return float(torch.stack([delta_cosine(x[0][m].double(), x[1][m].double(), y[0][m].double(), y[1][m].double()).mean()
+                              for m in x[0]]).mean())
 
 
 @torch.no_grad()
