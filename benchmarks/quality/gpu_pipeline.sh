@@ -27,6 +27,7 @@
 # sft / eval_sft: SFT_ONLY (the variants to train), SFT_STEPS, SFT_LR, SFT_DEADLINE_S (sft_eval's
 #   share for sft), SFT_CONTROLS (rows, e.g. "incumbent loragen_sft_contrast", whose conditioning
 #   controls eval_sft also generates on validation), MAX_ROWS (row processes at a time, default 5).
+# sft_curve: CURVE_LRS, SFT_STEPS, CURVE_SNAPSHOTS, SFT_DEADLINE_S, CURVE_EVAL=0 (train only).
 # Results go to $OUT (at most 8 files, 16 MiB each). Scores: python -m benchmarks.quality score ...
 # Env: WORK (/tmp/runs), CK (/tmp/ck), DEADLINE_S (per call, default 560), DRY=1 (tiny CPU run).
 set -euo pipefail
@@ -394,6 +395,9 @@ sft_curve)
   for d in "$CK"/loragen_sft*/; do [ -f "$d/probe.jsonl" ] && cp "$d/probe.jsonl" "$WORK/configs/$(basename "$d")_probe.jsonl"; done
   (cd "$WORK" && tar czf "$OUT/sft_logs.tgz" train_loragen_sft*.log configs)
   echo "sft done at $((SECONDS - start)) s"
+  # CURVE_EVAL=0: training only (a run longer than one call; `eval_sft` then runs in the next call
+  # on the warm machine, where $CK is kept).
+  [ "${CURVE_EVAL:-1}" = 1 ] || exit 0
   DEADLINE_S=$(left) bash "$0" eval_sft
   ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
