@@ -400,5 +400,36 @@ sft_curve)
   [ "${CURVE_EVAL:-1}" = 1 ] || exit 0
   DEADLINE_S=$(left) bash "$0" eval_sft
   ;;
+soup)
+  # Weight averages (`generator.soup`) of checkpoints in $CK, e.g. an SFT run's tail of snapshots:
+  # SOUPS="name:CK CK ...;name:CK CK ..." (checkpoints relative to $CK, or absolute). Each soup is a candidate on
+  # validation as served, against the incumbent (its row reused from eval_sft if there); the best
+  # (ties: the incumbent) gets its rows on test, once.
+  qv="$WORK/q_validation_soup" qt="$WORK/q_test_soup"
+  mkdir -p "$qv" && cp -n "$WORK/q_validation_sft/incumbent.jsonl" "$qv/" 2>/dev/null || true
+  gen val_incumbent_soup "$qv" --generator "$INIT" --task-set validation --rows incumbent --system-prompt --num-descriptions 2
+  cands=(--candidate "incumbent=$INIT")
+  IFS=';' read -ra specs <<< "${SOUPS:?set SOUPS}"
+  for spec in "${specs[@]}"; do
+    name="soup_${spec%%:*}" srcs=()
+    for c in ${spec#*:}; do [[ $c == /* ]] && srcs+=("$c") || srcs+=("$CK/$c"); done
+    [ -f "$CK/$name/config.json" ] || $PY -m generator.soup --out "$CK/$name" "${srcs[@]}"
+    gen "val_$name" "$qv" --generator "$CK/$name" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
+    cands+=(--candidate "$name=$CK/$name")
+    if [ ${#pids[@]} -ge "${MAX_ROWS:-5}" ]; then waitall; fi
+  done
+  waitall
+  echo "validation done at $((SECONDS - start)) s"
+  win=$(choose_best soup checkpoint "$qv" "${cands[@]}")
+  if [ "$win" != "$INIT" ]; then
+    test_rows loragen_soup "$qt" "$win"
+    waitall
+    cp "$win/config.json" "$OUT/loragen_soup_config.json"
+    split -b 15M -d "$win/model.safetensors" "$OUT/loragen_soup_model.safetensors.part"
+  fi
+  for f in "$WORK"/eval_*soup*.log; do echo "== $f"; tail -n 2 "$f"; done
+  tar czf "$OUT/generations_soup.tgz" -C "$WORK" q_validation_soup choice_soup.json $( [ -d "$qt" ] && echo q_test_soup )
+  echo "soup phase done at $((SECONDS - start)) s"
+  ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac
