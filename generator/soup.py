@@ -3,7 +3,7 @@
 Checkpoints fine-tuned from one starting point (e.g. SFT snapshots of one run, or runs from one
 reconstruction checkpoint) can be averaged parameter by parameter; the soup is a checkpoint like
 any other and is chosen on validation like any other. The soup keeps the first checkpoint's sampler
-and records its sources under `extra["soup"]`.
+and `extra` (how that one was trained) and records its sources under `extra["soup"]`.
 
     python -m generator.soup --out DIR CKPT CKPT [CKPT ...]
 """

@@ -11,8 +11,8 @@ sends it), so their gap is what the adapter's conditioning adds, in nats per out
 SFT lowers the training tasks' CE; the probe says whether the description still matters where it
 matters to users. On checkpoint 330e027ea79f (40 tasks x 4 examples each, 5 DDIM steps) the gap
 was 1.08 nats on training tasks and 0.41 on validation tasks: on an unseen task the description did
-less than half of what it does on a training task (the shipped e8f7b1c045c0: 0.83 and 0.46;
-`benchmarks/results/quality_ce_gap.md`).
+less than half of what it does on a training task (e8f7b1c045c0, the default before the soup of
+2026-12-06: 0.83 and 0.46; `benchmarks/results/quality_ce_gap.md`).
 `python -m generator.training.sft --probe-every N` logs the probe (`probe_ce_right`,
 `probe_ce_random`, `probe_gap`) every N steps; `python -m benchmarks.quality ce-gap` measures a
 checkpoint on training and validation tasks.
