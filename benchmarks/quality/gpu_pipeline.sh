@@ -96,6 +96,17 @@ test_rows() { local row=$1 out=$2 ck=$3; shift 3
   gen "$row" "$out" --generator "$ck" --task-set table --rows "$row" --system-prompt "$@"
   gen "${row}_controls" "$out" --generator "$ck" --task-set test --rows "${row}_random" "${row}_other" --system-prompt "$@"
   gen "${row}_user" "$out" --generator "$ck" --task-set test --rows "${row}_user" --user-descriptions --system-prompt "$@"; }
+# Checkpoint `ck` as a candidate: row `name` on validation as served (2 descriptions per task) into
+# folder `qv`, added to the array `cands`; at most MAX_ROWS (5) row processes run at once (ten ran
+# out of memory on an H100).
+candidate() { local name=$1 ck=$2 qv=$3
+  gen "val_$name" "$qv" --generator "$ck" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
+  cands+=(--candidate "$name=$ck")
+  if [ ${#pids[@]} -ge "${MAX_ROWS:-5}" ]; then waitall; fi; }
+# A new default's weights back to the caller: $OUT/<tag>_config.json and 15 MB parts of the weights.
+send_back() { local ck=$1 tag=$2
+  cp "$ck/config.json" "$OUT/${tag}_config.json"
+  split -b 15M -d "$ck/model.safetensors" "$OUT/${tag}_model.safetensors.part"; }
 # The best of the candidates (`--candidate ROW=CHECKPOINT` ...) on validation folder `qv` (ties: the
 # first, the incumbent), recorded in $WORK/choice_<tag>.json and $OUT/choice_<tag>.txt; prints the
 # choice's field `key` ("chosen": the row, "checkpoint": its checkpoint).
@@ -190,8 +201,7 @@ eval)
   for f in "$WORK"/eval_*.log; do echo "== $f"; tail -n 2 "$f"; done
   tar czf "$OUT/generations.tgz" -C "$WORK" q_validation q_test choice.json $(cd "$WORK" && ls eval_*.log)
   # The candidate default checkpoint (with the chosen sampler in its config), split under 16 MiB a file.
-  cp "$CK/loragen/config.json" "$OUT/loragen_config.json"
-  split -b 15M -d "$CK/loragen/model.safetensors" "$OUT/loragen_model.safetensors.part"
+  send_back "$CK/loragen" loragen
   # CUDA graphs: the same adapters as eager (the test), and the latency of the trained checkpoint.
   if [ "$DEV" = cuda ] && [ "$(left)" -gt 60 ]; then
     timeout $(( $(left) - 10 )) $PY -m pytest -q --noconftest tests/test_graphs.py > "$OUT/test_graphs.log" 2>&1 || true
@@ -248,18 +258,16 @@ eval_sft)
   controls() { [[ " ${SFT_CONTROLS:-} " == *" $1 "* ]] || return 0
     gen "val_$1_controls" "$qv" --generator "$2" --task-set validation --rows "$1_random" "$1_other" --system-prompt \
       --num-descriptions 2; }
-  cands=(--candidate "incumbent=$INIT")
-  gen val_incumbent "$qv" --generator "$INIT" --task-set validation --rows incumbent --system-prompt --num-descriptions 2
+  cands=()
+  candidate incumbent "$INIT" "$qv"
   controls incumbent "$INIT"
   # Every SFT checkpoint and its snapshots (<run>/snapshots/sft-<step>: row <run>_at<step>).
   for d in "$CK"/loragen_sft*/ "$CK"/loragen_sft*/snapshots/sft-*/; do
     [ -f "$d/config.json" ] || continue
     name=$(basename "$d")
     [[ $name == sft-* ]] && name="$(basename "$(dirname "$(dirname "$d")")")_at${name#sft-}"
-    gen "val_$name" "$qv" --generator "$d" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
-    cands+=(--candidate "$name=$d")
+    candidate "$name" "$d" "$qv"
     controls "$name" "$d"
-    if [ ${#pids[@]} -ge "${MAX_ROWS:-5}" ]; then waitall; fi  # ten row processes ran out of memory on an H100
   done
   waitall
   echo "validation done at $((SECONDS - start)) s"
@@ -270,8 +278,7 @@ eval_sft)
     [ -f "$CK/loragen_sft_n204/config.json" ] && gen curve_sft_n204 "$qt" --generator "$CK/loragen_sft_n204" \
       --task-set test --rows loragen_sft_n204 --system-prompt --num-descriptions 1
     waitall
-    cp "$win/config.json" "$OUT/loragen_sft_config.json"
-    split -b 15M -d "$win/model.safetensors" "$OUT/loragen_sft_model.safetensors.part"
+    send_back "$win" loragen_sft
   fi
   for f in "$WORK"/eval_*.log; do echo "== $f"; tail -n 2 "$f"; done
   tar czf "$OUT/generations_sft.tgz" -C "$WORK" q_validation_sft choice_sft.json $(cd "$WORK" && ls eval_*.log) \
@@ -407,16 +414,14 @@ soup)
   # (ties: the incumbent) gets its rows on test, once.
   qv="$WORK/q_validation_soup" qt="$WORK/q_test_soup"
   mkdir -p "$qv" && cp -n "$WORK/q_validation_sft/incumbent.jsonl" "$qv/" 2>/dev/null || true
-  gen val_incumbent_soup "$qv" --generator "$INIT" --task-set validation --rows incumbent --system-prompt --num-descriptions 2
-  cands=(--candidate "incumbent=$INIT")
+  cands=()
+  candidate incumbent "$INIT" "$qv"
   IFS=';' read -ra specs <<< "${SOUPS:?set SOUPS}"
   for spec in "${specs[@]}"; do
     name="soup_${spec%%:*}" srcs=()
     for c in ${spec#*:}; do [[ $c == /* ]] && srcs+=("$c") || srcs+=("$CK/$c"); done
     [ -f "$CK/$name/config.json" ] || $PY -m generator.soup --out "$CK/$name" "${srcs[@]}"
-    gen "val_$name" "$qv" --generator "$CK/$name" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
-    cands+=(--candidate "$name=$CK/$name")
-    if [ ${#pids[@]} -ge "${MAX_ROWS:-5}" ]; then waitall; fi
+    candidate "$name" "$CK/$name" "$qv"
   done
   waitall
   echo "validation done at $((SECONDS - start)) s"
@@ -424,8 +429,7 @@ soup)
   if [ "$win" != "$INIT" ]; then
     test_rows loragen_soup "$qt" "$win"
     waitall
-    cp "$win/config.json" "$OUT/loragen_soup_config.json"
-    split -b 15M -d "$win/model.safetensors" "$OUT/loragen_soup_model.safetensors.part"
+    send_back "$win" loragen_soup
   fi
   for f in "$WORK"/eval_*soup*.log; do echo "== $f"; tail -n 2 "$f"; done
   tar czf "$OUT/generations_soup.tgz" -C "$WORK" q_validation_soup choice_soup.json $( [ -d "$qt" ] && echo q_test_soup )
