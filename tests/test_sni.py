@@ -171,15 +171,17 @@ def test_sft_step_curve_from_snapshot_rows(tasks, tmp_path):
 
 def test_checkpoint_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path):  # noqa: F811
     """The best validation EM wins; a tie goes to the first candidate (the incumbent); candidates
-    scored on different task sets are refused."""
+    scored on different task sets, or rows another checkpoint generated, are refused."""
     from benchmarks.quality.choose import choose_checkpoint
+    from generator import Generator
 
     splits = load_splits(TASKS)
     by = {t.name: t for t in tasks}
     a, b = splits.validation[:2]
+    fp = Generator.load(tiny_generator_ckpt).fingerprint
 
     def row(name: str, correct: dict[str, bool]) -> None:
-        _validation_row(tmp_path, by, name, correct)
+        _validation_row(tmp_path, by, name, correct, fingerprint=fp)
 
     row("incumbent", {a: True, b: False})
     row("better", {a: True, b: True})
@@ -193,6 +195,9 @@ def test_checkpoint_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path): 
     assert choose_checkpoint(tmp_path, {"incumbent": ck, "same": ck}, by, splits, out)["chosen"] == "incumbent"
     with pytest.raises(ValueError, match="different numbers of validation tasks"):
         choose_checkpoint(tmp_path, {"incumbent": ck, "partial": ck}, by, splits, out)
+    _validation_row(tmp_path, by, "stale", {a: True, b: True}, fingerprint="0" * 64)
+    with pytest.raises(ValueError, match="stale row"):
+        choose_checkpoint(tmp_path, {"incumbent": ck, "stale": ck}, by, splits, out)
 
 
 def test_sampler_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path):  # noqa: F811

@@ -13,6 +13,7 @@
 #   bash benchmarks/quality/gpu_pipeline.sh anchors   # conditioning blended with the nearest training descriptions
 #   bash benchmarks/quality/gpu_pipeline.sh variants  # other served-time variants ($VARIANTS, e.g. scale_0.75)
 #   bash benchmarks/quality/gpu_pipeline.sh latency   # CUDA-graph tests + generation latency of $INIT
+#   bash benchmarks/quality/gpu_pipeline.sh soup      # weight averages of checkpoints ($SOUPS) vs the incumbent
 #
 # train: LoRAGen on all training tasks (with snapshots along its denoiser steps: quality against
 #   steps), LoRAGen on the first 50 / 100 training tasks (quality against tasks), T2L
@@ -31,7 +32,7 @@
 # Results go to $OUT (at most 8 files, 16 MiB each). Scores: python -m benchmarks.quality score ...
 # Env: WORK (/tmp/runs), CK (/tmp/ck), DEADLINE_S (per call, default 560), DRY=1 (tiny CPU run).
 set -euo pipefail
-phase=${1:?usage: gpu_pipeline.sh oracles|train|eval}
+phase=${1:?usage: gpu_pipeline.sh PHASE (the list at the top of this file)}
 OUT=${OUT:?set OUT}
 WORK=${WORK:-/tmp/runs}
 CK=${CK:-/tmp/ck}
@@ -97,10 +98,10 @@ test_rows() { local row=$1 out=$2 ck=$3; shift 3
   gen "${row}_controls" "$out" --generator "$ck" --task-set test --rows "${row}_random" "${row}_other" --system-prompt "$@"
   gen "${row}_user" "$out" --generator "$ck" --task-set test --rows "${row}_user" --user-descriptions --system-prompt "$@"; }
 # Checkpoint `ck` as a candidate: row `name` on validation as served (2 descriptions per task) into
-# folder `qv`, added to the array `cands`; at most MAX_ROWS (5) row processes run at once (ten ran
-# out of memory on an H100).
-candidate() { local name=$1 ck=$2 qv=$3
-  gen "val_$name" "$qv" --generator "$ck" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
+# folder `qv`, logged as eval_<log> (default val_<name>), added to the array `cands`; then waits
+# for the running rows once MAX_ROWS (5) run (ten at once ran out of memory on an H100).
+candidate() { local name=$1 ck=$2 qv=$3 log=${4:-val_$1}
+  gen "$log" "$qv" --generator "$ck" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
   cands+=(--candidate "$name=$ck")
   if [ ${#pids[@]} -ge "${MAX_ROWS:-5}" ]; then waitall; fi; }
 # A new default's weights back to the caller: $OUT/<tag>_config.json and 15 MB parts of the weights.
@@ -412,16 +413,25 @@ soup)
   # SOUPS="name:CK CK ...;name:CK CK ..." (checkpoints relative to $CK, or absolute). Each soup is a candidate on
   # validation as served, against the incumbent (its row reused from eval_sft if there); the best
   # (ties: the incumbent) gets its rows on test, once.
+  # A soup is made again on every call (seconds): a name reused with other sources gets a new
+  # fingerprint, and `choose-checkpoint` refuses a validation row left from the old one.
   qv="$WORK/q_validation_soup" qt="$WORK/q_test_soup"
+  IFS=';' read -ra specs <<< "${SOUPS:?set SOUPS}"
+  names=() sources=()
+  for spec in "${specs[@]}"; do  # every spec checked before any GPU work
+    name=${spec%%:*} srcs=""
+    [[ $spec == *:* && $name =~ ^[A-Za-z0-9_.-]+$ ]] || { echo "bad SOUPS entry '$spec' (name:CK CK ...)" >&2; exit 2; }
+    for c in ${spec#*:}; do [[ $c == /* ]] || c="$CK/$c"
+      [ -f "$c/config.json" ] || { echo "SOUPS $name: no checkpoint at $c" >&2; exit 2; }; srcs+="$c "; done
+    [ $(wc -w <<< "$srcs") -ge 2 ] || { echo "SOUPS $name: a soup needs at least two checkpoints" >&2; exit 2; }
+    names+=("soup_$name") sources+=("$srcs")
+  done
   mkdir -p "$qv" && cp -n "$WORK/q_validation_sft/incumbent.jsonl" "$qv/" 2>/dev/null || true
   cands=()
-  candidate incumbent "$INIT" "$qv"
-  IFS=';' read -ra specs <<< "${SOUPS:?set SOUPS}"
-  for spec in "${specs[@]}"; do
-    name="soup_${spec%%:*}" srcs=()
-    for c in ${spec#*:}; do [[ $c == /* ]] && srcs+=("$c") || srcs+=("$CK/$c"); done
-    [ -f "$CK/$name/config.json" ] || $PY -m generator.soup --out "$CK/$name" "${srcs[@]}"
-    candidate "$name" "$CK/$name" "$qv"
+  candidate incumbent "$INIT" "$qv" val_soup_incumbent
+  for i in "${!names[@]}"; do
+    rm -rf "$CK/${names[$i]}" && $PY -m generator.soup --out "$CK/${names[$i]}" ${sources[$i]}
+    candidate "${names[$i]}" "$CK/${names[$i]}" "$qv"
   done
   waitall
   echo "validation done at $((SECONDS - start)) s"
@@ -432,7 +442,8 @@ soup)
     send_back "$win" loragen_soup
   fi
   for f in "$WORK"/eval_*soup*.log; do echo "== $f"; tail -n 2 "$f"; done
-  tar czf "$OUT/generations_soup.tgz" -C "$WORK" q_validation_soup choice_soup.json $( [ -d "$qt" ] && echo q_test_soup )
+  tar czf "$OUT/generations_soup.tgz" -C "$WORK" q_validation_soup choice_soup.json $(cd "$WORK" && ls eval_*soup*.log) \
+    $( [ -d "$qt" ] && echo q_test_soup )
   echo "soup phase done at $((SECONDS - start)) s"
   ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
