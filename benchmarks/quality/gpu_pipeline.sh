@@ -108,6 +108,17 @@ candidate() { local name=$1 ck=$2 qv=$3 log=${4:-val_$1}
 send_back() { local ck=$1 tag=$2
   cp "$ck/config.json" "$OUT/${tag}_config.json"
   split -b 15M -d "$ck/model.safetensors" "$OUT/${tag}_model.safetensors.part"; }
+# Once the candidates' rows are written: the best of `cands` on validation folder `qv` into $win
+# (`choose_best <tag>`); if it is not the incumbent, its rows on test as row `row` into folder `qt`,
+# once, and its weights back in $OUT.
+settle() { local tag=$1 row=$2 qt=$3
+  waitall
+  echo "validation done at $((SECONDS - start)) s"
+  win=$(choose_best "$tag" checkpoint "$qv" "${cands[@]}")
+  [ "$win" != "$INIT" ] || return 0
+  test_rows "$row" "$qt" "$win"
+  waitall
+  send_back "$win" "$row"; }
 # The best of the candidates (`--candidate ROW=CHECKPOINT` ...) on validation folder `qv` (ties: the
 # first, the incumbent), recorded in $WORK/choice_<tag>.json and $OUT/choice_<tag>.txt; prints the
 # choice's field `key` ("chosen": the row, "checkpoint": its checkpoint).
@@ -270,16 +281,12 @@ eval_sft)
     candidate "$name" "$d" "$qv"
     controls "$name" "$d"
   done
-  waitall
-  echo "validation done at $((SECONDS - start)) s"
-  win=$(choose_best sft checkpoint "$qv" "${cands[@]}")
-  if [ "$win" != "$INIT" ]; then
-    test_rows loragen_sft "$qt" "$win"
-    # The task-count point of SFT (the 204-task run), on test, 1 description per task, as the curves.
-    [ -f "$CK/loragen_sft_n204/config.json" ] && gen curve_sft_n204 "$qt" --generator "$CK/loragen_sft_n204" \
-      --task-set test --rows loragen_sft_n204 --system-prompt --num-descriptions 1
+  settle sft loragen_sft "$qt"
+  # The task-count point of SFT (the 204-task run), on test, 1 description per task, as the curves.
+  if [ "$win" != "$INIT" ] && [ -f "$CK/loragen_sft_n204/config.json" ]; then
+    gen curve_sft_n204 "$qt" --generator "$CK/loragen_sft_n204" --task-set test --rows loragen_sft_n204 \
+      --system-prompt --num-descriptions 1
     waitall
-    send_back "$win" loragen_sft
   fi
   for f in "$WORK"/eval_*.log; do echo "== $f"; tail -n 2 "$f"; done
   tar czf "$OUT/generations_sft.tgz" -C "$WORK" q_validation_sft choice_sft.json $(cd "$WORK" && ls eval_*.log) \
@@ -433,14 +440,7 @@ soup)
     rm -rf "$CK/${names[$i]}" && $PY -m generator.soup --out "$CK/${names[$i]}" ${sources[$i]}
     candidate "${names[$i]}" "$CK/${names[$i]}" "$qv"
   done
-  waitall
-  echo "validation done at $((SECONDS - start)) s"
-  win=$(choose_best soup checkpoint "$qv" "${cands[@]}")
-  if [ "$win" != "$INIT" ]; then
-    test_rows loragen_soup "$qt" "$win"
-    waitall
-    send_back "$win" loragen_soup
-  fi
+  settle soup loragen_soup "$qt"
   for f in "$WORK"/eval_*soup*.log; do echo "== $f"; tail -n 2 "$f"; done
   tar czf "$OUT/generations_soup.tgz" -C "$WORK" q_validation_soup choice_soup.json $(cd "$WORK" && ls eval_*soup*.log) \
     $( [ -d "$qt" ] && echo q_test_soup )
