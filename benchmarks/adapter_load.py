@@ -135,6 +135,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model=str(base), enable_lora=True, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
         max_cpu_loras=args.max_cpu_loras, max_model_len=512, seed=0, enforce_eager=args.eager,
     )
+    if args.lora_target_modules:
+        engine_args["lora_target_modules"] = args.lora_target_modules
     if cuda:
         engine_args["gpu_memory_utilization"] = args.gpu_memory_utilization
     else:
@@ -217,7 +219,8 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"# vLLM's adapter load, step by step ({m['device']}, vLLM {m['vllm']})", "",
         f"`{m['command']}` at commit {m['commit']}, {m['date']}; {m['burst']} fresh adapters per round "
         f"(r {m['engine_args']['max_lora_rank']} max; served shape), slots --max-loras "
-        f"{m['engine_args']['max_loras']} --max-cpu-loras {m['engine_args']['max_cpu_loras']}; "
+        f"{m['engine_args']['max_loras']} --max-cpu-loras {m['engine_args']['max_cpu_loras']}, LoRA modules "
+        f"{m['engine_args'].get('lora_target_modules') or 'all supported'}; "
         f"medians over {m['rounds_counted']}.", "",
         "| variant | add (ms/adapter) | config | read | pin | pack | activate | first batch (ms) | of which activate "
         "| second batch |",
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-loras", type=int, default=32)
     p.add_argument("--max-cpu-loras", type=int, default=128)
     p.add_argument("--max-lora-rank", type=int, default=8)
+    p.add_argument("--lora-target-modules", nargs="+", default=None,
+                   help="vLLM's deployment-time LoRA modules (default: every supported module)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                    help="no CUDA graphs / compilation (start in seconds; the load path is the same)")

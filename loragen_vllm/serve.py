@@ -71,10 +71,19 @@ def vllm_serve_argv(
     extra: list[str],
     middleware: tuple[str, ...] = (),
     lora_slots: tuple[int, int] = (DEFAULT_MAX_LORAS, DEFAULT_MAX_CPU_LORAS),
+    lora_modules: tuple[str, ...] | None = None,
 ) -> list[str]:
     """Arguments of ``vllm serve`` (after the subcommand); ``extra`` comes last and so wins.
 
     ``lora_slots``: (``--max-loras``, ``--max-cpu-loras``), see `default_lora_slots`.
+
+    ``lora_modules``: the generator's target modules (e.g. ``q_proj v_proj``), given to vLLM as
+    ``--lora-target-modules``: vLLM then wraps only those layers with LoRA, where by default it
+    wraps every linear layer and, for each adapter it loads, zeroes the slots of the layers the
+    adapter does not touch and runs their LoRA kernels in every step
+    (`benchmarks/results/adapter_load_h100.md`). None: every layer (a Ray generator, not known
+    here). An adapter loaded another way that targets other layers would lose them, so
+    `edge.EdgeGuard` refuses such a load (``LORAGEN_LORA_MODULES``).
 
     ``middleware``: ASGI middleware import paths, innermost first (vLLM wraps the app in the
     order given, so the last is the outermost).
@@ -86,6 +95,7 @@ def vllm_serve_argv(
         "--max-lora-rank", str(fit_lora_rank(lora_rank)),
         "--max-loras", str(lora_slots[0]),
         "--max-cpu-loras", str(lora_slots[1]),
+        *(["--lora-target-modules", *lora_modules] if lora_modules else []),
         "--host", host,
         "--port", str(port),
         *[a for m in middleware for a in ("--middleware", m)],
@@ -257,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
     ``args.description_system_prompt``, ``args.admin_key``, ``args.list_descriptions``.
     """
     ray_address = getattr(args, "ray_address", None)
-    generator, lora_rank = _generator_checkpoint(getattr(args, "generator", None), ray_address)
+    generator, lora_rank, lora_modules = _generator_checkpoint(getattr(args, "generator", None), ray_address)
     model_dir = _base_model_dir(getattr(args, "base_model", None))
     if generator is not None:  # a Ray generator's checkpoint is not known here
         check_generator_fits(generator, model_dir)
@@ -294,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
         print("loragen-vllm: CPU without bf16 instructions: vLLM computes in float32 (pass -- --dtype "
               "bfloat16 to change it)", flush=True)
     argv = vllm_serve_argv(model_dir, model_dir.name, lora_rank, args.host, args.port, dtype + extra, middleware,
-                           default_lora_slots(gpu))
+                           default_lora_slots(gpu), lora_modules)
     print(f"loragen-vllm: adapter store {store}", flush=True)
     print(f"loragen-vllm: vllm serve {shlex.join(argv)}", flush=True)
 
@@ -363,8 +373,9 @@ def _announce_when_ready(host: str, port: int, served_name: str) -> None:
     threading.Thread(target=wait, name="loragen-announce", daemon=True).start()
 
 
-def _generator_checkpoint(generator: str | None, ray_address: str | None) -> tuple[str | None, int]:
-    """(checkpoint folder or None, LoRA rank to serve) for ``--generator`` / ``--ray-address``."""
+def _generator_checkpoint(generator: str | None, ray_address: str | None) -> tuple[str | None, int, tuple[str, ...] | None]:
+    """(checkpoint folder or None, LoRA rank to serve, its target modules or None) for
+    ``--generator`` / ``--ray-address``."""
     from loragen_vllm.backends import CheckpointInfo
     from loragen_vllm.defaults import MISSING_GENERATOR, default_generator_checkpoint
 
@@ -374,14 +385,14 @@ def _generator_checkpoint(generator: str | None, ray_address: str | None) -> tup
             raise UsageError(MISSING_GENERATOR)
         generator = str(found)
     if generator is None:  # a Ray generator: --max-lora-rank after -- overrides
-        return None, DEFAULT_RAY_LORA_RANK
+        return None, DEFAULT_RAY_LORA_RANK, None
     try:
         info = CheckpointInfo.read(generator)
     except (OSError, ValueError) as e:
         raise UsageError(f"--generator: {e}") from e
     print(f"loragen-vllm: {info.kind} generator {info.fingerprint[:12]} (rank {info.rank}, "
           f"modules {', '.join(info.modules)}) from {info.path}", flush=True)
-    return str(info.path), info.rank
+    return str(info.path), info.rank, info.modules
 
 
 def _base_model_dir(base_model: str | None) -> Path:
