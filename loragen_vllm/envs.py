@@ -200,6 +200,10 @@ SETTINGS: dict[str, Setting] = {
                 "admin key (`serve --admin-key`): unset, vLLM's admin routes (runtime LoRA "
                 "load/unload, ...) answer 403/404; set, they answer requests whose "
                 "`X-LoRAGen-Admin-Key` header carries it"),
+        Setting("LORAGEN_LORA_MODULES", "", _names,
+                "comma-separated modules vLLM applies LoRA to (set by `serve`: the generator's "
+                "target modules); an adapter loaded through the admin route with weights for "
+                "other modules is refused (400) instead of served without them. Empty: all"),
         Setting("LORAGEN_LIST_DESCRIPTIONS", "0", _flag,
                 "`1`: `/v1/models` also lists the resolved descriptions (other clients' requests; "
                 "`serve --list-descriptions`)"),
@@ -232,6 +236,7 @@ if TYPE_CHECKING:  # the attributes `__getattr__` provides, with their types
     LORAGEN_SERVED_MODEL_NAMES: tuple[str, ...]
     LORAGEN_MAX_MODEL_BYTES: int
     LORAGEN_ADMIN_KEY: str | None
+    LORAGEN_LORA_MODULES: tuple[str, ...]
     LORAGEN_LIST_DESCRIPTIONS: bool
     LORAGEN_LOG_LEVEL: str
     LORAGEN_DEBUG: bool

@@ -77,13 +77,13 @@ def vllm_serve_argv(
 
     ``lora_slots``: (``--max-loras``, ``--max-cpu-loras``), see `default_lora_slots`.
 
-    ``lora_modules``: the generator's target modules (e.g. ``q_proj v_proj``), given to vLLM as
-    ``--lora-target-modules``: vLLM then wraps only those layers with LoRA, where by default it
-    wraps every linear layer and, for each adapter it loads, zeroes the slots of the layers the
-    adapter does not touch and runs their LoRA kernels in every step
-    (`benchmarks/results/adapter_load_h100.md`). None: every layer (a Ray generator, not known
-    here). An adapter loaded another way that targets other layers would lose them, so
-    `edge.EdgeGuard` refuses such a load (``LORAGEN_LORA_MODULES``).
+    ``lora_modules``: the modules vLLM applies LoRA to (`lora_modules_to_serve`: the generator's
+    target modules, e.g. ``q_proj v_proj``), given as ``--lora-target-modules``. vLLM then wraps
+    only those layers, where by default it wraps every linear layer, runs their LoRA kernels in
+    every step and, for each adapter it loads, zeroes the slots of the layers the adapter does not
+    touch (`benchmarks/results/adapter_load.md`). None: every layer. An adapter with weights for
+    other layers would be served without them, so `edge.EdgeGuard` refuses to load one
+    (``LORAGEN_LORA_MODULES``).
 
     ``middleware``: ASGI middleware import paths, innermost first (vLLM wraps the app in the
     order given, so the last is the outermost).
@@ -135,20 +135,43 @@ def fit_max_resolved(requested: int | None, store_max_adapters: int | None) -> t
     return requested, None
 
 
-def served_model_names(default: str, vllm_args: list[str]) -> list[str]:
-    """The names vLLM will serve the base model as: ``--served-model-name`` of the extra vLLM
-    arguments if given (the last one wins, as in vLLM), else ``default``."""
-    names = [default]
+def vllm_flag_values(vllm_args: list[str], flag: str) -> list[str] | None:
+    """The values of a multi-value vLLM flag (``--flag a b`` or ``--flag=a``) among the extra
+    vLLM arguments, the last occurrence winning as in vLLM; None if the flag is not there."""
+    values: list[str] | None = None
     for i, arg in enumerate(vllm_args):
-        if arg == "--served-model-name":
-            names = []
+        if arg == flag:
+            values = []
             for value in vllm_args[i + 1:]:
                 if value.startswith("-"):
                     break
-                names.append(value)
-        elif arg.startswith("--served-model-name="):
-            names = [arg.split("=", 1)[1]]
-    return names or [default]
+                values.append(value)
+        elif arg.startswith(flag + "="):
+            values = [arg.split("=", 1)[1]]
+    return values
+
+
+def served_model_names(default: str, vllm_args: list[str]) -> list[str]:
+    """The names vLLM will serve the base model as: ``--served-model-name`` of the extra vLLM
+    arguments if given, else ``default``."""
+    return vllm_flag_values(vllm_args, "--served-model-name") or [default]
+
+
+def lora_modules_to_serve(generator_modules: tuple[str, ...] | None, vllm_args: list[str]) -> tuple[str, ...] | None:
+    """The modules vLLM will apply LoRA to: ``--lora-target-modules`` of the extra vLLM arguments
+    if given, else the generator's target modules, else (a Ray generator, not known here) None:
+    every module. Raises `UsageError` if the given modules leave out one the generator's
+    adapters have weights for: vLLM would serve its adapters without them."""
+    chosen = vllm_flag_values(vllm_args, "--lora-target-modules")
+    if chosen is None:
+        return generator_modules
+    missing = sorted(set(generator_modules or ()) - set(chosen))
+    if missing:
+        raise UsageError(
+            f"--lora-target-modules {' '.join(chosen)} leaves out {', '.join(missing)}, which the generator's "
+            f"adapters have weights for (its modules: {', '.join(generator_modules or ())}); vLLM would serve them "
+            "without those layers")
+    return tuple(chosen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,13 +290,14 @@ def run(args: argparse.Namespace) -> int:
     ``args.description_system_prompt``, ``args.admin_key``, ``args.list_descriptions``.
     """
     ray_address = getattr(args, "ray_address", None)
-    generator, lora_rank, lora_modules = _generator_checkpoint(getattr(args, "generator", None), ray_address)
+    generator, lora_rank, generator_modules = _generator_checkpoint(getattr(args, "generator", None), ray_address)
     model_dir = _base_model_dir(getattr(args, "base_model", None))
     if generator is not None:  # a Ray generator's checkpoint is not known here
         check_generator_fits(generator, model_dir)
     store = Path(args.store).expanduser().resolve() if getattr(args, "store", None) else envs.LORAGEN_STORE
 
     extra = list(getattr(args, "vllm_args", None) or [])
+    lora_modules = lora_modules_to_serve(generator_modules, extra)
     envs.export(  # the plugin's configuration, for this process and vLLM's (they inherit it)
         os.environ,
         LORAGEN_STORE=store,
@@ -284,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
         # the edge middlewares' configuration (they run in this process)
         LORAGEN_SERVED_MODEL_NAMES=",".join(served_model_names(model_dir.name, extra)),
         LORAGEN_ADMIN_KEY=getattr(args, "admin_key", None),
+        LORAGEN_LORA_MODULES=",".join(lora_modules) if lora_modules else None,
         LORAGEN_LIST_DESCRIPTIONS=(1 if getattr(args, "list_descriptions", None) else None),
     )
     _prepare_vllm_environment(os.environ, extra)

