@@ -27,6 +27,7 @@ then goes through the driver's staging buffer). On a CPU both are the
 same (vLLM pins only with CUDA).
 
     python -m benchmarks.adapter_load --machine h100 --out benchmarks/results/adapter_load_h100.json
+    python -m benchmarks.adapter_load plot OUT.png RESULT.json ...   # step times side by side
 
 Writes the JSON (per-adapter step times, per-round batch times, medians per variant, a
 cProfile of the first round's adds) and a Markdown summary beside it.
@@ -258,7 +259,48 @@ def render_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[Path], out: Path) -> None:
+    """One stacked bar per result and variant: the median time of each step of one adapter's add."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows: list[tuple[str, dict[str, float]]] = []
+    for path in results:
+        res = json.loads(path.read_text())
+        m = res["meta"]
+        modules = m["engine_args"].get("lora_target_modules")
+        where = ("H100" if "H100" in m["device"] else m["device"]) + f" {m['date'][11:16]}Z"
+        for variant, s in sorted(res["summary"].items()):
+            label = f"{where}, LoRA on {'+'.join(modules) if modules else 'all layers'}"
+            rows.append((label + (f" ({variant})" if len(res["summary"]) > 1 else ""), s))
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.4))
+    for i, (_, s) in enumerate(rows):
+        left = 0.0
+        for j, step in enumerate(STEPS):
+            width = s[f"{step}_p50_ms"]
+            ax.barh(i, width, left=left, color=f"C{j}", label=step if i == 0 else None)
+            left += width
+        rest = max(s["add_p50_ms"] - left, 0.0)
+        ax.barh(i, rest, left=left, color="0.8", label="other" if i == 0 else None)
+        ax.text(left + rest + 0.2, i, f"{s['add_p50_ms']:.1f} ms", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("vLLM adding one new adapter (ms, median; steps are medians, so they need not sum)")
+    ax.legend(ncol=6, fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot"]:
+        if len(argv) < 3:
+            print("usage: python -m benchmarks.adapter_load plot OUT.png RESULT.json [RESULT.json ...]", file=sys.stderr)
+            return 2
+        plot([Path(a) for a in argv[2:]], Path(argv[1]))
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--machine", default="cpu")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "adapter_load_cpu.json")
