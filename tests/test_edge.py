@@ -85,7 +85,7 @@ def vllm_like_app(seen: list) -> FastAPI:
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.setenv("LORAGEN_SERVED_MODEL_NAMES", BASE)
-    for name in ("LORAGEN_ADMIN_KEY", "LORAGEN_LIST_DESCRIPTIONS", "LORAGEN_MAX_MODEL_BYTES"):
+    for name in ("LORAGEN_ADMIN_KEY", "LORAGEN_LIST_DESCRIPTIONS", "LORAGEN_MAX_MODEL_BYTES", "LORAGEN_LORA_MODULES"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -102,6 +102,35 @@ def test_routes_closed_unless_the_admin_key_is_set_and_sent(env: pytest.MonkeyPa
     assert client.post("/v1/load_lora_adapter", headers={"X-LoRAGen-Admin-Key": "wrong"}).status_code == 403
     assert client.post("/v1/load_lora_adapter", headers={"X-LoRAGen-Admin-Key": "s3cret"}).json() == {"loaded": True}
     assert client.post("/tokenize", headers={"x-loragen-admin-key": "s3cret"}).status_code == 200
+
+
+def test_admin_load_of_an_adapter_with_other_modules_is_refused(env: pytest.MonkeyPatch, tmp_path) -> None:
+    """serve restricts vLLM's LoRA to the generator's modules (LORAGEN_LORA_MODULES): an adapter
+    with weights elsewhere would be served without them, so its load is a 400 naming them."""
+    from loragen_vllm.adapter_files import lora_weight_modules
+    from tests.fixtures_generator import write_adapter
+
+    env.setenv("LORAGEN_ADMIN_KEY", "s3cret")
+    env.setenv("LORAGEN_LORA_MODULES", "q_proj,v_proj")
+    admin = {"X-LoRAGen-Admin-Key": "s3cret"}
+    client = TestClient(vllm_like_app([]))
+    qv, with_o = write_adapter(tmp_path / "qv", ("q_proj", "v_proj")), write_adapter(tmp_path / "o", ("v_proj", "o_proj"))
+    assert lora_weight_modules(with_o) == {"v_proj", "o_proj"} and lora_weight_modules(tmp_path) is None
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(b"\xff" * 64)  # not safetensors
+    assert lora_weight_modules(tmp_path / "bad") is None
+    r = client.post("/v1/load_lora_adapter", headers=admin, json={"lora_name": "o", "lora_path": str(with_o)})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError"
+    msg = r.json()["error"]["message"]
+    assert "weights for o_proj" in msg and "--lora-target-modules q_proj v_proj o_proj" in msg
+    for body in ({"lora_name": "qv", "lora_path": str(qv)},  # fits
+                 {"lora_name": "x", "lora_path": str(tmp_path / "missing")},  # vLLM's own error
+                 {"lora_name": "x"}):
+        assert client.post("/v1/load_lora_adapter", headers=admin, json=body).json() == {"loaded": True}
+    env.setenv("LORAGEN_LORA_MODULES", "")  # every module: nothing to refuse
+    client = TestClient(vllm_like_app([]))
+    r = client.post("/v1/load_lora_adapter", headers=admin, json={"lora_name": "o", "lora_path": str(with_o)})
+    assert r.json() == {"loaded": True}
 
 
 def test_raw_model_field_is_bounded_and_validated_before_the_app(env: pytest.MonkeyPatch) -> None:

@@ -37,11 +37,15 @@ from loragen_vllm.serve import (
     default_cpu_kv_cache,
     fit_lora_rank,
     fit_max_resolved,
+    lora_modules_to_serve,
     served_model_names,
+    vllm_flag_values,
     vllm_serve_argv,
 )
 from loragen_vllm.store import AdapterStore
+from tests.fixtures_generator import write_adapter
 from tests.fixtures_serving import MAX_RESOLVED, ServerProcess
+
 
 BASE = "SmolLM2-135M-Instruct"
 SENTIMENT = "Classify the sentiment of a movie review as positive or negative."
@@ -97,6 +101,24 @@ def test_lora_slots_fit_the_machine() -> None:
     argv = vllm_serve_argv(Path("/m/M"), "M", 8, "h", 1, [], lora_slots=gpu)
     assert argv[argv.index("--max-loras") + 1] == str(gpu[0])
     assert argv[argv.index("--max-cpu-loras") + 1] == str(gpu[1])
+
+
+def test_lora_only_on_the_generators_modules() -> None:
+    """vLLM is told to put LoRA on the generator's modules only; a user's list wins if it keeps them."""
+    qv = ("q_proj", "v_proj")
+    assert vllm_flag_values(["--x", "1"], "--lora-target-modules") is None
+    assert vllm_flag_values(["--lora-target-modules", "a", "b", "--x"], "--lora-target-modules") == ["a", "b"]
+    assert vllm_flag_values(["--lora-target-modules=a", "--lora-target-modules", "c"], "--lora-target-modules") == ["c"]
+    assert lora_modules_to_serve(qv, []) == qv
+    assert lora_modules_to_serve(None, []) is None  # a Ray generator: not known, every module
+    wider = ["--lora-target-modules", "q_proj", "v_proj", "o_proj"]
+    assert lora_modules_to_serve(qv, wider) == ("q_proj", "v_proj", "o_proj")
+    with pytest.raises(UsageError, match=r"--lora-target-modules q_proj o_proj leaves out v_proj"):
+        lora_modules_to_serve(qv, ["--lora-target-modules", "q_proj", "o_proj"])
+    argv = vllm_serve_argv(Path("/m/M"), "M", 8, "h", 1, [], lora_modules=qv)
+    i = argv.index("--lora-target-modules")
+    assert argv[i + 1:i + 3] == ["q_proj", "v_proj"] and argv[i + 3].startswith("--")
+    assert "--lora-target-modules" not in vllm_serve_argv(Path("/m/M"), "M", 8, "h", 1, [])
 
 
 def test_vllm_computes_in_float32_on_a_cpu_without_bf16() -> None:
@@ -485,6 +507,18 @@ def test_api_key_and_admin_key_end_to_end(keyed_server: ServerProcess) -> None:
     r = httpx.post(f"{url}/v1/load_lora_adapter", json=load, headers={"X-LoRAGen-Admin-Key": ADMIN_KEY},
                    timeout=TIMEOUT)
     assert r.status_code == 401  # the admin key does not replace the client key
+    # vLLM puts LoRA on the generator's modules only; an adapter with others is refused, not half-served
+    assert re.search(r"vllm serve .*--lora-target-modules q_proj v_proj", keyed_server.log(whole=True))
+    folders = keyed_server.log_path.parent / "admin_adapters"
+    for name, modules, status in (("with-o", ("q_proj", "o_proj"), 400), ("qv", ("q_proj", "v_proj"), 200)):
+        path = write_adapter(folders / name, modules)
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
+                       headers=admin, timeout=TIMEOUT)
+        assert r.status_code == status, r.text
+    assert "weights for o_proj" in httpx.post(f"{url}/v1/load_lora_adapter", headers=admin, timeout=TIMEOUT, json={
+        "lora_name": "with-o", "lora_path": str(folders / "with-o")}).json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/chat/completions", headers=auth, timeout=TIMEOUT, json={**body, "model": "qv"})
+    assert r.status_code == 200, r.text  # the admin-loaded adapter answers
 
 
 @pytest.fixture(scope="module")
