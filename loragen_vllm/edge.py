@@ -11,9 +11,10 @@ things, each in one place:
   unless the operator set an admin key (``serve --admin-key``, ``LORAGEN_ADMIN_KEY``) and the
   request carries it in the ``X-LoRAGen-Admin-Key`` header. ``serve`` must keep runtime LoRA
   updating on (vLLM only asks resolvers with it), which is what opens those routes in vLLM.
-  An admin's ``/v1/load_lora_adapter`` of a folder with LoRA weights for modules vLLM does not
-  apply LoRA to (``LORAGEN_LORA_MODULES``: ``serve`` restricts vLLM to the generator's) is a 400:
-  vLLM would load it and serve it without them.
+  While ``serve`` restricts vLLM's LoRA to the generator's modules (``LORAGEN_LORA_MODULES``;
+  `lora_modules`), an admin's ``/v1/load_lora_adapter`` is a 400 unless the adapter is a local
+  safetensors folder whose LoRA weights all lie on those layers: vLLM would load any other and
+  serve it without the rest.
 * **Inputs.** On chat and completions, a raw ``model`` field longer than
   ``LORAGEN_MAX_MODEL_BYTES`` (UTF-8, before normalisation) is a 400, and so is any other
   invalid description (`validate_description`: control and format/bidi characters, empty, too
@@ -33,6 +34,7 @@ registers the one that makes vLLM forget a name whose adapter files changed on d
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -42,9 +44,9 @@ from http import HTTPStatus
 from typing import Any
 
 from loragen_vllm import envs
-from loragen_vllm.adapter_files import lora_weight_modules
 from loragen_vllm.descriptions import validate_description
 from loragen_vllm.errors import DEFAULT_RETRY_AFTER_S, InvalidDescription, retry_after_s, to_http
+from loragen_vllm.lora_modules import lora_layers, lora_weight_modules
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +67,10 @@ PUBLIC_ROUTES: dict[str, frozenset[str]] = {
     "/ping": frozenset({"GET", "POST", "HEAD"}),
     "/version": frozenset({"GET", "HEAD"}),
 }
+LOAD_ADAPTER_PATH = "/v1/load_lora_adapter"
 # vLLM routes that change the server's state (403 rather than 404: they exist, but not for you)
 ADMIN_PATHS = frozenset({
-    "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+    LOAD_ADAPTER_PATH, "/v1/unload_lora_adapter",
     "/sleep", "/wake_up", "/is_sleeping", "/release_kv_cache_memory", "/collective_rpc",
     "/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache",
     "/start_profile", "/stop_profile", "/server_info",
@@ -75,7 +78,6 @@ ADMIN_PATHS = frozenset({
     "/finish_weight_update", "/init_weight_transfer_engine", "/shutdown_weight_transfer_engine",
     "/scale_elastic_ep", "/is_scaling_elastic_ep",
 })
-LOAD_ADAPTER_PATH = "/v1/load_lora_adapter"
 ADMIN_HEADER = b"x-loragen-admin-key"
 ADAPTER_HEADER = b"x-loragen-adapter"
 
@@ -189,7 +191,8 @@ class EdgeGuard:
         self.max_chars = envs.LORAGEN_MAX_DESCRIPTION_CHARS
         self.admin_key = envs.LORAGEN_ADMIN_KEY
         self.list_descriptions = envs.LORAGEN_LIST_DESCRIPTIONS
-        self.lora_modules = frozenset(envs.LORAGEN_LORA_MODULES)
+        self.lora_modules = frozenset(envs.LORAGEN_LORA_MODULES)  # empty: vLLM's LoRA on every layer
+        self.lora_layers = lora_layers(self.lora_modules)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") not in ("http", "websocket"):  # lifespan
@@ -227,28 +230,36 @@ class EdgeGuard:
         return False
 
     async def _load_adapter(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """An admin's ``/v1/load_lora_adapter``: refused (400) if the adapter folder has LoRA
-        weights for modules vLLM was not told to apply LoRA to (``LORAGEN_LORA_MODULES``, set by
-        ``serve``): vLLM would load it and silently serve it without them."""
+        """An admin's ``/v1/load_lora_adapter``: refused (400) unless the adapter's LoRA weights
+        are all on layers vLLM applies LoRA to (``LORAGEN_LORA_MODULES``, set by ``serve``, with
+        vLLM's packed layers: `lora_layers`), read from its ``adapter_model.safetensors``;
+        vLLM would load any other adapter and serve it without the rest."""
         body = await _read_body(receive)
         if body is None:
             return
         try:
             request = json.loads(body)
-        except ValueError:  # vLLM answers malformed JSON itself
+        except (ValueError, RecursionError):  # vLLM answers malformed JSON itself
             request = None
         path = request.get("lora_path") if isinstance(request, dict) else None
-        modules = lora_weight_modules(path) if isinstance(path, str) and path else None
-        extra = sorted(modules - self.lora_modules) if modules is not None else []
-        if extra:
+        if isinstance(path, str) and path:
             served = " ".join(sorted(self.lora_modules))
-            await _error(send, HTTPStatus.BAD_REQUEST, (
-                f"the adapter has LoRA weights for {', '.join(extra)}; this server applies LoRA to "
-                f"{served} only (the generator's modules; vLLM would serve the adapter without the "
-                f"others): restart serve with -- --lora-target-modules {served} {' '.join(extra)} "
-                "to serve it"))
-            return
-        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
+            modules = await asyncio.to_thread(lora_weight_modules, path)
+            if modules is None:
+                await _error(send, HTTPStatus.BAD_REQUEST, (
+                    f"cannot tell which layers the adapter at {path!r} has LoRA weights for (read from "
+                    f"adapter_model.safetensors in a local folder); this server applies LoRA to {served} only "
+                    "and vLLM would serve an adapter without the others"))
+                return
+            extra = sorted(modules - self.lora_layers)
+            if extra:
+                await _error(send, HTTPStatus.BAD_REQUEST, (
+                    f"the adapter has LoRA weights for {', '.join(extra)}; this server applies LoRA to "
+                    f"{served} only (the generator's modules; vLLM would serve the adapter without the "
+                    f"others): restart serve with -- --lora-target-modules {served} {' '.join(extra)} "
+                    "to serve it"))
+                return
+        await self.app(scope, _replay_body(body, receive), send)
 
     async def _generate(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await _read_body(receive)
@@ -265,7 +276,7 @@ class EdgeGuard:
             status, error = to_http(e)
             await _send_json(send, status, error)
             return
-        replayed = _replay([{"type": "http.request", "body": body, "more_body": False}], receive)
+        replayed = _replay_body(body, receive)
         if not isinstance(model, str) or model in self.base_models:
             await self.app(scope, replayed, send)
             return
@@ -367,9 +378,9 @@ async def _send_json(send: Send, status: HTTPStatus, content: dict[str, Any]) ->
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _replay(messages: list[Message], receive: Receive) -> Receive:
-    """A `receive` that first returns `messages`, then defers to the original."""
-    pending = list(messages)
+def _replay_body(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that first returns the already read ``body``, then defers to the original."""
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def replay() -> Message:
         return pending.pop(0) if pending else await receive()

@@ -24,6 +24,7 @@ defaults only: fewer adapter slots (`default_lora_slots`), a fixed KV cache
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -36,6 +37,7 @@ from pathlib import Path
 
 from loragen_vllm import envs
 from loragen_vllm.errors import UsageError
+from loragen_vllm.lora_modules import lora_layers, lora_weight_modules
 
 logger = logging.getLogger(__name__)
 
@@ -136,18 +138,22 @@ def fit_max_resolved(requested: int | None, store_max_adapters: int | None) -> t
 
 
 def vllm_flag_values(vllm_args: list[str], flag: str) -> list[str] | None:
-    """The values of a multi-value vLLM flag (``--flag a b`` or ``--flag=a``) among the extra
-    vLLM arguments, the last occurrence winning as in vLLM; None if the flag is not there."""
+    """The values of a multi-value vLLM flag (``--flag a b`` or ``--flag=a``; vLLM also takes
+    underscores for dashes) among the extra vLLM arguments, the last occurrence winning as in
+    vLLM; None if the flag is not there."""
     values: list[str] | None = None
     for i, arg in enumerate(vllm_args):
-        if arg == flag:
+        name, eq, value = arg.partition("=")
+        if not name.startswith("--") or name.replace("_", "-") != flag:
+            continue
+        if eq:
+            values = [value]
+        else:
             values = []
             for value in vllm_args[i + 1:]:
                 if value.startswith("-"):
                     break
                 values.append(value)
-        elif arg.startswith(flag + "="):
-            values = [arg.split("=", 1)[1]]
     return values
 
 
@@ -160,18 +166,47 @@ def served_model_names(default: str, vllm_args: list[str]) -> list[str]:
 def lora_modules_to_serve(generator_modules: tuple[str, ...] | None, vllm_args: list[str]) -> tuple[str, ...] | None:
     """The modules vLLM will apply LoRA to: ``--lora-target-modules`` of the extra vLLM arguments
     if given, else the generator's target modules, else (a Ray generator, not known here) None:
-    every module. Raises `UsageError` if the given modules leave out one the generator's
-    adapters have weights for: vLLM would serve its adapters without them."""
+    every module. Raises `UsageError` if the given modules leave out a layer the generator's
+    adapters have weights for (vLLM would serve them without it; packed layers count as their
+    members, `lora_layers`), and for an adapter given with ``--lora-modules`` that vLLM would
+    serve without some of its layers (`check_static_adapters`)."""
     chosen = vllm_flag_values(vllm_args, "--lora-target-modules")
     if chosen is None:
-        return generator_modules
-    missing = sorted(set(generator_modules or ()) - set(chosen))
-    if missing:
-        raise UsageError(
-            f"--lora-target-modules {' '.join(chosen)} leaves out {', '.join(missing)}, which the generator's "
-            f"adapters have weights for (its modules: {', '.join(generator_modules or ())}); vLLM would serve them "
-            "without those layers")
-    return tuple(chosen)
+        modules = generator_modules
+    elif not chosen:
+        raise UsageError("--lora-target-modules needs at least one module name")
+    else:
+        missing = sorted(set(generator_modules or ()) - lora_layers(chosen))
+        if missing:
+            raise UsageError(
+                f"--lora-target-modules {' '.join(chosen)} leaves out {', '.join(missing)}, which the "
+                f"generator's adapters have weights for (its modules: {', '.join(generator_modules or ())}); "
+                "vLLM would serve them without those layers")
+        modules = tuple(chosen)
+    if modules is not None:
+        check_static_adapters(modules, vllm_args)
+    return modules
+
+
+def check_static_adapters(modules: tuple[str, ...], vllm_args: list[str]) -> None:
+    """Raise `UsageError` for an adapter of ``--lora-modules`` (``name=path`` or vLLM's JSON form)
+    with LoRA weights outside the layers of ``modules``, or whose weights cannot be read: vLLM
+    would serve it without them."""
+    layers = lora_layers(modules)
+    for spec in vllm_flag_values(vllm_args, "--lora-modules") or []:
+        try:
+            path = json.loads(spec).get("path") if spec.lstrip().startswith("{") else spec.partition("=")[2]
+        except (ValueError, AttributeError):
+            continue  # vLLM's own parser reports a malformed one
+        weights = lora_weight_modules(path) if isinstance(path, str) and path else None
+        if weights is None:
+            raise UsageError(f"--lora-modules {spec}: cannot tell which layers it has LoRA weights for (read from "
+                             f"adapter_model.safetensors in a local folder); LoRA is on {' '.join(modules)} only")
+        extra = sorted(weights - layers)
+        if extra:
+            raise UsageError(f"--lora-modules {spec}: it has LoRA weights for {', '.join(extra)}, but LoRA is on "
+                             f"{' '.join(modules)} only; add them with -- --lora-target-modules "
+                             f"{' '.join(modules)} {' '.join(extra)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,8 +236,6 @@ def check_generator_fits(generator: str | Path, model_dir: Path) -> None:
     """Raise `UsageError` if the generator's adapters do not fit the served model: another
     number of layers or another shape of a target module (``target`` of the checkpoint's
     config against the model folder's ``config.json``)."""
-    import json
-
     ckpt_cfg = json.loads((Path(generator) / "config.json").read_text())
     target = ckpt_cfg.get("target") or {}
     wanted = target.get("base_model") or ckpt_cfg.get("base_model") or "its base model"
@@ -308,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
         # the edge middlewares' configuration (they run in this process)
         LORAGEN_SERVED_MODEL_NAMES=",".join(served_model_names(model_dir.name, extra)),
         LORAGEN_ADMIN_KEY=getattr(args, "admin_key", None),
-        LORAGEN_LORA_MODULES=",".join(lora_modules) if lora_modules else None,
+        LORAGEN_LORA_MODULES=",".join(lora_modules or ()),  # empty (every layer): nothing inherited stays
         LORAGEN_LIST_DESCRIPTIONS=(1 if getattr(args, "list_descriptions", None) else None),
     )
     _prepare_vllm_environment(os.environ, extra)

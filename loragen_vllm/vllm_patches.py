@@ -235,4 +235,3 @@ def _discard(lora_name: str) -> None:
         return
     if known:
         logger.warning("vLLM could not load the adapter of %.60r: forgotten and unpinned", lora_name)
-

@@ -85,15 +85,3 @@ def loragen32(tmp_path_factory: pytest.TempPathFactory, library32: Path):
         torch.set_num_threads(threads)
     return gen, data
 
-
-def write_adapter(folder: Path, modules: tuple[str, ...]) -> Path:
-    """A small random PEFT adapter for SmolLM2 with LoRA weights on ``modules``."""
-    import torch
-
-    from generator import LoRAAdapter, TargetSpec
-
-    target = TargetSpec.smollm2(modules=modules)
-    g = torch.Generator().manual_seed(0)
-    A = {m: torch.randn(target.num_layers, target.rank, target.shapes[m][0], generator=g) * 0.01 for m in modules}
-    B = {m: torch.randn(target.num_layers, target.shapes[m][1], target.rank, generator=g) * 0.01 for m in modules}
-    return LoRAAdapter(target=target, A=A, B=B).save_peft(folder)

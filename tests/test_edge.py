@@ -106,31 +106,48 @@ def test_routes_closed_unless_the_admin_key_is_set_and_sent(env: pytest.MonkeyPa
 
 def test_admin_load_of_an_adapter_with_other_modules_is_refused(env: pytest.MonkeyPatch, tmp_path) -> None:
     """serve restricts vLLM's LoRA to the generator's modules (LORAGEN_LORA_MODULES): an adapter
-    with weights elsewhere would be served without them, so its load is a 400 naming them."""
-    from loragen_vllm.adapter_files import lora_weight_modules
-    from tests.fixtures_generator import write_adapter
+    with weights elsewhere, or whose weights cannot be read, would be served without them, so its
+    load is a 400 naming them; one within the layers (k_proj: vLLM's packed qkv layer) loads."""
+    from benchmarks.serving.oracles import write_random_adapters
+    from loragen_vllm.lora_modules import lora_layers, lora_weight_modules
 
     env.setenv("LORAGEN_ADMIN_KEY", "s3cret")
     env.setenv("LORAGEN_LORA_MODULES", "q_proj,v_proj")
     admin = {"X-LoRAGen-Admin-Key": "s3cret"}
     client = TestClient(vllm_like_app([]))
-    qv, with_o = write_adapter(tmp_path / "qv", ("q_proj", "v_proj")), write_adapter(tmp_path / "o", ("v_proj", "o_proj"))
+
+    def adapter(name: str, modules: tuple[str, ...]):
+        return write_random_adapters(tmp_path / name, 1, None, None, None, 0, modules=modules)[0]
+
+    qv, kv, with_o = adapter("qv", ("q_proj", "v_proj")), adapter("kv", ("k_proj",)), adapter("o", ("v_proj", "o_proj"))
     assert lora_weight_modules(with_o) == {"v_proj", "o_proj"} and lora_weight_modules(tmp_path) is None
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(b"\xff" * 64)  # not safetensors
-    assert lora_weight_modules(tmp_path / "bad") is None
-    r = client.post("/v1/load_lora_adapter", headers=admin, json={"lora_name": "o", "lora_path": str(with_o)})
+    assert lora_layers(["q_proj"]) == {"q_proj", "k_proj", "v_proj", "qkv_proj"}
+    assert lora_layers(["up_proj", "o_proj"]) == {"gate_proj", "up_proj", "gate_up_proj", "o_proj"}
+    for bad in (b"\xff" * 64, (8).to_bytes(8, "little") + b"[1, 2]  ",  # huge size; a header not a dict
+                (20_000).to_bytes(8, "little") + b"[" * 10_000 + b"]" * 10_000):  # nested past recursion
+        (tmp_path / "bad").mkdir(exist_ok=True)
+        (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(bad)
+        assert lora_weight_modules(tmp_path / "bad") is None
+    env.setenv("HOME", str(tmp_path))
+    assert lora_weight_modules("~/o/random-0000") == {"v_proj", "o_proj"}  # ~ as vLLM expands it
+
+    def load(body: object):
+        return client.post("/v1/load_lora_adapter", headers=admin, json=body)
+
+    r = load({"lora_name": "o", "lora_path": str(with_o)})
     assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError"
     msg = r.json()["error"]["message"]
     assert "weights for o_proj" in msg and "--lora-target-modules q_proj v_proj o_proj" in msg
-    for body in ({"lora_name": "qv", "lora_path": str(qv)},  # fits
-                 {"lora_name": "x", "lora_path": str(tmp_path / "missing")},  # vLLM's own error
-                 {"lora_name": "x"}):
-        assert client.post("/v1/load_lora_adapter", headers=admin, json=body).json() == {"loaded": True}
-    env.setenv("LORAGEN_LORA_MODULES", "")  # every module: nothing to refuse
+    assert load({"lora_name": "o", "lora_path": "~/o/random-0000"}).status_code == 400
+    for path in (tmp_path / "missing", tmp_path / "bad", "some-org/some-hub-adapter"):
+        r = load({"lora_name": "x", "lora_path": str(path)})
+        assert r.status_code == 400 and "cannot tell which layers" in r.json()["error"]["message"]
+    for body in ({"lora_name": "qv", "lora_path": str(qv)}, {"lora_name": "kv", "lora_path": str(kv)},
+                 {"lora_name": "x"}, ["not", "a", "dict"]):  # fits; fits (packed); vLLM's own errors
+        assert load(body).json() == {"loaded": True}
+    env.setenv("LORAGEN_LORA_MODULES", "")  # every layer: nothing to refuse
     client = TestClient(vllm_like_app([]))
-    r = client.post("/v1/load_lora_adapter", headers=admin, json={"lora_name": "o", "lora_path": str(with_o)})
-    assert r.json() == {"loaded": True}
+    assert load({"lora_name": "o", "lora_path": str(with_o)}).json() == {"loaded": True}
 
 
 def test_raw_model_field_is_bounded_and_validated_before_the_app(env: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ generator-failure behaviour. Generations are counted from the server's log lines
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import httpx
 import openai
 import pytest
 
+from benchmarks.serving.oracles import write_random_adapters
 from loragen_vllm.backends import CheckpointInfo
 from loragen_vllm.descriptions import MAX_DESCRIPTION_CHARS, normalize_description
 from loragen_vllm.errors import UsageError
@@ -43,9 +45,7 @@ from loragen_vllm.serve import (
     vllm_serve_argv,
 )
 from loragen_vllm.store import AdapterStore
-from tests.fixtures_generator import write_adapter
 from tests.fixtures_serving import MAX_RESOLVED, ServerProcess
-
 
 BASE = "SmolLM2-135M-Instruct"
 SENTIMENT = "Classify the sentiment of a movie review as positive or negative."
@@ -103,18 +103,32 @@ def test_lora_slots_fit_the_machine() -> None:
     assert argv[argv.index("--max-cpu-loras") + 1] == str(gpu[1])
 
 
-def test_lora_only_on_the_generators_modules() -> None:
-    """vLLM is told to put LoRA on the generator's modules only; a user's list wins if it keeps them."""
+def test_lora_only_on_the_generators_modules(tmp_path: Path) -> None:
+    """vLLM is told to put LoRA on the generator's modules only; a user's list wins if it keeps
+    them (vLLM's packed layers count as their members), and so does a --lora-modules adapter."""
     qv = ("q_proj", "v_proj")
     assert vllm_flag_values(["--x", "1"], "--lora-target-modules") is None
     assert vllm_flag_values(["--lora-target-modules", "a", "b", "--x"], "--lora-target-modules") == ["a", "b"]
-    assert vllm_flag_values(["--lora-target-modules=a", "--lora-target-modules", "c"], "--lora-target-modules") == ["c"]
+    assert vllm_flag_values(["--lora-target-modules=a", "--lora_target_modules", "c"], "--lora-target-modules") == ["c"]
     assert lora_modules_to_serve(qv, []) == qv
     assert lora_modules_to_serve(None, []) is None  # a Ray generator: not known, every module
     wider = ["--lora-target-modules", "q_proj", "v_proj", "o_proj"]
     assert lora_modules_to_serve(qv, wider) == ("q_proj", "v_proj", "o_proj")
-    with pytest.raises(UsageError, match=r"--lora-target-modules q_proj o_proj leaves out v_proj"):
-        lora_modules_to_serve(qv, ["--lora-target-modules", "q_proj", "o_proj"])
+    assert lora_modules_to_serve(qv, ["--lora-target-modules", "qkv_proj"]) == ("qkv_proj",)  # vLLM's packed name
+    assert lora_modules_to_serve(qv, ["--lora-target-modules", "k_proj"]) == ("k_proj",)  # q, k, v: one layer
+    with pytest.raises(UsageError, match=r"--lora-target-modules o_proj gate_proj leaves out q_proj, v_proj"):
+        lora_modules_to_serve(qv, ["--lora-target-modules", "o_proj", "gate_proj"])
+    with pytest.raises(UsageError, match="needs at least one module"):
+        lora_modules_to_serve(qv, ["--lora-target-modules", "--port", "1"])
+    (kv,) = write_random_adapters(tmp_path / "kv", 1, None, None, None, 0, modules=("k_proj", "v_proj"))
+    (o,) = write_random_adapters(tmp_path / "o", 1, None, None, None, 0, modules=("v_proj", "o_proj"))
+    assert lora_modules_to_serve(qv, ["--lora-modules", f"kv={kv}"]) == qv
+    with pytest.raises(UsageError, match=r"LoRA weights for o_proj, but LoRA is on q_proj v_proj only"):
+        lora_modules_to_serve(qv, ["--lora-modules", f"kv={kv}", json.dumps({"name": "o", "path": str(o)})])
+    with pytest.raises(UsageError, match="cannot tell which layers"):
+        lora_modules_to_serve(qv, ["--lora-modules", f"x={tmp_path / 'missing'}"])
+    assert lora_modules_to_serve(qv, ["--lora-target-modules", "q_proj", "v_proj", "o_proj", "--lora-modules",
+                                      f"o={o}"]) == ("q_proj", "v_proj", "o_proj")
     argv = vllm_serve_argv(Path("/m/M"), "M", 8, "h", 1, [], lora_modules=qv)
     i = argv.index("--lora-target-modules")
     assert argv[i + 1:i + 3] == ["q_proj", "v_proj"] and argv[i + 3].startswith("--")
@@ -497,28 +511,29 @@ def test_api_key_and_admin_key_end_to_end(keyed_server: ServerProcess) -> None:
         **body, "model": LONG_TASK, "messages": messages}).json()["usage"]["prompt_tokens"]
         for messages in ([user], [{"role": "system", "content": LONG_TASK}, user])]
     assert tokens[0] != tokens[1]  # on the main server (the default) they are equal
+    # vLLM puts LoRA on the generator's modules only (q_proj, v_proj: the packed qkv layer)
+    assert re.search(r"vllm serve .*--lora-target-modules q_proj v_proj", keyed_server.log(whole=True))
+    folders = keyed_server.log_path.parent / "admin_adapters"
+    (qv,) = write_random_adapters(folders / "qv", 1, None, None, None, 0, modules=("q_proj", "v_proj"))
+    (kv,) = write_random_adapters(folders / "kv", 1, None, None, None, 0, modules=("k_proj", "v_proj"))
+    (with_o,) = write_random_adapters(folders / "o", 1, None, None, None, 0, modules=("q_proj", "o_proj"))
     # the load route: refused with the client key alone, reaches vLLM with the admin key too
-    load = {"lora_name": "pirate", "lora_path": "/nonexistent/adapter"}
+    load = {"lora_name": "qv", "lora_path": str(qv)}
     r = httpx.post(f"{url}/v1/load_lora_adapter", json=load, headers=auth, timeout=TIMEOUT)
     assert r.status_code == 403, r.text
-    admin = {**auth, "X-LoRAGen-Admin-Key": ADMIN_KEY}
-    r = httpx.post(f"{url}/v1/load_lora_adapter", json=load, headers=admin, timeout=TIMEOUT)
-    assert r.status_code not in (401, 403) and "PermissionDenied" not in r.text, r.text  # vLLM's own answer
     r = httpx.post(f"{url}/v1/load_lora_adapter", json=load, headers={"X-LoRAGen-Admin-Key": ADMIN_KEY},
                    timeout=TIMEOUT)
     assert r.status_code == 401  # the admin key does not replace the client key
-    # vLLM puts LoRA on the generator's modules only; an adapter with others is refused, not half-served
-    assert re.search(r"vllm serve .*--lora-target-modules q_proj v_proj", keyed_server.log(whole=True))
-    folders = keyed_server.log_path.parent / "admin_adapters"
-    for name, modules, status in (("with-o", ("q_proj", "o_proj"), 400), ("qv", ("q_proj", "v_proj"), 200)):
-        path = write_adapter(folders / name, modules)
-        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
-                       headers=admin, timeout=TIMEOUT)
-        assert r.status_code == status, r.text
-    assert "weights for o_proj" in httpx.post(f"{url}/v1/load_lora_adapter", headers=admin, timeout=TIMEOUT, json={
-        "lora_name": "with-o", "lora_path": str(folders / "with-o")}).json()["error"]["message"]
-    r = httpx.post(f"{url}/v1/chat/completions", headers=auth, timeout=TIMEOUT, json={**body, "model": "qv"})
-    assert r.status_code == 200, r.text  # the admin-loaded adapter answers
+    admin = {**auth, "X-LoRAGen-Admin-Key": ADMIN_KEY}
+    answers = {name: httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
+                                headers=admin, timeout=TIMEOUT)
+               for name, path in (("qv", qv), ("kv", kv), ("with-o", with_o), ("missing", folders / "nonexistent"))}
+    assert {name: r.status_code for name, r in answers.items()} == {"qv": 200, "kv": 200, "with-o": 400, "missing": 400}
+    assert "weights for o_proj" in answers["with-o"].json()["error"]["message"]  # refused, not served without it
+    assert "cannot tell which layers" in answers["missing"].json()["error"]["message"]
+    for name in ("qv", "kv"):  # the admin-loaded adapters answer (k_proj lies in the packed qkv layer)
+        r = httpx.post(f"{url}/v1/chat/completions", headers=auth, timeout=TIMEOUT, json={**body, "model": name})
+        assert r.status_code == 200, r.text
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,11 +45,12 @@ def _safe_name(text: str) -> str:
 
 
 def write_random_adapters(out_dir: Path, n: int, like: Path | None, generator_ckpt: Path | None,
-                          base_model: str | None, seed: int) -> list[Path]:
+                          base_model: str | None, seed: int, modules: Sequence[str] | None = None) -> list[Path]:
     """Write `n` random PEFT adapters of the oracle shape into `out_dir`.
 
     The shape is that of the adapter folder `like` (a library adapter) if given, else the
-    generator checkpoint's target, else the project's default (SmolLM2, r=8 on q_proj,v_proj).
+    generator checkpoint's target, else the project's default (SmolLM2, r=8 on ``modules``,
+    default q_proj, v_proj).
     A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) as in LoRA's initialisation, B ~ N(0, 0.02^2), so the
     adapter changes the model a little, as a trained one does.
     """
@@ -61,7 +63,7 @@ def write_random_adapters(out_dir: Path, n: int, like: Path | None, generator_ck
     elif generator_ckpt is not None:
         target = TargetSpec.from_dict(json.loads((Path(generator_ckpt) / "config.json").read_text())["target"])
     else:
-        target = TargetSpec.smollm2()
+        target = TargetSpec.smollm2(modules=tuple(modules or ("q_proj", "v_proj")))
     g = torch.Generator().manual_seed(seed)
     out: list[Path] = []
     for i in range(n):
