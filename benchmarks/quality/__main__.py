@@ -131,6 +131,10 @@ def main(argv=None) -> None:
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--seeds", type=int, default=0,
                    help="LoRAGen: also CE under N seeds' adapters, their mean adapter and x_T = 0 (0: off; else >= 2)")
+    lb = sub.add_parser("labels", help="how often rows answer in their task's label set (closed-label tasks)")
+    lb.add_argument("--tasks", required=True)
+    lb.add_argument("--generations", nargs="+", required=True, help="generation files <row>.jsonl")
+    lb.add_argument("--out", required=True, help="output stem: <out>.json and <out>.md")
     a = ap.parse_args(argv)
 
     tasks = load_tasks(a.tasks)
@@ -149,6 +153,13 @@ def main(argv=None) -> None:
             raise SystemExit(f"error: --candidate takes ROW=CHECKPOINT, got {bad}")
         candidates = dict(c.split("=", 1) for c in a.candidate)
         print(json.dumps(choose_checkpoint(a.validation, candidates, {t.name: t for t in tasks}, splits, a.out), indent=1))
+        return
+    if a.cmd == "labels":
+        from .labels import run as label_run, write as label_write
+
+        result = label_run(tasks, splits, a.generations)
+        for p in label_write(result, a.out):
+            print(p)
         return
     if a.cmd == "ce-gap":
         from .ce_gap import ce_gap, write
