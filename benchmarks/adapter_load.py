@@ -275,7 +275,7 @@ def plot(results: list[Path], out: Path) -> None:
         res = json.loads(path.read_text())
         m = res["meta"]
         modules = m["engine_args"].get("lora_target_modules")
-        where = ("H100" if "H100" in m["device"] else m["device"]) + f" {m['date'][11:16]}Z"
+        where = ("H100" if "H100" in m["device"] else m["device"].upper()) + f" {m['date'][11:16]}Z"
         for variant, s in sorted(res["summary"].items()):
             label = f"{where}, LoRA on {'+'.join(modules) if modules else 'all layers'}"
             rows.append((label + (f" ({variant})" if len(res["summary"]) > 1 else ""), s))
@@ -291,7 +291,7 @@ def plot(results: list[Path], out: Path) -> None:
         ax.text(left + rest + 0.2, i, f"{s['add_p50_ms']:.1f} ms", va="center", fontsize=8)
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("vLLM adding one new adapter (ms, median; steps are medians, so they need not sum)")
+    ax.set_xlabel("vLLM adding one new adapter (ms; each step's median)")
     ax.legend(ncol=6, fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
