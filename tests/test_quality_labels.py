@@ -38,3 +38,35 @@ def test_label_use_counts_answers_in_and_out_of_the_label_set(tmp_path) -> None:
     result = run(list(tasks.values()), splits, [row])
     assert result["common_tasks"] == ["sentiment"] and result["rows"]["r"]["mean"]["in_label_set"] == 50.0
     assert "| r | 50.0 | 50.0 | 37.5 | 37.5 | `yes` (3) |" in markdown(result)
+
+
+def test_choose_labels_picks_the_most_likely_whole_answer() -> None:
+    """`choose_labels` (batched, right-padded, the vocabulary projection only at label tokens) picks
+    the label a plain full-logits computation of the same score picks, per prompt."""
+    import torch
+
+    from benchmarks.quality.generate import Prompt, choose_labels
+    from generator.base_model import load_base_model
+    from generator.training.prompts import chat_messages, prompt_ids
+
+    model, tok, _ = load_base_model("cpu", dtype=torch.float32)
+    labels_of = {"a": ["Yes", "No"], "b": ["positive", "negative", "neutral"]}
+    prompts = [Prompt("a", 0, "0", chat_messages("Is the sky blue? Answer Yes or No.")),
+               Prompt("b", 0, "0", chat_messages("I loved this film, it was wonderful. Sentiment?")),
+               Prompt("a", 1, "0", chat_messages("Is fire cold? Answer Yes or No."))]
+
+    def reference(p: Prompt) -> str:
+        ids = prompt_ids(tok, p.messages)
+        scores = []
+        for label in labels_of[p.task]:
+            lab = tok(label, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids + lab])).logits[0].float(), -1)
+            scores.append(sum(logp[len(ids) - 1 + i, t].item() for i, t in enumerate(lab)))
+        return labels_of[p.task][max(range(len(scores)), key=scores.__getitem__)]
+
+    expected = [reference(p) for p in prompts]
+    for max_tokens in (64, 4096):  # one sequence per batch; all in one right-padded batch
+        chosen = choose_labels(model, tok, prompts, labels_of, max_tokens=max_tokens, progress=False)
+        assert chosen == expected
+    assert all(c in labels_of[p.task] for c, p in zip(chosen, prompts))

@@ -91,6 +91,9 @@ def main(argv=None) -> None:
     g.add_argument("--anchor-temperature", type=float, default=0.1, help="with --anchor-blend: softmax temperature")
     g.add_argument("--adapter-scale", type=float, default=1.0, metavar="S",
                    help="generated rows: multiply every adapter's dW by S (an experiment; default 1)")
+    g.add_argument("--label-choice", action="store_true",
+                   help="on tasks with a closed label set, answer with the most likely label instead of "
+                        "generating (an upper bound on keeping answers in the label set; not a served setting)")
     g.add_argument("--limit-tasks", type=int, help="first N tasks of the set (dry runs)")
     g.add_argument("--only", nargs="+", help="only these tasks of the set (dry runs)")
     g.add_argument("--limit-instances", type=int, help="first N test instances per task (dry runs)")
@@ -192,7 +195,7 @@ def main(argv=None) -> None:
             user_descriptions=dict(splits.user_descriptions) if a.user_descriptions else None,
             system_prompt=a.system_prompt, steps=a.sampler_steps, guidance=a.guidance,
             num_descriptions=a.num_descriptions,
-            blend=blend, adapter_scale=a.adapter_scale,
+            blend=blend, adapter_scale=a.adapter_scale, label_choice=a.label_choice,
         )
         print(json.dumps({k: round(v, 1) for k, v in times.items()}))
     else:

@@ -120,6 +120,65 @@ def generate(
     return out
 
 
+@torch.no_grad()
+def choose_labels(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    labels_of: dict[str, list[str]],
+    multi: MultiLoRA | None = None,
+    max_tokens: int = 16384,
+    progress: bool = True,
+) -> list[str]:
+    """Per prompt, the label of its task (``labels_of[task]``) the model finds most likely as the
+    whole answer: the summed log-probability of the label's tokens and the end of turn after the
+    prompt (rank classification). Rows of one batch may use different adapters (`prompt.slot`).
+    """
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    label_ids = {t: [tokenizer(lab, add_special_tokens=False)["input_ids"] + [eos] for lab in labs]
+                 for t, labs in labels_of.items()}
+    seqs = []  # (prompt index, label index, prompt ids, label ids)
+    for k, p in enumerate(prompts):
+        ids = prompt_ids(tokenizer, p.messages)
+        seqs += [(k, j, ids, lab) for j, lab in enumerate(label_ids[p.task])]
+    order = sorted(range(len(seqs)), key=lambda n: len(seqs[n][2]) + len(seqs[n][3]))
+    batches, cur = [], []
+    for n in order:
+        longest = max([len(seqs[m][2]) + len(seqs[m][3]) for m in cur] + [len(seqs[n][2]) + len(seqs[n][3])])
+        if cur and longest * (len(cur) + 1) > max_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(n)
+    if cur:
+        batches.append(cur)
+    scores: dict[tuple[int, int], float] = {}
+    pad = tokenizer.pad_token_id
+    for batch in tqdm(batches, desc="choosing labels", disable=not progress):
+        S = max(len(seqs[n][2]) + len(seqs[n][3]) for n in batch)
+        input_ids = torch.full((len(batch), S), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), S), dtype=torch.long)
+        for b, n in enumerate(batch):  # right padding: the label's positions are known
+            row = seqs[n][2] + seqs[n][3]
+            input_ids[b, : len(row)] = torch.tensor(row)
+            mask[b, : len(row)] = 1
+        ctx = multi.use([prompts[seqs[n][0]].slot for n in batch]) if multi is not None else contextlib.nullcontext()
+        with ctx:  # the vocabulary projection only where a label token is predicted
+            hidden = model.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        rows = torch.cat([torch.full((len(seqs[n][3]),), b) for b, n in enumerate(batch)])
+        cols = torch.cat([torch.arange(len(seqs[n][2]) - 1, len(seqs[n][2]) + len(seqs[n][3]) - 1) for n in batch])
+        targets = torch.tensor([t for n in batch for t in seqs[n][3]], device=device)
+        logp = torch.log_softmax(model.lm_head(hidden[rows.to(device), cols.to(device)]).float(), dim=-1)
+        per_token = logp.gather(1, targets[:, None])[:, 0].cpu()
+        start = 0
+        for n in batch:
+            k, j, _, lab = seqs[n]
+            scores[(k, j)] = per_token[start:start + len(lab)].sum().item()
+            start += len(lab)
+    return [labels_of[p.task][max(range(len(labels_of[p.task])), key=lambda j: scores[(k, j)])]
+            for k, p in enumerate(prompts)]
+
+
 # ------------------------------------------------------------------------------------------------
 # Prompts of each row
 
@@ -330,11 +389,15 @@ def run_rows(
     num_descriptions: int = NUM_DESCRIPTIONS,
     blend: AnchorBlend | None = None,
     adapter_scale: float = 1.0,
+    label_choice: bool = False,
 ) -> dict[str, float]:
     """Generate every requested row into `out/<row>.jsonl`; returns seconds per row.
 
     Baseline rows are those of `BASELINE_ROWS`; any other row name needs `generator_ckpt` and is
     generated adapters (with `conditioning` and `seeds`). A row whose file exists is skipped.
+    `label_choice`: on tasks with a closed label set (in their training instances), the answer is
+    the label the model finds most likely (`choose_labels`) instead of a free generation: what
+    keeping answers in the label set would give (the set comes from the data, not the description).
     """
     times, failed = {}, []
     for row in rows:
@@ -345,7 +408,7 @@ def run_rows(
             times[row] = _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, generator_ckpt,
                                   conditioning, seeds, all_tasks, progress, limit_instances,
                                   user_descriptions, system_prompt, steps, guidance, num_descriptions, blend,
-                                  adapter_scale)
+                                  adapter_scale, label_choice)
         except Exception:  # one broken row must not cost the others (a GPU call is precious)
             import traceback
 
@@ -360,7 +423,8 @@ def run_rows(
 
 def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, generator_ckpt, conditioning, seeds,
              all_tasks, progress, limit_instances, user_descriptions=None, system_prompt=False, steps=None,
-             guidance=None, num_descriptions=NUM_DESCRIPTIONS, blend=None, adapter_scale=1.0) -> float:
+             guidance=None, num_descriptions=NUM_DESCRIPTIONS, blend=None, adapter_scale=1.0,
+             label_choice=False) -> float:
     """Generate one row into `path`; returns its seconds."""
     t0 = time.perf_counter()
     model, tok, _ = load_base_model(device)
@@ -414,7 +478,22 @@ def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, gene
                                 system_of=(lambda name, v: text_of[(name, v)]) if system_prompt else (lambda n, v: None))
     if limit_instances is not None:
         prompts = [p for p in prompts if p.i < limit_instances]
-    preds = generate(model, tok, prompts, budgets, multi, max_rows=max_rows, progress=progress, desc=row)
+    labels_of: dict[str, list[str]] = {}
+    if label_choice:
+        from .labels import label_strings
+
+        labels_of = {t.name: labs for t in tasks if (labs := label_strings(split_instances(t)[0])) is not None}
+        extra["label_choice"] = {"tasks": sorted(labels_of), "labels_from": "the task's training instances"}
+    chosen = [k for k, p in enumerate(prompts) if p.task in labels_of]
+    free = [k for k, p in enumerate(prompts) if p.task not in labels_of]
+    preds = [""] * len(prompts)
+    for k, pred in zip(free, generate(model, tok, [prompts[k] for k in free], budgets, multi, max_rows=max_rows,
+                                      progress=progress, desc=row)):
+        preds[k] = pred
+    if chosen:
+        for k, pred in zip(chosen, choose_labels(model, tok, [prompts[k] for k in chosen], labels_of, multi,
+                                                 progress=progress)):
+            preds[k] = pred
     seconds = time.perf_counter() - t0
     write_row(path, run_meta(row, seconds=round(seconds, 1), prompts=len(prompts), **extra), prompts, preds)
     print(f"row {row}: {len(prompts)} answers in {seconds:.1f} s", file=sys.stderr, flush=True)

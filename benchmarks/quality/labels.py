@@ -31,7 +31,8 @@ from pathlib import Path
 from statistics import mean
 from typing import Sequence
 
-from generator.data.sni import Task, TaskSplits, exact_match, normalize_answer, split_descriptions, split_instances
+from generator.data.sni import (Instance, Task, TaskSplits, exact_match, normalize_answer, split_descriptions,
+                                split_instances)
 
 from .score import read_row
 
@@ -39,10 +40,25 @@ MAX_LABELS = 10  # a task with at most this many distinct normalised outputs has
 METRICS = ("exact_match", "in_label_set", "other_tasks_label", "top_answer", "reference_top")
 
 
+def label_strings(instances: Sequence[Instance]) -> list[str] | None:
+    """The labels of a closed label set as written (per normalised label, its most frequent
+    spelling), most frequent first; None if ``instances`` have more than `MAX_LABELS` distinct
+    normalised outputs."""
+    spellings: dict[str, Counter[str]] = defaultdict(Counter)
+    for x in instances:
+        for o in x.outputs:
+            spellings[normalize_answer(o)][o.strip()] += 1
+    if len(spellings) > MAX_LABELS:
+        return None
+    ranked = sorted(spellings.values(), key=lambda c: -sum(c.values()))
+    return [c.most_common(1)[0][0] for c in ranked]
+
+
 def label_set(task: Task) -> frozenset[str] | None:
-    """The task's normalised labels, or None if it has more than `MAX_LABELS` distinct outputs."""
-    labels = {normalize_answer(o) for x in task.instances for o in x.outputs}
-    return frozenset(labels) if len(labels) <= MAX_LABELS else None
+    """The task's normalised labels (over all its instances), or None if it has more than
+    `MAX_LABELS` distinct outputs."""
+    labels = label_strings(task.instances)
+    return None if labels is None else frozenset(normalize_answer(label) for label in labels)
 
 
 def label_use(answers: Sequence[dict], tasks: dict[str, Task], splits: TaskSplits) -> dict:
