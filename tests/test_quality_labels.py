@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from benchmarks.quality.labels import label_set, label_use, labels_named, markdown, run
-from generator.data.sni import Instance, Task, TaskSplits, split_instances
+from generator.data.sni import Instance, Task, TaskSplits, normalize_answer, split_instances
 
 
 def task(name: str, outputs: list[str], definition: str = "Answer.") -> Task:
@@ -30,6 +30,9 @@ def test_label_use_counts_answers_in_and_out_of_the_label_set(tmp_path) -> None:
     s = use["sentiment"]
     assert s["n"] == 8 and s["exact_match"] == 50.0 and s["in_label_set"] == 50.0
     assert s["other_tasks_label"] == 37.5 and s["top_answer"] == 37.5 and s["borrowed"] == [("yes", 3)]
+    majority = max(("positive", "negative"), key=[normalize_answer(x.outputs[0]) for x in split_instances(sentiment)[0]].count)
+    assert s["train_majority"] == 100.0 * sum(normalize_answer(x.outputs[0]) == majority for x in test[:8]) / 8
+    assert label_set(task("one_label", ["same"] * 10)) is None  # nothing to choose
     named = labels_named(tasks, splits)["test"]
     assert named["definitions"] == [1, 1] and named["user_descriptions"] == [1, 2] and named["descriptions"][0] == 0
 

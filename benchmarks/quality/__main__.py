@@ -93,7 +93,7 @@ def main(argv=None) -> None:
                    help="generated rows: multiply every adapter's dW by S (an experiment; default 1)")
     g.add_argument("--label-choice", action="store_true",
                    help="on tasks with a closed label set, answer with the most likely label instead of "
-                        "generating (an upper bound on keeping answers in the label set; not a served setting)")
+                        "generating (the label set from the task's data: not a served setting)")
     g.add_argument("--limit-tasks", type=int, help="first N tasks of the set (dry runs)")
     g.add_argument("--only", nargs="+", help="only these tasks of the set (dry runs)")
     g.add_argument("--limit-instances", type=int, help="first N test instances per task (dry runs)")

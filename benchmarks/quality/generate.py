@@ -397,7 +397,8 @@ def run_rows(
     generated adapters (with `conditioning` and `seeds`). A row whose file exists is skipped.
     `label_choice`: on tasks with a closed label set (in their training instances), the answer is
     the label the model finds most likely (`choose_labels`) instead of a free generation: what
-    keeping answers in the label set would give (the set comes from the data, not the description).
+    answering within the label set gives when the set is known (it comes from the data, not the
+    description: not a served setting).
     """
     times, failed = {}, []
     for row in rows:

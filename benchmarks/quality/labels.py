@@ -11,7 +11,10 @@ POS/NEG, 1-5): for each row (a generation file) and task,
   training task (``splits.train``): a training task's format, borrowed;
 * ``top_answer``: share of the task's answers that are its most frequent answer (100: one
   answer for every input); ``reference_top``: the same share for the references (the first
-  output of each instance), what a row that answers right would show.
+  output of each instance), what a row that answers right would show;
+* ``train_majority``: the exact match of answering every input with the task's most frequent
+  label in its training instances: what a constant answer scores, the floor a row's choice
+  among the labels has to beat.
 
 Means are over the closed-label tasks that every given row answered, so rows compare on the
 same tasks.
@@ -36,26 +39,26 @@ from generator.data.sni import (Instance, Task, TaskSplits, exact_match, normali
 
 from .score import read_row
 
-MAX_LABELS = 10  # a task with at most this many distinct normalised outputs has a closed label set
-METRICS = ("exact_match", "in_label_set", "other_tasks_label", "top_answer", "reference_top")
+MAX_LABELS = 10  # a task with 2 to this many distinct normalised outputs has a closed label set
+METRICS = ("exact_match", "in_label_set", "other_tasks_label", "top_answer", "reference_top", "train_majority")
 
 
 def label_strings(instances: Sequence[Instance]) -> list[str] | None:
     """The labels of a closed label set as written (per normalised label, its most frequent
-    spelling), most frequent first; None if ``instances`` have more than `MAX_LABELS` distinct
-    normalised outputs."""
+    spelling), most frequent first; None unless ``instances`` have 2 to `MAX_LABELS` distinct
+    normalised outputs (one label leaves nothing to choose)."""
     spellings: dict[str, Counter[str]] = defaultdict(Counter)
     for x in instances:
         for o in x.outputs:
             spellings[normalize_answer(o)][o.strip()] += 1
-    if len(spellings) > MAX_LABELS:
+    if not 2 <= len(spellings) <= MAX_LABELS:
         return None
     ranked = sorted(spellings.values(), key=lambda c: -sum(c.values()))
     return [c.most_common(1)[0][0] for c in ranked]
 
 
 def label_set(task: Task) -> frozenset[str] | None:
-    """The task's normalised labels (over all its instances), or None if it has more than
+    """The task's normalised labels (over all its instances), or None if it has not 2 to
     `MAX_LABELS` distinct outputs."""
     labels = label_strings(task.instances)
     return None if labels is None else frozenset(normalize_answer(label) for label in labels)
@@ -82,6 +85,7 @@ def label_use(answers: Sequence[dict], tasks: dict[str, Task], splits: TaskSplit
         outside = [p for p in preds if p not in labels]
         counts = Counter(preds)
         golds = Counter(normalize_answer(refs[name][a["i"]].outputs[0]) for a in rows)
+        task_train_labels = label_strings(split_instances(tasks[name])[0]) or [""]
         out[name] = {
             "n": len(preds),
             "labels": sorted(labels),
@@ -90,6 +94,7 @@ def label_use(answers: Sequence[dict], tasks: dict[str, Task], splits: TaskSplit
             "other_tasks_label": 100.0 * sum(p in train_labels for p in outside) / len(preds),
             "top_answer": 100.0 * counts.most_common(1)[0][1] / len(preds),
             "reference_top": 100.0 * golds.most_common(1)[0][1] / len(preds),
+            "train_majority": mean(exact_match(task_train_labels[0], refs[name][a["i"]].outputs) for a in rows),
             "top_answers": counts.most_common(3),
             "borrowed": Counter(p for p in outside if p in train_labels).most_common(3),
         }
@@ -166,7 +171,8 @@ def markdown(result: dict) -> str:
                      f"{m['top_answer']:.1f} | {top} |")
     if result["rows"] and (first := next(iter(result["rows"].values())))["mean"] is not None:
         lines += ["", f"References: the most frequent label is {first['mean']['reference_top']:.1f}% of a task's "
-                      "instances on average."]
+                      f"instances on average; answering every input with the task's most frequent training label "
+                      f"scores {first['mean']['train_majority']:.1f} EM."]
     lines += ["", "How often a text names every label of its (closed-label) task:", "",
               "| split | evaluation descriptions | user-style descriptions | SNI definitions |", "| --- | --- | --- | --- |"]
     for split, c in result["labels_named"].items():
