@@ -2,7 +2,7 @@
 
 The issue's reading of the answers was that adapters "answer in the formats of training tasks,
 not in the label set their description names". This counts it, on tasks with a closed label set
-(at most `MAX_LABELS` distinct normalised outputs over all the task's instances, e.g. Yes/No,
+(2 to `MAX_LABELS` distinct normalised outputs over all the task's instances, e.g. Yes/No,
 POS/NEG, 1-5): for each row (a generation file) and task,
 
 * ``exact_match``: as in the table;
