@@ -84,4 +84,3 @@ def loragen32(tmp_path_factory: pytest.TempPathFactory, library32: Path):
     finally:
         torch.set_num_threads(threads)
     return gen, data
-

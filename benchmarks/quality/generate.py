@@ -65,6 +65,26 @@ def max_new_tokens(tokenizer, task: Task, cap: int = MAX_NEW_TOKENS) -> int:
     return min(cap, longest + 16)
 
 
+def token_batches(order: Sequence[int], length: Callable[[int], int], max_tokens: int,
+                  max_rows: int | None = None, budget: Callable[[int], int] = lambda k: 0) -> list[list[int]]:
+    """``order`` cut into consecutive batches of at most ``max_rows`` items whose padded size,
+    items x (the longest ``length`` + the newest item's ``budget``: ``order`` ascends in it),
+    stays within ``max_tokens`` (an item alone may exceed it)."""
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for k in order:
+        grown = max(longest, length(k))
+        if cur and ((max_rows is not None and len(cur) >= max_rows) or (grown + budget(k)) * (len(cur) + 1) > max_tokens):
+            batches.append(cur)
+            cur, grown = [], length(k)
+        cur.append(k)
+        longest = grown
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -84,15 +104,7 @@ def generate(
     device = next(model.parameters()).device
     ids = [prompt_ids(tokenizer, p.messages) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda k: (budgets[prompts[k].task], len(ids[k])))
-    batches, cur = [], []
-    for k in order:
-        longest = max([len(ids[j]) for j in cur] + [len(ids[k])]) + budgets[prompts[k].task]
-        if cur and (len(cur) >= max_rows or longest * (len(cur) + 1) > max_tokens):
-            batches.append(cur)
-            cur = []
-        cur.append(k)
-    if cur:
-        batches.append(cur)
+    batches = token_batches(order, lambda k: len(ids[k]), max_tokens, max_rows, lambda k: budgets[prompts[k].task])
     out: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id
     for batch in tqdm(batches, desc=desc, disable=not progress):
@@ -142,16 +154,8 @@ def choose_labels(
     for k, p in enumerate(prompts):
         ids = prompt_ids(tokenizer, p.messages)
         seqs += [(k, j, ids, lab) for j, lab in enumerate(label_ids[p.task])]
-    order = sorted(range(len(seqs)), key=lambda n: len(seqs[n][2]) + len(seqs[n][3]))
-    batches, cur = [], []
-    for n in order:
-        longest = max([len(seqs[m][2]) + len(seqs[m][3]) for m in cur] + [len(seqs[n][2]) + len(seqs[n][3])])
-        if cur and longest * (len(cur) + 1) > max_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(n)
-    if cur:
-        batches.append(cur)
+    length = lambda n: len(seqs[n][2]) + len(seqs[n][3])  # noqa: E731
+    batches = token_batches(sorted(range(len(seqs)), key=length), length, max_tokens)
     scores: dict[tuple[int, int], float] = {}
     pad = tokenizer.pad_token_id
     for batch in tqdm(batches, desc="choosing labels", disable=not progress):

@@ -72,7 +72,6 @@ def label_use(answers: Sequence[dict], tasks: dict[str, Task], splits: TaskSplit
         labels = label_set(task) if task is not None else None
         for label in labels or ():
             train_labels.setdefault(label, name)
-    refs = {name: split_instances(t)[1] for name, t in tasks.items()}
     by_task: dict[str, list[dict]] = defaultdict(list)
     for a in answers:
         by_task[a["task"]].append(a)
@@ -81,20 +80,22 @@ def label_use(answers: Sequence[dict], tasks: dict[str, Task], splits: TaskSplit
         labels = label_set(tasks[name]) if name in tasks else None
         if labels is None:
             continue
+        train, test = split_instances(tasks[name])
+        refs = [test[a["i"]].outputs for a in rows]
         preds = [normalize_answer(a["pred"]) for a in rows]
         outside = [p for p in preds if p not in labels]
         counts = Counter(preds)
-        golds = Counter(normalize_answer(refs[name][a["i"]].outputs[0]) for a in rows)
-        task_train_labels = label_strings(split_instances(tasks[name])[0]) or [""]
+        golds = Counter(normalize_answer(r[0]) for r in refs)
+        constant = (label_strings(train) or [""])[0]  # the most frequent training label
         out[name] = {
             "n": len(preds),
             "labels": sorted(labels),
-            "exact_match": mean(exact_match(a["pred"], refs[name][a["i"]].outputs) for a in rows),
+            "exact_match": mean(exact_match(a["pred"], r) for a, r in zip(rows, refs)),
             "in_label_set": 100.0 * (len(preds) - len(outside)) / len(preds),
             "other_tasks_label": 100.0 * sum(p in train_labels for p in outside) / len(preds),
             "top_answer": 100.0 * counts.most_common(1)[0][1] / len(preds),
             "reference_top": 100.0 * golds.most_common(1)[0][1] / len(preds),
-            "train_majority": mean(exact_match(task_train_labels[0], refs[name][a["i"]].outputs) for a in rows),
+            "train_majority": mean(exact_match(constant, r) for r in refs),
             "top_answers": counts.most_common(3),
             "borrowed": Counter(p for p in outside if p in train_labels).most_common(3),
         }
