@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.quality.labels import label_set, label_use, labels_named, markdown, run
 from generator.data.sni import Instance, Task, TaskSplits, normalize_answer, split_instances
 
@@ -73,3 +75,25 @@ def test_choose_labels_picks_the_most_likely_whole_answer() -> None:
         chosen = choose_labels(model, tok, prompts, labels_of, max_tokens=max_tokens, progress=False)
         assert chosen == expected
     assert all(c in labels_of[p.task] for c, p in zip(chosen, prompts))
+
+
+def test_label_names_in_a_description() -> None:
+    """A closed label set comes from the training instances (most frequent spelling first); the
+    sentence naming it lists the labels sorted, so it does not tell which is most frequent."""
+    from benchmarks.quality.generate import train_labels, with_named_labels
+    from generator.data.sni import MAX_LABELS, add_label_names, label_strings
+
+    t = task("sentiment", ["POS", "pos", "POS", "NEG"] * 30)
+    train, _ = split_instances(t)
+    assert label_strings(train) == ["POS", "NEG"]
+    assert label_strings(task("one", ["yes"] * 10).instances) is None  # nothing to choose
+    assert label_strings(task("open", [f"w{i}" for i in range(MAX_LABELS + 1)]).instances) is None
+    assert add_label_names("Say whether the review is good", ["POS", "NEG"]) == \
+        'Say whether the review is good. Answer with one of: "NEG", "POS".'
+    assert add_label_names("Judge it! ", ["b", "A"]) == 'Judge it! Answer with one of: "A", "b".'
+    with pytest.raises(ValueError, match="at least 2"):
+        add_label_names("Judge it.", ["yes"])
+    open_task = task("open", [f"w{i}" for i in range(40)])
+    named = with_named_labels(lambda t: ["Classify it.", "Rate it"], train_labels([t, open_task]))
+    assert named(t) == ['Classify it. Answer with one of: "NEG", "POS".', 'Rate it. Answer with one of: "NEG", "POS".']
+    assert named(open_task) == ["Classify it.", "Rate it"]  # no closed label set: unchanged

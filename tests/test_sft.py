@@ -16,7 +16,7 @@ import torch
 from generator import Generator
 from generator.config import T2LConfig, TargetSpec, TrainConfig
 from generator.data.library import save_task
-from generator.data.sni import load_splits, load_tasks
+from generator.data.sni import add_label_names, load_splits, load_tasks
 from generator.data.synthetic import synthetic_adapters
 from generator.training.multilora import MultiLoRA
 from generator.training.prompts import microbatches, output_token_ce
@@ -76,6 +76,37 @@ def test_train_descriptions_only():
     assert data.descriptions and not held_out & set(data.descriptions)
     assert data.cond.shape == (len(data.descriptions), 384)
     assert sorted(set(data.desc_task.tolist())) == [0, 1]
+
+
+LABELLED = "task477_cls_english_dvd_classification"  # a closed label set: POS / NEG
+
+
+def test_named_labels_add_a_labelled_version_of_each_closed_label_description(base_model_dir, tiny_generator_ckpt,  # noqa: F811
+                                                                               tmp_path):
+    """With named labels, each description of a closed-label task gets a second version naming
+    the labels (embedded like the others, same task), an open task's none; plain draws never pick
+    one, and a run with every closed-label draw labelled trains and records the setting."""
+    from generator.api import shared_encoder
+
+    names = [NAMES[0], LABELLED]
+    plain = load_sft_tasks(TASKS_DIR, names, shared_encoder("cpu"))
+    data = load_sft_tasks(TASKS_DIR, names, shared_encoder("cpu"), named_labels=True)
+    assert plain.num_plain == len(plain.descriptions) and data.num_plain == len(plain.descriptions)
+    assert data.descriptions[: data.num_plain] == plain.descriptions
+    for d, j in enumerate(data.labelled):
+        if data.tasks[int(data.desc_task[d])].name == LABELLED:
+            assert data.descriptions[j] == add_label_names(data.descriptions[d], ["NEG", "POS"])
+            assert data.descriptions[j].endswith(' Answer with one of: "NEG", "POS".')
+            assert int(data.desc_task[j]) == int(data.desc_task[d])
+        else:
+            assert j == -1
+    assert len(data.descriptions) == data.num_plain + sum(j >= 0 for j in data.labelled)
+    assert data.cond.shape == (len(data.descriptions), 384)
+    with pytest.raises(ValueError, match="probability"):
+        SFTConfig(name_labels=1.5)
+    sft = SFTConfig(tasks_per_step=2, examples_per_task=2, system_prompt=True, sampler_steps=2, name_labels=1.0)
+    gen = train_sft(tmp_path / "ck", "loragen", TASKS_DIR, names, init=tiny_generator_ckpt, sft=sft, **TINY)
+    assert gen.extra["sft"]["name_labels"] == 1.0 and torch.isfinite(torch.tensor(gen.extra["final"]["sft_loss"]))
 
 
 def test_loragen_sft_trains_the_denoiser_through_the_sampler(base_model_dir, tiny_generator_ckpt, tmp_path):  # noqa: F811

@@ -200,6 +200,37 @@ def test_checkpoint_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path): 
         choose_checkpoint(tmp_path, {"incumbent": ck, "stale": ck}, by, splits, out)
 
 
+def test_named_labels_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path):  # noqa: F811
+    """The named-labels rule: a candidate that loses EM with the descriptions as given is not
+    eligible however well it does naming labels; an eligible one wins only by beating the
+    incumbent naming labels; otherwise the incumbent stays."""
+    from benchmarks.quality.__main__ import main as quality_main
+    from benchmarks.quality.choose import choose_named
+    from generator import Generator
+
+    splits = load_splits(TASKS)
+    by = {t.name: t for t in tasks}
+    a, b = splits.validation[:2]
+    fp = Generator.load(tiny_generator_ckpt).fingerprint
+    plain, named = tmp_path / "plain", tmp_path / "named"
+    for name, as_given, naming in (("incumbent", (True, False), (True, False)), ("loses", (False, False), (True, True)),
+                                   ("keeps", (False, True), (True, True)), ("ties", (True, False), (False, True))):
+        _validation_row(plain, by, name, dict(zip((a, b), as_given)), fingerprint=fp)
+        _validation_row(named, by, name, dict(zip((a, b), naming)), fingerprint=fp)
+    ck = str(tiny_generator_ckpt)
+    out = tmp_path / "choice.json"
+    rec = choose_named(plain, named, {"incumbent": ck, "loses": ck, "keeps": ck}, by, splits, out)
+    assert rec["eligible"] == ["incumbent", "keeps"] and rec["chosen"] == "keeps"
+    assert rec["validation_em_named_labels"] == {"incumbent": 50.0, "loses": 100.0, "keeps": 100.0}
+    assert choose_named(plain, named, {"incumbent": ck, "loses": ck, "ties": ck}, by, splits, out)["chosen"] == "incumbent"
+    quality_main(["choose-named", "--tasks", str(TASKS), "--plain", str(plain), "--named", str(named),
+                  "--candidate", f"incumbent={ck}", "--candidate", f"keeps={ck}", "--out", str(out)])
+    assert json.loads(out.read_text())["chosen"] == "keeps"
+    with pytest.raises(SystemExit, match="ROW=CHECKPOINT"):
+        quality_main(["choose-named", "--tasks", str(TASKS), "--plain", str(plain), "--named", str(named),
+                      "--candidate", ck, "--out", str(out)])
+
+
 def test_sampler_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path):  # noqa: F811
     """The sampler row with the best validation EM is written into the checkpoint (a new
     fingerprint); a tie keeps the checkpoint's own setting; with the system prompt fixed the record

@@ -94,6 +94,10 @@ def main(argv=None) -> None:
     g.add_argument("--label-choice", action="store_true",
                    help="on tasks with a closed label set, answer with the most likely label instead of "
                         "generating (the label set from the task's data: not a served setting)")
+    g.add_argument("--name-labels", action="store_true",
+                   help="system and generated rows: on tasks with a closed label set, each description ends "
+                        "with a sentence naming the labels of the task's training instances (as a user who "
+                        "knows them would write it)")
     g.add_argument("--limit-tasks", type=int, help="first N tasks of the set (dry runs)")
     g.add_argument("--only", nargs="+", help="only these tasks of the set (dry runs)")
     g.add_argument("--limit-instances", type=int, help="first N test instances per task (dry runs)")
@@ -122,6 +126,13 @@ def main(argv=None) -> None:
     k.add_argument("--candidate", action="append", required=True, metavar="ROW=CHECKPOINT",
                    help="a validation row and the checkpoint that made it; the incumbent first")
     k.add_argument("--out", required=True, help="JSON file of the choice and every candidate's score")
+    nl = sub.add_parser("choose-named", help="the named-labels experiment's rule (choose.choose_named)")
+    nl.add_argument("--tasks", required=True)
+    nl.add_argument("--plain", required=True, help="folder of the candidates' validation rows, descriptions as given")
+    nl.add_argument("--named", required=True, help="folder of their validation rows with descriptions naming labels")
+    nl.add_argument("--candidate", action="append", required=True, metavar="ROW=CHECKPOINT",
+                    help="a validation row and the checkpoint that made it; the incumbent first")
+    nl.add_argument("--out", required=True, help="JSON file of the choice and every candidate's scores")
     e = sub.add_parser("ce-gap", help="CE under the right description's adapter vs a random string's, train vs validation")
     e.add_argument("--tasks", required=True)
     e.add_argument("--generator", required=True, help="generator checkpoint folder")
@@ -148,14 +159,20 @@ def main(argv=None) -> None:
         print(json.dumps(choose(a.validation, {t.name: t for t in tasks}, splits, a.checkpoint, a.out,
                                     a.system_prompt_fixed), indent=1))
         return
-    if a.cmd == "choose-checkpoint":
-        from .choose import choose_checkpoint
+    if a.cmd in ("choose-checkpoint", "choose-named"):
+        from .choose import choose_checkpoint, choose_named
 
         bad = [c for c in a.candidate if "=" not in c]
         if bad:
             raise SystemExit(f"error: --candidate takes ROW=CHECKPOINT, got {bad}")
         candidates = dict(c.split("=", 1) for c in a.candidate)
-        print(json.dumps(choose_checkpoint(a.validation, candidates, {t.name: t for t in tasks}, splits, a.out), indent=1))
+        by_name = {t.name: t for t in tasks}
+        try:
+            record = (choose_checkpoint(a.validation, candidates, by_name, splits, a.out) if a.cmd == "choose-checkpoint"
+                      else choose_named(a.plain, a.named, candidates, by_name, splits, a.out))
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}") from None
+        print(json.dumps(record, indent=1))
         return
     if a.cmd == "labels":
         from .labels import run as label_run, write as label_write
@@ -195,7 +212,7 @@ def main(argv=None) -> None:
             user_descriptions=dict(splits.user_descriptions) if a.user_descriptions else None,
             system_prompt=a.system_prompt, steps=a.sampler_steps, guidance=a.guidance,
             num_descriptions=a.num_descriptions,
-            blend=blend, adapter_scale=a.adapter_scale, label_choice=a.label_choice,
+            blend=blend, adapter_scale=a.adapter_scale, label_choice=a.label_choice, name_labels=a.name_labels,
         )
         print(json.dumps({k: round(v, 1) for k, v in times.items()}))
     else:

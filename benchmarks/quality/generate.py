@@ -33,7 +33,8 @@ from generator.adapter import LoRAAdapter
 from generator.base_model import load_base_model
 from generator.config import TargetSpec
 from generator.data.library import load_adapters
-from generator.data.sni import Instance, Task, random_description, shot_examples, split_descriptions, split_instances
+from generator.data.sni import (Instance, Task, add_label_names, label_strings, random_description, shot_examples,
+                                split_descriptions, split_instances)
 from generator.training.multilora import MultiLoRA
 from generator.training.prompts import chat_messages, prompt_ids, truncate_text
 
@@ -209,12 +210,27 @@ def eval_descriptions(task: Task, k: int = NUM_DESCRIPTIONS) -> list[str]:
     return split_descriptions(task)[1][:k]
 
 
-def system_prompts(tokenizer, tasks: Sequence[Task]) -> list[Prompt]:
+def train_labels(tasks: Sequence[Task]) -> dict[str, list[str]]:
+    """The closed label sets of ``tasks`` (those of their training instances), by task name."""
+    return {t.name: labs for t in tasks if (labs := label_strings(split_instances(t)[0])) is not None}
+
+
+def with_named_labels(descriptions_of: Callable[[Task], Sequence[str]],
+                      labels_of: dict[str, list[str]]) -> Callable[[Task], list[str]]:
+    """``descriptions_of`` whose descriptions of a task in ``labels_of`` name its labels."""
+    def named(task: Task) -> list[str]:
+        labels = labels_of.get(task.name)
+        return [add_label_names(d, labels) if labels else d for d in descriptions_of(task)]
+    return named
+
+
+def system_prompts(tokenizer, tasks: Sequence[Task],
+                   descriptions_of: Callable[[Task], Sequence[str]] = eval_descriptions) -> list[Prompt]:
     """Each evaluation description as the system prompt, then the input."""
     out = []
     for t in tasks:
         _, test = split_instances(t)
-        for j, d in enumerate(eval_descriptions(t)):
+        for j, d in enumerate(descriptions_of(t)):
             for i, x in enumerate(test):
                 msgs = chat_messages(truncate_text(tokenizer, x.input, MAX_INPUT_TOKENS), system=d)
                 out.append(Prompt(t.name, i, f"d{j}", msgs))
@@ -394,6 +410,7 @@ def run_rows(
     blend: AnchorBlend | None = None,
     adapter_scale: float = 1.0,
     label_choice: bool = False,
+    name_labels: bool = False,
 ) -> dict[str, float]:
     """Generate every requested row into `out/<row>.jsonl`; returns seconds per row.
 
@@ -402,7 +419,8 @@ def run_rows(
     `label_choice`: on tasks with a closed label set (in their training instances), the answer is
     the label the model finds most likely (`choose_labels`) instead of a free generation: what
     answering within the label set gives when the set is known (it comes from the data, not the
-    description: not a served setting).
+    description: not a served setting). `name_labels`: on those tasks, every description (system
+    prompt and conditioning) ends with a sentence naming the labels (`generator.data.sni.add_label_names`).
     """
     times, failed = {}, []
     for row in rows:
@@ -413,7 +431,7 @@ def run_rows(
             times[row] = _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, generator_ckpt,
                                   conditioning, seeds, all_tasks, progress, limit_instances,
                                   user_descriptions, system_prompt, steps, guidance, num_descriptions, blend,
-                                  adapter_scale, label_choice)
+                                  adapter_scale, label_choice, name_labels)
         except Exception:  # one broken row must not cost the others (a GPU call is precious)
             import traceback
 
@@ -429,16 +447,17 @@ def run_rows(
 def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, generator_ckpt, conditioning, seeds,
              all_tasks, progress, limit_instances, user_descriptions=None, system_prompt=False, steps=None,
              guidance=None, num_descriptions=NUM_DESCRIPTIONS, blend=None, adapter_scale=1.0,
-             label_choice=False) -> float:
+             label_choice=False, name_labels=False) -> float:
     """Generate one row into `path`; returns its seconds."""
     t0 = time.perf_counter()
     model, tok, _ = load_base_model(device)
     budgets = {t.name: max_new_tokens(tok, t) for t in tasks}
     multi, extra = None, {}
+    named = train_labels(tasks) if name_labels else {}
     if row == "base":
         prompts = input_prompts(tok, tasks)
     elif row == "system":
-        prompts = system_prompts(tok, tasks)
+        prompts = system_prompts(tok, tasks, with_named_labels(eval_descriptions, named))
     elif row == "icl":
         prompts = icl_prompts(tok, tasks)
     elif row == "average":
@@ -472,6 +491,8 @@ def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, gene
             descriptions_of = lambda t: list(user_descriptions[t.name])
         else:
             descriptions_of = lambda t: eval_descriptions(t, num_descriptions)
+        if name_labels:
+            descriptions_of = with_named_labels(descriptions_of, named)
         all_tasks = all_tasks or {t.name: t for t in tasks}
         adapters, slot_of, text_of, extra = generated_adapters(
             generator_ckpt, tasks, cond, seeds, device, all_tasks, descriptions_of, steps, guidance,
@@ -485,9 +506,7 @@ def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, gene
         prompts = [p for p in prompts if p.i < limit_instances]
     labels_of: dict[str, list[str]] = {}
     if label_choice:
-        from .labels import label_strings
-
-        labels_of = {t.name: labs for t in tasks if (labs := label_strings(split_instances(t)[0])) is not None}
+        labels_of = train_labels(tasks)
         extra["label_choice"] = {"tasks": sorted(labels_of), "labels_from": "the task's training instances"}
     chosen = [k for k, p in enumerate(prompts) if p.task in labels_of]
     free = [k for k, p in enumerate(prompts) if p.task not in labels_of]
@@ -499,6 +518,8 @@ def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, gene
         for k, pred in zip(chosen, choose_labels(model, tok, [prompts[k] for k in chosen], labels_of, multi,
                                                  progress=progress)):
             preds[k] = pred
+    if name_labels:
+        extra["name_labels"] = {"tasks": sorted(named), "labels_from": "the task's training instances"}
     seconds = time.perf_counter() - t0
     write_row(path, run_meta(row, seconds=round(seconds, 1), prompts=len(prompts), **extra), prompts, preds)
     print(f"row {row}: {len(prompts)} answers in {seconds:.1f} s", file=sys.stderr, flush=True)

@@ -14,6 +14,8 @@
 #   bash benchmarks/quality/gpu_pipeline.sh variants  # other served-time variants ($VARIANTS, e.g. scale_0.75)
 #   bash benchmarks/quality/gpu_pipeline.sh latency   # CUDA-graph tests + generation latency of $INIT
 #   bash benchmarks/quality/gpu_pipeline.sh soup      # weight averages of checkpoints ($SOUPS) vs the incumbent
+#   bash benchmarks/quality/gpu_pipeline.sh named_labels       # SFT with descriptions naming labels, and its control
+#   bash benchmarks/quality/gpu_pipeline.sh named_labels_eval  # both on validation, plain and naming labels; the rule
 #
 # train: LoRAGen on all training tasks (with snapshots along its denoiser steps: quality against
 #   steps), LoRAGen on the first 50 / 100 training tasks (quality against tasks), T2L
@@ -445,6 +447,79 @@ soup)
   tar czf "$OUT/generations_soup.tgz" -C "$WORK" q_validation_soup choice_soup.json $(cd "$WORK" && ls eval_*soup*.log) \
     $( [ -d "$qt" ] && echo q_test_soup )
   echo "soup phase done at $((SECONDS - start)) s"
+  ;;
+named_labels)
+  # Issue 14's format lever: LoRAGen SFT continued from $INIT (as served: system prompt, its sampler)
+  # where a closed-label task's description names its labels with probability NAMED_P (0.5;
+  # `--name-labels`), and the control, the same schedule without; side by side, SFT_STEPS (250) at
+  # SFT_LR (5e-5), snapshots at NAMED_SNAPSHOTS (150). Training only: named_labels_eval follows in
+  # the next call on the warm machine ($CK is kept).
+  $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"  # once, before the readers
+  common=(--kind loragen --init "$INIT" --tasks data/sni/tasks --device $DEV --no-progress --threads 2 --resume
+    --system-prompt --steps "${SFT_STEPS:-250}" --lr "${SFT_LR:-5e-5}" --snapshots ${NAMED_SNAPSHOTS:-150}
+    --probe-every 50 --max-seconds $(( $(left) > 60 ? $(left) - 40 : 20 )))
+  [ "${DRY:-0}" = 1 ] && common+=("${SFT_L[@]}")
+  run loragen_sft_plain $PY -m generator.training.sft --out "$CK/loragen_sft_plain" "${common[@]}"
+  run loragen_sft_named $PY -m generator.training.sft --out "$CK/loragen_sft_named" "${common[@]}" \
+    --name-labels "${NAMED_P:-0.5}"
+  waitall
+  for f in "$WORK"/train_loragen_sft_{plain,named}.log; do echo "== $f"; tail -n 3 "$f"; done
+  mkdir -p "$WORK/configs"
+  for d in "$CK"/loragen_sft_{plain,named}/; do [ -f "$d/probe.jsonl" ] && cp "$d/probe.jsonl" "$WORK/configs/$(basename "$d")_probe.jsonl"; done
+  (cd "$WORK" && tar czf "$OUT/named_labels_logs.tgz" train_loragen_sft_{plain,named}.log configs)
+  echo "named_labels phase done at $((SECONDS - start)) s"
+  ;;
+named_labels_eval)
+  # Validation as served (2 descriptions per task) of the incumbent and every checkpoint of
+  # named_labels (final and snapshots): with the descriptions as given (all validation tasks; folder
+  # q_validation_named) and naming their labels (the closed-label tasks, `--name-labels`; folder
+  # q_validation_named_labels, with the base model given the same system prompts). The rule, fixed
+  # before any result (`benchmarks.quality choose-named`): of the candidates whose EM with the
+  # descriptions as given is at least the incumbent's - 0.5, the best EM naming labels wins if it
+  # beats the incumbent's by at least 1.0; else the incumbent stays. On test, once: the incumbent
+  # and the base model with descriptions naming labels; a winner's rows as served (table, controls,
+  # user-style) and naming labels, and its weights back in $OUT.
+  qv="$WORK/q_validation_named" ql="$WORK/q_validation_named_labels" qt="$WORK/q_test_named"
+  $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
+  closed=$($PY -c "
+from benchmarks.quality.generate import train_labels
+from generator.data.sni import load_splits, load_tasks
+print(' '.join(sorted(train_labels(load_tasks('data/sni/tasks', load_splits('data/sni/tasks').validation)))))")
+  [ "${DRY:-0}" = 1 ] && closed=$(printf '%s\n' "${DRY_TASKS[@]:8:2}" | tr '\n' ' ')
+  cands=("incumbent=$INIT")
+  for d in "$CK"/loragen_sft_{plain,named}/ "$CK"/loragen_sft_{plain,named}/snapshots/sft-*/; do
+    [ -f "$d/config.json" ] || continue
+    name=$(basename "$d"); [[ $name == sft-* ]] && name="$(basename "$(dirname "$(dirname "$d")")")_at${name#sft-}"
+    cands+=("${name#loragen_sft_}=${d%/}")
+  done
+  gen named_val_system "$ql" --task-set validation --rows system --name-labels --only $closed
+  for c in "${cands[@]}"; do
+    name=${c%%=*} ck=${c#*=}
+    gen "named_val_$name" "$qv" --generator "$ck" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
+    gen "named_val_${name}_labels" "$ql" --generator "$ck" --task-set validation --rows "$name" --system-prompt \
+      --num-descriptions 2 --name-labels --only $closed
+    if [ ${#pids[@]} -ge "${MAX_ROWS:-6}" ]; then waitall; fi
+  done
+  waitall
+  echo "validation done at $((SECONDS - start)) s"
+  $PY -m benchmarks.quality choose-named --tasks data/sni/tasks --plain "$qv" --named "$ql" \
+    $(printf -- '--candidate %s ' "${cands[@]}") --out "$WORK/choice_named.json" | tee "$OUT/choice_named.txt"
+  win=$($PY -c "import json; print(json.load(open('$WORK/choice_named.json'))['checkpoint'])")
+  # What naming labels gives the incumbent and the base model on test, once, whatever the choice.
+  gen incumbent_labels "$qt" --generator "$INIT" --task-set test --rows incumbent_labels --system-prompt --name-labels
+  gen system_labels "$qt/system_labels" --task-set test --rows system --name-labels
+  if [ "$win" != "$INIT" ]; then
+    test_rows loragen_named "$qt" "$win"
+    gen loragen_named_labels "$qt" --generator "$win" --task-set test --rows loragen_named_labels --system-prompt \
+      --name-labels
+    send_back "$win" loragen_named
+  fi
+  waitall
+  for f in "$WORK"/eval_named_val_*.log "$WORK"/eval_loragen_named*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 2 "$f"; }; done
+  tar czf "$OUT/generations_named.tgz" -C "$WORK" q_validation_named q_validation_named_labels choice_named.json \
+    $(cd "$WORK" && ls eval_named_val_*.log eval_loragen_named*.log eval_incumbent_labels.log eval_system_labels.log 2>/dev/null) \
+    $( [ -d "$qt" ] && echo q_test_named )
+  echo "named_labels_eval phase done at $((SECONDS - start)) s"
   ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac

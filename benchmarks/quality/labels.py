@@ -34,27 +34,12 @@ from pathlib import Path
 from statistics import mean
 from typing import Sequence
 
-from generator.data.sni import (Instance, Task, TaskSplits, exact_match, normalize_answer, split_descriptions,
-                                split_instances)
+from generator.data.sni import (MAX_LABELS, Task, TaskSplits, exact_match, label_strings, normalize_answer,
+                                split_descriptions, split_instances)
 
 from .score import read_row
 
-MAX_LABELS = 10  # a task with 2 to this many distinct normalised outputs has a closed label set
 METRICS = ("exact_match", "in_label_set", "other_tasks_label", "top_answer", "reference_top", "train_majority")
-
-
-def label_strings(instances: Sequence[Instance]) -> list[str] | None:
-    """The labels of a closed label set as written (per normalised label, its most frequent
-    spelling), most frequent first; None unless ``instances`` have 2 to `MAX_LABELS` distinct
-    normalised outputs (one label leaves nothing to choose)."""
-    spellings: dict[str, Counter[str]] = defaultdict(Counter)
-    for x in instances:
-        for o in x.outputs:
-            spellings[normalize_answer(o)][o.strip()] += 1
-    if not 2 <= len(spellings) <= MAX_LABELS:
-        return None
-    ranked = sorted(spellings.values(), key=lambda c: -sum(c.values()))
-    return [c.most_common(1)[0][0] for c in ranked]
 
 
 def label_set(task: Task) -> frozenset[str] | None:

@@ -10,6 +10,9 @@ never from a random generator, so the same files give the same splits on every m
   the rest is train. The chosen test instances are the first in sha256 order of (task, index, input).
 - Description split: the first `NUM_EVAL_DESCRIPTIONS` descriptions in sha256 order of
   (task, description) are evaluation descriptions; generators train on the others.
+- Label sets: a task whose instances have 2 to `MAX_LABELS` distinct normalised outputs (Yes/No,
+  POS/NEG, 1-5) has a closed label set (`label_strings`); `add_label_names` writes it into a
+  description, as a user who knows the labels would.
 - Task split: `data/sni/splits.json` assigns every task to `train`, `validation` or `test`
   (generators train on `train` only; choices are made on `validation`; tables report `test`),
   with short user-style descriptions of the test tasks; a fixed subset of training tasks (sha256
@@ -26,6 +29,7 @@ import hashlib
 import json
 import random
 import string
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -45,6 +49,9 @@ __all__ = [
     "normalize_answer",
     "exact_match",
     "rouge_l",
+    "label_strings",
+    "add_label_names",
+    "MAX_LABELS",
     "TEST_SIZE",
     "NUM_EVAL_DESCRIPTIONS",
 ]
@@ -187,6 +194,38 @@ def random_description(task: str, j: int, seed: int, length: int) -> str:
     while sum(len(w) + 1 for w in words) < length:
         words.append("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))))
     return " ".join(words)[:length].strip()
+
+
+# ------------------------------------------------------------------------------------------------
+# Label sets
+
+MAX_LABELS = 10  # a task with 2 to this many distinct normalised outputs has a closed label set
+
+
+def label_strings(instances: Sequence[Instance]) -> list[str] | None:
+    """The labels of a closed label set as written (per normalised label, its most frequent
+    spelling), most frequent first; None unless ``instances`` have 2 to `MAX_LABELS` distinct
+    normalised outputs (one label leaves nothing to choose)."""
+    spellings: dict[str, Counter[str]] = defaultdict(Counter)
+    for x in instances:
+        for o in x.outputs:
+            spellings[normalize_answer(o)][o.strip()] += 1
+    if not 2 <= len(spellings) <= MAX_LABELS:
+        return None
+    ranked = sorted(spellings.values(), key=lambda c: -sum(c.values()))
+    return [c.most_common(1)[0][0] for c in ranked]
+
+
+def add_label_names(description: str, labels: Sequence[str]) -> str:
+    """``description`` with a sentence naming ``labels``, in a fixed (sorted) order so that the
+    sentence does not tell which label is most frequent:
+    ``... Answer with one of: "NEG", "POS".``"""
+    if len(labels) < 2:
+        raise ValueError(f"a label set names at least 2 labels, got {list(labels)}")
+    named = ", ".join(f'"{label}"' for label in sorted(labels, key=lambda s: (s.casefold(), s)))
+    text = description.rstrip()
+    sep = "" if not text else " " if text.endswith((".", "!", "?")) else ". "
+    return f"{text}{sep}Answer with one of: {named}."
 
 
 SPLIT_NAMES = ("train", "validation", "test")

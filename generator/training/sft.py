@@ -53,6 +53,15 @@ by 0.41 on validation tasks). The encoder puts two descriptions of one task at a
 a description and the nearest description of another task at 0.54-0.59, so tasks are close
 neighbours; s = 0.75 (cosine 0.8) stays inside a task's own spread.
 
+Named labels (`name_labels` = p > 0): the issue's reading of the answers, counted by
+`benchmarks.quality labels`, is that adapters of unseen tasks answer in training tasks' formats;
+few descriptions name their labels, and nothing in training asks the generator to honour labels
+that a description does name. With probability p, the description drawn for a task with a closed
+label set (`generator.data.sni.label_strings` of its train instances) is replaced by the same
+description with its labels named (`add_label_names`: ``... Answer with one of: "NEG", "POS".``),
+for the generator's conditioning and, with `system_prompt`, the system prompt alike. Tasks
+without a closed label set are drawn as before.
+
 The probe (`probe_tasks`, `probe_every`): every that many steps, and at the last, the mean
 output-token CE of held-out tasks' test examples under their descriptions' adapters and under
 random strings' (`generator.training.probe`), printed and appended to `<out>/probe.jsonl`: whether
@@ -68,6 +77,8 @@ The checkpoint is a normal generator (extra.training = "sft"), loaded and used l
     python -m generator.training.sft --kind t2l --library runs/oracles/library --out runs/t2l_sft
     python -m generator.training.sft --kind loragen --init generator/checkpoints/default --out runs/loragen_sft_contrast \
         --contrast-weight 1.0 --contrast-margin 0.5 --probe-every 50
+    python -m generator.training.sft --kind loragen --init generator/checkpoints/default --out runs/loragen_sft_named \
+        --system-prompt --name-labels 0.5
 """
 
 from __future__ import annotations
@@ -77,7 +88,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -89,7 +100,7 @@ from ..api import Generator, shared_encoder
 from ..base_model import load_base_model
 from ..config import T2LConfig, TargetSpec, TrainConfig
 from ..data.library import load_library
-from ..data.sni import Task, load_splits, load_tasks, split_descriptions, split_instances
+from ..data.sni import Task, add_label_names, label_strings, load_splits, load_tasks, split_descriptions, split_instances
 from ..encoder import DescriptionEncoder
 from ..models import build_model
 from .multilora import MultiLoRA
@@ -125,8 +136,11 @@ class SFTConfig:
     contrast_weight: float = 0.0  # weight of the contrastive hinge; 0: plain SFT (no second pass)
     contrast_margin: float = 0.5  # nats per output token by which the right description's CE must win
     cond_noise: float = 0.0  # scale of the noise on each step's description embeddings; 0: none
+    name_labels: float = 0.0  # probability that a closed-label task's description names its labels; 0: never
 
     def __post_init__(self) -> None:
+        if not 0 <= self.name_labels <= 1:
+            raise ValueError(f"name_labels is a probability, got {self.name_labels}")
         if not self.cond_noise >= 0:
             raise ValueError(f"cond_noise must be >= 0, got {self.cond_noise}")
         if not self.contrast_weight >= 0:
@@ -147,20 +161,30 @@ class SFTConfig:
 
 @dataclass
 class SFTTasks:
-    """The training tasks and their train descriptions, embedded."""
+    """The training tasks and their train descriptions, embedded; with named labels, each
+    description of a closed-label task also has a second version naming the labels."""
 
     tasks: list[Task]
-    descriptions: list[str]
+    descriptions: list[str]  # the train descriptions, then (with named labels) their labelled versions
     cond: torch.Tensor  # (D, d_cond), one row per description
     desc_task: torch.Tensor  # (D,) index into `tasks`
+    labelled: list[int] = field(default_factory=list)  # per plain description: its labelled version's index, or -1
 
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
+    @property
+    def num_plain(self) -> int:
+        """Descriptions as the tasks give them (the first ones); the rest name labels."""
+        return len(self.labelled) or len(self.descriptions)
 
-def load_sft_tasks(tasks_dir: str | Path, names: Sequence[str] | None, encoder: DescriptionEncoder) -> SFTTasks:
-    """`names` (default: the folder's `train` split) with their train descriptions, embedded."""
+
+def load_sft_tasks(tasks_dir: str | Path, names: Sequence[str] | None, encoder: DescriptionEncoder,
+                   named_labels: bool = False) -> SFTTasks:
+    """`names` (default: the folder's `train` split) with their train descriptions, embedded;
+    with `named_labels`, also each closed-label task's descriptions naming its labels (those of
+    its train instances)."""
     names = list(names) if names is not None else list(load_splits(tasks_dir).train)
     if not names:
         raise ValueError("SFT needs at least one training task")
@@ -170,8 +194,16 @@ def load_sft_tasks(tasks_dir: str | Path, names: Sequence[str] | None, encoder: 
     if empty:
         raise ValueError(f"tasks without a train description: {empty}")
     descriptions = [d for ds in per_task for d in ds]
-    desc_task = torch.tensor([i for i, ds in enumerate(per_task) for _ in ds])
-    return SFTTasks(tasks, descriptions, encoder.encode(descriptions), desc_task)
+    owner = [i for i, ds in enumerate(per_task) for _ in ds]
+    labelled: list[int] = []
+    if named_labels:
+        labels = [label_strings(split_instances(t)[0]) for t in tasks]
+        for d, i in zip(list(descriptions), list(owner)):
+            labelled.append(-1 if labels[i] is None else len(descriptions))
+            if labels[i] is not None:
+                descriptions.append(add_label_names(d, labels[i]))
+                owner.append(i)
+    return SFTTasks(tasks, descriptions, encoder.encode(descriptions), torch.tensor(owner), labelled)
 
 
 def _initial_model(
@@ -314,11 +346,12 @@ def train_sft(
         sft = replace(sft, sampler_steps=int(served["steps"]) if sft.sampler_steps is None else sft.sampler_steps,
                       guidance=float(served["guidance"]) if sft.guidance is None else sft.guidance)
     model = model.to(device)
-    data = load_sft_tasks(tasks_dir, names, shared_encoder(device))
+    data = load_sft_tasks(tasks_dir, names, shared_encoder(device), named_labels=sft.name_labels > 0)
     base, tok, _ = load_base_model(device)
     ocfg = OracleConfig()
     train_split = [split_instances(t)[0] for t in data.tasks]
-    descs_of = [torch.nonzero(data.desc_task == i).flatten() for i in range(len(data.tasks))]
+    plain_task = data.desc_task[: data.num_plain]
+    descs_of = [torch.nonzero(plain_task == i).flatten() for i in range(len(data.tasks))]
     sampler = ({"steps": sft.sampler_steps, "guidance": sft.guidance} if kind == "loragen"
                else model.sampler_defaults())
     identity = run_identity(kind, target, configs, cfg, data.names, len(data.descriptions)) | {
@@ -370,6 +403,9 @@ def train_sft(
     def step_fn(g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         chosen = torch.randperm(len(data.tasks), generator=g)[:k].tolist()
         desc_idx = [int(descs_of[t][torch.randint(len(descs_of[t]), (1,), generator=g)]) for t in chosen]
+        if sft.name_labels > 0:  # a draw per task, so the stream does not depend on which tasks have labels
+            named = (torch.rand(len(chosen), generator=g) < sft.name_labels).tolist()
+            desc_idx = [data.labelled[d] if use and data.labelled[d] >= 0 else d for d, use in zip(desc_idx, named)]
         cond = noisy_cond(cond_all[desc_idx], sft.cond_noise, g)
         A, B = model.sft_factors(cond, g, sampler["steps"], sampler["guidance"])
         rows: list[Row] = []
@@ -422,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="the hinge's margin, in nats per output token")
     ap.add_argument("--cond-noise", type=float, default=SFTConfig.cond_noise,
                     help="noise on the description embeddings each step (about the norm of the noise; 0: none)")
+    ap.add_argument("--name-labels", type=float, default=SFTConfig.name_labels,
+                    help="probability that a closed-label task's description names its labels (0: never)")
     ap.add_argument("--probe-every", type=int, default=0,
                     help="probe the validation tasks every N steps and at the last: CE right vs random string (0: never)")
     ap.add_argument("--probe-tasks-file", help="probe the task names in this file (default: the validation split)")
@@ -442,7 +480,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = TrainConfig(steps=a.steps, lr=a.lr, seed=a.seed, checkpoint_every=a.checkpoint_every, batch_size=a.tasks_per_step)
     try:
         sft = SFTConfig(a.tasks_per_step, a.examples_per_task, a.tokens_per_microbatch, a.system_prompt,
-                        a.sampler_steps, a.guidance, a.contrast_weight, a.contrast_margin, a.cond_noise)
+                        a.sampler_steps, a.guidance, a.contrast_weight, a.contrast_margin, a.cond_noise,
+                        a.name_labels)
         gen = train_sft(a.out, a.kind, a.tasks, names, a.init, a.library, cfg=cfg, sft=sft, device=a.device,
                         resume=a.resume, progress=not a.no_progress, max_seconds=a.max_seconds,
                         log_every=a.log_every, probe_tasks=probe_tasks, probe_every=a.probe_every,
