@@ -129,6 +129,22 @@ choose_best() { local tag=$1 key=$2 qv=$3; shift 3
     --out "$WORK/choice_$tag.json" > "$OUT/choice_$tag.txt"
   cat "$OUT/choice_$tag.txt" >&2
   $PY -c "import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$WORK/choice_$tag.json" "$key"; }
+# Weight averages named in a spec "name:CK CK ...;name:CK CK ..." (each CK relative to $CK,
+# absolute, or INIT for $INIT): every entry checked (before any GPU work) into the arrays
+# soup_names (soup_<name>) and soup_sources; `make_soup i` then makes soup i into $CK/soup_<name>
+# again (seconds): a name reused with other sources gets a new fingerprint, and `choose-checkpoint`
+# refuses a validation row left from the old one.
+soup_specs() { local spec name srcs c; IFS=';' read -ra specs <<< "$1"
+  soup_names=() soup_sources=()
+  for spec in "${specs[@]}"; do
+    name=${spec%%:*} srcs=""
+    [[ $spec == *:* && $name =~ ^[A-Za-z0-9_.-]+$ ]] || { echo "bad soup entry '$spec' (name:CK CK ...)" >&2; exit 2; }
+    for c in ${spec#*:}; do [ "$c" = INIT ] && c=$INIT; [[ $c == /* || $c == "$INIT" ]] || c="$CK/$c"
+      [ -f "$c/config.json" ] || { echo "soup $name: no checkpoint at $c" >&2; exit 2; }; srcs+="$c "; done
+    [ $(wc -w <<< "$srcs") -ge 2 ] || { echo "soup $name: a soup needs at least two checkpoints" >&2; exit 2; }
+    soup_names+=("soup_$name") soup_sources+=("$srcs")
+  done; }
+make_soup() { rm -rf "$CK/${soup_names[$1]}" && $PY -m generator.soup --out "$CK/${soup_names[$1]}" ${soup_sources[$1]}; }
 
 case "$phase" in
 oracles)
@@ -425,22 +441,13 @@ soup)
   # A soup is made again on every call (seconds): a name reused with other sources gets a new
   # fingerprint, and `choose-checkpoint` refuses a validation row left from the old one.
   qv="$WORK/q_validation_soup" qt="$WORK/q_test_soup"
-  IFS=';' read -ra specs <<< "${SOUPS:?set SOUPS}"
-  names=() sources=()
-  for spec in "${specs[@]}"; do  # every spec checked before any GPU work
-    name=${spec%%:*} srcs=""
-    [[ $spec == *:* && $name =~ ^[A-Za-z0-9_.-]+$ ]] || { echo "bad SOUPS entry '$spec' (name:CK CK ...)" >&2; exit 2; }
-    for c in ${spec#*:}; do [[ $c == /* ]] || c="$CK/$c"
-      [ -f "$c/config.json" ] || { echo "SOUPS $name: no checkpoint at $c" >&2; exit 2; }; srcs+="$c "; done
-    [ $(wc -w <<< "$srcs") -ge 2 ] || { echo "SOUPS $name: a soup needs at least two checkpoints" >&2; exit 2; }
-    names+=("soup_$name") sources+=("$srcs")
-  done
+  soup_specs "${SOUPS:?set SOUPS}"
   mkdir -p "$qv" && cp -n "$WORK/q_validation_sft/incumbent.jsonl" "$qv/" 2>/dev/null || true
   cands=()
   candidate incumbent "$INIT" "$qv" val_soup_incumbent
-  for i in "${!names[@]}"; do
-    rm -rf "$CK/${names[$i]}" && $PY -m generator.soup --out "$CK/${names[$i]}" ${sources[$i]}
-    candidate "${names[$i]}" "$CK/${names[$i]}" "$qv"
+  for i in "${!soup_names[@]}"; do
+    make_soup "$i"
+    candidate "${soup_names[$i]}" "$CK/${soup_names[$i]}" "$qv"
   done
   settle soup loragen_soup "$qt"
   for f in "$WORK"/eval_*soup*.log; do echo "== $f"; tail -n 2 "$f"; done
@@ -452,16 +459,17 @@ named_labels)
   # Issue 14's format lever: LoRAGen SFT continued from $INIT (as served: system prompt, its sampler)
   # where a closed-label task's description names its labels with probability NAMED_P (0.5;
   # `--name-labels`), and the control, the same schedule without; side by side, SFT_STEPS (250) at
-  # SFT_LR (5e-5), snapshots at NAMED_SNAPSHOTS (150). Training only: named_labels_eval follows in
-  # the next call on the warm machine ($CK is kept).
+  # SFT_LR (5e-5), snapshots at NAMED_SNAPSHOTS (150); NAMED_ARMS ("plain named") says which. Training
+  # only: named_labels_eval follows in the next call on the warm machine ($CK is kept).
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"  # once, before the readers
   common=(--kind loragen --init "$INIT" --tasks data/sni/tasks --device $DEV --no-progress --threads 2 --resume
     --system-prompt --steps "${SFT_STEPS:-250}" --lr "${SFT_LR:-5e-5}" --snapshots ${NAMED_SNAPSHOTS:-150}
     --probe-every 50 --max-seconds $(( $(left) > 60 ? $(left) - 40 : 20 )))
   [ "${DRY:-0}" = 1 ] && common+=("${SFT_L[@]}")
-  run loragen_sft_plain $PY -m generator.training.sft --out "$CK/loragen_sft_plain" "${common[@]}"
-  run loragen_sft_named $PY -m generator.training.sft --out "$CK/loragen_sft_named" "${common[@]}" \
-    --name-labels "${NAMED_P:-0.5}"
+  arms=" ${NAMED_ARMS:-plain named} "
+  [[ $arms == *" plain "* ]] && run loragen_sft_plain $PY -m generator.training.sft --out "$CK/loragen_sft_plain" "${common[@]}"
+  [[ $arms == *" named "* ]] && run loragen_sft_named $PY -m generator.training.sft --out "$CK/loragen_sft_named" \
+    "${common[@]}" --name-labels "${NAMED_P:-0.5}"
   waitall
   for f in "$WORK"/train_loragen_sft_{plain,named}.log; do echo "== $f"; tail -n 3 "$f"; done
   mkdir -p "$WORK/configs"
@@ -473,13 +481,17 @@ named_labels_eval)
   # Validation as served (2 descriptions per task) of the incumbent and every checkpoint of
   # named_labels (final and snapshots): with the descriptions as given (all validation tasks; folder
   # q_validation_named) and naming their labels (the closed-label tasks, `--name-labels`; folder
-  # q_validation_named_labels, with the base model given the same system prompts). The rule, fixed
+  # q_validation_named_labels, with the base model given the same system prompts); NAMED_SOUPS
+  # adds weight averages as candidates (soup_specs; e.g. "inc_named:INIT loragen_sft_named"). The rule, fixed
   # before any result (`benchmarks.quality choose-named`): of the candidates whose EM with the
   # descriptions as given is at least the incumbent's - 0.5, the best EM naming labels wins if it
   # beats the incumbent's by at least 1.0; else the incumbent stays. On test, once: the incumbent
   # and the base model with descriptions naming labels; a winner's rows as served (table, controls,
   # user-style) and naming labels, and its weights back in $OUT.
   qv="$WORK/q_validation_named" ql="$WORK/q_validation_named_labels" qt="$WORK/q_test_named"
+  # Rows of an earlier call (NAMED_ROWS: a folder with q_validation_named*/ and q_test_named/) are
+  # not generated again: a test row is scored once; `choose-named` refuses a stale candidate row.
+  [ -n "${NAMED_ROWS:-}" ] && mkdir -p "$WORK" && cp -rn "$NAMED_ROWS"/q_* "$WORK"/
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
   closed=$($PY -c "
 from benchmarks.quality.generate import train_labels
@@ -492,6 +504,10 @@ print(' '.join(sorted(train_labels(load_tasks('data/sni/tasks', load_splits('dat
     name=$(basename "$d"); [[ $name == sft-* ]] && name="$(basename "$(dirname "$(dirname "$d")")")_at${name#sft-}"
     cands+=("${name#loragen_sft_}=${d%/}")
   done
+  if [ -n "${NAMED_SOUPS:-}" ]; then  # more candidates: weight averages ("name:CK CK;...", soup_specs)
+    soup_specs "$NAMED_SOUPS"
+    for i in "${!soup_names[@]}"; do make_soup "$i"; cands+=("${soup_names[$i]}=$CK/${soup_names[$i]}"); done
+  fi
   gen named_val_system "$ql" --task-set validation --rows system --name-labels --only $closed
   for c in "${cands[@]}"; do
     name=${c%%=*} ck=${c#*=}
