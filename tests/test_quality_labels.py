@@ -43,6 +43,10 @@ def test_label_use_counts_answers_in_and_out_of_the_label_set(tmp_path) -> None:
     result = run(list(tasks.values()), splits, [row])
     assert result["common_tasks"] == ["sentiment"] and result["rows"]["r"]["mean"]["in_label_set"] == 50.0
     assert "| r | 50.0 | 50.0 | 37.5 | 37.5 | `yes` (3) |" in markdown(result)
+    both = run(list(tasks.values()), splits, [row, f"again={row}"])  # NAME=FILE names a row
+    assert list(both["rows"]) == ["r", "again"] and both["rows"]["again"]["mean"] == both["rows"]["r"]["mean"]
+    with pytest.raises(ValueError, match="NAME=FILE"):
+        run(list(tasks.values()), splits, [row, row])
 
 
 def test_choose_labels_picks_the_most_likely_whole_answer() -> None:

@@ -147,7 +147,8 @@ def main(argv=None) -> None:
                    help="LoRAGen: also CE under N seeds' adapters, their mean adapter and x_T = 0 (0: off; else >= 2)")
     lb = sub.add_parser("labels", help="how often rows answer in their task's label set (closed-label tasks)")
     lb.add_argument("--tasks", required=True)
-    lb.add_argument("--generations", nargs="+", required=True, help="generation files <row>.jsonl")
+    lb.add_argument("--generations", nargs="+", required=True,
+                    help="generation files <row>.jsonl, or NAME=FILE to name a row")
     lb.add_argument("--out", required=True, help="output stem: <out>.json and <out>.md")
     a = ap.parse_args(argv)
 
@@ -177,7 +178,10 @@ def main(argv=None) -> None:
     if a.cmd == "labels":
         from .labels import run as label_run, write as label_write
 
-        result = label_run(tasks, splits, a.generations)
+        try:
+            result = label_run(tasks, splits, a.generations)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"error: {e}") from None
         for p in label_write(result, a.out):
             print(p)
         return

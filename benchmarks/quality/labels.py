@@ -17,7 +17,8 @@ POS/NEG, 1-5): for each row (a generation file) and task,
   among the labels has to beat.
 
 Means are over the closed-label tasks that every given row answered, so rows compare on the
-same tasks.
+same tasks. A row is named by its file's meta (``row``); ``NAME=FILE`` names it NAME instead (two
+files of one row name, e.g. the same checkpoint with and without ``--name-labels``).
 
     python -m benchmarks.quality labels --tasks data/sni/tasks --generations ROW.jsonl ... \
         --out benchmarks/results/quality_labels
@@ -117,8 +118,12 @@ def run(tasks: Sequence[Task], splits: TaskSplits, files: Sequence[str | Path]) 
     by_name = {t.name: t for t in tasks}
     rows = {}
     for f in files:
-        meta, answers = read_row(f)
-        rows[meta.get("row", Path(f).stem)] = {
+        name, _, path = str(f).partition("=") if "=" in str(f) and not Path(f).exists() else ("", "", str(f))
+        meta, answers = read_row(path)
+        name = name or meta.get("row", Path(path).stem)
+        if name in rows:
+            raise ValueError(f"two files give row {name!r}: name one NAME=FILE")
+        rows[name] = {
             "meta": {k: meta.get(k) for k in ("row", "command", "commit", "machine", "date", "fingerprint")},
             "tasks": label_use(answers, by_name, splits),
         }

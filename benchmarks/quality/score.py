@@ -62,12 +62,16 @@ ROW_LABELS = {
     "loragen_anchor_user": "LoRAGen SFT, anchor blend 0.75 (not served), user-style descriptions",
     "loragen_anchor_random": "LoRAGen SFT, anchor blend 0.75 (not served), random-string description (control)",
     "loragen_anchor_other": "LoRAGen SFT, anchor blend 0.75 (not served), another task's description (control)",
+    # Descriptions that name their labels (`generate --name-labels`: on closed-label tasks each
+    # description ends with `Answer with one of: ...`, the labels of the task's training instances).
+    "loragen_sft_labels": "LoRAGen SFT, descriptions naming their labels",
+    "system_labels": "Base + description naming its labels as system prompt",
 }
 OPTIONAL_ROWS = ("loragen_ws2", "loragen_ws2_random", "loragen_ws2_other", "loragen_no_moe", "loragen_no_direction",
                  "loragen_no_spectral", "t2l_sft_random", "t2l_sft_other", "loragen_user_sys",
                  "loragen_sys", "loragen_sft", "loragen_sft_user", "loragen_sft_random",
                  "loragen_sft_other", "loragen_anchor", "loragen_anchor_user", "loragen_anchor_random",
-                 "loragen_anchor_other")  # not listed as missing
+                 "loragen_anchor_other", "loragen_sft_labels", "system_labels")  # not listed as missing
 
 
 def row_label(row: str) -> str:
@@ -168,10 +172,13 @@ def _fmt(cell: dict | None, m: str) -> str:
 
 
 def _setting(meta: dict) -> str:
-    """How a generated row sampled and prompted (from its meta); empty for other rows."""
+    """How a generated row sampled and prompted (from its meta); for other rows only how their
+    descriptions were changed, if they were."""
+    named = f", descriptions naming their labels ({len(meta['name_labels']['tasks'])} closed-label tasks)" \
+        if meta.get("name_labels") else ""
     sampler = meta.get("sampler")
     if not sampler:
-        return ""
+        return named.removeprefix(", ")
     out = f"{sampler.get('steps')} steps, guidance {sampler.get('guidance')}"
     if meta.get("system_prompt"):
         out += ", + description as system prompt"
@@ -181,7 +188,7 @@ def _setting(meta: dict) -> str:
         out += f", anchor blend alpha {blend['alpha']} k {blend['k']}"
     if meta.get("adapter_scale", 1.0) != 1.0:
         out += f", adapter scale {meta['adapter_scale']}"
-    return out
+    return out + named
 
 
 def _rel(cell: dict | None, m: str) -> str:
