@@ -2,7 +2,8 @@
 
     loragen-vllm serve [--base-model DIR] [--generator CKPT] [--store DIR] [--host H] [--port P]
                        [--seed N] [--ray-address ADDR] [--device D] [--max-resolved N]
-                       [--no-description-system-prompt] [--admin-key KEY] [--list-descriptions]
+                       [--no-description-system-prompt] [--[no-]label-choice] [--admin-key KEY]
+                       [--list-descriptions]
                        [-- extra vLLM arguments]
     loragen-vllm generate TEXT [--generator CKPT] [--store DIR] [--seed N] [--json]
     loragen-vllm store ls [--json] | show KEY [--json] | rm KEY [--force] | gc   [--store DIR]
@@ -284,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-description-system-prompt", dest="description_system_prompt",
                    action="store_false",
                    help="do not put the description as the system prompt of chats that have none")
+    s.add_argument("--label-choice", action=argparse.BooleanOptionalAction, default=None,
+                   help="answer a chat whose description ends with 'Answer with one of: \"A\", \"B\".' "
+                   "with one of those labels, unless it brings its own constraint (vLLM structured "
+                   "outputs; default: $LORAGEN_LABEL_CHOICE or on)")
     s.add_argument("--admin-key", metavar="KEY", default=None,
                    help="open vLLM's admin routes (runtime LoRA load/unload, ...) to requests "
                    "whose X-LoRAGen-Admin-Key header carries KEY (default: $LORAGEN_ADMIN_KEY; "

@@ -124,6 +124,10 @@ def _flag(raw: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 # The table
 
+# Label choice on by default: it won on validation through the server
+# (benchmarks/results/quality_label_choice_served.md).
+LABEL_CHOICE_DEFAULT = "1"
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -204,6 +208,13 @@ SETTINGS: dict[str, Setting] = {
                 "comma-separated modules vLLM applies LoRA to (set by `serve`: the generator's "
                 "target modules); an adapter loaded through the admin route with weights for "
                 "other modules is refused (400) instead of served without them. Empty: all"),
+        Setting("LORAGEN_DESCRIPTION_SYSTEM_PROMPT", "1", _flag,
+                "`1`: a chat for a description without a system message gets the description as "
+                "its system prompt (`serve --no-description-system-prompt` sets 0)"),
+        Setting("LORAGEN_LABEL_CHOICE", LABEL_CHOICE_DEFAULT, _flag,
+                "`1`: a chat for a description that ends with `Answer with one of: \"A\", \"B\".` is "
+                "answered with one of those labels (vLLM structured outputs), unless it brings its own "
+                "constraint (`serve --label-choice` / `--no-label-choice`)"),
         Setting("LORAGEN_LIST_DESCRIPTIONS", "0", _flag,
                 "`1`: `/v1/models` also lists the resolved descriptions (other clients' requests; "
                 "`serve --list-descriptions`)"),
@@ -238,6 +249,8 @@ if TYPE_CHECKING:  # the attributes `__getattr__` provides, with their types
     LORAGEN_ADMIN_KEY: str | None
     LORAGEN_LORA_MODULES: tuple[str, ...]
     LORAGEN_LIST_DESCRIPTIONS: bool
+    LORAGEN_DESCRIPTION_SYSTEM_PROMPT: bool
+    LORAGEN_LABEL_CHOICE: bool
     LORAGEN_LOG_LEVEL: str
     LORAGEN_DEBUG: bool
 

@@ -1,14 +1,23 @@
-"""The task description as the system prompt, beside the adapter generated from it.
+"""Chat requests shaped by their description: the system prompt, and answers among named labels.
 
-On the validation tasks, LoRAGen's adapters answered better when the chat also carried the
-description as its system prompt (`benchmarks/results/quality_choice.json`), so `serve` does
-that by default (`--no-description-system-prompt` turns it off). This ASGI middleware, which
-`serve` hands to vLLM's OpenAI server (`--middleware`), rewrites the body of
-`POST /v1/chat/completions`: when `model` is a description (not the served base model) and the
-messages have no system message, a system message with the description (normalised as the
-resolver normalises it) is put first. Anything else passes through unchanged: other routes,
-bodies that are not a JSON object, invalid descriptions (the resolver answers those with 400),
-chats that bring their own system prompt, and bodies over `MAX_BODY_BYTES`.
+This ASGI middleware, which `serve` hands to vLLM's OpenAI server (`--middleware`), rewrites the
+body of `POST /v1/chat/completions` whose `model` is a description (not the served base model):
+
+* **The description as the system prompt** (`LORAGEN_DESCRIPTION_SYSTEM_PROMPT`, default on;
+  `serve --no-description-system-prompt` turns it off). On the validation tasks, LoRAGen's
+  adapters answered better when the chat also carried the description as its system prompt
+  (`benchmarks/results/quality_choice.json`): when the messages have no system message, one with
+  the description (normalised as the resolver normalises it) is put first.
+* **Answers among the labels a description names** (`LORAGEN_LABEL_CHOICE`; `serve
+  --label-choice` / `--no-label-choice`). A description that ends with
+  ``Answer with one of: "NEG", "POS".`` (`generator.data.sni.label_names`: at least two labels,
+  each in double quotes) gets vLLM's structured outputs restricted to those labels
+  (``structured_outputs: {"choice": [...]}``), unless the request brings its own constraint
+  (`CONSTRAINT_FIELDS`). Measured on validation through the server:
+  `benchmarks/results/quality_label_choice_served.md`.
+
+Anything else passes through unchanged: other routes, bodies that are not a JSON object, invalid
+descriptions (the resolver answers those with 400), and bodies over `MAX_BODY_BYTES`.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from generator.data.sni import label_names
 from loragen_vllm import envs
 from loragen_vllm.descriptions import validate_description
 from loragen_vllm.errors import InvalidDescription
@@ -30,8 +40,15 @@ CHAT_PATH = "/v1/chat/completions"
 MAX_BODY_BYTES = 8 << 20  # larger bodies are passed on untouched
 
 
-def with_description_system_prompt(body: bytes, base_models: set[str]) -> bytes:
-    """The request body with the description as the first (system) message, or `body` unchanged."""
+# Request fields by which a client constrains the answer itself: label choice leaves those alone.
+CONSTRAINT_FIELDS = ("structured_outputs", "response_format", "tools", "tool_choice", "guided_json", "guided_regex",
+                     "guided_choice", "guided_grammar", "guided_decoding_backend")
+
+
+def shape_chat(body: bytes, base_models: set[str], system_prompt: bool = True, label_choice: bool = False) -> bytes:
+    """The chat request body with the description as the first (system) message (`system_prompt`)
+    and answers restricted to the labels the description names (`label_choice`), each where it
+    applies; `body` itself when neither does."""
     try:
         request = json.loads(body)
     except ValueError:
@@ -41,23 +58,30 @@ def with_description_system_prompt(body: bytes, base_models: set[str]) -> bytes:
     model, messages = request.get("model"), request.get("messages")
     if not isinstance(model, str) or model in base_models or not isinstance(messages, list):
         return body
-    if any(isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages):
-        return body
     try:
         description = validate_description(model, envs.LORAGEN_MAX_DESCRIPTION_CHARS)
     except InvalidDescription:
         return body
-    request["messages"] = [{"role": "system", "content": description}, *messages]
-    return json.dumps(request).encode()
+    changed = False
+    if system_prompt and not any(isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages):
+        request["messages"] = [{"role": "system", "content": description}, *messages]
+        changed = True
+    if label_choice and not any(k in request for k in CONSTRAINT_FIELDS) and (labels := label_names(description)):
+        request["structured_outputs"] = {"choice": labels}
+        changed = True
+    return json.dumps(request).encode() if changed else body
 
 
-class DescriptionSystemPrompt:
+class DescriptionChat:
     """ASGI middleware: see the module docstring. The served model names come from
-    `LORAGEN_SERVED_MODEL_NAMES` (set by `serve`)."""
+    `LORAGEN_SERVED_MODEL_NAMES` (set by `serve`), what to do from
+    `LORAGEN_DESCRIPTION_SYSTEM_PROMPT` and `LORAGEN_LABEL_CHOICE`."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
         self.base_models = set(envs.LORAGEN_SERVED_MODEL_NAMES)
+        self.system_prompt = envs.LORAGEN_DESCRIPTION_SYSTEM_PROMPT
+        self.label_choice = envs.LORAGEN_LABEL_CHOICE
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") != CHAT_PATH:
@@ -75,7 +99,7 @@ class DescriptionSystemPrompt:
             more = message.get("more_body", False)
         body = b"".join(chunks)
         if size <= MAX_BODY_BYTES:
-            body = with_description_system_prompt(body, self.base_models)
+            body = shape_chat(body, self.base_models, self.system_prompt, self.label_choice)
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         request = {"type": "http.request", "body": body, "more_body": False}

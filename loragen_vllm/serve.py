@@ -10,7 +10,8 @@ In front of vLLM's routes ``serve`` puts two ASGI middlewares (vLLM's ``--middle
 ``app.add_middleware``; the last one given is the outermost): `EdgeGuard` (``edge.py``: which
 routes a client reaches, the raw ``model`` field bounded and validated, ``/v1/models`` without
 paths or other clients' descriptions, the adapter's provenance header) and, unless
-``--no-description-system-prompt``, `DescriptionSystemPrompt` (``middleware.py``). Before it
+``--no-description-system-prompt`` and ``--no-label-choice`` both, `DescriptionChat` (``middleware.py``: the
+description as the system prompt, answers among the labels a description names). Before it
 starts anything it checks that the generator's adapters fit the served model
 (`check_generator_fits`).
 
@@ -49,7 +50,7 @@ GPU_MAX_LORAS, GPU_MAX_CPU_LORAS = 32, 128
 DEFAULT_RAY_LORA_RANK = 16  # --max-lora-rank with a Ray generator (its rank is unknown until it answers)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 EDGE_MIDDLEWARE = "loragen_vllm.edge.EdgeGuard"
-SYSTEM_PROMPT_MIDDLEWARE = "loragen_vllm.middleware.DescriptionSystemPrompt"
+CHAT_MIDDLEWARE = "loragen_vllm.middleware.DescriptionChat"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
     Reads ``args.base_model``, ``args.generator`` (None: the default checkpoint), ``args.store``,
     ``args.host``, ``args.port`` and ``args.vllm_args`` (what followed ``--``), and if present
     ``args.ray_address``, ``args.seed``, ``args.device``, ``args.max_resolved``,
-    ``args.description_system_prompt``, ``args.admin_key``, ``args.list_descriptions``.
+    ``args.description_system_prompt``, ``args.label_choice``, ``args.admin_key``, ``args.list_descriptions``.
     """
     ray_address = getattr(args, "ray_address", None)
     generator, lora_rank, generator_modules = _generator_checkpoint(getattr(args, "generator", None), ray_address)
@@ -343,6 +344,8 @@ def run(args: argparse.Namespace) -> int:
         LORAGEN_ADMIN_KEY=getattr(args, "admin_key", None),
         LORAGEN_LORA_MODULES=",".join(lora_modules or ()),  # empty (every layer): nothing inherited stays
         LORAGEN_LIST_DESCRIPTIONS=(1 if getattr(args, "list_descriptions", None) else None),
+        LORAGEN_DESCRIPTION_SYSTEM_PROMPT=(None if getattr(args, "description_system_prompt", True) else 0),
+        LORAGEN_LABEL_CHOICE=(None if getattr(args, "label_choice", None) is None else int(args.label_choice)),
     )
     _prepare_vllm_environment(os.environ, extra)
 
@@ -352,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
     max_resolved, note = fit_max_resolved(requested, envs.LORAGEN_STORE_MAX_ADAPTERS)
     if note:
         print(f"loragen-vllm: {note}", flush=True)
-    middleware = (SYSTEM_PROMPT_MIDDLEWARE,) if getattr(args, "description_system_prompt", True) else ()
+    middleware = (CHAT_MIDDLEWARE,) if envs.LORAGEN_DESCRIPTION_SYSTEM_PROMPT or envs.LORAGEN_LABEL_CHOICE else ()
     middleware += (EDGE_MIDDLEWARE,)  # outermost: nothing it refuses reaches the other
     import torch
 

@@ -1,6 +1,6 @@
-"""The description as the system prompt (middleware.py): the body rewrite, and the ASGI
-middleware around a small app that echoes what it received. That vLLM's server gets the rewritten
-chat is tested through the real server in tests/test_serve.py."""
+"""Chats shaped by their description (middleware.py): the system prompt and answers among named
+labels, the body rewrite, and the ASGI middleware around a small app that echoes what it received.
+That vLLM's server gets the rewritten chat is tested through the real server in tests/test_serve.py."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from loragen_vllm.middleware import DescriptionSystemPrompt, with_description_system_prompt
+from loragen_vllm.middleware import DescriptionChat, shape_chat
 
 BASE = {"SmolLM2-135M-Instruct"}
 USER = {"role": "user", "content": "A wonderful film."}
 
 
 def rewrite(request: object) -> object:
-    return json.loads(with_description_system_prompt(json.dumps(request).encode(), BASE))
+    return json.loads(shape_chat(json.dumps(request).encode(), BASE))
 
 
 def test_a_description_becomes_the_first_system_message_normalised() -> None:
@@ -42,8 +42,8 @@ def test_a_description_becomes_the_first_system_message_normalised() -> None:
 )
 def test_other_bodies_pass_unchanged(request_: object) -> None:
     body = json.dumps(request_).encode()
-    assert with_description_system_prompt(body, BASE) is body
-    assert with_description_system_prompt(b"{not json", BASE) == b"{not json"
+    assert shape_chat(body, BASE) is body
+    assert shape_chat(b"{not json", BASE) == b"{not json"
 
 
 def echo_app() -> FastAPI:
@@ -56,7 +56,7 @@ def echo_app() -> FastAPI:
         assert int(request.headers["content-length"]) == len(body)  # fixed after the rewrite
         return json.loads(body)
 
-    app.add_middleware(DescriptionSystemPrompt)
+    app.add_middleware(DescriptionChat)
     return app
 
 
@@ -69,3 +69,39 @@ def test_middleware_rewrites_chat_only(monkeypatch: pytest.MonkeyPatch) -> None:
     assert got["messages"] == [USER]
     got = client.post("/v1/completions", json={"model": "Summarise it.", "prompt": "x"}).json()
     assert got == {"model": "Summarise it.", "prompt": "x"}
+
+
+NAMED = 'Classify the sentiment of a review. Answer with one of: "NEG", "POS".'
+
+
+def test_a_description_naming_labels_restricts_the_answer_to_them() -> None:
+    def shaped(request: dict, **kw) -> dict:
+        return json.loads(shape_chat(json.dumps(request).encode(), BASE, **kw))
+
+    out = shaped({"model": NAMED, "messages": [USER]}, label_choice=True)
+    assert out["structured_outputs"] == {"choice": ["NEG", "POS"]}
+    assert out["messages"][0] == {"role": "system", "content": NAMED}  # both rewrites
+    only = shaped({"model": NAMED, "messages": [USER]}, system_prompt=False, label_choice=True)
+    assert only["messages"] == [USER] and only["structured_outputs"] == {"choice": ["NEG", "POS"]}
+    assert "structured_outputs" not in shaped({"model": NAMED, "messages": [USER]})  # label choice off
+    for own in ({"structured_outputs": {"regex": "[A-Z]+"}}, {"response_format": {"type": "json_object"}},
+                {"tools": []}, {"guided_choice": ["a", "b"]}):  # the client's own constraint stays alone
+        out = shaped({"model": NAMED, "messages": [USER], **own}, system_prompt=False, label_choice=True)
+        assert out == {"model": NAMED, "messages": [USER], **own}
+    for model in ('Answer with one of: "yes".', "Answer with one of: yes, no.", 'Say "yes" or "no".',
+                  'Answer with one of: "yes", "no". Then explain.'):  # no closing label sentence
+        body = json.dumps({"model": model, "messages": [USER]}).encode()
+        assert shape_chat(body, BASE, system_prompt=False, label_choice=True) is body
+    base = json.dumps({"model": "SmolLM2-135M-Instruct", "messages": [USER]}).encode()
+    assert shape_chat(base, BASE, label_choice=True) is base
+
+
+def test_middleware_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAGEN_SERVED_MODEL_NAMES", "SmolLM2-135M-Instruct")
+    monkeypatch.setenv("LORAGEN_DESCRIPTION_SYSTEM_PROMPT", "0")
+    monkeypatch.setenv("LORAGEN_LABEL_CHOICE", "1")
+    got = TestClient(echo_app()).post("/v1/chat/completions", json={"model": NAMED, "messages": [USER]}).json()
+    assert got == {"model": NAMED, "messages": [USER], "structured_outputs": {"choice": ["NEG", "POS"]}}
+    monkeypatch.setenv("LORAGEN_LABEL_CHOICE", "0")
+    got = TestClient(echo_app()).post("/v1/chat/completions", json={"model": NAMED, "messages": [USER]}).json()
+    assert got == {"model": NAMED, "messages": [USER]}

@@ -30,7 +30,7 @@ from loragen_vllm.errors import UsageError
 from loragen_vllm.serve import (
     CPU_KV_CACHE_GIB,
     EDGE_MIDDLEWARE,
-    SYSTEM_PROMPT_MIDDLEWARE,
+    CHAT_MIDDLEWARE,
     default_lora_slots,
     base_model_shapes,
     check_generator_fits,
@@ -164,9 +164,9 @@ def test_served_names_and_middleware_on_the_command_line() -> None:
     assert served_model_names("M", []) == ["M"]
     assert served_model_names("M", ["--served-model-name", "a", "b", "--port", "1"]) == ["a", "b"]
     assert served_model_names("M", ["--served-model-name=c"]) == ["c"]
-    argv = vllm_serve_argv(Path("/m/M"), "M", 8, "h", 1, ["--x"], (SYSTEM_PROMPT_MIDDLEWARE, EDGE_MIDDLEWARE))
+    argv = vllm_serve_argv(Path("/m/M"), "M", 8, "h", 1, ["--x"], (CHAT_MIDDLEWARE, EDGE_MIDDLEWARE))
     i = argv.index("--middleware")
-    assert argv[i:i + 4] == ["--middleware", SYSTEM_PROMPT_MIDDLEWARE, "--middleware", EDGE_MIDDLEWARE]
+    assert argv[i:i + 4] == ["--middleware", CHAT_MIDDLEWARE, "--middleware", EDGE_MIDDLEWARE]
     assert argv[-1] == "--x"
 
 
@@ -459,6 +459,47 @@ def test_the_description_is_the_system_prompt_of_a_chat_without_one(vllm_server:
     other = usage([{"role": "system", "content": "Be brief."}, user])  # a chat's own system prompt stays
     assert implicit == explicit  # same prompt tokens, same greedy answer
     assert other[0] < explicit[0] - 20
+
+
+def test_a_description_naming_labels_is_answered_with_one_of_them(vllm_server: ServerProcess) -> None:
+    """Label choice (on by default): the answer is one of the labels the description names, for
+    every input, streamed or not; a client's own structured outputs win over it."""
+    named = 'Is the review positive? Answer with one of: "no", "yes".'
+    for text in ("Great film.", "Awful, boring, far too long.", "1 2 3"):
+        r = httpx.post(f"{vllm_server.url}/v1/chat/completions", timeout=TIMEOUT, json={
+            "model": named, "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": text}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] in ("no", "yes")
+    with httpx.stream("POST", f"{vllm_server.url}/v1/chat/completions", timeout=TIMEOUT, json={
+            "model": named, "max_tokens": 8, "stream": True, "messages": [{"role": "user", "content": "Great."}]}) as r:
+        parts = [json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                 for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(parts) in ("no", "yes")
+    own = httpx.post(f"{vllm_server.url}/v1/chat/completions", timeout=TIMEOUT, json={
+        "model": named, "max_tokens": 8, "structured_outputs": {"choice": ["maybe"]},
+        "messages": [{"role": "user", "content": "Great."}]})
+    assert own.status_code == 200 and own.json()["choices"][0]["message"]["content"] == "maybe"
+
+
+def test_a_quality_row_answered_by_the_server(vllm_server: ServerProcess, tmp_path: Path) -> None:
+    """`benchmarks.quality served`: a closed-label task's test inputs sent as chats, its description
+    naming the labels, answers restricted to them; the row file scores like `generate`'s."""
+    from benchmarks.quality.generate import train_labels
+    from benchmarks.quality.labels import label_use
+    from benchmarks.quality.served import served_row
+    from generator.data.sni import load_splits, load_tasks
+
+    tasks_dir = Path(__file__).resolve().parents[1] / "data" / "sni" / "tasks"
+    (task,) = load_tasks(tasks_dir, ["task1313_amazonreview_polarity_classification"])  # validation, True/False
+    path = served_row(f"{vllm_server.url}/v1", [task], tmp_path, "served", name_labels=True, choice=True,
+                      num_descriptions=1, limit_instances=3, progress=False)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    meta, answers = lines[0]["meta"], lines[1:]
+    assert meta["row"] == "served" and meta["served"]["choice"] and meta["name_labels"]["tasks"] == [task.name]
+    assert [(a["task"], a["i"], a["v"]) for a in answers] == [(task.name, i, "d0") for i in range(3)]
+    labels = train_labels([task])[task.name]
+    assert sorted(labels) == ["False", "True"] and all(a["pred"] in labels for a in answers)
+    assert label_use(answers, {task.name: task}, load_splits(tasks_dir))[task.name]["in_label_set"] == 100.0
 
 
 def test_examples_run_against_the_server(vllm_server: ServerProcess) -> None:

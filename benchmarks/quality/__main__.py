@@ -133,6 +133,20 @@ def main(argv=None) -> None:
     nl.add_argument("--candidate", action="append", required=True, metavar="ROW=CHECKPOINT",
                     help="a validation row and the checkpoint that made it; the incumbent first")
     nl.add_argument("--out", required=True, help="JSON file of the choice and every candidate's scores")
+    sv = sub.add_parser("served", help="a row answered by a running loragen-vllm serve (served.py)")
+    sv.add_argument("--tasks", required=True)
+    sv.add_argument("--task-set", default="validation", choices=("validation", "test", "in_distribution", "held_out"))
+    sv.add_argument("--closed-only", action="store_true", help="only the tasks with a closed label set")
+    sv.add_argument("--only", nargs="+", help="only these tasks of the set")
+    sv.add_argument("--name-labels", action="store_true", help="descriptions of closed-label tasks name their labels")
+    sv.add_argument("--choice", action="store_true",
+                    help="closed-label tasks: answers restricted to the task's labels (vLLM structured outputs)")
+    sv.add_argument("--num-descriptions", type=int, default=2)
+    sv.add_argument("--limit-instances", type=int, help="first N test instances per task (dry runs)")
+    sv.add_argument("--row", required=True, help="the row's name (<out>/<row>.jsonl)")
+    sv.add_argument("--out", required=True)
+    sv.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    sv.add_argument("--concurrency", type=int, default=8)
     e = sub.add_parser("ce-gap", help="CE under the right description's adapter vs a random string's, train vs validation")
     e.add_argument("--tasks", required=True)
     e.add_argument("--generator", required=True, help="generator checkpoint folder")
@@ -184,6 +198,22 @@ def main(argv=None) -> None:
             raise SystemExit(f"error: {e}") from None
         for p in label_write(result, a.out):
             print(p)
+        return
+    if a.cmd == "served":
+        from .generate import train_labels
+        from .served import served_row
+
+        chosen = _task_set(tasks, splits, a.task_set)
+        if a.only:
+            chosen = [t for t in chosen if t.name in set(a.only)]
+        if a.closed_only:
+            closed = train_labels(chosen)
+            chosen = [t for t in chosen if t.name in closed]
+        if not chosen:
+            raise SystemExit("error: no tasks to answer")
+        print(served_row(a.base_url, chosen, a.out, a.row, name_labels=a.name_labels, choice=a.choice,
+                         num_descriptions=a.num_descriptions, concurrency=a.concurrency,
+                         limit_instances=a.limit_instances))
         return
     if a.cmd == "ce-gap":
         from .ce_gap import ce_gap, write

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import string
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ __all__ = [
     "rouge_l",
     "label_strings",
     "add_label_names",
+    "label_names",
     "MAX_LABELS",
     "TEST_SIZE",
     "NUM_EVAL_DESCRIPTIONS",
@@ -216,16 +218,30 @@ def label_strings(instances: Sequence[Instance]) -> list[str] | None:
     return [c.most_common(1)[0][0] for c in ranked]
 
 
+LABELS_SENTENCE = "Answer with one of: "  # then the labels, each in double quotes, ", "-separated, and "."
+_NAMED_LABELS = re.compile(r'(?:^|\s)Answer with one of: ("[^"\n]+"(?:, "[^"\n]+")+)\.\s*$')
+
+
 def add_label_names(description: str, labels: Sequence[str]) -> str:
     """``description`` with a sentence naming ``labels``, in a fixed (sorted) order so that the
     sentence does not tell which label is most frequent:
-    ``... Answer with one of: "NEG", "POS".``"""
+    ``... Answer with one of: "NEG", "POS".`` (`label_names` reads it back)."""
     if len(labels) < 2:
         raise ValueError(f"a label set names at least 2 labels, got {list(labels)}")
+    if any(not label or '"' in label or "\n" in label for label in labels):
+        raise ValueError(f"labels must be non-empty, without double quotes or newlines: {list(labels)}")
     named = ", ".join(f'"{label}"' for label in sorted(labels, key=lambda s: (s.casefold(), s)))
     text = description.rstrip()
     sep = "" if not text else " " if text.endswith((".", "!", "?")) else ". "
-    return f"{text}{sep}Answer with one of: {named}."
+    return f"{text}{sep}{LABELS_SENTENCE}{named}."
+
+
+def label_names(description: str) -> list[str] | None:
+    """The labels that ``description`` names in `add_label_names`'s closing sentence
+    (``Answer with one of: "A", "B".``, at least two, each quoted), in its order; None if it has no
+    such sentence at its end."""
+    m = _NAMED_LABELS.search(description)
+    return None if m is None else re.findall(r'"([^"\n]+)"', m.group(1))
 
 
 SPLIT_NAMES = ("train", "validation", "test")

@@ -1,0 +1,98 @@
+"""A quality row answered by a running ``loragen-vllm serve``: what a client gets (`served`).
+
+`generate` answers with the generator and the base model in one process (Hugging Face, greedy);
+this sends the same test inputs as chat requests to the server -- the description as ``model``,
+the input as the one user message, greedy (temperature 0), the task's token budget -- so the
+server's own path decides the answer: its store and generator, its system prompt (`serve`'s
+default: the description), vLLM's sampling and, with ``choice``, vLLM's structured outputs
+restricted to the task's labels (``structured_outputs: {"choice": [...]}``; closed-label tasks
+only). With ``name_labels`` each description of a closed-label task names its labels
+(`generator.data.sni.add_label_names`). Writes a generation file like `generate`'s
+(``<out>/<row>.jsonl``; variants ``d<j>``), scored by ``score`` or ``labels``.
+
+    loragen-vllm serve --port 8000 &
+    python -m benchmarks.quality served --tasks data/sni/tasks --task-set validation --closed-only \\
+        --name-labels --choice --row served_choice --out runs/served
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from generator.data.sni import Task, split_instances
+
+from .generate import (MAX_INPUT_TOKENS, Prompt, eval_descriptions, max_new_tokens, run_meta, train_labels,
+                       truncate_text, with_named_labels, write_row)
+
+DEFAULT_CONCURRENCY = 8
+REQUEST_TIMEOUT_S = 300.0  # one request, a new description's generation included
+
+
+async def _answer(client, sem: asyncio.Semaphore, model: str, text: str, max_tokens: int,
+                  choice: list[str] | None) -> str:
+    """The server's greedy answer to one input (raises on an HTTP error: a row must not hide one)."""
+    async with sem:
+        extra = {"structured_outputs": {"choice": choice}} if choice else None
+        r = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": text}], temperature=0.0, max_tokens=max_tokens,
+            extra_body=extra)
+        return (r.choices[0].message.content or "").strip()
+
+
+async def _run(base_url: str, requests: Sequence[tuple[Prompt, str, str]], budgets: dict[str, int],
+               labels: dict[str, list[str]], choice: bool, concurrency: int, progress: bool) -> list[str]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=2)
+    sem = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=len(requests), desc="served", disable=not progress)
+
+    async def one(p: Prompt, description: str, text: str) -> str:
+        out = await _answer(client, sem, description, text, budgets[p.task], labels.get(p.task) if choice else None)
+        bar.update()
+        return out
+
+    try:
+        return list(await asyncio.gather(*(one(*r) for r in requests)))
+    finally:
+        bar.close()
+        await client.close()
+
+
+def served_row(base_url: str, tasks: Sequence[Task], out: str | Path, row: str, *, name_labels: bool = False,
+               choice: bool = False, num_descriptions: int = 2, concurrency: int = DEFAULT_CONCURRENCY,
+               limit_instances: int | None = None, progress: bool = True) -> Path:
+    """Answer every test input of `tasks` through the server at `base_url`, once per description;
+    write ``<out>/<row>.jsonl`` and return its path."""
+    from transformers import AutoTokenizer
+
+    from generator.base_model import ensure_base_model
+
+    tok = AutoTokenizer.from_pretrained(ensure_base_model())
+    labels = train_labels(tasks)
+    descriptions_of = lambda t: eval_descriptions(t, num_descriptions)  # noqa: E731
+    if name_labels:
+        descriptions_of = with_named_labels(descriptions_of, labels)
+    budgets = {t.name: max_new_tokens(tok, t) for t in tasks}
+    requests = []  # (what the row records, the description as `model`, the input as the user message)
+    for t in tasks:
+        _, test = split_instances(t)
+        for j, d in enumerate(descriptions_of(t)):
+            for i, x in enumerate(test[:limit_instances]):
+                requests.append((Prompt(t.name, i, f"d{j}", []), d, truncate_text(tok, x.input, MAX_INPUT_TOKENS)))
+    t0 = time.perf_counter()
+    preds = asyncio.run(_run(base_url, requests, budgets, labels, choice, concurrency, progress))
+    prompts = [r[0] for r in requests]
+    seconds = time.perf_counter() - t0
+    extra = {"served": {"base_url": base_url, "concurrency": concurrency, "choice": choice},
+             "descriptions": "eval", "system_prompt": "the server's"}
+    if name_labels:
+        extra["name_labels"] = {"tasks": sorted(labels), "labels_from": "the task's training instances"}
+    path = Path(out) / f"{row}.jsonl"
+    write_row(path, run_meta(row, seconds=round(seconds, 1), prompts=len(prompts), **extra), prompts, preds)
+    return path
