@@ -2,7 +2,7 @@
 
     loragen-vllm serve [--base-model DIR] [--generator CKPT] [--store DIR] [--host H] [--port P]
                        [--seed N] [--ray-address ADDR] [--device D] [--max-resolved N]
-                       [--no-description-system-prompt] [--[no-]label-choice] [--admin-key KEY]
+                       [--[no-]description-system-prompt] [--[no-]label-choice] [--admin-key KEY]
                        [--list-descriptions]
                        [-- extra vLLM arguments]
     loragen-vllm generate TEXT [--generator CKPT] [--store DIR] [--seed N] [--json]
@@ -282,9 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-resolved", type=int, default=None, metavar="N",
                    help="descriptions vLLM remembers at once, each pinning one stored adapter "
                    "(default: $LORAGEN_MAX_RESOLVED or 256)")
-    s.add_argument("--no-description-system-prompt", dest="description_system_prompt",
-                   action="store_false",
-                   help="do not put the description as the system prompt of chats that have none")
+    s.add_argument("--description-system-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="put the description as the system prompt of chats that have none "
+                   "(default: $LORAGEN_DESCRIPTION_SYSTEM_PROMPT or on)")
     s.add_argument("--label-choice", action=argparse.BooleanOptionalAction, default=None,
                    help="answer a chat whose description ends with 'Answer with one of: \"A\", \"B\".' "
                    "with one of those labels, unless it brings its own constraint (vLLM structured "

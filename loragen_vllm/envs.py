@@ -124,8 +124,8 @@ def _flag(raw: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 # The table
 
-# Label choice on by default: it won on validation through the server
-# (benchmarks/results/quality_label_choice_served.md).
+# Label choice on by default: it won on validation through the server, the client passing the same
+# choice (benchmarks/results/quality_label_choice_served.md).
 LABEL_CHOICE_DEFAULT = "1"
 
 
@@ -210,7 +210,7 @@ SETTINGS: dict[str, Setting] = {
                 "other modules is refused (400) instead of served without them. Empty: all"),
         Setting("LORAGEN_DESCRIPTION_SYSTEM_PROMPT", "1", _flag,
                 "`1`: a chat for a description without a system message gets the description as "
-                "its system prompt (`serve --no-description-system-prompt` sets 0)"),
+                "its system prompt (`serve --[no-]description-system-prompt`)"),
         Setting("LORAGEN_LABEL_CHOICE", LABEL_CHOICE_DEFAULT, _flag,
                 "`1`: a chat for a description that ends with `Answer with one of: \"A\", \"B\".` is "
                 "answered with one of those labels (vLLM structured outputs), unless it brings its own "

@@ -4,7 +4,7 @@ This ASGI middleware, which `serve` hands to vLLM's OpenAI server (`--middleware
 body of `POST /v1/chat/completions` whose `model` is a description (not the served base model):
 
 * **The description as the system prompt** (`LORAGEN_DESCRIPTION_SYSTEM_PROMPT`, default on;
-  `serve --no-description-system-prompt` turns it off). On the validation tasks, LoRAGen's
+  `serve --[no-]description-system-prompt`). On the validation tasks, LoRAGen's
   adapters answered better when the chat also carried the description as its system prompt
   (`benchmarks/results/quality_choice.json`): when the messages have no system message, one with
   the description (normalised as the resolver normalises it) is put first.
@@ -13,7 +13,7 @@ body of `POST /v1/chat/completions` whose `model` is a description (not the serv
   ``Answer with one of: "NEG", "POS".`` (`generator.data.sni.label_names`: at least two labels,
   each in double quotes) gets vLLM's structured outputs restricted to those labels
   (``structured_outputs: {"choice": [...]}``), unless the request brings its own constraint
-  (`CONSTRAINT_FIELDS`). Measured on validation through the server:
+  (`CONSTRAINT_FIELDS`). Measured through the server with the client passing the same choice:
   `benchmarks/results/quality_label_choice_served.md`.
 
 Anything else passes through unchanged: other routes, bodies that are not a JSON object, invalid
@@ -45,6 +45,15 @@ CONSTRAINT_FIELDS = ("structured_outputs", "response_format", "tools", "tool_cho
                      "guided_choice", "guided_grammar", "guided_decoding_backend")
 
 
+def _constrained(request: dict[str, Any]) -> bool:
+    """Whether the request constrains its answer itself (a null field or plain-text
+    ``response_format`` does not)."""
+    fmt = request.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "text":
+        request = {k: v for k, v in request.items() if k != "response_format"}
+    return any(request.get(k) is not None for k in CONSTRAINT_FIELDS)
+
+
 def shape_chat(body: bytes, base_models: set[str], system_prompt: bool = True, label_choice: bool = False) -> bytes:
     """The chat request body with the description as the first (system) message (`system_prompt`)
     and answers restricted to the labels the description names (`label_choice`), each where it
@@ -66,7 +75,7 @@ def shape_chat(body: bytes, base_models: set[str], system_prompt: bool = True, l
     if system_prompt and not any(isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages):
         request["messages"] = [{"role": "system", "content": description}, *messages]
         changed = True
-    if label_choice and not any(k in request for k in CONSTRAINT_FIELDS) and (labels := label_names(description)):
+    if label_choice and not _constrained(request) and (labels := label_names(description)):
         request["structured_outputs"] = {"choice": labels}
         changed = True
     return json.dumps(request).encode() if changed else body

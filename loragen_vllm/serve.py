@@ -315,6 +315,19 @@ def default_cpu_dtype(vllm_args: list[str], gpu: bool, native_bf16: bool) -> lis
 # The command
 
 
+def _flag_value(flag: bool | None) -> int | None:
+    """A --[no-]flag as a LORAGEN_* value: None (not given) leaves the environment's, else 1 or 0."""
+    return None if flag is None else int(flag)
+
+
+def edge_middlewares() -> tuple[str, ...]:
+    """The ASGI middlewares `serve` hands to vLLM, innermost first: `DescriptionChat` unless both
+    its rewrites are off (``LORAGEN_DESCRIPTION_SYSTEM_PROMPT``, ``LORAGEN_LABEL_CHOICE``), then
+    `EdgeGuard`, outermost, so that nothing it refuses reaches the other."""
+    chat = envs.LORAGEN_DESCRIPTION_SYSTEM_PROMPT or envs.LORAGEN_LABEL_CHOICE
+    return ((CHAT_MIDDLEWARE,) if chat else ()) + (EDGE_MIDDLEWARE,)
+
+
 def run(args: argparse.Namespace) -> int:
     """Start the server (blocks until it stops); returns 0. Raises `UsageError` for bad flags.
 
@@ -344,8 +357,8 @@ def run(args: argparse.Namespace) -> int:
         LORAGEN_ADMIN_KEY=getattr(args, "admin_key", None),
         LORAGEN_LORA_MODULES=",".join(lora_modules or ()),  # empty (every layer): nothing inherited stays
         LORAGEN_LIST_DESCRIPTIONS=(1 if getattr(args, "list_descriptions", None) else None),
-        LORAGEN_DESCRIPTION_SYSTEM_PROMPT=(None if getattr(args, "description_system_prompt", True) else 0),
-        LORAGEN_LABEL_CHOICE=(None if getattr(args, "label_choice", None) is None else int(args.label_choice)),
+        LORAGEN_DESCRIPTION_SYSTEM_PROMPT=_flag_value(getattr(args, "description_system_prompt", None)),
+        LORAGEN_LABEL_CHOICE=_flag_value(getattr(args, "label_choice", None)),
     )
     _prepare_vllm_environment(os.environ, extra)
 
@@ -355,8 +368,7 @@ def run(args: argparse.Namespace) -> int:
     max_resolved, note = fit_max_resolved(requested, envs.LORAGEN_STORE_MAX_ADAPTERS)
     if note:
         print(f"loragen-vllm: {note}", flush=True)
-    middleware = (CHAT_MIDDLEWARE,) if envs.LORAGEN_DESCRIPTION_SYSTEM_PROMPT or envs.LORAGEN_LABEL_CHOICE else ()
-    middleware += (EDGE_MIDDLEWARE,)  # outermost: nothing it refuses reaches the other
+    middleware = edge_middlewares()
     import torch
 
     gpu = torch.cuda.is_available()

@@ -62,6 +62,8 @@ def echo_app() -> FastAPI:
 
 def test_middleware_rewrites_chat_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORAGEN_SERVED_MODEL_NAMES", "SmolLM2-135M-Instruct")
+    monkeypatch.delenv("LORAGEN_DESCRIPTION_SYSTEM_PROMPT", raising=False)  # the defaults, whatever is inherited
+    monkeypatch.delenv("LORAGEN_LABEL_CHOICE", raising=False)
     client = TestClient(echo_app())
     got = client.post("/v1/chat/completions", json={"model": "Summarise it.", "messages": [USER]}).json()
     assert got["messages"][0] == {"role": "system", "content": "Summarise it."}
@@ -88,6 +90,9 @@ def test_a_description_naming_labels_restricts_the_answer_to_them() -> None:
                 {"tools": []}, {"guided_choice": ["a", "b"]}):  # the client's own constraint stays alone
         out = shaped({"model": NAMED, "messages": [USER], **own}, system_prompt=False, label_choice=True)
         assert out == {"model": NAMED, "messages": [USER], **own}
+    for none in ({"structured_outputs": None}, {"response_format": {"type": "text"}}, {"tools": None}):  # no constraint
+        out = shaped({"model": NAMED, "messages": [USER], **none}, system_prompt=False, label_choice=True)
+        assert out["structured_outputs"] == {"choice": ["NEG", "POS"]}
     for model in ('Answer with one of: "yes".', "Answer with one of: yes, no.", 'Say "yes" or "no".',
                   'Answer with one of: "yes", "no". Then explain.'):  # no closing label sentence
         body = json.dumps({"model": model, "messages": [USER]}).encode()

@@ -84,8 +84,8 @@ def test_choose_labels_picks_the_most_likely_whole_answer() -> None:
 def test_label_names_in_a_description() -> None:
     """A closed label set comes from the training instances (most frequent spelling first); the
     sentence naming it lists the labels sorted, so it does not tell which is most frequent."""
-    from benchmarks.quality.generate import train_labels, with_named_labels
-    from generator.data.sni import MAX_LABELS, add_label_names, label_strings
+    from benchmarks.quality.generate import with_named_labels
+    from generator.data.sni import MAX_LABELS, add_label_names, label_strings, train_labels
 
     t = task("sentiment", ["POS", "pos", "POS", "NEG"] * 30)
     train, _ = split_instances(t)
@@ -101,3 +101,29 @@ def test_label_names_in_a_description() -> None:
     named = with_named_labels(lambda t: ["Classify it.", "Rate it"], train_labels([t, open_task]))
     assert named(t) == ['Classify it. Answer with one of: "NEG", "POS".', 'Rate it. Answer with one of: "NEG", "POS".']
     assert named(open_task) == ["Classify it.", "Rate it"]  # no closed label set: unchanged
+
+
+@pytest.mark.parametrize("labels", [["NEG", "POS"], ["not religious hate", "religious hate"], ["0", "1", "2"],
+                                    ["Ja", "Nein", "Vielleicht"], ["a.b", "c, d"]])
+def test_label_names_reads_back_what_add_label_names_writes(labels: list[str]) -> None:
+    """`label_names` (what the server parses) inverts `add_label_names`, also after the server's
+    normalisation of the description; labels it could not read back are refused when written."""
+    from generator.data.sni import add_label_names, label_names
+    from loragen_vllm.descriptions import normalize_description
+
+    text = add_label_names("Decide.\n  Be brief", labels)
+    assert label_names(text) == sorted(labels, key=lambda s: (s.casefold(), s))
+    assert label_names(normalize_description(text)) == label_names(text)
+
+
+def test_label_names_needs_the_closing_sentence_and_clean_labels() -> None:
+    from generator.data.sni import add_label_names, label_names
+
+    for text in ('Answer with one of: "yes".', "Answer with one of: yes, no.", 'Say "yes" or "no".',
+                 'Answer with one of: "yes", "no". Then explain.', 'Answer with one of: "yes", "".'):
+        assert label_names(text) is None, text
+    assert label_names('Answer with one of: "yes", "no".') == ["yes", "no"]  # as written, not sorted
+    for bad in (['say "hi"', "no"], ["", "no"], ["two  spaces", "no"], [" padded", "no"], ["line\nbreak", "no"],
+                ["e\u0301", "no"]):  # not NFC
+        with pytest.raises(ValueError, match="labels must be"):
+            add_label_names("Decide.", bad)

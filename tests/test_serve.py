@@ -461,6 +461,33 @@ def test_the_description_is_the_system_prompt_of_a_chat_without_one(vllm_server:
     assert other[0] < explicit[0] - 20
 
 
+def test_the_chat_middleware_follows_its_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`DescriptionChat` goes in front of vLLM unless both its rewrites are off; the flags win over
+    an inherited environment, and not giving one keeps the environment's."""
+    from loragen_vllm import envs
+    from loragen_vllm.cli import build_parser
+    from loragen_vllm.serve import _flag_value, edge_middlewares
+
+    def wiring(argv: list[str], **env: str) -> tuple[tuple[str, ...], bool, bool]:
+        for name in ("LORAGEN_DESCRIPTION_SYSTEM_PROMPT", "LORAGEN_LABEL_CHOICE"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        a = build_parser().parse_args(["serve", *argv])
+        environ = dict(os.environ)
+        envs.export(environ, LORAGEN_DESCRIPTION_SYSTEM_PROMPT=_flag_value(a.description_system_prompt),
+                    LORAGEN_LABEL_CHOICE=_flag_value(a.label_choice))
+        monkeypatch.setattr(os, "environ", environ)
+        return edge_middlewares(), envs.LORAGEN_DESCRIPTION_SYSTEM_PROMPT, envs.LORAGEN_LABEL_CHOICE
+
+    assert wiring([]) == ((CHAT_MIDDLEWARE, EDGE_MIDDLEWARE), True, True)
+    assert wiring(["--no-description-system-prompt"]) == ((CHAT_MIDDLEWARE, EDGE_MIDDLEWARE), False, True)
+    assert wiring(["--no-description-system-prompt", "--no-label-choice"]) == ((EDGE_MIDDLEWARE,), False, False)
+    assert wiring([], LORAGEN_LABEL_CHOICE="0", LORAGEN_DESCRIPTION_SYSTEM_PROMPT="0") == ((EDGE_MIDDLEWARE,), False, False)
+    assert wiring(["--label-choice", "--description-system-prompt"], LORAGEN_LABEL_CHOICE="0",
+                  LORAGEN_DESCRIPTION_SYSTEM_PROMPT="0") == ((CHAT_MIDDLEWARE, EDGE_MIDDLEWARE), True, True)
+
+
 def test_a_description_naming_labels_is_answered_with_one_of_them(vllm_server: ServerProcess) -> None:
     """Label choice (on by default): the answer is one of the labels the description names, for
     every input, streamed or not; a client's own structured outputs win over it."""
@@ -484,7 +511,7 @@ def test_a_description_naming_labels_is_answered_with_one_of_them(vllm_server: S
 def test_a_quality_row_answered_by_the_server(vllm_server: ServerProcess, tmp_path: Path) -> None:
     """`benchmarks.quality served`: a closed-label task's test inputs sent as chats, its description
     naming the labels, answers restricted to them; the row file scores like `generate`'s."""
-    from benchmarks.quality.generate import train_labels
+    from generator.data.sni import train_labels
     from benchmarks.quality.labels import label_use
     from benchmarks.quality.served import served_row
     from generator.data.sni import load_splits, load_tasks
@@ -492,10 +519,12 @@ def test_a_quality_row_answered_by_the_server(vllm_server: ServerProcess, tmp_pa
     tasks_dir = Path(__file__).resolve().parents[1] / "data" / "sni" / "tasks"
     (task,) = load_tasks(tasks_dir, ["task1313_amazonreview_polarity_classification"])  # validation, True/False
     path = served_row(f"{vllm_server.url}/v1", [task], tmp_path, "served", name_labels=True, choice=True,
-                      num_descriptions=1, limit_instances=3, progress=False)
+                      num_descriptions=1, limit_instances=3, server="the test server", progress=False)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     meta, answers = lines[0]["meta"], lines[1:]
-    assert meta["row"] == "served" and meta["served"]["choice"] and meta["name_labels"]["tasks"] == [task.name]
+    assert meta["row"] == "served" and meta["served"]["client_choice"] and meta["name_labels"]["tasks"] == [task.name]
+    assert meta["served"]["server"] == "the test server" and meta["served"]["truncated"] == 0
+    assert meta["fingerprint"] == CheckpointInfo.read(vllm_server.generator).fingerprint
     assert [(a["task"], a["i"], a["v"]) for a in answers] == [(task.name, i, "d0") for i in range(3)]
     labels = train_labels([task])[task.name]
     assert sorted(labels) == ["False", "True"] and all(a["pred"] in labels for a in answers)

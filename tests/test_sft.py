@@ -20,7 +20,7 @@ from generator.data.sni import add_label_names, load_splits, load_tasks
 from generator.data.synthetic import synthetic_adapters
 from generator.training.multilora import MultiLoRA
 from generator.training.prompts import microbatches, output_token_ce
-from generator.training.sft import SFTConfig, load_sft_tasks, main, sft_backward, train_sft
+from generator.training.sft import SFTConfig, draw_descriptions, load_sft_tasks, main, sft_backward, train_sft
 from generator.training.train import STATE_FILE
 
 from .fixtures_generator import base_model_dir, synthetic_library, tiny_generator_ckpt  # noqa: F401  (fixtures)
@@ -107,6 +107,23 @@ def test_named_labels_add_a_labelled_version_of_each_closed_label_description(ba
     sft = SFTConfig(tasks_per_step=2, examples_per_task=2, system_prompt=True, sampler_steps=2, name_labels=1.0)
     gen = train_sft(tmp_path / "ck", "loragen", TASKS_DIR, names, init=tiny_generator_ckpt, sft=sft, **TINY)
     assert gen.extra["sft"]["name_labels"] == 1.0 and torch.isfinite(torch.tensor(gen.extra["final"]["sft_loss"]))
+
+
+def test_description_draws_with_and_without_named_labels() -> None:
+    """P = 0 draws exactly as before named labels (the same indices and the same generator state
+    after); P = 1 takes every labelled version there is; other P, about that share."""
+    descs_of = [torch.tensor([0, 1, 2]), torch.tensor([3, 4])]
+    labelled = [5, 6, 7, -1, -1]  # task 0's descriptions have labelled versions, task 1's none
+    chosen = [0, 1, 0, 1, 0]
+    g, before = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    old = [int(descs_of[t][torch.randint(len(descs_of[t]), (1,), generator=before)]) for t in chosen]
+    assert draw_descriptions(chosen, descs_of, labelled, 0.0, g) == old
+    assert torch.equal(g.get_state(), before.get_state())
+    all_named = draw_descriptions(chosen, descs_of, labelled, 1.0, torch.Generator().manual_seed(3))
+    assert all_named == [labelled[d] if labelled[d] >= 0 else d for d in old]
+    g = torch.Generator().manual_seed(0)
+    draws = [d for _ in range(400) for d in draw_descriptions([0], descs_of, labelled, 0.5, g)]
+    assert 0.4 < sum(d >= 5 for d in draws) / len(draws) < 0.6
 
 
 def test_loragen_sft_trains_the_denoiser_through_the_sampler(base_model_dir, tiny_generator_ckpt, tmp_path):  # noqa: F811

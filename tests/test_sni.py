@@ -223,6 +223,11 @@ def test_named_labels_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path)
     assert rec["eligible"] == ["incumbent", "keeps"] and rec["chosen"] == "keeps"
     assert rec["validation_em_named_labels"] == {"incumbent": 50.0, "loses": 100.0, "keeps": 100.0}
     assert choose_named(plain, named, {"incumbent": ck, "loses": ck, "ties": ck}, by, splits, out)["chosen"] == "incumbent"
+    # the edges (2 tasks: EM steps of 50): "loses" is 50 under the incumbent as given, 50 over it naming labels
+    pair = {"incumbent": ck, "loses": ck}
+    assert choose_named(plain, named, pair, by, splits, out, plain_margin=50.0, named_gain=50.0)["chosen"] == "loses"
+    assert choose_named(plain, named, pair, by, splits, out, plain_margin=49.9, named_gain=50.0)["chosen"] == "incumbent"
+    assert choose_named(plain, named, pair, by, splits, out, plain_margin=50.0, named_gain=50.1)["chosen"] == "incumbent"
     quality_main(["choose-named", "--tasks", str(TASKS), "--plain", str(plain), "--named", str(named),
                   "--candidate", f"incumbent={ck}", "--candidate", f"keeps={ck}", "--out", str(out)])
     assert json.loads(out.read_text())["chosen"] == "keeps"

@@ -92,8 +92,9 @@ def main(argv=None) -> None:
     g.add_argument("--adapter-scale", type=float, default=1.0, metavar="S",
                    help="generated rows: multiply every adapter's dW by S (an experiment; default 1)")
     g.add_argument("--label-choice", action="store_true",
-                   help="on tasks with a closed label set, answer with the most likely label instead of "
-                        "generating (the label set from the task's data: not a served setting)")
+                   help="on tasks with a closed label set, answer with the label of highest whole-answer "
+                        "likelihood instead of generating (the label set from the task's data; not what "
+                        "`serve --label-choice` does: that is vLLM's token-by-token constrained decoding)")
     g.add_argument("--name-labels", action="store_true",
                    help="system and generated rows: on tasks with a closed label set, each description ends "
                         "with a sentence naming the labels of the task's training instances (as a user who "
@@ -147,6 +148,8 @@ def main(argv=None) -> None:
     sv.add_argument("--out", required=True)
     sv.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     sv.add_argument("--concurrency", type=int, default=8)
+    sv.add_argument("--server", default="", metavar="TEXT",
+                    help="how the server was started, recorded in the row (e.g. 'serve --no-label-choice')")
     e = sub.add_parser("ce-gap", help="CE under the right description's adapter vs a random string's, train vs validation")
     e.add_argument("--tasks", required=True)
     e.add_argument("--generator", required=True, help="generator checkpoint folder")
@@ -200,7 +203,7 @@ def main(argv=None) -> None:
             print(p)
         return
     if a.cmd == "served":
-        from .generate import train_labels
+        from generator.data.sni import train_labels
         from .served import served_row
 
         chosen = _task_set(tasks, splits, a.task_set)
@@ -213,7 +216,7 @@ def main(argv=None) -> None:
             raise SystemExit("error: no tasks to answer")
         print(served_row(a.base_url, chosen, a.out, a.row, name_labels=a.name_labels, choice=a.choice,
                          num_descriptions=a.num_descriptions, concurrency=a.concurrency,
-                         limit_instances=a.limit_instances))
+                         limit_instances=a.limit_instances, server=a.server))
         return
     if a.cmd == "ce-gap":
         from .ce_gap import ce_gap, write

@@ -159,7 +159,7 @@ def choose_named(plain: str | Path, named: str | Path, candidates: dict[str, str
         "rule": (f"of the candidates whose validation EM with the descriptions as given is >= the incumbent's - "
                  f"{plain_margin}, the best EM with descriptions naming their labels, if >= the incumbent's + "
                  f"{named_gain}; else the incumbent (the first candidate)"),
-        **provenance("python -m benchmarks.quality choose-named " + " ".join(
+        **provenance(f"python -m benchmarks.quality choose-named --plain {plain} --named {named} " + " ".join(
             f"--candidate {r}={c}" for r, c in candidates.items())),
     }
     Path(out).write_text(json.dumps(record, indent=1))

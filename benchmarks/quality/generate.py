@@ -33,8 +33,8 @@ from generator.adapter import LoRAAdapter
 from generator.base_model import load_base_model
 from generator.config import TargetSpec
 from generator.data.library import load_adapters
-from generator.data.sni import (Instance, Task, add_label_names, label_strings, random_description, shot_examples,
-                                split_descriptions, split_instances)
+from generator.data.sni import (Instance, Task, add_label_names, random_description, shot_examples,
+                                split_descriptions, split_instances, train_labels)
 from generator.training.multilora import MultiLoRA
 from generator.training.prompts import chat_messages, prompt_ids, truncate_text
 
@@ -208,11 +208,6 @@ def input_prompts(tokenizer, tasks: Sequence[Task], slot_of: Callable[[str, str]
 def eval_descriptions(task: Task, k: int = NUM_DESCRIPTIONS) -> list[str]:
     """The first k of the task's evaluation descriptions (never trained on)."""
     return split_descriptions(task)[1][:k]
-
-
-def train_labels(tasks: Sequence[Task]) -> dict[str, list[str]]:
-    """The closed label sets of ``tasks`` (those of their training instances), by task name."""
-    return {t.name: labs for t in tasks if (labs := label_strings(split_instances(t)[0])) is not None}
 
 
 def with_named_labels(descriptions_of: Callable[[Task], Sequence[str]],
@@ -518,7 +513,7 @@ def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, gene
         for k, pred in zip(chosen, choose_labels(model, tok, [prompts[k] for k in chosen], labels_of, multi,
                                                  progress=progress)):
             preds[k] = pred
-    if name_labels:
+    if name_labels and (row == "system" or row not in BASELINE_ROWS):  # the rows whose prompts have a description
         extra["name_labels"] = {"tasks": sorted(named), "labels_from": "the task's training instances"}
     seconds = time.perf_counter() - t0
     write_row(path, run_meta(row, seconds=round(seconds, 1), prompts=len(prompts), **extra), prompts, preds)

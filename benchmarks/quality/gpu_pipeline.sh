@@ -134,7 +134,7 @@ choose_best() { local tag=$1 key=$2 qv=$3; shift 3
 # soup_names (soup_<name>) and soup_sources; `make_soup i` then makes soup i into $CK/soup_<name>
 # again (seconds): a name reused with other sources gets a new fingerprint, and `choose-checkpoint`
 # refuses a validation row left from the old one.
-soup_specs() { local spec name srcs c; IFS=';' read -ra specs <<< "$1"
+soup_specs() { local spec name srcs c specs; IFS=';' read -ra specs <<< "$1"
   soup_names=() soup_sources=()
   for spec in "${specs[@]}"; do
     name=${spec%%:*} srcs=""
@@ -491,16 +491,17 @@ named_labels_eval)
   qv="$WORK/q_validation_named" ql="$WORK/q_validation_named_labels" qt="$WORK/q_test_named"
   # Rows of an earlier call (NAMED_ROWS: a folder with q_validation_named*/ and q_test_named/) are
   # not generated again: a test row is scored once; `choose-named` refuses a stale candidate row.
-  [ -n "${NAMED_ROWS:-}" ] && mkdir -p "$WORK" && cp -rn "$NAMED_ROWS"/q_* "$WORK"/
+  if [ -n "${NAMED_ROWS:-}" ]; then mkdir -p "$WORK" && { cp -rn "$NAMED_ROWS"/q_* "$WORK"/ || true; }; fi
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
   closed=$($PY -c "
-from benchmarks.quality.generate import train_labels
+from generator.data.sni import train_labels
 from generator.data.sni import load_splits, load_tasks
 print(' '.join(sorted(train_labels(load_tasks('data/sni/tasks', load_splits('data/sni/tasks').validation)))))")
   [ "${DRY:-0}" = 1 ] && closed=$(printf '%s\n' "${DRY_TASKS[@]:8:2}" | tr '\n' ' ')
+  [ -n "$closed" ] || { echo "no closed-label validation task" >&2; exit 2; }
   cands=("incumbent=$INIT")
   for d in "$CK"/loragen_sft_{plain,named}/ "$CK"/loragen_sft_{plain,named}/snapshots/sft-*/; do
-    [ -f "$d/config.json" ] || continue
+    [ -f "$d/config.json" ] && [ ! -f "$d/train_state.pt" ] || continue  # a run its deadline stopped is no candidate
     name=$(basename "$d"); [[ $name == sft-* ]] && name="$(basename "$(dirname "$(dirname "$d")")")_at${name#sft-}"
     cands+=("${name#loragen_sft_}=${d%/}")
   done

@@ -30,6 +30,7 @@ import json
 import random
 import re
 import string
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -53,6 +54,7 @@ __all__ = [
     "label_strings",
     "add_label_names",
     "label_names",
+    "train_labels",
     "MAX_LABELS",
     "TEST_SIZE",
     "NUM_EVAL_DESCRIPTIONS",
@@ -219,7 +221,14 @@ def label_strings(instances: Sequence[Instance]) -> list[str] | None:
 
 
 LABELS_SENTENCE = "Answer with one of: "  # then the labels, each in double quotes, ", "-separated, and "."
-_NAMED_LABELS = re.compile(r'(?:^|\s)Answer with one of: ("[^"\n]+"(?:, "[^"\n]+")+)\.\s*$')
+_LABEL = r'"[^"\n]+"'
+_NAMED_LABELS = re.compile(rf"(?:^|\s){re.escape(LABELS_SENTENCE)}({_LABEL}(?:, {_LABEL})+)\.\s*$")
+
+
+def train_labels(tasks: Sequence[Task]) -> dict[str, list[str]]:
+    """The closed label sets of ``tasks`` by task name, from their *training* instances (what a
+    user who knows the task would name; `label_strings`), for the tasks that have one."""
+    return {t.name: labs for t in tasks if (labs := label_strings(split_instances(t)[0])) is not None}
 
 
 def add_label_names(description: str, labels: Sequence[str]) -> str:
@@ -228,8 +237,10 @@ def add_label_names(description: str, labels: Sequence[str]) -> str:
     ``... Answer with one of: "NEG", "POS".`` (`label_names` reads it back)."""
     if len(labels) < 2:
         raise ValueError(f"a label set names at least 2 labels, got {list(labels)}")
-    if any(not label or '"' in label or "\n" in label for label in labels):
-        raise ValueError(f"labels must be non-empty, without double quotes or newlines: {list(labels)}")
+    if any(not label or '"' in label or label != " ".join(unicodedata.normalize("NFC", label).split())
+           for label in labels):
+        raise ValueError(f"labels must be non-empty, without double quotes, in NFC with single spaces and none at "
+                         f"the ends (as a description is normalised): {list(labels)}")
     named = ", ".join(f'"{label}"' for label in sorted(labels, key=lambda s: (s.casefold(), s)))
     text = description.rstrip()
     sep = "" if not text else " " if text.endswith((".", "!", "?")) else ". "

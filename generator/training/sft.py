@@ -109,7 +109,7 @@ from .probe import probe_set, run_probe
 from .prompts import encode_example, microbatches, output_token_ce
 from .train import TrainingRun, run_identity
 
-__all__ = ["SFTConfig", "SFTTasks", "load_sft_tasks", "sft_backward", "train_sft"]
+__all__ = ["SFTConfig", "SFTTasks", "draw_descriptions", "load_sft_tasks", "sft_backward", "train_sft"]
 
 DEFAULT_TASKS = Path(__file__).resolve().parents[2] / "data" / "sni" / "tasks"
 PROBE_EXAMPLES = 8  # test examples per probe task
@@ -294,6 +294,20 @@ def sft_backward(
     return surrogate, logs
 
 
+def draw_descriptions(chosen: Sequence[int], descs_of: Sequence[torch.Tensor], labelled: Sequence[int],
+                      name_labels: float, g: torch.Generator) -> list[int]:
+    """One description index per chosen task: a uniform draw among the task's plain descriptions
+    (`descs_of[task]`), replaced with probability `name_labels` by its labelled version
+    (`labelled[d]`, -1: none). With `name_labels` 0 no further random number is drawn, so the
+    stream is the one of runs before named labels existed; otherwise one draw per task, whether or
+    not it has labels."""
+    idx = [int(descs_of[t][torch.randint(len(descs_of[t]), (1,), generator=g)]) for t in chosen]
+    if name_labels > 0:
+        named = (torch.rand(len(chosen), generator=g) < name_labels).tolist()
+        idx = [labelled[d] if use and labelled[d] >= 0 else d for d, use in zip(idx, named)]
+    return idx
+
+
 def noisy_cond(cond: torch.Tensor, scale: float, g: torch.Generator) -> torch.Tensor:
     """Unit embeddings (N, d) moved by Gaussian noise of norm about `scale`, renormalised (scale 0: unchanged)."""
     if scale == 0:
@@ -402,10 +416,7 @@ def train_sft(
 
     def step_fn(g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         chosen = torch.randperm(len(data.tasks), generator=g)[:k].tolist()
-        desc_idx = [int(descs_of[t][torch.randint(len(descs_of[t]), (1,), generator=g)]) for t in chosen]
-        if sft.name_labels > 0:  # a draw per task, so the stream does not depend on which tasks have labels
-            named = (torch.rand(len(chosen), generator=g) < sft.name_labels).tolist()
-            desc_idx = [data.labelled[d] if use and data.labelled[d] >= 0 else d for d, use in zip(desc_idx, named)]
+        desc_idx = draw_descriptions(chosen, descs_of, data.labelled, sft.name_labels, g)
         cond = noisy_cond(cond_all[desc_idx], sft.cond_noise, g)
         A, B = model.sft_factors(cond, g, sampler["steps"], sampler["guidance"])
         rows: list[Row] = []
