@@ -41,8 +41,8 @@ MAX_BODY_BYTES = 8 << 20  # larger bodies are passed on untouched
 
 
 # Request fields by which a client constrains the answer itself: label choice leaves those alone.
-CONSTRAINT_FIELDS = ("structured_outputs", "response_format", "tools", "tool_choice", "guided_json", "guided_regex",
-                     "guided_choice", "guided_grammar", "guided_decoding_backend")
+CONSTRAINT_FIELDS = ("structured_outputs", "response_format", "tools", "guided_json", "guided_regex", "guided_choice",
+                     "guided_grammar")
 
 
 def _constrained(request: dict[str, Any]) -> bool:

@@ -15,9 +15,9 @@ default, constrains the answers of descriptions that name labels whatever the cl
 how many answers hit the token budget. Each request has a deadline and the row one in all; a
 request that still fails after retries stops the row (nothing is written) and cancels the rest.
 
-    loragen-vllm serve --port 8000 &
+    loragen-vllm serve --port 8000 --no-label-choice &
     python -m benchmarks.quality served --tasks data/sni/tasks --task-set validation --closed-only \\
-        --name-labels --choice --row served_choice --out runs/served
+        --name-labels --choice --row served_choice --out runs/served --server "serve --no-label-choice"
 """
 
 from __future__ import annotations

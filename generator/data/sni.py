@@ -220,15 +220,15 @@ def label_strings(instances: Sequence[Instance]) -> list[str] | None:
     return [c.most_common(1)[0][0] for c in ranked]
 
 
-LABELS_SENTENCE = "Answer with one of: "  # then the labels, each in double quotes, ", "-separated, and "."
-_LABEL = r'"[^"\n]+"'
-_NAMED_LABELS = re.compile(rf"(?:^|\s){re.escape(LABELS_SENTENCE)}({_LABEL}(?:, {_LABEL})+)\.\s*$")
-
-
 def train_labels(tasks: Sequence[Task]) -> dict[str, list[str]]:
     """The closed label sets of ``tasks`` by task name, from their *training* instances (what a
     user who knows the task would name; `label_strings`), for the tasks that have one."""
     return {t.name: labs for t in tasks if (labs := label_strings(split_instances(t)[0])) is not None}
+
+
+LABELS_SENTENCE = "Answer with one of: "  # then the labels, each in double quotes, ", "-separated, and "."
+_LABEL = r'"[^"\n]+"'
+_NAMED_LABELS = re.compile(rf"(?:^|\s){re.escape(LABELS_SENTENCE)}({_LABEL}(?:, {_LABEL})+)\.\s*$")
 
 
 def add_label_names(description: str, labels: Sequence[str]) -> str:
