@@ -122,18 +122,15 @@ def main(argv=None) -> None:
     c.add_argument("--system-prompt-fixed", action="store_true",
                    help="every sampler row was generated with --system-prompt: choose the sampler only")
     k = sub.add_parser("choose-checkpoint", help="pick the checkpoint with the best validation EM (ties: the first)")
-    k.add_argument("--tasks", required=True)
     k.add_argument("--validation", required=True, help="folder of the candidates' validation rows <ROW>.jsonl")
-    k.add_argument("--candidate", action="append", required=True, metavar="ROW=CHECKPOINT",
-                   help="a validation row and the checkpoint that made it; the incumbent first")
-    k.add_argument("--out", required=True, help="JSON file of the choice and every candidate's score")
     nl = sub.add_parser("choose-named", help="the named-labels experiment's rule (choose.choose_named)")
-    nl.add_argument("--tasks", required=True)
     nl.add_argument("--plain", required=True, help="folder of the candidates' validation rows, descriptions as given")
     nl.add_argument("--named", required=True, help="folder of their validation rows with descriptions naming labels")
-    nl.add_argument("--candidate", action="append", required=True, metavar="ROW=CHECKPOINT",
-                    help="a validation row and the checkpoint that made it; the incumbent first")
-    nl.add_argument("--out", required=True, help="JSON file of the choice and every candidate's scores")
+    for chooser in (k, nl):
+        chooser.add_argument("--tasks", required=True)
+        chooser.add_argument("--candidate", action="append", required=True, metavar="ROW=CHECKPOINT",
+                             help="a validation row and the checkpoint that made it; the incumbent first")
+        chooser.add_argument("--out", required=True, help="JSON file of the choice and every candidate's scores")
     sv = sub.add_parser("served", help="a row answered by a running loragen-vllm serve (served.py)")
     sv.add_argument("--tasks", required=True)
     sv.add_argument("--task-set", default="validation", choices=("validation", "test", "in_distribution", "held_out"))

@@ -160,7 +160,7 @@ def choose_labels(
     scores: dict[tuple[int, int], float] = {}
     pad = tokenizer.pad_token_id
     for batch in tqdm(batches, desc="choosing labels", disable=not progress):
-        S = max(len(seqs[n][2]) + len(seqs[n][3]) for n in batch)
+        S = max(length(n) for n in batch)
         input_ids = torch.full((len(batch), S), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), S), dtype=torch.long)
         for b, n in enumerate(batch):  # right padding: the label's positions are known

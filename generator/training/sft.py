@@ -57,7 +57,7 @@ Named labels (`name_labels` = p > 0): the issue's reading of the answers, counte
 `benchmarks.quality labels`, is that adapters of unseen tasks answer in training tasks' formats;
 few descriptions name their labels, and nothing in training asks the generator to honour labels
 that a description does name. With probability p, the description drawn for a task with a closed
-label set (`generator.data.sni.label_strings` of its train instances) is replaced by the same
+label set (`generator.data.sni.train_labels`: those of its train instances) is replaced by the same
 description with its labels named (`add_label_names`: ``... Answer with one of: "NEG", "POS".``),
 for the generator's conditioning and, with `system_prompt`, the system prompt alike. Tasks
 without a closed label set are drawn as before.
@@ -100,7 +100,8 @@ from ..api import Generator, shared_encoder
 from ..base_model import load_base_model
 from ..config import T2LConfig, TargetSpec, TrainConfig
 from ..data.library import load_library
-from ..data.sni import Task, add_label_names, label_strings, load_splits, load_tasks, split_descriptions, split_instances
+from ..data.sni import (Task, add_label_names, load_splits, load_tasks, split_descriptions, split_instances,
+                        train_labels)
 from ..encoder import DescriptionEncoder
 from ..models import build_model
 from .multilora import MultiLoRA
@@ -197,11 +198,12 @@ def load_sft_tasks(tasks_dir: str | Path, names: Sequence[str] | None, encoder: 
     owner = [i for i, ds in enumerate(per_task) for _ in ds]
     labelled: list[int] = []
     if named_labels:
-        labels = [label_strings(split_instances(t)[0]) for t in tasks]
+        labels = train_labels(tasks)
         for d, i in zip(list(descriptions), list(owner)):
-            labelled.append(-1 if labels[i] is None else len(descriptions))
-            if labels[i] is not None:
-                descriptions.append(add_label_names(d, labels[i]))
+            task_labels = labels.get(tasks[i].name)
+            labelled.append(-1 if task_labels is None else len(descriptions))
+            if task_labels is not None:
+                descriptions.append(add_label_names(d, task_labels))
                 owner.append(i)
     return SFTTasks(tasks, descriptions, encoder.encode(descriptions), torch.tensor(owner), labelled)
 
