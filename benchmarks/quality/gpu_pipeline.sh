@@ -145,6 +145,14 @@ soup_specs() { local spec name srcs c specs; IFS=';' read -ra specs <<< "$1"
     soup_names+=("soup_$name") soup_sources+=("$srcs")
   done; }
 make_soup() { rm -rf "$CK/${soup_names[$1]}" && $PY -m generator.soup --out "$CK/${soup_names[$1]}" ${soup_sources[$1]}; }
+# A checkpoint staged by the caller as $CK/<name>: weights /tmp/stage/files/<name>_model.safetensors
+# (device-stage) and config .devtools/<name>/config.json (carried); made once, checked by loading.
+staged_checkpoint() { local name=$1
+  if [ ! -f "$CK/$name/config.json" ] && [ -f "/tmp/stage/files/${name}_model.safetensors" ]; then
+    mkdir -p "$CK/$name" && cp "/tmp/stage/files/${name}_model.safetensors" "$CK/$name/model.safetensors"
+    cp ".devtools/$name/config.json" "$CK/$name/config.json"
+  fi
+  $PY -c "from generator import Generator; g = Generator.load('$CK/$name'); print('$name', g.fingerprint[:12], g.extra.get('training'))"; }
 
 case "$phase" in
 oracles)
@@ -410,11 +418,7 @@ sft_curve)
   # each learning rate of CURVE_LRS, writing snapshots at CURVE_SNAPSHOTS; then eval_sft scores the
   # incumbent, every run and every snapshot on validation as served, and the best on test, once.
   RECON=${RECON:-$CK/recon}
-  if [ ! -f "$RECON/config.json" ] && [ -f /tmp/stage/files/recon_model.safetensors ]; then
-    mkdir -p "$RECON" && cp /tmp/stage/files/recon_model.safetensors "$RECON/model.safetensors"
-    cp .devtools/recon/config.json "$RECON/config.json"
-  fi
-  $PY -c "from generator import Generator; g = Generator.load('$RECON'); print('recon', g.fingerprint[:12], g.extra.get('training'))"
+  [ "$RECON" != "$CK/recon" ] || staged_checkpoint recon
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"  # once, before the readers
   for lr in ${CURVE_LRS:-3e-4 1e-4}; do
     run "loragen_sft_lr$lr" $PY -m generator.training.sft --kind loragen --init "$RECON" --tasks data/sni/tasks \
@@ -460,21 +464,26 @@ named_labels)
   # where a closed-label task's description names its labels with probability NAMED_P (0.5;
   # `--name-labels`), and the control, the same schedule without; side by side, SFT_STEPS (250) at
   # SFT_LR (5e-5), snapshots at NAMED_SNAPSHOTS (150); NAMED_ARMS ("plain named") says which. Training
-  # only: named_labels_eval follows in the next call on the warm machine ($CK is kept).
+  # only: named_labels_eval follows in the next call on the warm machine ($CK is kept). NAMED_INIT:
+  # where SFT starts instead of $INIT (a folder, or the name of a checkpoint staged for
+  # `staged_checkpoint`, e.g. recon); NAMED_SFT_ARGS: more `sft` options (e.g. the served sampler,
+  # "--sampler-steps 5 --guidance 1.0", for a start whose config has another).
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"  # once, before the readers
-  common=(--kind loragen --init "$INIT" --tasks data/sni/tasks --device $DEV --no-progress --threads 2 --resume
+  start_ck=${NAMED_INIT:-$INIT}
+  if [[ $start_ck != */* ]]; then staged_checkpoint "$start_ck"; start_ck=$CK/$start_ck; fi
+  common=(--kind loragen --init "$start_ck" --tasks data/sni/tasks --device $DEV --no-progress --threads 2 --resume
     --system-prompt --steps "${SFT_STEPS:-250}" --lr "${SFT_LR:-5e-5}" --snapshots ${NAMED_SNAPSHOTS:-150}
-    --probe-every 50 --max-seconds $(( $(left) > 60 ? $(left) - 40 : 20 )))
+    --probe-every 50 --max-seconds $(( $(left) > 60 ? $(left) - 40 : 20 )) ${NAMED_SFT_ARGS:-})
   [ "${DRY:-0}" = 1 ] && common+=("${SFT_L[@]}")
   arms=" ${NAMED_ARMS:-plain named} "
   [[ $arms == *" plain "* ]] && run loragen_sft_plain $PY -m generator.training.sft --out "$CK/loragen_sft_plain" "${common[@]}"
   [[ $arms == *" named "* ]] && run loragen_sft_named $PY -m generator.training.sft --out "$CK/loragen_sft_named" \
     "${common[@]}" --name-labels "${NAMED_P:-0.5}"
   waitall
-  for f in "$WORK"/train_loragen_sft_{plain,named}.log; do echo "== $f"; tail -n 3 "$f"; done
+  for f in "$WORK"/train_loragen_sft_{plain,named}.log; do [ -f "$f" ] && { echo "== $f"; tail -n 3 "$f"; }; done
   mkdir -p "$WORK/configs"
   for d in "$CK"/loragen_sft_{plain,named}/; do [ -f "$d/probe.jsonl" ] && cp "$d/probe.jsonl" "$WORK/configs/$(basename "$d")_probe.jsonl"; done
-  (cd "$WORK" && tar czf "$OUT/named_labels_logs.tgz" train_loragen_sft_{plain,named}.log configs)
+  (cd "$WORK" && tar czf "$OUT/named_labels_logs.tgz" $(ls train_loragen_sft_{plain,named}.log 2>/dev/null) configs)
   echo "named_labels phase done at $((SECONDS - start)) s"
   ;;
 named_labels_eval)
@@ -482,7 +491,8 @@ named_labels_eval)
   # named_labels (final and snapshots): with the descriptions as given (all validation tasks; folder
   # q_validation_named) and naming their labels (the closed-label tasks, `--name-labels`; folder
   # q_validation_named_labels, with the base model given the same system prompts); NAMED_SOUPS
-  # adds weight averages as candidates (soup_specs; e.g. "inc_named:INIT loragen_sft_named"). The rule, fixed
+  # adds weight averages as candidates (soup_specs; e.g. "inc_named:INIT loragen_sft_named"; sources
+  # staged by the caller are named in NAMED_STAGED, e.g. "e8f7", made by `staged_checkpoint`). The rule, fixed
   # before any result (`benchmarks.quality choose-named`): of the candidates whose EM with the
   # descriptions as given is at least the incumbent's - 0.5, the best EM naming labels wins if it
   # beats the incumbent's by at least 1.0; else the incumbent stays. On test, once: the incumbent
@@ -505,6 +515,7 @@ print(' '.join(sorted(train_labels(load_tasks('data/sni/tasks', load_splits('dat
     name=$(basename "$d"); [[ $name == sft-* ]] && name="$(basename "$(dirname "$(dirname "$d")")")_at${name#sft-}"
     cands+=("${name#loragen_sft_}=${d%/}")
   done
+  for name in ${NAMED_STAGED:-}; do staged_checkpoint "$name"; done  # soup sources staged by the caller
   if [ -n "${NAMED_SOUPS:-}" ]; then  # more candidates: weight averages ("name:CK CK;...", soup_specs)
     soup_specs "$NAMED_SOUPS"
     for i in "${!soup_names[@]}"; do make_soup "$i"; cands+=("${soup_names[$i]}=$CK/${soup_names[$i]}"); done
