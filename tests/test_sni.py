@@ -73,7 +73,7 @@ def test_splits_are_checked(tmp_path):
     with pytest.raises(ValueError, match="not a valid splits file"):
         load_splits(path)
     path.write_text(json.dumps({"train": ["a"], "validation": [], "test": ["c"], "user_descriptions": {"a": ["x"]}}))
-    with pytest.raises(ValueError, match="outside the test split"):
+    with pytest.raises(ValueError, match="outside the test and validation splits"):
         load_splits(path)
     path.write_text(json.dumps({"train": ["a"], "validation": [], "test": ["c"], "in_distribution": ["c"]}))
     with pytest.raises(ValueError, match="in-distribution tasks outside the train split"):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from tqdm.auto import tqdm
 
@@ -78,21 +78,36 @@ async def _run(base_url: str, requests: Sequence[tuple[Prompt, str, str]], budge
         await client.close()
 
 
+def served_descriptions(task: Task, num_descriptions: int, user_descriptions: Mapping[str, Sequence[str]] | None,
+                        named_labels: Mapping[str, list[str]] | None) -> list[str]:
+    """The descriptions a served row sends for `task`: its user-style ones (all of them) if
+    `user_descriptions` is given, else its first `num_descriptions` evaluation ones; naming the
+    task's labels where `named_labels` (task -> labels) has them."""
+    if user_descriptions is not None:
+        descriptions_of = lambda t: list(user_descriptions[t.name])  # noqa: E731
+    else:
+        descriptions_of = lambda t: eval_descriptions(t, num_descriptions)  # noqa: E731
+    if named_labels is not None:
+        descriptions_of = with_named_labels(descriptions_of, named_labels)
+    return descriptions_of(task)
+
+
 def served_row(base_url: str, tasks: Sequence[Task], out: str | Path, row: str, *, name_labels: bool = False,
-               choice: bool = False, num_descriptions: int = 2, concurrency: int = DEFAULT_CONCURRENCY,
+               choice: bool = False, num_descriptions: int = 2,
+               user_descriptions: Mapping[str, Sequence[str]] | None = None, concurrency: int = DEFAULT_CONCURRENCY,
                limit_instances: int | None = None, server: str = "", deadline_s: float = ROW_DEADLINE_S,
                progress: bool = True) -> Path:
-    """Answer every test input of `tasks` through the server at `base_url`, once per description;
-    write ``<out>/<row>.jsonl`` and return its path. `server`: how the server was started (recorded)."""
+    """Answer every test input of `tasks` through the server at `base_url`, once per description
+    (`served_descriptions`); write ``<out>/<row>.jsonl`` and return its path. `server`: how the
+    server was started (recorded)."""
     from transformers import AutoTokenizer
 
     from generator.base_model import ensure_base_model
 
     tok = AutoTokenizer.from_pretrained(ensure_base_model())
     labels = train_labels(tasks)
-    descriptions_of = lambda t: eval_descriptions(t, num_descriptions)  # noqa: E731
-    if name_labels:
-        descriptions_of = with_named_labels(descriptions_of, labels)
+    descriptions_of = lambda t: served_descriptions(  # noqa: E731
+        t, num_descriptions, user_descriptions, labels if name_labels else None)
     budgets = {t.name: max_new_tokens(tok, t) for t in tasks}
     requests = []  # (what the row records, the description as `model`, the input as the user message)
     for t in tasks:
@@ -108,7 +123,8 @@ def served_row(base_url: str, tasks: Sequence[Task], out: str | Path, row: str, 
     generators = sorted({h.rpartition("generator=")[2] for _, h, _ in answers if h and "generator=" in h})
     extra = {"served": {"base_url": base_url, "server": server, "concurrency": concurrency, "client_choice": choice,
                         "truncated": sum(t for _, _, t in answers)},
-             "fingerprint": generators[0] if len(generators) == 1 else generators, "descriptions": "eval"}
+             "fingerprint": generators[0] if len(generators) == 1 else generators,
+             "descriptions": "user" if user_descriptions is not None else "eval"}
     if name_labels:
         extra["name_labels"] = {"tasks": sorted(labels), "labels_from": "the task's training instances"}
     path = Path(out) / f"{row}.jsonl"
