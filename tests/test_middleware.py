@@ -101,14 +101,6 @@ def test_a_description_naming_labels_restricts_the_answer_to_them() -> None:
     assert shape_chat(base, BASE, label_choice=True) is base
 
 
-def test_labels_in_users_words_restrict_the_answer_too() -> None:
-    user = "Does the Head event happen before the Tail event? Answer Yes or No."
-    out = json.loads(shape_chat(json.dumps({"model": user, "messages": [USER]}).encode(), BASE, label_choice=True))
-    assert out["structured_outputs"] == {"choice": ["Yes", "No"]}
-    plain = json.dumps({"model": "Answer politely or firmly.", "messages": [USER]}).encode()
-    assert shape_chat(plain, BASE, system_prompt=False, label_choice=True) is plain
-
-
 def test_middleware_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORAGEN_SERVED_MODEL_NAMES", "SmolLM2-135M-Instruct")
     monkeypatch.setenv("LORAGEN_DESCRIPTION_SYSTEM_PROMPT", "0")

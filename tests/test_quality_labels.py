@@ -127,30 +127,3 @@ def test_label_names_needs_the_closing_sentence_and_clean_labels() -> None:
                 ["e\u0301", "no"]):  # not NFC
         with pytest.raises(ValueError, match="labels must be"):
             add_label_names("Decide.", bad)
-
-
-def test_answer_labels_reads_labels_in_users_words() -> None:
-    """What label choice answers among: the canonical sentence, or a closing sentence as users
-    write it (the test split's user-style descriptions do); nothing from sentences that only look
-    like one."""
-    from generator.data.sni import answer_labels
-
-    stated = {
-        'Classify the review. Answer with one of: "NEG", "POS".': ["NEG", "POS"],
-        "Does the Head event happen before the Tail event? Answer Yes or No.": ["Yes", "No"],
-        "Which of the three contradicts it? Answer 1, 2 or 3.": ["1", "2", "3"],
-        "Which option is right? Reply with A, B, C or D.": ["A", "B", "C", "D"],
-        "Were the clauses swapped? Answer Original or Inversion": ["Original", "Inversion"],
-        'Label the tweet. Respond with "Hate Speech", "Offensive" or "Neither".': ["Hate Speech", "Offensive", "Neither"],
-        "Is the headline funny? Answer Funny or Not Funny.": ["Funny", "Not Funny"],
-        "Is it so? answer: true, false, or Unknown.": ["true", "false", "Unknown"],
-        "Is it so? answer: true, false, or unknown.": None,  # "unknown": not capitalised, nor yes/no/true/false
-    }
-    for text, labels in stated.items():
-        assert answer_labels(text) == labels, text
-    for text in ("Answer briefly or in detail.", "Answer politely or firmly.", "Answer the question in one sentence or less.",
-                 "Tell me. Answer Positive or Negative sentiment.", "Answer A or A.", "I want you to answer Yes or No.",
-                 "Pick the correct answer (A, B, C or D) to the question.", "Answer Yes or No. Then explain why.",
-                 "Answer with one of: yes, no.", 'Say "yes" or "no".', "Answer yes or nothing."):
-        assert answer_labels(text) is None, text
-    assert answer_labels("Answer " + ", ".join(str(i) for i in range(11)) + " or 11.") is None  # more than MAX_LABELS

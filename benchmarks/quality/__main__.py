@@ -142,8 +142,6 @@ def main(argv=None) -> None:
     sv.add_argument("--num-descriptions", type=int, default=2)
     sv.add_argument("--user-descriptions", action="store_true",
                     help="the tasks' user-style descriptions (splits.json) instead of the evaluation ones")
-    sv.add_argument("--stating-labels", action="store_true",
-                    help="only the tasks with a description that states its labels (generator.data.sni.answer_labels)")
     sv.add_argument("--limit-instances", type=int, help="first N test instances per task (dry runs)")
     sv.add_argument("--row", required=True, help="the row's name (<out>/<row>.jsonl)")
     sv.add_argument("--out", required=True)
@@ -204,8 +202,8 @@ def main(argv=None) -> None:
             print(p)
         return
     if a.cmd == "served":
-        from generator.data.sni import answer_labels, train_labels
-        from .served import served_descriptions, served_row
+        from generator.data.sni import train_labels
+        from .served import served_row
 
         chosen = _task_set(tasks, splits, a.task_set)
         if a.only:
@@ -216,9 +214,6 @@ def main(argv=None) -> None:
         user = dict(splits.user_descriptions) if a.user_descriptions else None
         if user is not None and (lacking := [t.name for t in chosen if not user.get(t.name)]):
             raise SystemExit(f"error: no user-style descriptions for {len(lacking)} task(s), e.g. {lacking[0]}")
-        if a.stating_labels:
-            chosen = [t for t in chosen if any(answer_labels(d) for d in served_descriptions(
-                t, a.num_descriptions, user, train_labels([t]) if a.name_labels else None))]
         if not chosen:
             raise SystemExit("error: no tasks to answer")
         print(served_row(a.base_url, chosen, a.out, a.row, name_labels=a.name_labels, choice=a.choice,

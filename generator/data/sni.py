@@ -255,33 +255,6 @@ def label_names(description: str) -> list[str] | None:
     return None if m is None else re.findall(r'"([^"\n]+)"', m.group(1))
 
 
-# A closing sentence in the words users write, e.g. "Answer Yes or No." / "Reply with A, B, C or D."
-# / 'Respond with "Hate Speech", "Offensive" or "Neither".': a verb, then 2 or more labels joined
-# by ", " and a last " or ". A label is quoted, or one to three words each starting with a capital
-# letter or a digit ("Not Funny", "1", "B"), or yes / no / true / false in any case; so that
-# "Answer briefly or in detail." or "Answer politely or firmly." states no labels.
-_ANSWER_VERB = r"(?i:answer|reply|respond)(?: only)?(?: with)?(?: one of)?(?: either)?:?"
-_WORD = r"[A-Z0-9][\w+\-]*"
-_ITEM = rf"(?:\"[^\"\n]+\"|'[^'\n]+'|{_WORD}(?: {_WORD}){{0,2}}|(?i:yes|no|true|false)\b)"
-_ANSWER_SENTENCE = re.compile(rf"(?:^|[.!?:]\s)\s*{_ANSWER_VERB} ({_ITEM}(?:, {_ITEM})*,? or {_ITEM})\s*[.!]?\s*$")
-_ITEM_SPLIT = re.compile(rf"{_ITEM}")
-
-
-def answer_labels(description: str) -> list[str] | None:
-    """The labels ``description`` tells its answers to be among, in its order: those of
-    `add_label_names`'s sentence, or of a closing sentence in users' words (``Answer Yes or No.``,
-    ``Reply with A, B, C or D.``; `_ANSWER_SENTENCE`); None if it states none, or fewer than 2 or
-    more than `MAX_LABELS` different ones."""
-    named = label_names(description)
-    if named is not None:
-        return named
-    m = _ANSWER_SENTENCE.search(description)
-    if m is None:
-        return None
-    labels = list(dict.fromkeys(x.strip("\"'") for x in _ITEM_SPLIT.findall(m.group(1))))
-    return labels if 2 <= len(labels) <= MAX_LABELS and all(labels) else None
-
-
 SPLIT_NAMES = ("train", "validation", "test")
 NUM_IN_DISTRIBUTION_EVAL = 32  # training tasks scored for the in-distribution column
 
