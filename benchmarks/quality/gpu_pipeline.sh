@@ -493,7 +493,8 @@ named_labels_eval)
   # q_validation_named_labels, with the base model given the same system prompts); NAMED_SOUPS
   # adds weight averages as candidates (soup_specs; e.g. "inc_named:INIT loragen_sft_named"; sources
   # staged by the caller are named in NAMED_STAGED, e.g. "e8f7", made by `staged_checkpoint`). The rule, fixed
-  # before any result (`benchmarks.quality choose-named`): of the candidates whose EM with the
+  # before any result (`benchmarks.quality choose-named`; NAMED_EVAL_SNAPSHOTS=0 leaves the arms'
+  # snapshots out of the candidates): of the candidates whose EM with the
   # descriptions as given is at least the incumbent's - 0.5, the best EM naming labels wins if it
   # beats the incumbent's by at least 1.0; else the incumbent stays. On test, once: the incumbent
   # and the base model with descriptions naming labels; a winner's rows as served (table, controls,
@@ -510,7 +511,9 @@ print(' '.join(sorted(train_labels(load_tasks('data/sni/tasks', load_splits('dat
   [ "${DRY:-0}" = 1 ] && closed=$(printf '%s\n' "${DRY_TASKS[@]:8:2}" | tr '\n' ' ')
   [ -n "$closed" ] || { echo "no closed-label validation task" >&2; exit 2; }
   cands=("incumbent=$INIT")
-  for d in "$CK"/loragen_sft_{plain,named}/ "$CK"/loragen_sft_{plain,named}/snapshots/sft-*/; do
+  snaps=("$CK"/loragen_sft_{plain,named}/snapshots/sft-*/)
+  [ "${NAMED_EVAL_SNAPSHOTS:-1}" = 1 ] || snaps=()  # 0: the final checkpoints only
+  for d in "$CK"/loragen_sft_{plain,named}/ "${snaps[@]}"; do
     [ -f "$d/config.json" ] && [ ! -f "$d/train_state.pt" ] || continue  # a run its deadline stopped is no candidate
     name=$(basename "$d"); [[ $name == sft-* ]] && name="$(basename "$(dirname "$(dirname "$d")")")_at${name#sft-}"
     cands+=("${name#loragen_sft_}=${d%/}")
