@@ -135,7 +135,8 @@ class InProcessBackend:
 
     ``generate`` may be awaited from any number of coroutines of one event loop; calls arriving
     within ``batch_window_s`` of the oldest waiting one (same seed) share one generator pass of
-    at most ``max_batch`` descriptions. Passes run one at a time on a thread of their own.
+    at most ``max_batch`` descriptions. Passes run one at a time on a thread of their own; while
+    a window waits, that thread encodes its first description (``encode_early``).
     """
 
     name = "in-process"
@@ -147,13 +148,15 @@ class InProcessBackend:
         *,
         batch_window_s: float = DEFAULT_BATCH_WINDOW_S,
         max_batch: int = MAX_BATCH,
+        encode_early: bool = True,
     ) -> None:
         self.info = CheckpointInfo.read(checkpoint)
         self.device = device
         self._generator: Generator | None = None
         self._load_lock = threading.Lock()
         self._batcher: MicroBatcher[str, AdapterFiles] = MicroBatcher(
-            self._run_pass, batch_window_s, max_batch, thread_name="loragen-generator"
+            self._run_pass, batch_window_s, max_batch, thread_name="loragen-generator",
+            prepare=self._encode_early if encode_early else None,
         )
 
     @property
@@ -207,6 +210,11 @@ class InProcessBackend:
             seconds.get("encode", 0.0), seconds.get("diffuse", 0.0), seconds.get("decode", 0.0),
         )
         return files
+
+    def _encode_early(self, description: str) -> None:
+        """Pass thread, during a batching window: embed the description now (the encoder caches
+        it), so that its pass skips the encoder (`MicroBatcher`'s ``prepare``)."""
+        self._load().encoder.encode([description])
 
     def _load(self) -> Generator:
         """The loaded generator (loaded on first use; a failed load is retried next time)."""

@@ -12,6 +12,13 @@ of them (one pass generates with one seed). Passes run one at a time in a worker
 batcher's own, so the event loop keeps serving while the generator works; requests arriving
 during a pass wait for the next one (and have usually waited out their window by then).
 
+Work during the window. While the oldest waiting request waits out its window and no pass runs,
+the pass thread would idle: ``prepare(item)``, if given, runs for that request then (once), so
+that its pass finds that work done (the in-process backend
+encodes its description: the encoder caches embeddings, and the pass's encode is then a cache
+hit). Only the window's first request is prepared, so a burst is still encoded in one batch with
+its pass. ``prepare`` is best effort: what it raises is logged, and the pass does the work.
+
 Failure. If ``run_pass`` raises, each request of that pass fails with `GeneratorUnavailable`
 (HTTP 503) whose ``__cause__`` is what ``run_pass`` raised (a `GeneratorUnavailable` is passed
 on as it is); later passes run as usual.
@@ -64,6 +71,7 @@ class _Request(Generic[T, R]):
     arrived: float  # loop time
     future: asyncio.Future[R]
     deadline: float | None = None  # time.monotonic() seconds
+    prepared: bool = False  # `prepare` was queued for it
 
 
 class MicroBatcher(Generic[T, R]):
@@ -76,11 +84,13 @@ class MicroBatcher(Generic[T, R]):
         window_s: float,
         max_batch: int = MAX_BATCH,
         *,
+        prepare: Callable[[T], object] | None = None,
         thread_name: str = "loragen-pass",
     ) -> None:
         if window_s < 0 or max_batch < 1:
             raise ValueError(f"window_s must be >= 0 and max_batch >= 1, got {window_s}, {max_batch}")
         self.run_pass = run_pass
+        self.prepare = prepare
         self.window_s = window_s
         self.max_batch = max_batch
         self.stats = BatchStats()
@@ -150,6 +160,9 @@ class MicroBatcher(Generic[T, R]):
                 oldest = self._waiting[0]
                 wait = oldest.arrived + self.window_s - loop.time()
                 if wait > 0 and not self._full(oldest.seed):
+                    if self.prepare is not None and not oldest.prepared:
+                        oldest.prepared = True  # queued ahead of its pass on the pass thread
+                        loop.run_in_executor(self._thread, self._prepare, oldest.item)
                     self._wakeup = loop.create_future()
                     try:
                         await asyncio.wait_for(self._wakeup, wait)
@@ -166,6 +179,14 @@ class MicroBatcher(Generic[T, R]):
             metrics.QUEUED.dec(len(self._waiting))
             self._waiting.clear()
             raise
+
+    def _prepare(self, item: T) -> None:
+        """Pass thread: ``prepare(item)``, best effort."""
+        try:
+            assert self.prepare is not None
+            self.prepare(item)
+        except Exception as e:  # the pass does the work (and reports what fails there)
+            logger.warning("preparing a request during its batching window failed: %r", e)
 
     async def _run_one_pass(self, seed: int) -> None:
         self._drop_abandoned()

@@ -138,7 +138,8 @@ class GeneratorActor:
         self.node_id = ctx.get_node_id()
         self.stats = ActorStats()
         self._batcher: MicroBatcher[str, tuple[AdapterFiles, GeneratedAdapterMeta]] = MicroBatcher(
-            self._run_pass, self.config.batch_window_s, self.config.max_batch_size, thread_name="generator-pass"
+            self._run_pass, self.config.batch_window_s, self.config.max_batch_size, thread_name="generator-pass",
+            prepare=lambda d: self.generator.encoder.encode([d]),  # during a window: the pass skips the encoder
         )
         self._inflight: dict[tuple[str, int], asyncio.Task[tuple[AdapterFiles, GeneratedAdapterMeta]]] = {}
         self._cache: collections.OrderedDict[tuple[str, int], tuple[AdapterFiles, GeneratedAdapterMeta]] = (

@@ -52,6 +52,37 @@ def test_concurrent_calls_share_one_generator_pass(own_ckpt: Path) -> None:
     backend.close()
 
 
+def test_a_lone_description_is_encoded_during_its_window(own_ckpt: Path) -> None:
+    """The batching window is not idle time: the pass thread embeds the description meanwhile,
+    and the pass finds it in the encoder's cache (without `encode_early`, the pass embeds it)."""
+    for early in (True, False):
+        backend = InProcessBackend(own_ckpt, batch_window_s=0.3, encode_early=early)
+        encoder = backend._load().encoder
+        in_pass, calls = [False], []  # whether a pass runs; (texts, in a pass) per encoder run
+        embed, run_pass = encoder._embed, backend._batcher.run_pass
+
+        def spy_embed(texts: list[str]):
+            calls.append((list(texts), in_pass[0]))
+            return embed(texts)
+
+        def spy_pass(items: list[str], seed: int):
+            in_pass[0] = True
+            try:
+                return run_pass(items, seed)
+            finally:
+                in_pass[0] = False
+
+        encoder._embed, backend._batcher.run_pass = spy_embed, spy_pass
+        try:
+            description = f"Answer with the capital city of the given country ({early})."
+            files = asyncio.run(backend.generate(description))
+        finally:
+            encoder._embed = embed  # the encoder is the process's shared one
+            backend.close()
+        assert "adapter_model.safetensors" in files
+        assert calls == [([description], not early)], calls  # once: before its pass, or in it
+
+
 def test_generator_failure_is_generator_unavailable_then_recovers(own_ckpt: Path) -> None:
     good = break_weights(own_ckpt)
     backend = InProcessBackend(own_ckpt)

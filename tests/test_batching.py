@@ -93,6 +93,48 @@ def test_a_lone_request_waits_out_the_window_then_runs() -> None:
     batcher.close()
 
 
+def test_a_window_prepares_its_first_request_on_the_pass_thread_before_its_pass() -> None:
+    run = Recorder()
+    events: list[tuple[str, str, int]] = []  # (what, item, thread)
+    original = run.__call__
+
+    def recording_pass(items: list[str], seed: int) -> list[tuple[str, int]]:
+        events.append(("pass", ",".join(items), threading.get_ident()))
+        return original(items, seed)
+
+    def prepare(item: str) -> None:
+        events.append(("prepare", item, threading.get_ident()))
+
+    batcher = MicroBatcher(recording_pass, window_s=0.2, prepare=prepare)
+
+    async def main() -> None:
+        assert await batcher.submit("alone") == ("alone", 0)
+        burst = [batcher.submit(f"b{i}") for i in range(4)]  # a burst: only its first is prepared
+        assert await asyncio.gather(*burst) == [(f"b{i}", 0) for i in range(4)]
+
+    asyncio.run(main())
+    assert [e[:2] for e in events] == [("prepare", "alone"), ("pass", "alone"), ("prepare", "b0"),
+                                       ("pass", "b0,b1,b2,b3")]
+    assert len({e[2] for e in events}) == 1 and events[0][2] != threading.get_ident()  # the pass thread
+    batcher.close()
+
+
+def test_a_failing_prepare_costs_nothing_and_no_window_prepares_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    def prepare(item: str) -> None:
+        raise RuntimeError(f"cannot prepare {item}")
+
+    run = Recorder()
+    batcher = MicroBatcher(run, window_s=0.05, prepare=prepare)
+    assert asyncio.run(batcher.submit("x")) == ("x", 0)  # the pass did the work
+    assert "cannot prepare x" in caplog.text
+    batcher.close()
+    prepared: list[str] = []
+    batcher = MicroBatcher(Recorder(), window_s=0.0, prepare=prepared.append)
+    assert asyncio.run(batcher.submit("y")) == ("y", 0)
+    assert prepared == []  # no window to use
+    batcher.close()
+
+
 def test_requests_arriving_during_a_pass_join_the_next_one() -> None:
     run = Recorder(seconds=0.5)
     batcher = MicroBatcher(run, window_s=0.01)
