@@ -11,10 +11,12 @@ between them, so each opens its own window), the real in-process backend on ``--
 the shipped generator and a real store in a fresh folder (``/dev/shm`` where it exists), with
 early encoding on and off, alternating sample by sample. Per request: ``wait`` (from the call
 to its pass starting), ``pass`` (the generator pass as the backend runs it), ``after`` (from
-the pass's end to the call returning: publishing, thread hops) and ``total``.
+the pass's end to the call returning: publishing, thread hops) and ``total``. ``--level
+backend`` times the backend alone (``InProcessBackend.generate``: no resolver, no store, no
+vLLM needed: what runs on a GPU machine without vLLM).
 
     python -m benchmarks.resolve_latency                       # CPU
-    python -m benchmarks.resolve_latency --device cuda --tag h100
+    python -m benchmarks.resolve_latency --device cuda --level backend --tag h100_backend
 
 Writes benchmarks/results/resolve_latency_<tag>.{json,md} (tag: the device by default).
 """
@@ -37,9 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.provenance import provenance  # noqa: E402
-from loragen_vllm.backends import InProcessBackend  # noqa: E402
-from loragen_vllm.plugin import LoRAGenResolver, PluginConfig  # noqa: E402
-from loragen_vllm.store import AdapterStore  # noqa: E402
+from loragen_vllm.backends import CheckpointInfo, InProcessBackend  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CHECKPOINT = ROOT / "generator" / "checkpoints" / "default"
@@ -50,10 +50,17 @@ ARMS = {"encode_early": True, "encode_in_pass": False}
 class Arm:
     """One resolver + backend + store, and the start/end of each generator pass it ran."""
 
-    def __init__(self, checkpoint: Path, device: str, window_s: float, encode_early: bool, store_dir: Path) -> None:
+    def __init__(self, checkpoint: Path, device: str, window_s: float, encode_early: bool,
+                 store_dir: Path | None) -> None:
+        """`store_dir` None: the backend alone (no resolver, no store)."""
         self.backend = InProcessBackend(checkpoint, device, batch_window_s=window_s, encode_early=encode_early)
-        config = PluginConfig(generator=str(checkpoint), device=device, batch_window_s=window_s)
-        self.resolver = LoRAGenResolver(config, store=AdapterStore(store_dir), backend=self.backend)
+        self.resolver = None
+        if store_dir is not None:
+            from loragen_vllm.plugin import LoRAGenResolver, PluginConfig  # imports vLLM
+            from loragen_vllm.store import AdapterStore
+
+            config = PluginConfig(generator=str(checkpoint), device=device, batch_window_s=window_s)
+            self.resolver = LoRAGenResolver(config, store=AdapterStore(store_dir), backend=self.backend)
         self.passes: list[tuple[float, float]] = []
         run_pass = self.backend._batcher.run_pass
 
@@ -69,7 +76,10 @@ class Arm:
     async def resolve(self, description: str) -> dict[str, float]:
         """Milliseconds of each phase of one new description's resolution."""
         t0 = time.monotonic()
-        await self.resolver.resolve_lora("base", description)
+        if self.resolver is not None:
+            await self.resolver.resolve_lora("base", description)
+        else:
+            await self.backend.generate(description)
         t1 = time.monotonic()
         start, end = self.passes[-1]
         return {"wait": (start - t0) * 1e3, "pass": (end - start) * 1e3, "after": (t1 - end) * 1e3,
@@ -86,7 +96,8 @@ def summary(samples: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 
 async def run(args: argparse.Namespace, root: Path) -> dict[str, list[dict[str, float]]]:
-    arms = {name: Arm(args.checkpoint, args.device, args.window_ms / 1e3, early, root / name)
+    arms = {name: Arm(args.checkpoint, args.device, args.window_ms / 1e3, early,
+                      root / name if args.level == "resolver" else None)
             for name, early in ARMS.items()}
     for name, arm in arms.items():  # load the generator, warm the encoder and the store
         for i in range(args.warmup):
@@ -104,11 +115,14 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, list[dict[str, 
 
 def write_md(result: dict[str, Any], path: Path) -> None:
     p, s = result["provenance"], result["summary"]
+    resolver = result.get("level", "resolver") == "resolver"
+    what = "resolution in the resolver" if resolver else "adapter from the generator backend"
+    where = f"store in {result['store']}" if resolver else "the backend alone (no resolver, no store)"
     lines = [
-        f"# A new description's resolution in the resolver ({result['device']})", "",
+        f"# A new description's {what} ({result['device']})", "",
         f"`{p['command']}` at commit `{p['commit']}` on {p['machine']}, {p['date']}; generator "
         f"{result['generator']} on {result['device']}, batching window {result['window_ms']:g} ms, {result['n']} new "
-        f"descriptions per arm, one at a time, arms alternating; store in {result['store']}.", "",
+        f"descriptions per arm, one at a time, arms alternating; {where}.", "",
         "Milliseconds, p50 / p95 (mean): *wait* = the call to its generator pass starting (validation, store "
         "lookup, the window; with early encoding also the encoder's run where it outlasts the window), *pass* = "
         "the generator pass, *after* = the pass's end to the call returning (publishing, thread hops).", "",
@@ -126,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--level", choices=("resolver", "backend"), default="resolver",
+                    help="time the resolver (store included) or the generator backend alone")
     ap.add_argument("--window-ms", type=float, default=5.0, help="batching window (serve's default: 5)")
     ap.add_argument("--n", type=int, default=40, help="new descriptions per arm")
     ap.add_argument("--warmup", type=int, default=3)
@@ -145,9 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         samples = asyncio.run(run(args, root))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    from loragen_vllm.backends import CheckpointInfo
-
-    result = {"provenance": provenance(), "device": args.device, "window_ms": args.window_ms, "n": args.n,
+    result = {"provenance": provenance(), "device": args.device, "level": args.level, "window_ms": args.window_ms,
+              "n": args.n,
               "generator": CheckpointInfo.read(args.checkpoint).fingerprint[:12],
               "store": "/dev/shm" if shm.is_dir() else "a temporary folder",
               "summary": {name: summary(v) for name, v in samples.items()}, "samples": samples}
