@@ -213,8 +213,10 @@ class InProcessBackend:
 
     def _encode_early(self, description: str) -> None:
         """Pass thread, during a batching window: embed the description now (the encoder caches
-        it), so that its pass skips the encoder (`MicroBatcher`'s ``prepare``)."""
-        self._load().encoder.encode([description])
+        it), so that its pass skips the encoder (`MicroBatcher`'s ``prepare``). Only once the
+        generator is loaded: loading (and a load that fails) is the pass's."""
+        if self._generator is not None:
+            self._generator.encoder.encode([description])
 
     def _load(self) -> Generator:
         """The loaded generator (loaded on first use; a failed load is retried next time)."""

@@ -14,10 +14,13 @@ during a pass wait for the next one (and have usually waited out their window by
 
 Work during the window. While the oldest waiting request waits out its window and no pass runs,
 the pass thread would idle: ``prepare(item)``, if given, runs for that request then (once), so
-that its pass finds that work done (the in-process backend
-encodes its description: the encoder caches embeddings, and the pass's encode is then a cache
-hit). Only the window's first request is prepared, so a burst is still encoded in one batch with
-its pass. ``prepare`` is best effort: what it raises is logged, and the pass does the work.
+that its pass finds that work done (the in-process backend encodes its description: the
+encoder caches embeddings, and the pass's encode is then a cache hit). Only the window's first
+request is prepared, so a burst is still encoded in one batch with its pass. A pass starts once
+its window has ended *and* that preparation has finished (where it outlasts the window, as
+encoding does on a CPU, requests arriving meanwhile still join the pass, and deadlines are
+checked after it); a preparation not yet started when its request is dropped is cancelled.
+``prepare`` is best effort: what it raises is logged, and the pass does the work.
 
 Failure. If ``run_pass`` raises, each request of that pass fails with `GeneratorUnavailable`
 (HTTP 503) whose ``__cause__`` is what ``run_pass`` raised (a `GeneratorUnavailable` is passed
@@ -34,6 +37,7 @@ client gone, a deadline that passed upstream) is left out of it, and so is one w
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -71,7 +75,8 @@ class _Request(Generic[T, R]):
     arrived: float  # loop time
     future: asyncio.Future[R]
     deadline: float | None = None  # time.monotonic() seconds
-    prepared: bool = False  # `prepare` was queued for it
+    prepared: bool = False  # `prepare` was tried for it (once)
+    preparation: concurrent.futures.Future[None] | None = None  # its `prepare` on the pass thread
 
 
 class MicroBatcher(Generic[T, R]):
@@ -98,6 +103,7 @@ class MicroBatcher(Generic[T, R]):
         self._waiting: list[_Request[T, R]] = []
         self._wakeup: asyncio.Future[None] | None = None  # set when a batch fills up
         self._task: asyncio.Task[None] | None = None
+        self._preparing: concurrent.futures.Future[None] | None = None  # the latest `prepare` queued
 
     @property
     def waiting(self) -> int:
@@ -136,17 +142,19 @@ class MicroBatcher(Generic[T, R]):
         now = time.monotonic()
         keep = []
         for r in self._waiting:
+            if not r.future.done() and (r.deadline is None or now < r.deadline):
+                keep.append(r)
+                continue
+            if r.preparation is not None:
+                r.preparation.cancel()  # not run if it has not started
             if r.future.done():  # cancelled by its caller
                 self.stats.cancelled += 1
-            elif r.deadline is not None and now >= r.deadline:
+            else:  # its deadline passed
                 self.stats.expired += 1
                 r.future.set_exception(
                     Overloaded("the request's deadline passed while it waited for a generator pass",
                                reason="deadline")
                 )
-            else:
-                keep.append(r)
-                continue
             metrics.QUEUED.dec()
         self._waiting = keep
 
@@ -161,8 +169,8 @@ class MicroBatcher(Generic[T, R]):
                 wait = oldest.arrived + self.window_s - loop.time()
                 if wait > 0 and not self._full(oldest.seed):
                     if self.prepare is not None and not oldest.prepared:
-                        oldest.prepared = True  # queued ahead of its pass on the pass thread
-                        loop.run_in_executor(self._thread, self._prepare, oldest.item)
+                        oldest.prepared = True
+                        self._submit_prepare(oldest)
                     self._wakeup = loop.create_future()
                     try:
                         await asyncio.wait_for(self._wakeup, wait)
@@ -180,6 +188,15 @@ class MicroBatcher(Generic[T, R]):
             self._waiting.clear()
             raise
 
+    def _submit_prepare(self, r: _Request[T, R]) -> None:
+        """Queue ``prepare`` for `r` on the pass thread (straight to the thread: an asyncio
+        wrapper would wake the event loop when it ends, and the loop would then overshoot the
+        window's timer); nothing after `close`."""
+        try:
+            r.preparation = self._preparing = self._thread.submit(self._prepare, r.item)
+        except RuntimeError:  # closed: the pass reports it
+            pass
+
     def _prepare(self, item: T) -> None:
         """Pass thread: ``prepare(item)``, best effort."""
         try:
@@ -189,6 +206,9 @@ class MicroBatcher(Generic[T, R]):
             logger.warning("preparing a request during its batching window failed: %r", e)
 
     async def _run_one_pass(self, seed: int) -> None:
+        if self._preparing is not None and not self._preparing.done():
+            await asyncio.wait({asyncio.wrap_future(self._preparing)})  # never raises
+        self._preparing = None
         self._drop_abandoned()
         batch = [r for r in self._waiting if r.seed == seed][: self.max_batch]
         if not batch:

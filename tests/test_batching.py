@@ -4,6 +4,7 @@ order, what a failed pass does to its callers, and that passes run off the loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -126,12 +127,63 @@ def test_a_failing_prepare_costs_nothing_and_no_window_prepares_nothing(caplog: 
     run = Recorder()
     batcher = MicroBatcher(run, window_s=0.05, prepare=prepare)
     assert asyncio.run(batcher.submit("x")) == ("x", 0)  # the pass did the work
-    assert "cannot prepare x" in caplog.text
+    ours = [r for r in caplog.records if r.name == "loragen_vllm.batching"]
+    assert [(r.levelname, "cannot prepare x" in r.getMessage()) for r in ours] == [("WARNING", True)]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     batcher.close()
     prepared: list[str] = []
     batcher = MicroBatcher(Recorder(), window_s=0.0, prepare=prepared.append)
     assert asyncio.run(batcher.submit("y")) == ("y", 0)
     assert prepared == []  # no window to use
+    batcher.close()
+
+
+def test_a_pass_waits_for_a_long_prepare_and_takes_what_arrived_meanwhile() -> None:
+    """Preparing outlasts the window (encoding on a CPU): the pass starts after it, with the
+    requests that arrived meanwhile, and deadlines are checked then."""
+    run = Recorder()
+    batcher = MicroBatcher(run, window_s=0.05, prepare=lambda item: time.sleep(0.4))
+
+    async def main() -> list[object]:
+        first = asyncio.ensure_future(batcher.submit("first"))
+        await asyncio.sleep(0.15)  # the window is over; the preparation still runs
+        soon = time.monotonic() + 0.1
+        later = [asyncio.ensure_future(batcher.submit("later")),
+                 asyncio.ensure_future(batcher.submit("expires", deadline=soon))]
+        return list(await asyncio.gather(first, *later, return_exceptions=True))
+
+    first, later, expired = asyncio.run(main())
+    assert (first, later) == (("first", 0), ("later", 0)) and run.passes == [(["first", "later"], 0)]
+    assert isinstance(expired, Overloaded) and expired.reason == "deadline"  # not generated
+    batcher.close()
+
+
+def test_a_dropped_request_does_not_keep_its_preparation() -> None:
+    """A request dropped before its preparation started (queued behind another one): that
+    preparation is cancelled, never run, so the next request's does not wait behind it."""
+    prepared: list[str] = []
+
+    def prepare(item: str) -> None:
+        prepared.append(item)
+        time.sleep(0.3)
+
+    run = Recorder()
+    batcher = MicroBatcher(run, window_s=0.2, prepare=prepare)
+
+    async def main() -> tuple[object, object]:
+        a = asyncio.ensure_future(batcher.submit("a"))
+        await asyncio.sleep(0.02)  # a's preparation runs until ~0.3 s
+        b = asyncio.ensure_future(batcher.submit("b"))
+        a.cancel()
+        await asyncio.sleep(0.2)  # at a's window end (0.2 s) a was dropped; b's preparation queued
+        b_preparation = batcher._waiting[0].preparation
+        b.cancel()
+        c = await batcher.submit("c")
+        return b_preparation, c
+
+    b_preparation, c = asyncio.run(main())
+    assert c == ("c", 0) and run.passes == [(["c"], 0)]
+    assert b_preparation is not None and b_preparation.cancelled() and prepared == ["a", "c"]
     batcher.close()
 
 
@@ -229,10 +281,11 @@ def test_submit_many_keeps_order_and_shares_the_pass() -> None:
 
 
 def test_closed_batcher_fails_callers_instead_of_hanging() -> None:
-    batcher = MicroBatcher(Recorder(), window_s=0.0)
-    batcher.close()
-    with pytest.raises(GeneratorUnavailable):
-        asyncio.run(asyncio.wait_for(batcher.submit("x"), 10))
+    for window_s, prepare in ((0.0, None), (0.05, lambda item: None)):
+        batcher = MicroBatcher(Recorder(), window_s=window_s, prepare=prepare)
+        batcher.close()
+        with pytest.raises(GeneratorUnavailable, match="adapter generation failed"):
+            asyncio.run(asyncio.wait_for(batcher.submit("x"), 10))
 
 
 def test_bad_settings_are_refused() -> None:
