@@ -123,9 +123,10 @@ def write_md(result: dict[str, Any], path: Path) -> None:
         f"`{p['command']}` at commit `{p['commit']}` on {p['machine']}, {p['date']}; generator "
         f"{result['generator']} on {result['device']}, batching window {result['window_ms']:g} ms, {result['n']} new "
         f"descriptions per arm, one at a time, arms alternating; {where}.", "",
-        "Milliseconds, p50 / p95 (mean): *wait* = the call to its generator pass starting (validation, store "
-        "lookup, the window; with early encoding also the encoder's run where it outlasts the window), *pass* = "
-        "the generator pass, *after* = the pass's end to the call returning (publishing, thread hops).", "",
+        "Milliseconds, p50 / p95 (mean): *wait* = the call to its generator pass starting ("
+        + ("validation, store lookup, " if resolver else "") + "the window; with early encoding also the "
+        "encoder's run where it outlasts the window), *pass* = the generator pass, *after* = the pass's end to "
+        "the call returning (" + ("publishing, thread hops" if resolver else "thread hops") + ").", "",
         "| arm | " + " | ".join(PHASES) + " |", "|---|" + "---|" * len(PHASES),
     ]
     for arm, phases in s.items():
@@ -156,15 +157,16 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(1)  # as `serve` runs the generator beside vLLM on a CPU
     shm = Path("/dev/shm")
-    root = Path(tempfile.mkdtemp(prefix="loragen-resolve-", dir=shm if shm.is_dir() else None))
+    root = Path(tempfile.mkdtemp(prefix="loragen-resolve-", dir=shm if shm.is_dir() else None))  # the stores
     try:
         samples = asyncio.run(run(args, root))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    store = None if args.level == "backend" else "/dev/shm" if shm.is_dir() else "a temporary folder"
     result = {"provenance": provenance(), "device": args.device, "level": args.level, "window_ms": args.window_ms,
               "n": args.n,
               "generator": CheckpointInfo.read(args.checkpoint).fingerprint[:12],
-              "store": "/dev/shm" if shm.is_dir() else "a temporary folder",
+              "store": store,
               "summary": {name: summary(v) for name, v in samples.items()}, "samples": samples}
     tag = args.tag or args.device
     args.out.mkdir(parents=True, exist_ok=True)

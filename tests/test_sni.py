@@ -58,7 +58,7 @@ def test_committed_task_splits(tasks):
     assert set(splits.train) | set(splits.validation) | set(splits.test) == names  # every task, once
     assert len(splits.test) >= 60 and len({t.category for t in tasks if t.name in splits.test}) >= 15
     assert len(splits.validation) >= 20
-    assert all(len(splits.user_descriptions[n]) == 2 for n in splits.test)  # two user-style descriptions each
+    assert all(len(splits.user_descriptions[n]) == 2 for n in splits.test + splits.validation)  # two user-style each
     assert len(splits.in_distribution_eval) >= 24
     assert set(splits.in_distribution_eval) <= set(splits.train)
     assert splits.split_of(splits.test[0]) == "test"
