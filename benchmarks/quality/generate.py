@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -208,6 +208,20 @@ def input_prompts(tokenizer, tasks: Sequence[Task], slot_of: Callable[[str, str]
 def eval_descriptions(task: Task, k: int = NUM_DESCRIPTIONS) -> list[str]:
     """The first k of the task's evaluation descriptions (never trained on)."""
     return split_descriptions(task)[1][:k]
+
+
+def descriptions_for(num_descriptions: int, user_descriptions: Mapping[str, Sequence[str]] | None = None,
+                     named_labels: Mapping[str, list[str]] | None = None) -> Callable[[Task], list[str]]:
+    """What a row's descriptions of a task are: its user-style ones (all) if `user_descriptions`
+    is given (ValueError later for a task without), else its first `num_descriptions` evaluation
+    ones; naming the task's labels where `named_labels` (task -> labels) has them."""
+    def of(task: Task) -> list[str]:
+        if user_descriptions is None:
+            return eval_descriptions(task, num_descriptions)
+        if not user_descriptions.get(task.name):
+            raise ValueError(f"no user-style descriptions for task {task.name}")
+        return list(user_descriptions[task.name])
+    return of if named_labels is None else with_named_labels(of, dict(named_labels))
 
 
 def with_named_labels(descriptions_of: Callable[[Task], Sequence[str]],
@@ -483,11 +497,7 @@ def _run_row(row, tasks, path, device, oracles, train_task_names, max_rows, gene
             lacking = [t.name for t in tasks if not user_descriptions.get(t.name)]
             if lacking:
                 raise ValueError(f"no user-style descriptions for {len(lacking)} tasks, e.g. {lacking[:3]}")
-            descriptions_of = lambda t: list(user_descriptions[t.name])
-        else:
-            descriptions_of = lambda t: eval_descriptions(t, num_descriptions)
-        if name_labels:
-            descriptions_of = with_named_labels(descriptions_of, named)
+        descriptions_of = descriptions_for(num_descriptions, user_descriptions, named if name_labels else None)
         all_tasks = all_tasks or {t.name: t for t in tasks}
         adapters, slot_of, text_of, extra = generated_adapters(
             generator_ckpt, tasks, cond, seeds, device, all_tasks, descriptions_of, steps, guidance,

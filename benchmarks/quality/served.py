@@ -31,8 +31,7 @@ from tqdm.auto import tqdm
 
 from generator.data.sni import Task, split_instances, train_labels
 
-from .generate import (MAX_INPUT_TOKENS, Prompt, eval_descriptions, max_new_tokens, run_meta, truncate_text,
-                       with_named_labels, write_row)
+from .generate import MAX_INPUT_TOKENS, Prompt, descriptions_for, max_new_tokens, run_meta, truncate_text, write_row
 
 DEFAULT_CONCURRENCY = 8
 REQUEST_TIMEOUT_S = 300.0  # one request, a new description's generation included
@@ -78,27 +77,13 @@ async def _run(base_url: str, requests: Sequence[tuple[Prompt, str, str]], budge
         await client.close()
 
 
-def served_descriptions(task: Task, num_descriptions: int, user_descriptions: Mapping[str, Sequence[str]] | None,
-                        named_labels: Mapping[str, list[str]] | None) -> list[str]:
-    """The descriptions a served row sends for `task`: its user-style ones (all of them) if
-    `user_descriptions` is given, else its first `num_descriptions` evaluation ones; naming the
-    task's labels where `named_labels` (task -> labels) has them."""
-    if user_descriptions is not None:
-        descriptions_of = lambda t: list(user_descriptions[t.name])  # noqa: E731
-    else:
-        descriptions_of = lambda t: eval_descriptions(t, num_descriptions)  # noqa: E731
-    if named_labels is not None:
-        descriptions_of = with_named_labels(descriptions_of, named_labels)
-    return descriptions_of(task)
-
-
 def served_row(base_url: str, tasks: Sequence[Task], out: str | Path, row: str, *, name_labels: bool = False,
                choice: bool = False, num_descriptions: int = 2,
                user_descriptions: Mapping[str, Sequence[str]] | None = None, concurrency: int = DEFAULT_CONCURRENCY,
                limit_instances: int | None = None, server: str = "", deadline_s: float = ROW_DEADLINE_S,
                progress: bool = True) -> Path:
     """Answer every test input of `tasks` through the server at `base_url`, once per description
-    (`served_descriptions`); write ``<out>/<row>.jsonl`` and return its path. `server`: how the
+    (`generate.descriptions_for`); write ``<out>/<row>.jsonl`` and return its path. `server`: how the
     server was started (recorded)."""
     from transformers import AutoTokenizer
 
@@ -106,8 +91,7 @@ def served_row(base_url: str, tasks: Sequence[Task], out: str | Path, row: str, 
 
     tok = AutoTokenizer.from_pretrained(ensure_base_model())
     labels = train_labels(tasks)
-    descriptions_of = lambda t: served_descriptions(  # noqa: E731
-        t, num_descriptions, user_descriptions, labels if name_labels else None)
+    descriptions_of = descriptions_for(num_descriptions, user_descriptions, labels if name_labels else None)
     budgets = {t.name: max_new_tokens(tok, t) for t in tasks}
     requests = []  # (what the row records, the description as `model`, the input as the user message)
     for t in tasks:
