@@ -66,6 +66,8 @@ class BatchStats:
     cancelled: int = 0  # requests left out because their caller gave up
     expired: int = 0  # requests left out because their deadline passed while they waited
     batch_sizes: dict[int, int] = field(default_factory=dict)  # requests in a pass -> passes of that size
+    prepared: int = 0  # `prepare` calls that finished (during windows; failed ones not counted)
+    prepare_s: float = 0.0  # their seconds on the pass thread, in all
 
 
 @dataclass
@@ -198,12 +200,18 @@ class MicroBatcher(Generic[T, R]):
             pass
 
     def _prepare(self, item: T) -> None:
-        """Pass thread: ``prepare(item)``, best effort."""
+        """Pass thread: ``prepare(item)``, best effort; timed into `stats`."""
+        t0 = time.perf_counter()
         try:
             assert self.prepare is not None
             self.prepare(item)
         except Exception as e:  # the pass does the work (and reports what fails there)
             logger.warning("preparing a request during its batching window failed: %r", e)
+            return
+        seconds = time.perf_counter() - t0
+        self.stats.prepared += 1
+        self.stats.prepare_s += seconds
+        logger.debug("prepared a request during its batching window in %.1f ms", seconds * 1e3)
 
     async def _run_one_pass(self, seed: int) -> None:
         if self._preparing is not None and not self._preparing.done():

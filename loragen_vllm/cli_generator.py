@@ -50,6 +50,9 @@ def add_generator_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-window-ms", type=float, default=ActorConfig.batch_window_s * 1000, metavar="MS",
                    help="calls arriving this soon after the first share one generator pass "
                    f"(default {ActorConfig.batch_window_s * 1000:g})")
+    p.add_argument("--encode-early", action=argparse.BooleanOptionalAction, default=ActorConfig.encode_early,
+                   help="encode a window's first description while the window waits (default: "
+                   f"{'on' if ActorConfig.encode_early else 'off'})")
     p.add_argument("--max-batch-size", type=int, default=ActorConfig.max_batch_size, metavar="N",
                    help=f"descriptions per generator pass at most (default {ActorConfig.max_batch_size})")
     p.add_argument("--cache-mib", type=float, default=ActorConfig.cache_bytes / 2**20, metavar="MIB",
@@ -88,6 +91,7 @@ def _cmd_start(args: argparse.Namespace) -> None:
         raise UsageError(MISSING_GENERATOR.replace("--generator", "--checkpoint"))
     config = ActorConfig(
         batch_window_s=args.batch_window_ms / 1000,
+        encode_early=args.encode_early,
         max_batch_size=args.max_batch_size,
         cache_bytes=int(args.cache_mib * 2**20),
     )

@@ -177,6 +177,9 @@ SETTINGS: dict[str, Setting] = {
         Setting("LORAGEN_BATCH_WINDOW_MS", "5", _number(positive=False),
                 "how long a generation waits for others to share its generator pass (requests "
                 "arriving during a pass join the next one)"),
+        Setting("LORAGEN_ENCODE_EARLY", "1", _flag,
+                "`1`: while a batching window waits, the generator's thread encodes the window's "
+                "first description, and its pass finds the embedding cached; `0`: the pass encodes"),
         Setting("LORAGEN_GENERATE_TIMEOUT_S", "600", _number(positive=True),
                 "one deadline per request, from its arrival: store lookup, queueing, the key's lock "
                 "and generation; past it, 503"),
@@ -238,6 +241,7 @@ if TYPE_CHECKING:  # the attributes `__getattr__` provides, with their types
     LORAGEN_STORE_SYNC: str
     LORAGEN_MAX_DESCRIPTION_CHARS: int
     LORAGEN_BATCH_WINDOW_MS: float
+    LORAGEN_ENCODE_EARLY: bool
     LORAGEN_GENERATE_TIMEOUT_S: float
     LORAGEN_RAY_TIMEOUT_S: float
     LORAGEN_MAX_PENDING: int

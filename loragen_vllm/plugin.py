@@ -69,6 +69,7 @@ class PluginConfig:
     seed: int = 0
     max_description_chars: int = MAX_DESCRIPTION_CHARS
     batch_window_s: float = DEFAULT_BATCH_WINDOW_S
+    encode_early: bool = envs.default("LORAGEN_ENCODE_EARLY")  # encode during the window
     generate_timeout_s: float = envs.default("LORAGEN_GENERATE_TIMEOUT_S")  # a request's deadline
     max_pending: int = envs.default("LORAGEN_MAX_PENDING")  # generations pending at once
 
@@ -88,6 +89,7 @@ class PluginConfig:
             seed=envs.LORAGEN_SEED,
             max_description_chars=envs.LORAGEN_MAX_DESCRIPTION_CHARS,
             batch_window_s=envs.LORAGEN_BATCH_WINDOW_MS / 1e3,
+            encode_early=envs.LORAGEN_ENCODE_EARLY,
             generate_timeout_s=envs.LORAGEN_GENERATE_TIMEOUT_S,
             max_pending=envs.LORAGEN_MAX_PENDING,
         )
@@ -103,7 +105,8 @@ class PluginConfig:
         from loragen_vllm.backends import InProcessBackend
 
         assert self.generator is not None
-        return InProcessBackend(self.generator, self.device, batch_window_s=self.batch_window_s)
+        return InProcessBackend(self.generator, self.device, batch_window_s=self.batch_window_s,
+                                encode_early=self.encode_early)
 
 
 @dataclass(eq=False)

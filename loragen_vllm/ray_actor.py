@@ -86,6 +86,7 @@ class ActorConfig:
 
     batch_window_s: float = envs.default("LORAGEN_BATCH_WINDOW_MS") / 1e3  # as the in-process backend
     max_batch_size: int = MAX_BATCH  # descriptions per generator pass at most
+    encode_early: bool = envs.default("LORAGEN_ENCODE_EARLY")  # encode a window's first description during it
     cache_bytes: int = 256 * 2**20  # LRU budget for recent results (bytes of AdapterFiles)
 
 
@@ -139,7 +140,8 @@ class GeneratorActor:
         self.stats = ActorStats()
         self._batcher: MicroBatcher[str, tuple[AdapterFiles, GeneratedAdapterMeta]] = MicroBatcher(
             self._run_pass, self.config.batch_window_s, self.config.max_batch_size, thread_name="generator-pass",
-            prepare=lambda d: self.generator.encoder.encode([d]),  # during a window: the pass skips the encoder
+            # during a window: the pass then finds its first description's embedding cached
+            prepare=(lambda d: self.generator.encoder.encode([d])) if self.config.encode_early else None,
         )
         self._inflight: dict[tuple[str, int], asyncio.Task[tuple[AdapterFiles, GeneratedAdapterMeta]]] = {}
         self._cache: collections.OrderedDict[tuple[str, int], tuple[AdapterFiles, GeneratedAdapterMeta]] = (
@@ -222,6 +224,8 @@ class GeneratorActor:
                 "expired_in_queue": batches.expired,
                 "generated": batches.done,  # adapters generated (sum of successful pass sizes)
                 "batch_sizes": dict(batches.batch_sizes),  # pass size -> number of passes
+                "encoded_early": batches.prepared,  # descriptions encoded during a window
+                "encode_early_s": round(batches.prepare_s, 6),  # their encoding, in all
             },
         }
 

@@ -5,6 +5,8 @@ weights, concurrent calls sharing one generator pass, a broken generator as Gene
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -52,10 +54,13 @@ def test_concurrent_calls_share_one_generator_pass(own_ckpt: Path) -> None:
     backend.close()
 
 
-def test_a_lone_description_is_encoded_during_its_window(own_ckpt: Path) -> None:
+def test_a_lone_description_is_encoded_during_its_window(own_ckpt: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The batching window is not idle time: the pass thread embeds the description meanwhile,
-    and the pass finds it in the encoder's cache (without `encode_early`, the pass embeds it)."""
+    and the pass finds it in the encoder's cache (without `encode_early`, the pass embeds it);
+    the pass's log line says how long the early encoding took."""
+    caplog.set_level(logging.INFO, logger="loragen_vllm.backends")
     for early in (True, False):
+        caplog.clear()
         backend = InProcessBackend(own_ckpt, batch_window_s=0.3, encode_early=early)
         encoder = backend._load().encoder
         in_pass, calls = [False], []  # whether a pass runs; (texts, in a pass) per encoder run
@@ -81,6 +86,11 @@ def test_a_lone_description_is_encoded_during_its_window(own_ckpt: Path) -> None
             backend.close()
         assert "adapter_model.safetensors" in files
         assert calls == [([description], not early)], calls  # once: before its pass, or in it
+        assert backend._batcher.stats.prepared == int(early) and (backend._batcher.stats.prepare_s > 0) == early
+        finished = [r.getMessage() for r in caplog.records if "finished" in r.getMessage()]
+        assert len(finished) == 1, finished
+        during = float(re.search(r"\+ ([0-9.]+) during the window", finished[0]).group(1))
+        assert (during > 0) == early, finished
 
 
 def test_generator_failure_is_generator_unavailable_then_recovers(own_ckpt: Path) -> None:

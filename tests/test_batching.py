@@ -117,6 +117,7 @@ def test_a_window_prepares_its_first_request_on_the_pass_thread_before_its_pass(
     assert [e[:2] for e in events] == [("prepare", "alone"), ("pass", "alone"), ("prepare", "b0"),
                                        ("pass", "b0,b1,b2,b3")]
     assert len({e[2] for e in events}) == 1 and events[0][2] != threading.get_ident()  # the pass thread
+    assert batcher.stats.prepared == 2 and batcher.stats.prepare_s > 0  # timed, for health reports
     batcher.close()
 
 
@@ -130,6 +131,7 @@ def test_a_failing_prepare_costs_nothing_and_no_window_prepares_nothing(caplog: 
     ours = [r for r in caplog.records if r.name == "loragen_vllm.batching"]
     assert [(r.levelname, "cannot prepare x" in r.getMessage()) for r in ours] == [("WARNING", True)]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert batcher.stats.prepared == 0 and batcher.stats.prepare_s == 0  # a failed one is not counted
     batcher.close()
     prepared: list[str] = []
     batcher = MicroBatcher(Recorder(), window_s=0.0, prepare=prepared.append)

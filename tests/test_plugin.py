@@ -338,3 +338,18 @@ def test_with_the_disk_full_stored_adapters_resolve_and_new_ones_are_503(own_ckp
         assert Path(again.lora_path).is_dir() and resolver.store.get(Path(again.lora_path).name) is not None
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_early_encoding_follows_its_setting(own_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`LORAGEN_ENCODE_EARLY` reaches the in-process backend: on by default, off with `0`."""
+    monkeypatch.setenv("LORAGEN_GENERATOR", str(own_ckpt))
+    for value, early in ((None, True), ("0", False), ("1", True)):
+        if value is None:
+            monkeypatch.delenv("LORAGEN_ENCODE_EARLY", raising=False)
+        else:
+            monkeypatch.setenv("LORAGEN_ENCODE_EARLY", value)
+        config = PluginConfig.from_env()
+        assert config is not None and config.encode_early is early
+        backend = config.make_backend()
+        assert isinstance(backend, InProcessBackend) and (backend._batcher.prepare is not None) is early
+        backend.close()

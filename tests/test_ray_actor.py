@@ -77,3 +77,18 @@ def test_a_call_past_its_deadline_is_dropped_not_generated(generator_actor):
     assert after["generated"] - before["generated"] == 1  # only the call still wanted
     assert after["expired"] - before["expired"] == 1
     assert decode_meta(on_time[1]).actor_pid == actor_health()["pid"]
+
+
+def test_a_lone_call_is_encoded_during_its_window(generator_actor):
+    """The actor's batching window is not idle: its pass thread encodes the window's first
+    description meanwhile (`ActorConfig.encode_early`, on by default), counted in `health()`."""
+    before = actor_health()
+    assert before["config"]["encode_early"] is True
+    for i in range(3):  # one at a time: each call opens a window of its own
+        ray.get(find_actor().generate.remote(f"Count the vowels in word number {i}.", 0), timeout=120)
+    after = actor_health()["stats"]
+    assert after["generated"] - before["stats"]["generated"] == 3
+    # Each lone call is prepared unless the actor's loop reached it only after its window (a few
+    # ms) had passed; all three that late would mean a stalled actor.
+    assert 1 <= after["encoded_early"] - before["stats"]["encoded_early"] <= 3
+    assert after["encode_early_s"] > before["stats"]["encode_early_s"]
