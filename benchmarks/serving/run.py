@@ -127,8 +127,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
             print(f"starting the server (log: {log_path})\n  {' '.join(cmd)}", flush=True)
             t = time.perf_counter()
             server = server_mod.start(cmd, env, port, log_path, timeout_s=args.start_timeout)
+            # What the server saw: this benchmark's settings and the LORAGEN_* ones it inherited.
+            inherited = {k: v for k, v in os.environ.items() if k.startswith("LORAGEN_") and k not in env}
             meta["server"] = {"started_by_benchmark": True, "command": cmd,
-                              "env": {k: v for k, v in env.items() if k != "LORAGEN_ADMIN_KEY"},
+                              "env": {k: v for k, v in {**inherited, **env}.items() if k != "LORAGEN_ADMIN_KEY"},
                               "store": str(store_dir), "startup_s": time.perf_counter() - t,
                               "log": str(log_path)}
         else:
