@@ -210,8 +210,8 @@ class InProcessBackend:
         early = self._batcher.stats.prepare_s - self._prepare_s_logged
         self._prepare_s_logged += early
         logger.info(
-            "generator pass %d finished: %d adapter(s) in %.3f s (encode %.3f + %.3f during the window, "
-            "diffuse %.3f, decode %.3f)",
+            "generator pass %d finished: %d adapter(s) in %.4f s (encode %.4f + %.4f during the window, "
+            "diffuse %.4f, decode %.4f)",  # benchmarks/serving/server_timings.py parses this line
             n, len(descriptions), time.perf_counter() - t0, seconds.get("encode", 0.0), early,
             seconds.get("diffuse", 0.0), seconds.get("decode", 0.0),
         )

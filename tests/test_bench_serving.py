@@ -138,6 +138,14 @@ def test_server_timings_attach_to_the_generating_request(tmp_path):
     bd = summarize_phases(phases)["scenarios"]["generated_cold"]["breakdown"]
     assert bd["wait"]["p50"] == pytest.approx(0.5 - 0.3)
     assert bd["serialise"]["p50"] == pytest.approx(0.3 - 0.24)
+    # The backend's line since early encoding (loragen_vllm/backends.py): the window's encoding
+    # is its own part, taken out of the wait.
+    del first["server"]
+    log = log.replace("(encode 0.010, diffuse", "(encode 0.001 + 0.009 during the window, diffuse")
+    attach_server_timings(phases, log, tmp_path)
+    assert first["server"]["encode_early"] == 0.009 and first["server"]["encode"] == 0.001
+    bd = summarize_phases(phases)["scenarios"]["generated_cold"]["breakdown"]
+    assert bd["wait"]["p50"] == pytest.approx(0.5 - 0.3 - 0.009) and bd["encode_early"]["p50"] == 0.009
     assert bd["publish+load+first_token"]["p50"] == pytest.approx(0.9 - 0.5)
     structured = 'x loragen timing {"description": "Sort the list.", "queue": 0.02, "encode": 0.01}\nbad loragen timing {'
     assert parse_timing_lines(structured) == {"Sort the list.": {"queue": 0.02, "encode": 0.01}}

@@ -107,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
                                                 "(after the targets changed).")
         p.add_argument("result")
         p.add_argument("--write", action="store_true", help="write them back into the result (meta.recomputed)")
+        p.add_argument("--server-log", type=Path, help="the run's server log: read the generator passes' timings "
+                       "again from it (for a result whose parser missed them)")
         a = p.parse_args(argv[1:])
         from benchmarks.serving.run import recompute
 
-        recompute(Path(a.result), write=a.write)
+        recompute(Path(a.result), write=a.write, server_log=a.server_log)
         return 0
     if argv[:1] == ["workload"]:
         p = argparse.ArgumentParser(prog="python -m benchmarks.serving workload")

@@ -13,7 +13,7 @@ from benchmarks.serving.stats import (
 )
 
 # Parts of a generated adapter's time to first token, in plot order (see `ttft_parts`).
-PARTS = ("wait", "queue", "until_publish", "encode", "diffuse", "decode", "serialise", "publish",
+PARTS = ("wait", "encode_early", "queue", "until_publish", "encode", "diffuse", "decode", "serialise", "publish",
          "publish+load+first_token", "load+first_token")
 
 SINGLE = ("base", "oracle_preloaded", "oracle_first_use", "oracle_loaded", "generated_cold",
@@ -38,8 +38,10 @@ def ttft_parts(r: dict) -> dict[str, float] | None:
     - plugin timing line with publish: queue, encode, diffuse, decode, publish, and the rest
       ("load+first_token": vLLM loads the adapter, prefill, first decode step, HTTP);
     - store metadata and the pass log: "wait" (validation, store lookup, micro-batch window,
-      earlier passes), encode, diffuse, decode, "serialise" (rest of the pass: PEFT bytes),
-      and "publish+load+first_token" (from the moment publishing started);
+      earlier passes; less "encode_early", where the pass's line has it: the window's first
+      description encoded during the window, before the pass), encode, diffuse, decode,
+      "serialise" (rest of the pass: PEFT bytes), and "publish+load+first_token" (from the
+      moment publishing started);
     - store metadata only: "until_publish" and "publish+load+first_token".
     """
     srv, ttft = r.get("server"), r.get("ttft")
@@ -55,7 +57,9 @@ def ttft_parts(r: dict) -> dict[str, float] | None:
         return None
     if all(num(k) is not None for k in ("encode", "diffuse", "decode", "pass_s")):
         e, d, c, t = num("encode"), num("diffuse"), num("decode"), num("pass_s")
-        return {"wait": pa - t, "encode": e, "diffuse": d, "decode": c, "serialise": t - e - d - c,
+        early = num("encode_early")
+        return {"wait": pa - t - (early or 0.0), **({"encode_early": early} if early is not None else {}),
+                "encode": e, "diffuse": d, "decode": c, "serialise": t - e - d - c,
                 "publish+load+first_token": ttft - pa}
     return {"until_publish": pa, "publish+load+first_token": ttft - pa}
 

@@ -197,14 +197,28 @@ def build_result(meta: dict, phases: list[dict]) -> dict:
             "phases": phases}
 
 
-def recompute(path: Path, write: bool = False) -> dict:
+def recompute(path: Path, write: bool = False, server_log: Path | None = None) -> dict:
     """A result's summary, ratios and targets made again from its phases and printed; with
-    `write`, stored back with when and by which commit (meta.recomputed)."""
+    `server_log` (the run's server log), the generator passes' timings read again from it first
+    (`reattach_pass_lines`); with `write`, stored back with when and by which commit
+    (meta.recomputed)."""
     result = json.loads(path.read_text())
+    reattached = None
+    if server_log is not None:
+        from benchmarks.serving.server_timings import reattach_pass_lines
+
+        gen, env = result["meta"].get("generator") or {}, (result["meta"].get("server") or {}).get("env") or {}
+        if not gen.get("fingerprint"):
+            raise SystemExit(f"error: {path} names no generator fingerprint (meta.generator)")
+        reattached = reattach_pass_lines(result["phases"], server_log.read_text(errors="replace"),
+                                         gen["fingerprint"], int(env.get("LORAGEN_SEED", 0)))
+        print(f"pass timings re-read from {server_log} for {reattached} request(s)")
     new = build_result(result["meta"], result["phases"])
     if write:
         new["meta"]["recomputed"] = {"commit": meta_mod.git_state()["commit"],
                                      "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if reattached is not None:
+            new["meta"]["recomputed"]["pass_timings_from"] = {"server_log": server_log.name, "requests": reattached}
         path.write_text(json.dumps(new, indent=1, default=str))
         print(f"wrote {path}")
     print_summary(new)

@@ -5,7 +5,8 @@ Read from what the server writes, matched to client requests by description, nev
   publishing starts, so `published_after` = created - request start (client clock; same
   machine) covers validation, queueing, the generator pass and serialisation;
 - the in-process backend's log line per generator pass
-  (`generator pass N [finished]: B adapter(s) in T s (encode e, diffuse d, decode c)`) and the plugin's
+  (`generator pass N [finished]: B adapter(s) in T s (encode e[ + w during the window], diffuse d,
+  decode c)`; w: the window's first description encoded before the pass) and the plugin's
   line per generated adapter (`loragen generated adapter key=K in T s ...`), which follows
   its pass's line: each adapter line is given to the latest earlier pass that still has room;
 - a structured line `loragen timing {json}` per adapter, if the plugin writes one (fields:
@@ -30,7 +31,8 @@ except ImportError:  # pragma: no cover - the benchmark may run without the proj
 
 
 _PASS_RE = re.compile(r"generator pass (?P<n>\d+)(?: finished)?: (?P<b>\d+) adapter\(s\) in (?P<t>[\d.]+) s "
-                      r"\(encode (?P<e>[\d.]+), diffuse (?P<d>[\d.]+), decode (?P<c>[\d.]+)\)")
+                      r"\(encode (?P<e>[\d.]+)(?: \+ (?P<early>[\d.]+) during the window)?, "
+                      r"diffuse (?P<d>[\d.]+), decode (?P<c>[\d.]+)\)")
 _GEN_RE = re.compile(r"loragen generated adapter key=(?P<key>[0-9a-f]{64}) in (?P<t>[\d.]+) s")
 _TIMING_RE = re.compile(r"loragen[-_ ]timing (?P<json>\{.*\})\s*$")
 
@@ -51,13 +53,15 @@ def store_meta(store_dir: Path | None) -> dict[str, dict]:
 
 
 def parse_pass_lines(log_text: str) -> dict[str, dict]:
-    """Store key -> its generator pass {encode, diffuse, decode, pass_s, batch_size, gen_publish_s}."""
+    """Store key -> its generator pass {encode, diffuse, decode, pass_s, batch_size, gen_publish_s,
+    and encode_early where the line has it}."""
     passes: list[dict] = []
     out: dict[str, dict] = {}
     for line in log_text.splitlines():
         if m := _PASS_RE.search(line):
             passes.append({"batch_size": int(m["b"]), "pass_s": float(m["t"]), "encode": float(m["e"]),
-                           "diffuse": float(m["d"]), "decode": float(m["c"]), "room": int(m["b"])})
+                           "diffuse": float(m["d"]), "decode": float(m["c"]), "room": int(m["b"])}
+                          | ({"encode_early": float(m["early"])} if m["early"] is not None else {}))
         elif m := _GEN_RE.search(line):
             owner = next((p for p in reversed(passes) if p["room"] > 0), None)
             if owner is None:
@@ -123,3 +127,26 @@ def attach_server_timings(phases: list[dict], log_text: str, store_dir: Path | N
     leaked = sorted(m["description"] for m in meta.values() if m["description"].startswith("oracle-"))
     return {"store_adapters": len(meta), "pass_log_adapters": len(passes), "timing_lines": len(structured),
             "records_with_server_timings": n_attached, "oracle_names_generated": leaked}
+
+
+def reattach_pass_lines(phases: list[dict], log_text: str, fingerprint: str, seed: int = 0) -> int:
+    """Add the generator pass's timings from a saved server log to records that got only the
+    store's (``source == "store_meta"``: the log's pass lines were not read when the run ended,
+    e.g. a format the parser did not know yet). The store is gone by then, so each record's
+    store key is computed from its description, the generator's fingerprint and the seed.
+    Returns how many records gained pass timings."""
+    from loragen_vllm.store import AdapterStore
+
+    passes = parse_pass_lines(log_text)
+    n = 0
+    for p in phases:
+        for r in p["records"]:
+            srv = r.get("server")
+            if not srv or srv.get("source") != "store_meta":
+                continue
+            found = passes.get(AdapterStore.key(r["model"], fingerprint, seed))
+            if found:
+                srv.update(found)
+                srv["source"] = "store_meta+pass_log"
+                n += 1
+    return n
