@@ -16,6 +16,7 @@
 #   bash benchmarks/quality/gpu_pipeline.sh soup      # weight averages of checkpoints ($SOUPS) vs the incumbent
 #   bash benchmarks/quality/gpu_pipeline.sh named_labels       # SFT with descriptions naming labels, and its control
 #   bash benchmarks/quality/gpu_pipeline.sh named_labels_eval  # both on validation, plain and naming labels; the rule
+#   bash benchmarks/quality/gpu_pipeline.sh winner_test_rows   # test rows, once, of a winner chosen elsewhere ($WINNER)
 #
 # train: LoRAGen on all training tasks (with snapshots along its denoiser steps: quality against
 #   steps), LoRAGen on the first 50 / 100 training tasks (quality against tasks), T2L
@@ -551,6 +552,22 @@ print(' '.join(sorted(train_labels(load_tasks('data/sni/tasks', load_splits('dat
     $(cd "$WORK" && ls eval_named_val_*.log eval_loragen_named*.log eval_incumbent_labels.log eval_system_labels.log 2>/dev/null) \
     $( [ -d "$qt" ] && echo q_test_named )
   echo "named_labels_eval phase done at $((SECONDS - start)) s"
+  ;;
+winner_test_rows)
+  # A new default chosen elsewhere (e.g. a weight average made and chosen on validation on the
+  # CPU), staged as WINNER (`staged_checkpoint`: /tmp/stage/files/<WINNER>_model.safetensors and
+  # .devtools/<WINNER>/config.json): its rows on test, once, as the phases above give a winner's
+  # (as served on test + in-distribution, its controls, user-style descriptions), and naming
+  # labels (`--name-labels`), as row WIN_ROW (default loragen_<WINNER>).
+  name=${WINNER:?set WINNER} row=${WIN_ROW:-loragen_$WINNER} qt="$WORK/q_test_$WINNER"
+  $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
+  staged_checkpoint "$name"
+  test_rows "$row" "$qt" "$CK/$name"
+  gen "${row}_labels" "$qt" --generator "$CK/$name" --task-set test --rows "${row}_labels" --system-prompt --name-labels
+  waitall
+  for f in "$WORK"/eval_"$row"*.log; do echo "== $f"; tail -n 2 "$f"; done
+  tar czf "$OUT/generations_$WINNER.tgz" -C "$WORK" "q_test_$WINNER" $(cd "$WORK" && ls eval_"$row"*.log)
+  echo "winner_test_rows phase done at $((SECONDS - start)) s"
   ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac
