@@ -63,6 +63,28 @@ def compute_fingerprint(config: dict[str, Any], state: dict[str, torch.Tensor]) 
     return h.hexdigest()
 
 
+def mean_of_samples(
+    A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], k: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Factors of k samples per description, rows grouped by description (A[m] (N*k, L, r, d_in),
+    B[m] (N*k, L, d_out, r)) -> rank-r factors of each description's mean dW = mean_j B_j A_j,
+    its best rank-r approximation (Eckart-Young): the mean is [B_1 .. B_k] / k @ [A_1; ..; A_k], so
+    QR of both stacked factors and an SVD of the (k*r, k*r) core give it without forming dW."""
+    mA, mB = {}, {}
+    for m in A:
+        n, layers, r, d_in = A[m].shape[0] // k, A[m].shape[1], A[m].shape[2], A[m].shape[3]
+        d_out = B[m].shape[2]
+        a = A[m].float().reshape(n, k, layers, r, d_in).permute(0, 2, 1, 3, 4).reshape(n, layers, k * r, d_in)
+        b = B[m].float().reshape(n, k, layers, d_out, r).permute(0, 2, 3, 1, 4).reshape(n, layers, d_out, k * r) / k
+        qb, rb = torch.linalg.qr(b)                    # (n, L, d_out, kr), (n, L, kr, kr)
+        qa, ra = torch.linalg.qr(a.transpose(-1, -2))  # (n, L, d_in, kr), (n, L, kr, kr)
+        u, sv, vh = torch.linalg.svd(rb @ ra.transpose(-1, -2))  # dW = qb (u sv vh) qa^T
+        root = sv[..., :r].sqrt()
+        mB[m] = (qb @ u[..., :r] * root.unsqueeze(-2)).to(B[m].dtype)                  # (n, L, d_out, r)
+        mA[m] = (root.unsqueeze(-1) * vh[..., :r, :] @ qa.transpose(-1, -2)).to(A[m].dtype)  # (n, L, r, d_in)
+    return mA, mB
+
+
 class Generator:
     """A trained generator (LoRAGen or T2L) on one device."""
 
@@ -83,6 +105,10 @@ class Generator:
         self.target = target
         self.configs = configs
         self.sampler = {**SamplerConfig().to_dict(), **(sampler or {})}
+        if int(self.sampler["samples"]) < 1:
+            raise ValueError(f"sampler samples must be >= 1, got {self.sampler['samples']}")
+        if self.sampler["samples"] == 1:  # the default is not recorded (older fingerprints stay)
+            del self.sampler["samples"]
         self.extra = dict(extra or {})
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -155,7 +181,7 @@ class Generator:
         return gen
 
     def with_sampler(self, **sampler: Any) -> "Generator":
-        """The same weights with other sampler defaults (`steps`, `guidance`): a new fingerprint.
+        """The same weights with other sampler defaults (`steps`, `guidance`, `samples`): a new fingerprint.
 
         Both generators share the model (and its CUDA graphs, if on).
         """
@@ -214,13 +240,21 @@ class Generator:
             timings[stage] = now - last[0]
             last[0] = now
 
-        gens = [torch.Generator().manual_seed(noise_seed(seed, d)) for d in descriptions]
+        k = int(self.sampler.get("samples", 1)) if self.kind == "loragen" else 1  # T2L draws no noise
+        if k > 1:  # k noises per description, the first the one a single sample uses: (N*k, d_cond)
+            cond = cond.repeat_interleave(k, dim=0)
+        gens = [torch.Generator().manual_seed(noise_seed(seed, d if j == 0 else f"{d}\x00sample {j}"))
+                for d in descriptions for j in range(k)]
         A, B = self.model.generate_factors(
             cond, gens,
             steps=int(self.sampler["steps"] if steps is None else steps),
             guidance=float(self.sampler["guidance"] if guidance is None else guidance),
             mark=mark,
         )
+        if k > 1:
+            A, B = mean_of_samples(A, B, k)
+            sync()
+            timings["decode"] = timings.get("decode", 0.0) + (time.perf_counter() - last[0])
         return A, B
 
     def generate_timed(

@@ -224,6 +224,9 @@ class SamplerConfig(_JSONMixin):
 
     steps: int = 20                # DDIM steps (LoRAGen)
     guidance: float = 1.0          # classifier-free guidance scale (1.0 = conditional only)
+    # Samples averaged into one adapter (LoRAGen; `mean_of_samples`). A checkpoint's config records
+    # it only when it is not 1, so checkpoints made before it keep their fingerprints.
+    samples: int = 1
 
 
 @dataclass

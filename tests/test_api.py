@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from generator import Generator, LoRAAdapter, TargetSpec
-from generator.api import CONFIG_FILE, WEIGHTS_FILE, compute_fingerprint
+from generator.api import CONFIG_FILE, WEIGHTS_FILE, compute_fingerprint, mean_of_samples
 from generator.models import build_model
 
 
@@ -105,6 +105,39 @@ def test_with_sampler_keeps_the_weights_and_changes_the_fingerprint(gen):
     assert other.sampler["steps"] == 5 and gen.sampler["steps"] == 10 and other.fingerprint != gen.fingerprint
     with pytest.raises(ValueError, match="unknown sampler settings"):
         gen.with_sampler(temperature=0.5)
+
+
+def test_mean_of_samples_is_the_best_rank_r_approximation_of_the_mean():
+    torch.manual_seed(0)
+    n, k, layers, r, d_in, d_out = 2, 4, 3, 8, 48, 24
+    A = {"q": torch.randn(n * k, layers, r, d_in)}
+    B = {"q": torch.randn(n * k, layers, d_out, r)}
+    mA, mB = mean_of_samples(A, B, k)
+    assert mA["q"].shape == (n, layers, r, d_in) and mB["q"].shape == (n, layers, d_out, r)
+    dw = (B["q"] @ A["q"]).reshape(n, k, layers, d_out, d_in).mean(1)  # each description's mean dW
+    u, sv, vh = torch.linalg.svd(dw)
+    best = u[..., :r] @ torch.diag_embed(sv[..., :r]) @ vh[..., :r, :]  # Eckart-Young
+    assert torch.allclose(mB["q"] @ mA["q"], best, atol=1e-4, rtol=1e-4)
+
+
+def test_samples_average_noises_into_one_adapter_of_the_same_shape(gen, tmp_path):
+    """`samples: k` is part of the checkpoint (a new fingerprint, saved and loaded); 1, the
+    default, is not recorded, so older checkpoints keep their fingerprints."""
+    assert "samples" not in gen.sampler and "samples" not in gen.config_dict()["sampler"]
+    assert gen.with_sampler(samples=1).fingerprint == gen.fingerprint
+    mean4 = gen.with_sampler(samples=4)
+    assert mean4.fingerprint != gen.fingerprint and mean4.sampler["samples"] == 4
+    d = "Classify the sentiment of product reviews."
+    one, four = gen.generate([d], seed=3)[0], mean4.generate([d], seed=3)[0]
+    assert four.target == one.target and four.A["q_proj"].shape == one.A["q_proj"].shape
+    assert mean4.generate([d], seed=3)[0].to_peft_files() == four.to_peft_files()  # deterministic
+    # Averaging cancels part of the seed's noise: the mean is smaller than one sample.
+    norm = lambda a: (a.B["q_proj"] @ a.A["q_proj"]).norm()  # noqa: E731
+    assert norm(four) < norm(one)
+    loaded = Generator.load(mean4.save(tmp_path / "mean4"))
+    assert loaded.fingerprint == mean4.fingerprint and loaded.generate([d], seed=3)[0].to_peft_files() == four.to_peft_files()
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        gen.with_sampler(samples=0)
 
 
 def test_default_checkpoint_fits_30mb(tmp_path):
