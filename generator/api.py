@@ -105,8 +105,9 @@ class Generator:
         self.target = target
         self.configs = configs
         self.sampler = {**SamplerConfig().to_dict(), **(sampler or {})}
-        if int(self.sampler["samples"]) < 1:
-            raise ValueError(f"sampler samples must be >= 1, got {self.sampler['samples']}")
+        samples = self.sampler["samples"]
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"sampler samples must be an int >= 1, got {samples!r}")
         if self.sampler["samples"] == 1:  # the default is not recorded (older fingerprints stay)
             del self.sampler["samples"]
         self.extra = dict(extra or {})
@@ -240,7 +241,7 @@ class Generator:
             timings[stage] = now - last[0]
             last[0] = now
 
-        k = int(self.sampler.get("samples", 1)) if self.kind == "loragen" else 1  # T2L draws no noise
+        k = self.sampler.get("samples", 1) if self.kind == "loragen" else 1  # T2L draws no noise
         if k > 1:  # k noises per description, the first the one a single sample uses: (N*k, d_cond)
             cond = cond.repeat_interleave(k, dim=0)
         gens = [torch.Generator().manual_seed(noise_seed(seed, d if j == 0 else f"{d}\x00sample {j}"))

@@ -136,8 +136,9 @@ def test_samples_average_noises_into_one_adapter_of_the_same_shape(gen, tmp_path
     assert norm(four) < norm(one)
     loaded = Generator.load(mean4.save(tmp_path / "mean4"))
     assert loaded.fingerprint == mean4.fingerprint and loaded.generate([d], seed=3)[0].to_peft_files() == four.to_peft_files()
-    with pytest.raises(ValueError, match="samples must be >= 1"):
-        gen.with_sampler(samples=0)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="samples must be an int >= 1"):
+            gen.with_sampler(samples=bad)
 
 
 def test_default_checkpoint_fits_30mb(tmp_path):
