@@ -17,6 +17,8 @@
 #   bash benchmarks/quality/gpu_pipeline.sh named_labels       # SFT with descriptions naming labels, and its control
 #   bash benchmarks/quality/gpu_pipeline.sh named_labels_eval  # both on validation, plain and naming labels; the rule
 #   bash benchmarks/quality/gpu_pipeline.sh winner_test_rows   # test rows, once, of a winner chosen elsewhere ($WINNER)
+#   bash benchmarks/quality/gpu_pipeline.sh fit       # SFT on the in-distribution tasks alone vs on all (fit)
+#   bash benchmarks/quality/gpu_pipeline.sh fit_eval  # their in-distribution and validation rows; the rule
 #
 # train: LoRAGen on all training tasks (with snapshots along its denoiser steps: quality against
 #   steps), LoRAGen on the first 50 / 100 training tasks (quality against tasks), T2L
@@ -552,6 +554,61 @@ print(' '.join(sorted(train_labels(load_tasks('data/sni/tasks', load_splits('dat
     $(cd "$WORK" && ls eval_named_val_*.log eval_loragen_named*.log eval_incumbent_labels.log eval_system_labels.log 2>/dev/null) \
     $( [ -d "$qt" ] && echo q_test_named )
   echo "named_labels_eval phase done at $((SECONDS - start)) s"
+  ;;
+fit)
+  # Issue 14, where the in-distribution gap comes from: does the generator fit the tasks it trains
+  # on, given an oracle's budget of examples per task? LoRAGen SFT continued from $INIT as served
+  # (system prompt, its sampler), side by side: on the 32 in-distribution tasks alone (arm id32:
+  # every task in every step, 8 x FIT_STEPS examples each, 2x an oracle's 1600 at 400 steps) and on
+  # all training tasks (arm all: ~0.75 examples per task per step), FIT_STEPS (400) at FIT_LR
+  # (1e-4), snapshots at FIT_SNAPSHOTS (100 200). Training only: fit_eval follows in the next call
+  # on the warm machine ($CK is kept).
+  $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"  # once, before the readers
+  mkdir -p "$WORK/subsets"
+  $PY -c "from generator.data.sni import load_splits; print('\n'.join(load_splits('data/sni/tasks').in_distribution_eval))" \
+    > "$WORK/subsets/id32.txt"
+  common=(--kind loragen --init "$INIT" --tasks data/sni/tasks --device $DEV --no-progress --threads 2 --resume
+    --system-prompt --steps "${FIT_STEPS:-400}" --lr "${FIT_LR:-1e-4}" --snapshots ${FIT_SNAPSHOTS:-100 200}
+    --max-seconds $(( $(left) > 60 ? $(left) - 40 : 20 )))
+  if [ "${DRY:-0}" = 1 ]; then common+=(--steps 2 --tasks-per-step 2 --examples-per-task 2 --sampler-steps 3 --snapshots 1)
+    head -n 2 "$WORK/subsets/id32.txt" > "$WORK/subsets/id2.txt"; fi
+  idfile="$WORK/subsets/id32.txt"; [ "${DRY:-0}" = 1 ] && idfile="$WORK/subsets/id2.txt"
+  run loragen_fit_id32 $PY -m generator.training.sft --out "$CK/loragen_fit_id32" "${common[@]}" --tasks-file "$idfile"
+  run loragen_fit_all $PY -m generator.training.sft --out "$CK/loragen_fit_all" "${common[@]}"
+  waitall
+  for f in "$WORK"/train_loragen_fit_*.log; do echo "== $f"; tail -n 3 "$f"; done
+  (cd "$WORK" && tar czf "$OUT/fit_logs.tgz" train_loragen_fit_*.log subsets)
+  echo "fit phase done at $((SECONDS - start)) s"
+  ;;
+fit_eval)
+  # The in-distribution rows (32 training tasks, 3 unseen descriptions each, as the table) of the
+  # incumbent and of every checkpoint and snapshot of both fit arms; validation rows (2 descriptions
+  # per task, as served) of the incumbent, of arm all (final and snapshots: the candidates) and of
+  # arm id32's final (a diagnostic, no candidate). The rule, fixed before any result: the best
+  # mean validation EM among the incumbent and arm all's checkpoints wins (ties: the incumbent);
+  # a winner gets its rows on test, once, and its weights back in $OUT.
+  qv="$WORK/q_validation_fit" qi="$WORK/q_id_fit" qt="$WORK/q_test_fit"
+  idonly=(); [ "${DRY:-0}" = 1 ] && idonly=(--only $(head -n 2 "$WORK/subsets/id32.txt"))
+  $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
+  cands=()
+  candidate incumbent "$INIT" "$qv" val_fit_incumbent
+  gen id_fit_incumbent "$qi" --generator "$INIT" --task-set in_distribution --rows incumbent --system-prompt "${idonly[@]}"
+  for d in "$CK"/loragen_fit_{all,id32}/ "$CK"/loragen_fit_{all,id32}/snapshots/sft-*/; do
+    [ -f "$d/config.json" ] && [ ! -f "$d/train_state.pt" ] || continue  # a run its deadline stopped is no candidate
+    name=$(basename "$d"); [[ $name == sft-* ]] && name="$(basename "$(dirname "$(dirname "$d")")")_at${name#sft-}"
+    name=${name#loragen_}
+    gen "id_$name" "$qi" --generator "$d" --task-set in_distribution --rows "$name" --system-prompt "${idonly[@]}"
+    if [[ $name == fit_all* ]]; then candidate "$name" "${d%/}" "$qv"
+    elif [ "$name" = fit_id32 ]; then
+      gen "val_$name" "$qv" --generator "$d" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
+    fi
+    if [ ${#pids[@]} -ge "${MAX_ROWS:-6}" ]; then waitall; fi
+  done
+  settle fit loragen_fit "$qt"
+  for f in "$WORK"/eval_*fit*.log; do echo "== $f"; tail -n 2 "$f"; done
+  tar czf "$OUT/generations_fit.tgz" -C "$WORK" q_validation_fit q_id_fit choice_fit.json \
+    $(cd "$WORK" && ls eval_*fit*.log) $( [ -d "$qt" ] && echo q_test_fit )
+  echo "fit_eval phase done at $((SECONDS - start)) s"
   ;;
 winner_test_rows)
   # A new default chosen elsewhere (e.g. a weight average made and chosen on validation on the
