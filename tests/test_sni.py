@@ -169,6 +169,29 @@ def test_sft_step_curve_from_snapshot_rows(tasks, tmp_path):
     assert (tmp_path / "curve.png").stat().st_size > 0
 
 
+def test_in_distribution_sft_curve_with_its_control_and_the_oracle(tasks, tmp_path):
+    """In-distribution rows of an SFT run make its curve, its random-string control rows a curve of
+    their own, and the committed oracle row's mean over the tasks answered (not all 32) the
+    reference; the plot is written."""
+    from benchmarks.quality.curves import curves, plot
+
+    splits = load_splits(TASKS)
+    by = {t.name: t for t in tasks}
+    a, b, c_ = splits.in_distribution_eval[:3]
+    _validation_row(tmp_path, by, "incumbent", {a: False, b: False}, sft_step=0)
+    _validation_row(tmp_path, by, "fit_at50", {a: True, b: False}, sft_step=50)
+    _validation_row(tmp_path, by, "fit", {a: True, b: True}, sft_step=100)
+    _validation_row(tmp_path, by, "fit_at50_random", {a: False, b: False}, sft_step=50)
+    table = tmp_path / "quality.json"
+    table.write_text(json.dumps({"rows": {"oracle": {"per_task": {
+        a: {"exact_match": 80.0}, b: {"exact_match": 40.0}, c_: {"exact_match": 0.0}}}}}))
+    c = curves(str(TASKS), {"in_distribution": tmp_path}, oracle_from=table)["in_distribution"]
+    assert c["sft"] == {"fit": {50: 50.0, 100: 100.0}, "fit_random": {50: 0.0}}
+    assert c["incumbent"] == 0.0 and c["oracle"] == 60.0
+    plot({"in_distribution": c}, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
+
+
 def test_checkpoint_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path):  # noqa: F811
     """The best validation EM wins; a tie goes to the first candidate (the incumbent); candidates
     scored on different task sets, or rows another checkpoint generated, are refused."""

@@ -5,12 +5,17 @@ checkpoint's own sampler): `loragen_n<N>` (LoRAGen trained on the first N traini
 `loragen_dit-<S>` (the all-task LoRAGen after S denoiser steps; its last snapshot is the point
 "all tasks" of the first curve), in a validation and a test folder; and SFT runs with snapshots
 (`gpu_pipeline.sh sft_curve`): rows `<run>_at<S>` and `<run>` whose generations record `sft_step`,
-one curve per run against SFT steps, beside the `incumbent` row (the shipped default). Writes
-`<stem>.json` and `<stem>.png` with the curves that have points, validation and test, and the
-3-shot and oracle rows for scale.
+one curve per run against SFT steps, beside the `incumbent` row (the shipped default); a run's
+conditioning control rows `<run>_at<S>_random` (and `<run>_random`) make a curve of their own,
+`<run>_random`. An in-distribution folder (`--in-distribution`: rows on training tasks) gives the
+same curves on those tasks, with the oracles' mean over the tasks its rows answered taken from a
+committed table (`--oracle-from benchmarks/results/quality.json`). Writes `<stem>.json` and
+`<stem>.png` with the curves that have points, and the 3-shot and oracle rows for scale.
 
     python -m benchmarks.quality.curves --tasks data/sni/tasks --validation runs/q_validation \
         --test runs/q_test --results benchmarks/results
+    python -m benchmarks.quality.curves --tasks data/sni/tasks --in-distribution runs/q_id_fit \
+        --oracle-from benchmarks/results/quality.json --stem quality_fit
 """
 
 from __future__ import annotations
@@ -25,13 +30,26 @@ from generator.data.sni import load_splits, load_tasks
 from .score import read_row, score_answers
 
 N_RE, S_RE = re.compile(r"^loragen_n(\d+)$"), re.compile(r"^loragen_dit-(\d+)$")
-AT_RE = re.compile(r"_at\d+$")  # an SFT snapshot's row: <run>_at<step>
+AT_RE = re.compile(r"_at\d+(?=(?:_random)?$)")  # an SFT snapshot's row: <run>_at<step>[_random]
+SPLITS = {"validation": "o--", "test": "s-", "in_distribution": "^-"}  # plot style of each split's curves
+
+
+def _per_task(path: Path, tasks: dict, names: list[str]) -> dict[str, dict]:
+    return score_answers(read_row(path)[1], {n: tasks[n] for n in names if n in tasks})
 
 
 def _em(path: Path, tasks: dict, names: list[str]) -> float | None:
-    meta, answers = read_row(path)
-    per_task = score_answers(answers, {n: tasks[n] for n in names if n in tasks})
+    per_task = _per_task(path, tasks, names)
     return round(sum(v["exact_match"] for v in per_task.values()) / len(per_task), 2) if per_task else None
+
+
+def _oracle_em(table: Path, folder: Path, tasks: dict, names: list[str]) -> float | None:
+    """The committed oracle row's mean EM (``rows.oracle.per_task`` of a quality table) over the
+    tasks that the rows in `folder` answered."""
+    answered = {t for path in folder.glob("*.jsonl") for t in _per_task(path, tasks, names)}
+    oracle = json.loads(table.read_text())["rows"]["oracle"]["per_task"]
+    have = [oracle[t]["exact_match"] for t in sorted(answered) if t in oracle]
+    return round(sum(have) / len(have), 2) if have else None
 
 
 def _sft_points(folder: Path, tasks: dict, names: list[str]) -> dict[str, dict[int, float | None]]:
@@ -48,11 +66,14 @@ def _sft_points(folder: Path, tasks: dict, names: list[str]) -> dict[str, dict[i
     return {run: dict(sorted(v.items())) for run, v in sorted(points.items()) if run in snapshotted}
 
 
-def curves(tasks_dir: str, folders: dict[str, Path]) -> dict:
-    """{split: {"tasks": {N: EM}, "steps": {S: EM}, "icl": EM, "oracle": EM}} for the given folders."""
+def curves(tasks_dir: str, folders: dict[str, Path], oracle_from: Path | None = None) -> dict:
+    """{split: {"tasks": {N: EM}, "steps": {S: EM}, "icl": EM, "oracle": EM}} for the given folders
+    (splits: validation, test, in_distribution); `oracle_from`: a quality table whose oracle row
+    gives the in-distribution folder's "oracle"."""
     tasks = {t.name: t for t in load_tasks(tasks_dir)}
     splits = load_splits(tasks_dir)
-    names = {"validation": list(splits.validation), "test": list(splits.test)}
+    names = {"validation": list(splits.validation), "test": list(splits.test),
+             "in_distribution": list(splits.in_distribution_eval)}
     out: dict = {"num_train_tasks": len(splits.train)}
     for split, folder in folders.items():
         res: dict = {"tasks": {}, "steps": {}}
@@ -69,6 +90,8 @@ def curves(tasks_dir: str, folders: dict[str, Path]) -> dict:
         res["tasks"] = dict(sorted(res["tasks"].items()))
         res["steps"] = dict(sorted(res["steps"].items()))
         res["sft"] = _sft_points(folder, tasks, names[split])
+        if split == "in_distribution" and oracle_from is not None:
+            res["oracle"] = _oracle_em(oracle_from, folder, tasks, names[split])
         out[split] = res
     return out
 
@@ -83,22 +106,22 @@ def plot(c: dict, path: Path) -> None:
     panels = [(key, xlabel, title) for key, xlabel, title in (
         ("tasks", "training tasks", "quality against the number of training tasks"),
         ("steps", "denoiser training steps", "quality against training steps (all tasks)"),
-        ("sft", "SFT steps from the reconstruction checkpoint", "quality against SFT steps (as served)"),
-    ) if any(c.get(split, {}).get(key) for split in ("validation", "test"))]
+        ("sft", "SFT steps", "quality against SFT steps (as served)"),
+    ) if any(c.get(split, {}).get(key) for split in SPLITS)]
     if not panels:
         raise ValueError("no curve rows to plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), sharey=True, squeeze=False)
     for ax, (key, xlabel, title) in zip(axes[0], panels):
-        for split, style in (("validation", "o--"), ("test", "s-")):
+        for split, style in SPLITS.items():
             if split not in c or not c[split][key]:
                 continue
             curves = c[split][key].items() if key == "sft" else [("LoRAGen", c[split][key])]
             for name, pts in curves:
                 xs = list(pts)
                 ax.plot(xs, [pts[x] for x in xs], style, label=f"{name} ({split})")
-            refs = (("incumbent", "shipped default"), ("icl", "3-shot ICL")) if key == "sft" else \
-                (("icl", "3-shot ICL"), ("oracle", "oracles"))
-            for (ref, label), ls in zip(refs, (":", "-.")):
+            refs = (("incumbent", "shipped default"), ("icl", "3-shot ICL"), ("oracle", "oracles")) if key == "sft" \
+                else (("icl", "3-shot ICL"), ("oracle", "oracles"))
+            for (ref, label), ls in zip(refs, (":", "-.", "--")):
                 if c[split].get(ref) is not None and (split == "test" or key == "sft"):
                     ax.axhline(c[split][ref], ls=ls, color="grey", label=f"{label} ({split})")
         if key != "sft":
@@ -107,8 +130,8 @@ def plot(c: dict, path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("exact match (unseen tasks)")
-    fig.suptitle("LoRAGen zero-shot on tasks it never trained on")
+    axes[0][0].set_ylabel("exact match")
+    fig.suptitle("LoRAGen: validation / test are tasks it never trained on, in_distribution training tasks")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -119,15 +142,19 @@ def main(argv=None) -> None:
     ap.add_argument("--tasks", required=True)
     ap.add_argument("--validation", type=Path)
     ap.add_argument("--test", type=Path)
+    ap.add_argument("--in-distribution", type=Path, help="folder of rows on the in-distribution (training) tasks")
+    ap.add_argument("--oracle-from", type=Path,
+                    help="quality table (quality.json) whose oracle row is the in-distribution reference")
     ap.add_argument("--results", default="benchmarks/results")
     ap.add_argument("--stem", default="quality_curves")
     a = ap.parse_args(argv)
-    folders = {k: v for k, v in (("validation", a.validation), ("test", a.test)) if v is not None}
+    folders = {k: v for k, v in (("validation", a.validation), ("test", a.test),
+                                 ("in_distribution", a.in_distribution)) if v is not None}
     import sys
 
     from benchmarks.provenance import provenance
 
-    c = {**provenance(" ".join(["python -m benchmarks.quality.curves", *sys.argv[1:]])), **curves(a.tasks, folders)}
+    c = {**provenance(" ".join(["python -m benchmarks.quality.curves", *sys.argv[1:]])), **curves(a.tasks, folders, a.oracle_from)}
     out = Path(a.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{a.stem}.json").write_text(json.dumps(c, indent=1))
