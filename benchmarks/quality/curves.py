@@ -154,7 +154,8 @@ def main(argv=None) -> None:
 
     from benchmarks.provenance import provenance
 
-    c = {**provenance(" ".join(["python -m benchmarks.quality.curves", *sys.argv[1:]])), **curves(a.tasks, folders, a.oracle_from)}
+    command = " ".join(["python -m benchmarks.quality.curves", *sys.argv[1:]])
+    c = {**provenance(command), **curves(a.tasks, folders, a.oracle_from)}
     out = Path(a.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{a.stem}.json").write_text(json.dumps(c, indent=1))
