@@ -131,7 +131,9 @@ def plot(c: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("exact match")
-    fig.suptitle("LoRAGen: validation / test are tasks it never trained on, in_distribution training tasks")
+    unseen, seen = any(k in c for k in ("validation", "test")), "in_distribution" in c
+    fig.suptitle("LoRAGen on tasks it never trained on" + (" and on training tasks" if seen else "") if unseen
+                 else "LoRAGen on training tasks (in-distribution)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
