@@ -243,6 +243,9 @@ def _hold_key_lock(root: str, key: str, ready) -> None:
 
 def test_a_key_lock_held_by_a_stopped_process_is_503_within_the_deadline(own_ckpt: Path, tmp_path: Path) -> None:
     resolver = make_resolver(own_ckpt, tmp_path / "store", generate_timeout_s=1.0)
+    # Loaded now: the 1 s deadline is about the held lock; loading the generator and the text
+    # encoder took longer than that on a busy 2-core CI machine (a clean-clone run, 2026-12-06).
+    resolver.backend._load()
     key = AdapterStore.key(DESC, resolver.backend.fingerprint, 0)
     ctx = mp.get_context("fork")
     ready = ctx.Event()
