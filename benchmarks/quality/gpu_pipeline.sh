@@ -95,6 +95,9 @@ gen() { local name=$1 out=$2; shift 2; ( timeout "$(left)" $PY -m benchmarks.qua
     --out "$out" --device $DEV --seeds 0 "${EVAL[@]}" "$@" > "$WORK/eval_$name.log" 2>&1
     echo "$name rc=$? at $((SECONDS - start)) s" ) & pids+=($!); }
 waitall() { for p in "${pids[@]}"; do wait "$p" || true; done; pids=(); }
+# The row name of a checkpoint folder: its name, or <run>_at<step> for a snapshot <run>/snapshots/sft-<step>/.
+row_of() { local name; name=$(basename "$1")
+  [[ $name == sft-* ]] && name="$(basename "$(dirname "$(dirname "$1")")")_at${name#sft-}"; echo "$name"; }
 # A chosen generator's rows, once, as served (description also as system prompt), into `out`: row
 # `row` on test + in-distribution, its conditioning controls and the user-style descriptions on test
 # (more `generate` options after the checkpoint).
@@ -305,8 +308,7 @@ eval_sft)
   # Every SFT checkpoint and its snapshots (<run>/snapshots/sft-<step>: row <run>_at<step>).
   for d in "$CK"/loragen_sft*/ "$CK"/loragen_sft*/snapshots/sft-*/; do
     [ -f "$d/config.json" ] || continue
-    name=$(basename "$d")
-    [[ $name == sft-* ]] && name="$(basename "$(dirname "$(dirname "$d")")")_at${name#sft-}"
+    name=$(row_of "$d")
     candidate "$name" "$d" "$qv"
     controls "$name" "$d"
   done
@@ -518,7 +520,7 @@ print(' '.join(sorted(train_labels(load_tasks('data/sni/tasks', load_splits('dat
   [ "${NAMED_EVAL_SNAPSHOTS:-1}" = 1 ] || snaps=()  # 0: the final checkpoints only
   for d in "$CK"/loragen_sft_{plain,named}/ "${snaps[@]}"; do
     [ -f "$d/config.json" ] && [ ! -f "$d/train_state.pt" ] || continue  # a run its deadline stopped is no candidate
-    name=$(basename "$d"); [[ $name == sft-* ]] && name="$(basename "$(dirname "$(dirname "$d")")")_at${name#sft-}"
+    name=$(row_of "$d")
     cands+=("${name#loragen_sft_}=${d%/}")
   done
   for name in ${NAMED_STAGED:-}; do staged_checkpoint "$name"; done  # soup sources staged by the caller
@@ -570,9 +572,9 @@ fit)
   common=(--kind loragen --init "$INIT" --tasks data/sni/tasks --device $DEV --no-progress --threads 2 --resume
     --system-prompt --steps "${FIT_STEPS:-400}" --lr "${FIT_LR:-1e-4}" --snapshots ${FIT_SNAPSHOTS:-100 200}
     --max-seconds $(( $(left) > 60 ? $(left) - 40 : 20 )))
+  idfile="$WORK/subsets/id32.txt"
   if [ "${DRY:-0}" = 1 ]; then common+=(--steps 2 --tasks-per-step 2 --examples-per-task 2 --sampler-steps 3 --snapshots 1)
-    head -n 2 "$WORK/subsets/id32.txt" > "$WORK/subsets/id2.txt"; fi
-  idfile="$WORK/subsets/id32.txt"; [ "${DRY:-0}" = 1 ] && idfile="$WORK/subsets/id2.txt"
+    idfile="$WORK/subsets/id2.txt" && head -n 2 "$WORK/subsets/id32.txt" > "$idfile"; fi
   run loragen_fit_id32 $PY -m generator.training.sft --out "$CK/loragen_fit_id32" "${common[@]}" --tasks-file "$idfile"
   run loragen_fit_all $PY -m generator.training.sft --out "$CK/loragen_fit_all" "${common[@]}"
   waitall
@@ -595,8 +597,7 @@ fit_eval)
   gen id_fit_incumbent "$qi" --generator "$INIT" --task-set in_distribution --rows incumbent --system-prompt "${idonly[@]}"
   for d in "$CK"/loragen_fit_{all,id32}/ "$CK"/loragen_fit_{all,id32}/snapshots/sft-*/; do
     [ -f "$d/config.json" ] && [ ! -f "$d/train_state.pt" ] || continue  # a run its deadline stopped is no candidate
-    name=$(basename "$d"); [[ $name == sft-* ]] && name="$(basename "$(dirname "$(dirname "$d")")")_at${name#sft-}"
-    name=${name#loragen_}
+    name=$(row_of "$d"); name=${name#loragen_}
     gen "id_$name" "$qi" --generator "$d" --task-set in_distribution --rows "$name" --system-prompt "${idonly[@]}"
     if [[ $name == fit_all* ]]; then candidate "$name" "${d%/}" "$qv"
     elif [ "$name" = fit_id32 ]; then
