@@ -9,12 +9,12 @@ body of `POST /v1/chat/completions` whose `model` is a description (not the serv
   (`benchmarks/results/quality_choice.json`): when the messages have no system message, one with
   the description (normalised as the resolver normalises it) is put first.
 * **Answers among the labels a description names** (`LORAGEN_LABEL_CHOICE`; `serve
-  --label-choice` / `--no-label-choice`). A description that ends with
-  ``Answer with one of: "NEG", "POS".`` (`generator.data.sni.label_names`: at least two labels,
-  each in double quotes) gets vLLM's structured outputs restricted to those labels
-  (``structured_outputs: {"choice": [...]}``), unless the request brings its own constraint
-  (`CONSTRAINT_FIELDS`). Measured through the server with the client passing the same choice:
-  `benchmarks/results/quality_label_choice_served.md`.
+  --label-choice` / `--no-label-choice`). A description that states its labels
+  (`loragen_vllm.labels.stated_labels`: the closing sentence ``Answer with one of: "NEG",
+  "POS".``, or plain words such as ``Answer Yes or No.``) gets vLLM's structured outputs
+  restricted to those labels (``structured_outputs: {"choice": [...]}``), unless the request
+  brings its own constraint (`CONSTRAINT_FIELDS`). Measured through the server:
+  `benchmarks/results/quality_label_choice_served.md`, `quality_stated_labels.md`.
 
 Anything else passes through unchanged: other routes, bodies that are not a JSON object, invalid
 descriptions (the resolver answers those with 400), and bodies over `MAX_BODY_BYTES`.
@@ -26,10 +26,10 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from generator.data.sni import label_names
 from loragen_vllm import envs
 from loragen_vllm.descriptions import validate_description
 from loragen_vllm.errors import InvalidDescription
+from loragen_vllm.labels import stated_labels
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -75,7 +75,7 @@ def shape_chat(body: bytes, base_models: set[str], system_prompt: bool = True, l
     if system_prompt and not any(isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages):
         request["messages"] = [{"role": "system", "content": description}, *messages]
         changed = True
-    if label_choice and not _constrained(request) and (labels := label_names(description)):
+    if label_choice and not _constrained(request) and (labels := stated_labels(description)):
         request["structured_outputs"] = {"choice": labels}
         changed = True
     return json.dumps(request).encode() if changed else body
