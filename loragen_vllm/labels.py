@@ -63,13 +63,9 @@ def labels_in_words(description: str) -> list[str] | None:
         return _checked(re.split(r"\s*,\s*(?:or\s+)?|\s+or\s+", m.group(1).strip()))
     last = _SENTENCE_END.split(text)[-1]
     if last.endswith("?"):
-        clause = re.split(r"[,;]\s*", last[:-1])[-1]  # "Based on X, is it A or B?", "..., A or B?"
+        clause = re.split(r"[,;]\s*", last[:-1])[-1]  # "Based on X, is it A or B?"
         words = clause.split()
-        if words and words[0].lower() in _AUXILIARIES:
-            return _question_labels(clause)
-        items = _items(clause)
-        return _checked(items) if items and len(items) == 2 and len(words) == len(" ".join(items).split()) + 1 \
-            else None
+        return _question_labels(clause) if words and words[0].lower() in _AUXILIARIES else None
     if m := _LEAD.match(last):
         items = _items(m.group("alts") or m.group("colon"))
         if items and len(items) == 2 and items[1].lower() == "not":  # "Label it hope speech or not."
@@ -90,7 +86,9 @@ def _items(alts: str) -> list[str] | None:
 
 def _question_labels(question: str) -> list[str] | None:
     """The two alternatives ending a yes/no question (without its "?"): one word each, or the
-    second negating the first (``Hope Speech or Not Hope Speech``)."""
+    second negating the first (``Hope Speech or Not Hope Speech``). A bare ``..., A or B?`` after
+    a comma states nothing: in ``Is the review positive, negative or neutral?`` it would drop a
+    label."""
     items = _items(question)
     if items is None or len(items) != 2:  # "..., A, B or C?" may be an apposition: "correct, True or False?"
         return None

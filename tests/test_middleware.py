@@ -93,8 +93,10 @@ def test_a_description_naming_labels_restricts_the_answer_to_them() -> None:
     for none in ({"structured_outputs": None}, {"response_format": {"type": "text"}}, {"tools": None}):  # no constraint
         out = shaped({"model": NAMED, "messages": [USER], **none}, system_prompt=False, label_choice=True)
         assert out["structured_outputs"] == {"choice": ["NEG", "POS"]}
-    for model in ('Answer with one of: "yes".', "Answer with one of: yes, no.", 'Say "yes" or "no".',
-                  'Answer with one of: "yes", "no". Then explain.'):  # no closing label sentence
+    words = shaped({"model": "Is this review positive or negative?", "messages": [USER]}, label_choice=True)
+    assert words["structured_outputs"] == {"choice": ["positive", "negative"]}  # labels in a user's words
+    for model in ('Answer with one of: "yes".', "Answer with one of: yes, no.", "Name a gene or protein.",
+                  'Answer with one of: "yes", "no". Then explain.'):  # no labels stated
         body = json.dumps({"model": model, "messages": [USER]}).encode()
         assert shape_chat(body, BASE, system_prompt=False, label_choice=True) is body
     base = json.dumps({"model": "SmolLM2-135M-Instruct", "messages": [USER]}).encode()
