@@ -286,9 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="put the description as the system prompt of chats that have none "
                    "(default: $LORAGEN_DESCRIPTION_SYSTEM_PROMPT or on)")
     s.add_argument("--label-choice", action=argparse.BooleanOptionalAction, default=None,
-                   help="answer a chat whose description ends with 'Answer with one of: \"A\", \"B\".' "
-                   "with one of those labels, unless it brings its own constraint (vLLM structured "
-                   "outputs; default: $LORAGEN_LABEL_CHOICE or on)")
+                   help="answer a chat whose description states its labels ('Answer with one of: \"A\", "
+                   "\"B\".', or plain words such as 'Answer Yes or No.') with one of them, unless it brings "
+                   "its own constraint (vLLM structured outputs; default: $LORAGEN_LABEL_CHOICE or on)")
     s.add_argument("--admin-key", metavar="KEY", default=None,
                    help="open vLLM's admin routes (runtime LoRA load/unload, ...) to requests "
                    "whose X-LoRAGen-Admin-Key header carries KEY (default: $LORAGEN_ADMIN_KEY; "

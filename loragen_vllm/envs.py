@@ -125,7 +125,8 @@ def _flag(raw: str) -> bool:
 # The table
 
 # Label choice on by default: it won on validation through the server, the client passing the same
-# choice (benchmarks/results/quality_label_choice_served.md).
+# choice (benchmarks/results/quality_label_choice_served.md), and for labels stated in plain words
+# (quality_stated_labels.md).
 LABEL_CHOICE_DEFAULT = "1"
 
 
@@ -215,9 +216,10 @@ SETTINGS: dict[str, Setting] = {
                 "`1`: a chat for a description without a system message gets the description as "
                 "its system prompt (`serve --[no-]description-system-prompt`)"),
         Setting("LORAGEN_LABEL_CHOICE", LABEL_CHOICE_DEFAULT, _flag,
-                "`1`: a chat for a description that ends with `Answer with one of: \"A\", \"B\".` is "
-                "answered with one of those labels (vLLM structured outputs), unless it brings its own "
-                "constraint (`serve --label-choice` / `--no-label-choice`)"),
+                "`1`: a chat for a description that states its labels (`Answer with one of: \"A\", \"B\".`, "
+                "or plain words such as `Answer Yes or No.`; `loragen_vllm.labels`) is answered with one of "
+                "them (vLLM structured outputs), unless it brings its own constraint (`serve --label-choice` / "
+                "`--no-label-choice`)"),
         Setting("LORAGEN_LIST_DESCRIPTIONS", "0", _flag,
                 "`1`: `/v1/models` also lists the resolved descriptions (other clients' requests; "
                 "`serve --list-descriptions`)"),

@@ -489,8 +489,9 @@ def test_the_chat_middleware_follows_its_flags(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_a_description_naming_labels_is_answered_with_one_of_them(vllm_server: ServerProcess) -> None:
-    """Label choice (on by default): the answer is one of the labels the description names, for
-    every input, streamed or not; a client's own structured outputs win over it."""
+    """Label choice (on by default): the answer is one of the labels the description names (in the
+    closing sentence or in plain words), for every input, streamed or not; a client's own
+    structured outputs win over it."""
     named = 'Is the review positive? Answer with one of: "no", "yes".'
     for text in ("Great film.", "Awful, boring, far too long.", "1 2 3"):
         r = httpx.post(f"{vllm_server.url}/v1/chat/completions", timeout=TIMEOUT, json={
@@ -502,6 +503,12 @@ def test_a_description_naming_labels_is_answered_with_one_of_them(vllm_server: S
         parts = [json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
                  for line in r.iter_lines() if line.startswith("data: {")]
     assert "".join(parts) in ("no", "yes")
+    words = "Is this movie review positive or negative?"  # labels stated in a user's words
+    for text in ("Great film.", "Awful, boring, far too long."):
+        r = httpx.post(f"{vllm_server.url}/v1/chat/completions", timeout=TIMEOUT, json={
+            "model": words, "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": text}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] in ("positive", "negative")
     own = httpx.post(f"{vllm_server.url}/v1/chat/completions", timeout=TIMEOUT, json={
         "model": named, "max_tokens": 8, "structured_outputs": {"choice": ["maybe"]},
         "messages": [{"role": "user", "content": "Great."}]})
