@@ -26,6 +26,9 @@ from generator.data.sni import label_names
 
 MAX_LABEL_WORDS = 3
 MAX_LABELS = 10
+# A last sentence longer than this states no labels (and keeps the regexes' worst case, which grows
+# with its square, under a millisecond on the event loop).
+MAX_SENTENCE_CHARS = 400
 
 # Words that introduce examples rather than the whole label set ("like NOUN or VERB").
 _EXAMPLE_WORDS = {"like", "e.g.", "e.g.,", "eg", "such", "including", "example", "examples", "say"}
@@ -62,6 +65,8 @@ def labels_in_words(description: str) -> list[str] | None:
     if m := _LETTER_LIST.search(text):
         return _checked(re.split(r"\s*,\s*(?:or\s+)?|\s+or\s+", m.group(1).strip()))
     last = _SENTENCE_END.split(text)[-1]
+    if len(last) > MAX_SENTENCE_CHARS:
+        return None
     if last.endswith("?"):
         clause = re.split(r"[,;]\s*", last[:-1])[-1]  # "Based on X, is it A or B?"
         words = clause.split()
@@ -93,6 +98,8 @@ def _question_labels(question: str) -> list[str] | None:
     if items is None or len(items) != 2:  # "..., A, B or C?" may be an apposition: "correct, True or False?"
         return None
     head, last = items[0].split(), _strip_article(items[1])
+    if last.lower() == "not":  # "Is this hope speech or not?": where the first one starts is unclear
+        return None
     first = _negated_core(last)
     if first is not None and [w.lower() for w in head[-len(first.split()):]] != [w.lower() for w in first.split()]:
         first = None

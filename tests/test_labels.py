@@ -46,8 +46,10 @@ def test_labels_stated_in_words_are_read(description: str, labels: list[str]) ->
     "Here's a review and a label; is the label correct, True or False?",  # ... as this would not
     "Classify them as either supportive hope speech or as lacking positivity.",  # a clause, not a label
     "Reflect on hope speech, classifying it as either hope speech or its absence.",
+    "Is this comment hope speech or not?",
     "Answer yes or yes.",  # not distinct
     "Answer with one of: yes, no.",
+    "Decide. " + "Classify the input " * 30 + "as yes or no.",  # a last sentence over MAX_SENTENCE_CHARS
 ])
 def test_nothing_is_read_where_the_labels_are_unclear(description: str) -> None:
     assert labels_in_words(description) is None
