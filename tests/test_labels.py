@@ -24,6 +24,10 @@ from loragen_vllm.labels import labels_in_words, stated_labels
     ("Based on the explanation, is the statement True or False?", ["True", "False"]),
     ("Which option (A, B, C, D or E) best answers this question?", ["A", "B", "C", "D", "E"]),
     ("Pick the answer (1, 2, or 3) that fits.", ["1", "2", "3"]),
+    ("Fill in the blank: answer A or B.", ["A", "B"]),
+    ("Which option is right? Reply with A, B, C or D.", ["A", "B", "C", "D"]),
+    ("Here's a claim; answer `yes` or `no`.", ["yes", "no"]),
+    ("Classify each review as either favorable or unfavorable.", ["favorable", "unfavorable"]),
 ])
 def test_labels_stated_in_words_are_read(description: str, labels: list[str]) -> None:
     assert labels_in_words(description) == labels
@@ -50,7 +54,25 @@ def test_labels_stated_in_words_are_read(description: str, labels: list[str]) ->
     "Answer yes or yes.",  # not distinct
     "Answer with one of: yes, no.",
     "Decide. " + "Classify the input " * 30 + "as yes or no.",  # a last sentence over MAX_SENTENCE_CHARS
+    # bracketed lists outside a sentence that asks to pick one, or with more to say after them
+    "Pick the best option (A, B, or C). If none fits, answer None.",
+    "Options are (1, 2 or 3); answer 0 if none applies.",
+    "Given a list of options (a, b, c or d), return the text of the best option.",
+    "Summarise the article in (1, 2 or 3) sentences.",
+    "Write it in (US, UK or AU) English.",
+    # kinds of answer, "either" without a verb of labelling, colons after no label word
+    "Answer with a number or a word.",
+    "Write either a poem or a story.",
+    "Either summarise or paraphrase.",
+    "Extract the named entities of these types: person or organization.",
+    "Translate the following sentence into French: Hello or goodbye.",
+    "Decide if the tone matches the labeled sentiment as either positive or negative.",
+    # clauses inside the alternatives
+    "Classify the tweet as having positive or negative sentiment.",
+    "Answer whether sarcastic or not.",
+    "Classify the tweet as hate speech or offensive, please.",
 ])
+
 def test_nothing_is_read_where_the_labels_are_unclear(description: str) -> None:
     assert labels_in_words(description) is None
 
