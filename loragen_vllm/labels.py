@@ -41,6 +41,7 @@ _ARTICLES = {"a", "an", "the"}
 # Words no label has: a phrase with them is a paraphrase or a clause ("its absence", "lacking that quality").
 _NOT_IN_LABELS = {"and", "as", "it", "its", "their", "them", "they", "that", "this", "these", "those", "which", "who",
                   "his", "her", "to", "of", "for", "with", "whether", "if", "having", "being", "showing"}
+_NO_LABEL_WORDS = _EXAMPLE_WORDS | _NOT_IN_LABELS
 _NEGATIONS = ("not ", "non-", "non ", "anti-", "un")
 # A yes/no question's first word: such a question ending with alternatives asks for one of them.
 _AUXILIARIES = {"is", "are", "was", "were", "does", "do", "did", "can", "could", "should", "would", "will", "has",
@@ -119,7 +120,7 @@ def _question_labels(question: str) -> list[str] | None:
         return None
     n = len((first or last).split())
     first = " ".join(head[-n:])
-    before = [w.lower().rstrip(",") for w in head[:-n] if w.lower() not in _ARTICLES]
+    before = [w.lower() for w in head[:-n] if w.lower() not in _ARTICLES]  # (the clause has no commas)
     if len(before) < 2 or before[-1] in _EXAMPLE_WORDS:  # the auxiliary and a subject at least
         return None
     return _checked([first, last])
@@ -155,9 +156,7 @@ def _checked(labels: list[str]) -> list[str] | None:
         return None
     for label in labels:
         words = label.split()
-        if not 1 <= len(words) <= MAX_LABEL_WORDS or any(w.lower().strip(",") in _EXAMPLE_WORDS | _NOT_IN_LABELS
-                                                         for w in words):
-            return None
-        if any(c in label for c in "\"`,()[]{}"):
+        if not 1 <= len(words) <= MAX_LABEL_WORDS or any(c in label for c in "\"`,()[]{}") \
+                or any(w.lower() in _NO_LABEL_WORDS for w in words):
             return None
     return labels

@@ -72,7 +72,6 @@ def test_labels_stated_in_words_are_read(description: str, labels: list[str]) ->
     "Answer whether sarcastic or not.",
     "Classify the tweet as hate speech or offensive, please.",
 ])
-
 def test_nothing_is_read_where_the_labels_are_unclear(description: str) -> None:
     assert labels_in_words(description) is None
 
