@@ -126,6 +126,51 @@ def test_description_draws_with_and_without_named_labels() -> None:
     assert 0.4 < sum(d >= 5 for d in draws) / len(draws) < 0.6
 
 
+def test_user_style_descriptions_follow_the_train_descriptions(base_model_dir, tiny_generator_ckpt, tmp_path):  # noqa: F811
+    """With user-style descriptions, each training task's two from the splits file follow the
+    train descriptions (embedded, owned by their task); a validation or test task is refused (its
+    user-style descriptions are what rows are scored on); a run drawing only user-style
+    descriptions trains and records the setting."""
+    from generator.api import shared_encoder
+
+    splits = load_splits(TASKS_DIR)
+    plain = load_sft_tasks(TASKS_DIR, NAMES, shared_encoder("cpu"))
+    data = load_sft_tasks(TASKS_DIR, NAMES, shared_encoder("cpu"), user_style=True)
+    assert data.num_plain == plain.num_plain and data.descriptions[: data.num_plain] == plain.descriptions
+    for i, name in enumerate(NAMES):
+        assert [data.descriptions[j] for j in data.user_of[i]] == list(splits.user_descriptions[name])
+        assert all(int(data.desc_task[j]) == i for j in data.user_of[i])
+    assert len(data.descriptions) == data.num_plain + 4 and data.cond.shape == (len(data.descriptions), 384)
+    with pytest.raises(ValueError, match="must not be trained on"):
+        load_sft_tasks(TASKS_DIR, [NAMES[0], splits.test[0]], shared_encoder("cpu"), user_style=True)
+    with pytest.raises(ValueError, match="user_style is a probability"):
+        SFTConfig(user_style=-0.1)
+    sft = SFTConfig(tasks_per_step=2, examples_per_task=2, system_prompt=True, sampler_steps=2, user_style=1.0)
+    gen = train_sft(tmp_path / "ck", "loragen", TASKS_DIR, NAMES, init=tiny_generator_ckpt, sft=sft, **TINY)
+    assert gen.extra["sft"]["user_style"] == 1.0 and torch.isfinite(torch.tensor(gen.extra["final"]["sft_loss"]))
+
+
+def test_description_draws_with_user_style() -> None:
+    """P = 0 draws exactly as without the option (same indices, same generator state after); P = 1
+    takes one of the task's user-style descriptions wherever it has some, each of them; other P,
+    about that share."""
+    descs_of = [torch.tensor([0, 1, 2]), torch.tensor([3, 4])]
+    labelled = [-1] * 5
+    user_of = [[5, 6], []]  # task 0 has two user-style descriptions, task 1 none
+    chosen = [0, 1, 0, 1, 0]
+    g, before = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    old = draw_descriptions(chosen, descs_of, labelled, 0.0, before)
+    assert draw_descriptions(chosen, descs_of, labelled, 0.0, g, user_of, 0.0) == old
+    assert torch.equal(g.get_state(), before.get_state())
+    g = torch.Generator().manual_seed(0)
+    draws = [draw_descriptions(chosen, descs_of, labelled, 0.0, g, user_of, 1.0) for _ in range(50)]
+    assert all(d[0] in (5, 6) and d[2] in (5, 6) and d[1] in (3, 4) and d[3] in (3, 4) for d in draws)
+    assert {d[0] for d in draws} == {5, 6}
+    g = torch.Generator().manual_seed(0)
+    half = [d for _ in range(400) for d in draw_descriptions([0], descs_of, labelled, 0.0, g, user_of, 0.5)]
+    assert 0.4 < sum(d >= 5 for d in half) / len(half) < 0.6
+
+
 def test_loragen_sft_trains_the_denoiser_through_the_sampler(base_model_dir, tiny_generator_ckpt, tmp_path):  # noqa: F811
     """From a reconstruction-trained LoRAGen, with the contrastive term and the probe: the denoiser
     and decoder move, the LAE encoder (no part of generation) does not, the checkpoint serves with

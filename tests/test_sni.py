@@ -58,7 +58,7 @@ def test_committed_task_splits(tasks):
     assert set(splits.train) | set(splits.validation) | set(splits.test) == names  # every task, once
     assert len(splits.test) >= 60 and len({t.category for t in tasks if t.name in splits.test}) >= 15
     assert len(splits.validation) >= 20
-    assert all(len(splits.user_descriptions[n]) == 2 for n in splits.test + splits.validation)  # two user-style each
+    assert all(len(splits.user_descriptions[n]) == 2 for n in splits.test + splits.validation + splits.train)  # two each
     assert len(splits.in_distribution_eval) >= 24
     assert set(splits.in_distribution_eval) <= set(splits.train)
     assert splits.split_of(splits.test[0]) == "test"
@@ -72,8 +72,8 @@ def test_splits_are_checked(tmp_path):
     path.write_text(json.dumps({"train": ["a"], "validation": []}))
     with pytest.raises(ValueError, match="not a valid splits file"):
         load_splits(path)
-    path.write_text(json.dumps({"train": ["a"], "validation": [], "test": ["c"], "user_descriptions": {"a": ["x"]}}))
-    with pytest.raises(ValueError, match="outside the test and validation splits"):
+    path.write_text(json.dumps({"train": ["a"], "validation": [], "test": ["c"], "user_descriptions": {"z": ["x"]}}))
+    with pytest.raises(ValueError, match="user descriptions for tasks in no split"):
         load_splits(path)
     path.write_text(json.dumps({"train": ["a"], "validation": [], "test": ["c"], "in_distribution": ["c"]}))
     with pytest.raises(ValueError, match="in-distribution tasks outside the train split"):
@@ -254,6 +254,13 @@ def test_named_labels_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path)
     quality_main(["choose-named", "--tasks", str(TASKS), "--plain", str(plain), "--named", str(named),
                   "--candidate", f"incumbent={ck}", "--candidate", f"keeps={ck}", "--out", str(out)])
     assert json.loads(out.read_text())["chosen"] == "keeps"
+    quality_main(["choose-named", "--lever", "user_style", "--tasks", str(TASKS), "--plain", str(plain), "--named",
+                  str(named), "--candidate", f"incumbent={ck}", "--candidate", f"keeps={ck}", "--out", str(out)])
+    user = json.loads(out.read_text())  # the user-style experiment: the same rule, its own names
+    assert user["chosen"] == "keeps" and user["validation_em_user_style"] == {"incumbent": 50.0, "keeps": 100.0}
+    assert "user-style descriptions" in user["rule"] and "--lever user_style" in user["command"]
+    with pytest.raises(ValueError, match="unknown lever"):
+        choose_named(plain, named, pair, by, splits, out, lever="labels")
     with pytest.raises(SystemExit, match="ROW=CHECKPOINT"):
         quality_main(["choose-named", "--tasks", str(TASKS), "--plain", str(plain), "--named", str(named),
                       "--candidate", ck, "--out", str(out)])

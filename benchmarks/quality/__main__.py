@@ -125,7 +125,10 @@ def main(argv=None) -> None:
     k.add_argument("--validation", required=True, help="folder of the candidates' validation rows <ROW>.jsonl")
     nl = sub.add_parser("choose-named", help="the named-labels experiment's rule (choose.choose_named)")
     nl.add_argument("--plain", required=True, help="folder of the candidates' validation rows, descriptions as given")
-    nl.add_argument("--named", required=True, help="folder of their validation rows with descriptions naming labels")
+    nl.add_argument("--named", required=True,
+                    help="folder of their validation rows with the lever's descriptions (naming labels, user-style)")
+    nl.add_argument("--lever", default="named_labels", choices=("named_labels", "user_style"),
+                    help="what the descriptions of --named are")
     for chooser in (k, nl):
         chooser.add_argument("--tasks", required=True)
         chooser.add_argument("--candidate", action="append", required=True, metavar="ROW=CHECKPOINT",
@@ -186,7 +189,7 @@ def main(argv=None) -> None:
         by_name = {t.name: t for t in tasks}
         try:
             record = (choose_checkpoint(a.validation, candidates, by_name, splits, a.out) if a.cmd == "choose-checkpoint"
-                      else choose_named(a.plain, a.named, candidates, by_name, splits, a.out))
+                      else choose_named(a.plain, a.named, candidates, by_name, splits, a.out, lever=a.lever))
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}") from None
         print(json.dumps(record, indent=1))

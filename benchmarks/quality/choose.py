@@ -17,7 +17,9 @@ is refused rather than counted.
 
 `choose_named` is the rule of the named-labels experiment (descriptions that name their labels;
 `gpu_pipeline.sh named_labels_eval`): a candidate must keep its EM with the descriptions as given
-and gain with descriptions naming their labels (see its docstring).
+and gain with descriptions naming their labels (see its docstring). The user-style experiment
+(`gpu_pipeline.sh user_style_eval`) has the same rule with the user-style descriptions in the
+place of those naming labels (`lever="user_style"`).
 """
 
 from __future__ import annotations
@@ -130,17 +132,22 @@ def choose_checkpoint(folder: str | Path, candidates: dict[str, str], tasks: dic
 
 
 PLAIN_MARGIN = 0.5  # EM a candidate may lose with the descriptions as given
-NAMED_GAIN = 1.0  # EM it must gain with descriptions naming their labels
+NAMED_GAIN = 1.0  # EM it must gain with the lever's descriptions
+LEVERS = {"named_labels": "descriptions naming their labels", "user_style": "user-style descriptions"}
 
 
 def choose_named(plain: str | Path, named: str | Path, candidates: dict[str, str], tasks: dict[str, Task],
                  splits: TaskSplits, out: str | Path, plain_margin: float = PLAIN_MARGIN,
-                 named_gain: float = NAMED_GAIN) -> dict:
+                 named_gain: float = NAMED_GAIN, lever: str = "named_labels") -> dict:
     """The rule of the named-labels experiment, fixed before its results: of the candidates whose
     validation EM with the descriptions as given (rows in `plain`) is at least the incumbent's
     (the first candidate) - `plain_margin`, the one with the best EM with descriptions naming their
     labels (rows in `named`, the closed-label tasks) wins if that beats the incumbent's by at
-    least `named_gain`; else the incumbent stays. Saves and returns the record."""
+    least `named_gain`; else the incumbent stays. `lever` names the descriptions of `named`
+    (`LEVERS`: "user_style", the validation tasks' user-style descriptions). Saves and returns the
+    record."""
+    if lever not in LEVERS:
+        raise ValueError(f"unknown lever {lever!r}; one of {sorted(LEVERS)}")
     from benchmarks.provenance import provenance
 
     plain_em, fingerprints, plain_tasks = _checkpoint_scores(plain, candidates, tasks, splits)
@@ -153,13 +160,13 @@ def choose_named(plain: str | Path, named: str | Path, candidates: dict[str, str
     record = {
         "chosen": best, "checkpoint": candidates[best], "fingerprint": fingerprints[best],
         "validation_em": {r: round(v, 2) for r, v in plain_em.items()},
-        "validation_em_named_labels": {r: round(v, 2) for r, v in named_em.items()},
+        f"validation_em_{lever}": {r: round(v, 2) for r, v in named_em.items()},
         "eligible": eligible, "candidates": candidates,
-        "validation_tasks": plain_tasks, "validation_tasks_named_labels": named_tasks,
+        "validation_tasks": plain_tasks, f"validation_tasks_{lever}": named_tasks,
         "rule": (f"of the candidates whose validation EM with the descriptions as given is >= the incumbent's - "
-                 f"{plain_margin}, the best EM with descriptions naming their labels, if >= the incumbent's + "
+                 f"{plain_margin}, the best EM with {LEVERS[lever]}, if >= the incumbent's + "
                  f"{named_gain}; else the incumbent (the first candidate)"),
-        **provenance(f"python -m benchmarks.quality choose-named --plain {plain} --named {named} " + " ".join(
+        **provenance(f"python -m benchmarks.quality choose-named --lever {lever} --plain {plain} --named {named} " + " ".join(
             f"--candidate {r}={c}" for r, c in candidates.items())),
     }
     Path(out).write_text(json.dumps(record, indent=1))

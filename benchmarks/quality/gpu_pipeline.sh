@@ -16,6 +16,8 @@
 #   bash benchmarks/quality/gpu_pipeline.sh soup      # weight averages of checkpoints ($SOUPS) vs the incumbent
 #   bash benchmarks/quality/gpu_pipeline.sh named_labels       # SFT with descriptions naming labels, and its control
 #   bash benchmarks/quality/gpu_pipeline.sh named_labels_eval  # both on validation, plain and naming labels; the rule
+#   bash benchmarks/quality/gpu_pipeline.sh user_style_eval    # SFT with user-style descriptions (arm user of
+#                                                              # named_labels) on validation, as given and user-style
 #   bash benchmarks/quality/gpu_pipeline.sh winner_test_rows   # test rows, once, of a winner chosen elsewhere ($WINNER)
 #   bash benchmarks/quality/gpu_pipeline.sh fit       # SFT on the in-distribution tasks alone vs on all (fit)
 #   bash benchmarks/quality/gpu_pipeline.sh fit_eval  # their in-distribution and validation rows; the rule
@@ -472,7 +474,9 @@ named_labels)
   # only: named_labels_eval follows in the next call on the warm machine ($CK is kept). NAMED_INIT:
   # where SFT starts instead of $INIT (a folder, or the name of a checkpoint staged for
   # `staged_checkpoint`, e.g. recon); NAMED_SFT_ARGS: more `sft` options (e.g. the served sampler,
-  # "--sampler-steps 5 --guidance 1.0", for a start whose config has another).
+  # "--sampler-steps 5 --guidance 1.0", for a start whose config has another). Arm user (not in the
+  # default arms): the training tasks' user-style descriptions drawn with probability USER_P (0.5;
+  # `--user-style`) instead, for user_style_eval.
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"  # once, before the readers
   start_ck=${NAMED_INIT:-$INIT}
   if [[ $start_ck != */* ]]; then staged_checkpoint "$start_ck"; start_ck=$CK/$start_ck; fi
@@ -484,11 +488,13 @@ named_labels)
   [[ $arms == *" plain "* ]] && run loragen_sft_plain $PY -m generator.training.sft --out "$CK/loragen_sft_plain" "${common[@]}"
   [[ $arms == *" named "* ]] && run loragen_sft_named $PY -m generator.training.sft --out "$CK/loragen_sft_named" \
     "${common[@]}" --name-labels "${NAMED_P:-0.5}"
+  [[ $arms == *" user "* ]] && run loragen_sft_user $PY -m generator.training.sft --out "$CK/loragen_sft_user" \
+    "${common[@]}" --user-style "${USER_P:-0.5}"
   waitall
-  for f in "$WORK"/train_loragen_sft_{plain,named}.log; do [ -f "$f" ] && { echo "== $f"; tail -n 3 "$f"; }; done
+  for f in "$WORK"/train_loragen_sft_{plain,named,user}.log; do [ -f "$f" ] && { echo "== $f"; tail -n 3 "$f"; }; done
   mkdir -p "$WORK/configs"
-  for d in "$CK"/loragen_sft_{plain,named}/; do [ -f "$d/probe.jsonl" ] && cp "$d/probe.jsonl" "$WORK/configs/$(basename "$d")_probe.jsonl"; done
-  (cd "$WORK" && tar czf "$OUT/named_labels_logs.tgz" $(ls train_loragen_sft_{plain,named}.log 2>/dev/null) configs)
+  for d in "$CK"/loragen_sft_{plain,named,user}/; do [ -f "$d/probe.jsonl" ] && cp "$d/probe.jsonl" "$WORK/configs/$(basename "$d")_probe.jsonl"; done
+  (cd "$WORK" && tar czf "$OUT/named_labels_logs.tgz" $(ls train_loragen_sft_{plain,named,user}.log 2>/dev/null) configs)
   echo "named_labels phase done at $((SECONDS - start)) s"
   ;;
 named_labels_eval)
@@ -556,6 +562,54 @@ print(' '.join(sorted(train_labels(load_tasks('data/sni/tasks', load_splits('dat
     $(cd "$WORK" && ls eval_named_val_*.log eval_loragen_named*.log eval_incumbent_labels.log eval_system_labels.log 2>/dev/null) \
     $( [ -d "$qt" ] && echo q_test_named )
   echo "named_labels_eval phase done at $((SECONDS - start)) s"
+  ;;
+user_style_eval)
+  # Issue 14's lever "user-style descriptions" in training: validation as served (2 descriptions per
+  # task) of the incumbent and the candidates, with the evaluation descriptions (folder
+  # q_validation_user_eval) and with the validation tasks' user-style descriptions (q_validation_user).
+  # Candidates: arm user of named_labels (final; USER_EVAL_SNAPSHOTS=1 adds its snapshots) and the
+  # weight averages of USER_SOUPS (soup_specs; sources staged by the caller named in USER_STAGED, as
+  # NAMED_STAGED). Diagnostics, no candidates: arm plain (the same run without user-style
+  # descriptions, if trained) and USER_DIAG_SOUPS. The rule, fixed before any result
+  # (`choose-named --lever user_style`): of the candidates whose EM with the evaluation descriptions
+  # is at least the incumbent's - 0.5, the best user-style EM wins if it beats the incumbent's by at
+  # least 1.0; else the incumbent stays. A winner's rows on test, once (table, controls, user-style),
+  # and its weights back in $OUT.
+  qv="$WORK/q_validation_user_eval" qu="$WORK/q_validation_user" qt="$WORK/q_test_user"
+  $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
+  for name in ${USER_STAGED:-}; do staged_checkpoint "$name"; done
+  cands=("incumbent=$INIT") diags=()
+  snaps=(); [ "${USER_EVAL_SNAPSHOTS:-0}" = 1 ] && snaps=("$CK"/loragen_sft_user/snapshots/sft-*/)
+  for d in "$CK"/loragen_sft_user/ "${snaps[@]}" "$CK"/loragen_sft_plain/; do
+    [ -f "$d/config.json" ] && [ ! -f "$d/train_state.pt" ] || continue  # a run its deadline stopped is no candidate
+    name=$(row_of "$d"); name=${name#loragen_sft_}
+    if [[ $name == plain* ]]; then diags+=("$name=${d%/}"); else cands+=("$name=${d%/}"); fi
+  done
+  if [ -n "${USER_SOUPS:-}" ]; then soup_specs "$USER_SOUPS"
+    for i in "${!soup_names[@]}"; do make_soup "$i"; cands+=("${soup_names[$i]}=$CK/${soup_names[$i]}"); done; fi
+  if [ -n "${USER_DIAG_SOUPS:-}" ]; then soup_specs "$USER_DIAG_SOUPS"
+    for i in "${!soup_names[@]}"; do make_soup "$i"; diags+=("${soup_names[$i]}=$CK/${soup_names[$i]}"); done; fi
+  for c in "${cands[@]}" "${diags[@]}"; do
+    name=${c%%=*} ck=${c#*=}
+    gen "user_val_$name" "$qv" --generator "$ck" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
+    gen "user_val_${name}_user" "$qu" --generator "$ck" --task-set validation --rows "$name" --system-prompt \
+      --user-descriptions
+    if [ ${#pids[@]} -ge "${MAX_ROWS:-6}" ]; then waitall; fi
+  done
+  waitall
+  echo "validation done at $((SECONDS - start)) s"
+  $PY -m benchmarks.quality choose-named --lever user_style --tasks data/sni/tasks --plain "$qv" --named "$qu" \
+    $(printf -- '--candidate %s ' "${cands[@]}") --out "$WORK/choice_user.json" | tee "$OUT/choice_user.txt"
+  win=$($PY -c "import json; print(json.load(open('$WORK/choice_user.json'))['checkpoint'])")
+  if [ "$win" != "$INIT" ]; then
+    test_rows loragen_user_style "$qt" "$win"
+    waitall
+    send_back "$win" loragen_user_style
+  fi
+  for f in "$WORK"/eval_user_val_*.log "$WORK"/eval_loragen_user_style*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 2 "$f"; }; done
+  tar czf "$OUT/generations_user.tgz" -C "$WORK" q_validation_user_eval q_validation_user choice_user.json \
+    $(cd "$WORK" && ls eval_user_val_*.log eval_loragen_user_style*.log 2>/dev/null) $( [ -d "$qt" ] && echo q_test_user )
+  echo "user_style_eval phase done at $((SECONDS - start)) s"
   ;;
 fit)
   # Issue 14, where the in-distribution gap comes from: does the generator fit the tasks it trains

@@ -263,8 +263,8 @@ NUM_IN_DISTRIBUTION_EVAL = 32  # training tasks scored for the in-distribution c
 class TaskSplits:
     """The task split: generators train on `train`; every choice is made on `validation`; rows are
     scored once on `test`. `user_descriptions` holds, per test task (and, for choosing served
-    options on such descriptions, per validation task), short descriptions written the way a
-    user would type them (not from the task files)."""
+    options on such descriptions, per validation task; for training on them, per training task),
+    short descriptions written the way a user would type them (not from the task files)."""
 
     train: tuple[str, ...]
     validation: tuple[str, ...]
@@ -340,10 +340,9 @@ def load_splits(path: str | Path) -> TaskSplits:
     outside = set(splits.in_distribution) - set(splits.train)
     if outside:
         raise ValueError(f"{path}: in-distribution tasks outside the train split: {sorted(outside)[:3]}")
-    stray = set(splits.user_descriptions) - set(splits.test) - set(splits.validation)
+    stray = set(splits.user_descriptions) - set(splits.train) - set(splits.evaluation)
     if stray:
-        raise ValueError(f"{path}: user descriptions for tasks outside the test and validation splits: "
-                         f"{sorted(stray)[:3]}")
+        raise ValueError(f"{path}: user descriptions for tasks in no split: {sorted(stray)[:3]}")
     return splits
 
 

@@ -62,6 +62,15 @@ description with its labels named (`add_label_names`: ``... Answer with one of: 
 for the generator's conditioning and, with `system_prompt`, the system prompt alike. Tasks
 without a closed label set are drawn as before.
 
+User-style descriptions (`user_style` = p > 0): the train descriptions are T2L's paraphrases of a
+task's definition (long, formal: "Your responsibility is to capture essential terms that relate to
+organism substances ..."); users type one short sentence ("Find the organism substance named in
+the sentence."), and descriptions of that kind score differently on unseen tasks (the quality
+table's user-style rows). With probability p, the description drawn for a task that has
+user-style descriptions (`splits.json`'s `user_descriptions`, two per training task) is replaced by
+one of them, drawn uniformly, for the conditioning and the system prompt alike. Drawn after the
+named-labels draw, so that p = 0 leaves the random stream of earlier runs unchanged.
+
 The probe (`probe_tasks`, `probe_every`): every that many steps, and at the last, the mean
 output-token CE of held-out tasks' test examples under their descriptions' adapters and under
 random strings' (`generator.training.probe`), printed and appended to `<out>/probe.jsonl`: whether
@@ -79,6 +88,8 @@ The checkpoint is a normal generator (extra.training = "sft"), loaded and used l
         --contrast-weight 1.0 --contrast-margin 0.5 --probe-every 50
     python -m generator.training.sft --kind loragen --init generator/checkpoints/default --out runs/loragen_sft_named \
         --system-prompt --name-labels 0.5
+    python -m generator.training.sft --kind loragen --init runs/recon --out runs/loragen_sft_user \
+        --system-prompt --user-style 0.5
 """
 
 from __future__ import annotations
@@ -138,10 +149,12 @@ class SFTConfig:
     contrast_margin: float = 0.5  # nats per output token by which the right description's CE must win
     cond_noise: float = 0.0  # scale of the noise on each step's description embeddings; 0: none
     name_labels: float = 0.0  # probability that a closed-label task's description names its labels; 0: never
+    user_style: float = 0.0  # probability that a task's description is one of its user-style ones; 0: never
 
     def __post_init__(self) -> None:
-        if not 0 <= self.name_labels <= 1:
-            raise ValueError(f"name_labels is a probability, got {self.name_labels}")
+        for name in ("name_labels", "user_style"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
         if not self.cond_noise >= 0:
             raise ValueError(f"cond_noise must be >= 0, got {self.cond_noise}")
         if not self.contrast_weight >= 0:
@@ -163,29 +176,28 @@ class SFTConfig:
 @dataclass
 class SFTTasks:
     """The training tasks and their train descriptions, embedded; with named labels, each
-    description of a closed-label task also has a second version naming the labels."""
+    description of a closed-label task also has a second version naming the labels; with
+    user-style descriptions, those of each task follow."""
 
     tasks: list[Task]
-    descriptions: list[str]  # the train descriptions, then (with named labels) their labelled versions
+    descriptions: list[str]  # the train descriptions, then their labelled versions, then user-style ones
     cond: torch.Tensor  # (D, d_cond), one row per description
     desc_task: torch.Tensor  # (D,) index into `tasks`
+    num_plain: int  # descriptions as the tasks give them: the first ones
     labelled: list[int] = field(default_factory=list)  # per plain description: its labelled version's index, or -1
+    user_of: list[list[int]] = field(default_factory=list)  # per task: its user-style descriptions' indices
 
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
-    @property
-    def num_plain(self) -> int:
-        """Descriptions as the tasks give them (the first ones); the rest name labels."""
-        return len(self.labelled) or len(self.descriptions)
-
 
 def load_sft_tasks(tasks_dir: str | Path, names: Sequence[str] | None, encoder: DescriptionEncoder,
-                   named_labels: bool = False) -> SFTTasks:
+                   named_labels: bool = False, user_style: bool = False) -> SFTTasks:
     """`names` (default: the folder's `train` split) with their train descriptions, embedded;
     with `named_labels`, also each closed-label task's descriptions naming its labels (those of
-    its train instances)."""
+    its train instances); with `user_style`, also each task's user-style descriptions (the
+    splits file's; only training tasks may have them here)."""
     names = list(names) if names is not None else list(load_splits(tasks_dir).train)
     if not names:
         raise ValueError("SFT needs at least one training task")
@@ -196,6 +208,7 @@ def load_sft_tasks(tasks_dir: str | Path, names: Sequence[str] | None, encoder: 
         raise ValueError(f"tasks without a train description: {empty}")
     descriptions = [d for ds in per_task for d in ds]
     owner = [i for i, ds in enumerate(per_task) for _ in ds]
+    num_plain = len(descriptions)
     labelled: list[int] = []
     if named_labels:
         labels = train_labels(tasks)
@@ -205,7 +218,21 @@ def load_sft_tasks(tasks_dir: str | Path, names: Sequence[str] | None, encoder: 
             if task_labels is not None:
                 descriptions.append(add_label_names(d, task_labels))
                 owner.append(i)
-    return SFTTasks(tasks, descriptions, encoder.encode(descriptions), torch.tensor(owner), labelled)
+    user_of: list[list[int]] = []
+    if user_style:
+        splits = load_splits(tasks_dir)
+        held_out = sorted(set(names) & set(splits.evaluation))
+        if held_out:  # the evaluation tasks' user-style descriptions are what rows are scored on
+            raise ValueError(f"user-style descriptions of validation or test tasks must not be trained on: {held_out[:3]}")
+        for i, t in enumerate(tasks):
+            user = splits.user_descriptions.get(t.name, ())
+            user_of.append(list(range(len(descriptions), len(descriptions) + len(user))))
+            descriptions.extend(user)
+            owner.extend([i] * len(user))
+        if not any(user_of):
+            raise ValueError(f"none of the {len(tasks)} training tasks has user-style descriptions in the splits file")
+    return SFTTasks(tasks, descriptions, encoder.encode(descriptions), torch.tensor(owner), num_plain, labelled,
+                    user_of)
 
 
 def _initial_model(
@@ -297,16 +324,23 @@ def sft_backward(
 
 
 def draw_descriptions(chosen: Sequence[int], descs_of: Sequence[torch.Tensor], labelled: Sequence[int],
-                      name_labels: float, g: torch.Generator) -> list[int]:
+                      name_labels: float, g: torch.Generator, user_of: Sequence[Sequence[int]] = (),
+                      user_style: float = 0.0) -> list[int]:
     """One description index per chosen task: a uniform draw among the task's plain descriptions
     (`descs_of[task]`), replaced with probability `name_labels` by its labelled version
-    (`labelled[d]`, -1: none). With `name_labels` 0 no further random number is drawn, so the
-    stream is the one of runs before named labels existed; otherwise one draw per task, whether or
-    not it has labels."""
+    (`labelled[d]`, -1: none), then with probability `user_style` by one of the task's user-style
+    descriptions (`user_of[task]`, drawn uniformly; none: kept). Each option at 0 draws no further
+    random number, so the stream is the one of runs before it existed; otherwise its draws are
+    made for every task, whether or not the task has labels or user-style descriptions."""
     idx = [int(descs_of[t][torch.randint(len(descs_of[t]), (1,), generator=g)]) for t in chosen]
     if name_labels > 0:
         named = (torch.rand(len(chosen), generator=g) < name_labels).tolist()
         idx = [labelled[d] if use and labelled[d] >= 0 else d for d, use in zip(idx, named)]
+    if user_style > 0:
+        use = (torch.rand(len(chosen), generator=g) < user_style).tolist()
+        pick = torch.rand(len(chosen), generator=g).tolist()
+        idx = [user_of[t][int(u * len(user_of[t]))] if want and user_of[t] else d
+               for t, d, want, u in zip(chosen, idx, use, pick)]
     return idx
 
 
@@ -362,7 +396,8 @@ def train_sft(
         sft = replace(sft, sampler_steps=int(served["steps"]) if sft.sampler_steps is None else sft.sampler_steps,
                       guidance=float(served["guidance"]) if sft.guidance is None else sft.guidance)
     model = model.to(device)
-    data = load_sft_tasks(tasks_dir, names, shared_encoder(device), named_labels=sft.name_labels > 0)
+    data = load_sft_tasks(tasks_dir, names, shared_encoder(device), named_labels=sft.name_labels > 0,
+                          user_style=sft.user_style > 0)
     base, tok, _ = load_base_model(device)
     ocfg = OracleConfig()
     train_split = [split_instances(t)[0] for t in data.tasks]
@@ -418,7 +453,8 @@ def train_sft(
 
     def step_fn(g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         chosen = torch.randperm(len(data.tasks), generator=g)[:k].tolist()
-        desc_idx = draw_descriptions(chosen, descs_of, data.labelled, sft.name_labels, g)
+        desc_idx = draw_descriptions(chosen, descs_of, data.labelled, sft.name_labels, g, data.user_of,
+                                     sft.user_style)
         cond = noisy_cond(cond_all[desc_idx], sft.cond_noise, g)
         A, B = model.sft_factors(cond, g, sampler["steps"], sampler["guidance"])
         rows: list[Row] = []
@@ -473,6 +509,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="noise on the description embeddings each step (about the norm of the noise; 0: none)")
     ap.add_argument("--name-labels", type=float, default=SFTConfig.name_labels,
                     help="probability that a closed-label task's description names its labels (0: never)")
+    ap.add_argument("--user-style", type=float, default=SFTConfig.user_style,
+                    help="probability that a task's description is one of its user-style ones (splits.json; 0: never)")
     ap.add_argument("--probe-every", type=int, default=0,
                     help="probe the validation tasks every N steps and at the last: CE right vs random string (0: never)")
     ap.add_argument("--probe-tasks-file", help="probe the task names in this file (default: the validation split)")
@@ -494,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         sft = SFTConfig(a.tasks_per_step, a.examples_per_task, a.tokens_per_microbatch, a.system_prompt,
                         a.sampler_steps, a.guidance, a.contrast_weight, a.contrast_margin, a.cond_noise,
-                        a.name_labels)
+                        a.name_labels, a.user_style)
         gen = train_sft(a.out, a.kind, a.tasks, names, a.init, a.library, cfg=cfg, sft=sft, device=a.device,
                         resume=a.resume, progress=not a.no_progress, max_seconds=a.max_seconds,
                         log_every=a.log_every, probe_tasks=probe_tasks, probe_every=a.probe_every,
