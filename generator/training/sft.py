@@ -69,7 +69,9 @@ the sentence."), and descriptions of that kind score differently on unseen tasks
 table's user-style rows). With probability p, the description drawn for a task that has
 user-style descriptions (`splits.json`'s `user_descriptions`, two per training task) is replaced by
 one of them, drawn uniformly, for the conditioning and the system prompt alike. Drawn after the
-named-labels draw, so that p = 0 leaves the random stream of earlier runs unchanged.
+named-labels draw, so that p = 0 leaves the random stream of earlier runs unchanged. Measured on
+validation (2026-12-07, `benchmarks/results/quality_user_style.md`): p = 0.5 did not lift EM with
+user-style descriptions (16.16 against 15.97 in the shipped recipe) and cost some with T2L's.
 
 The probe (`probe_tasks`, `probe_every`): every that many steps, and at the last, the mean
 output-token CE of held-out tasks' test examples under their descriptions' adapters and under
