@@ -153,6 +153,15 @@ soup_specs() { local spec name srcs c specs; IFS=';' read -ra specs <<< "$1"
     soup_names+=("soup_$name") soup_sources+=("$srcs")
   done; }
 make_soup() { rm -rf "$CK/${soup_names[$1]}" && $PY -m generator.soup --out "$CK/${soup_names[$1]}" ${soup_sources[$1]}; }
+# Appends "soup_<name>=$CK/soup_<name>" to the array named $1 for each weight average of spec $2
+# (soup_specs; empty: none), each made now.
+add_soups() { local -n into=$1; local i; [ -n "$2" ] || return 0; soup_specs "$2"
+  for i in "${!soup_names[@]}"; do make_soup "$i"; into+=("${soup_names[$i]}=$CK/${soup_names[$i]}"); done; }
+# Appends "<row>=<folder>" to the array named $1 for each finished SFT checkpoint folder after it
+# (row_of without its loragen_sft_; a run its deadline stopped, its training state left, is none).
+add_finished() { local -n into=$1; shift; local d name
+  for d in "$@"; do [ -f "$d/config.json" ] && [ ! -f "$d/train_state.pt" ] || continue
+    name=$(row_of "$d"); into+=("${name#loragen_sft_}=${d%/}"); done; }
 # A checkpoint staged by the caller as $CK/<name>: weights /tmp/stage/files/<name>_model.safetensors
 # (device-stage) and config .devtools/<name>/config.json (carried); made once, checked by loading.
 staged_checkpoint() { local name=$1
@@ -524,16 +533,9 @@ print(' '.join(sorted(train_labels(load_tasks('data/sni/tasks', load_splits('dat
   cands=("incumbent=$INIT")
   snaps=("$CK"/loragen_sft_{plain,named}/snapshots/sft-*/)
   [ "${NAMED_EVAL_SNAPSHOTS:-1}" = 1 ] || snaps=()  # 0: the final checkpoints only
-  for d in "$CK"/loragen_sft_{plain,named}/ "${snaps[@]}"; do
-    [ -f "$d/config.json" ] && [ ! -f "$d/train_state.pt" ] || continue  # a run its deadline stopped is no candidate
-    name=$(row_of "$d")
-    cands+=("${name#loragen_sft_}=${d%/}")
-  done
+  add_finished cands "$CK"/loragen_sft_{plain,named}/ "${snaps[@]}"
   for name in ${NAMED_STAGED:-}; do staged_checkpoint "$name"; done  # soup sources staged by the caller
-  if [ -n "${NAMED_SOUPS:-}" ]; then  # more candidates: weight averages ("name:CK CK;...", soup_specs)
-    soup_specs "$NAMED_SOUPS"
-    for i in "${!soup_names[@]}"; do make_soup "$i"; cands+=("${soup_names[$i]}=$CK/${soup_names[$i]}"); done
-  fi
+  add_soups cands "${NAMED_SOUPS:-}"  # more candidates: weight averages ("name:CK CK;...", soup_specs)
   gen named_val_system "$ql" --task-set validation --rows system --name-labels --only $closed
   for c in "${cands[@]}"; do
     name=${c%%=*} ck=${c#*=}
@@ -580,15 +582,10 @@ user_style_eval)
   for name in ${USER_STAGED:-}; do staged_checkpoint "$name"; done
   cands=("incumbent=$INIT") diags=()
   snaps=(); [ "${USER_EVAL_SNAPSHOTS:-0}" = 1 ] && snaps=("$CK"/loragen_sft_user/snapshots/sft-*/)
-  for d in "$CK"/loragen_sft_user/ "${snaps[@]}" "$CK"/loragen_sft_plain/; do
-    [ -f "$d/config.json" ] && [ ! -f "$d/train_state.pt" ] || continue  # a run its deadline stopped is no candidate
-    name=$(row_of "$d"); name=${name#loragen_sft_}
-    if [[ $name == plain* ]]; then diags+=("$name=${d%/}"); else cands+=("$name=${d%/}"); fi
-  done
-  if [ -n "${USER_SOUPS:-}" ]; then soup_specs "$USER_SOUPS"
-    for i in "${!soup_names[@]}"; do make_soup "$i"; cands+=("${soup_names[$i]}=$CK/${soup_names[$i]}"); done; fi
-  if [ -n "${USER_DIAG_SOUPS:-}" ]; then soup_specs "$USER_DIAG_SOUPS"
-    for i in "${!soup_names[@]}"; do make_soup "$i"; diags+=("${soup_names[$i]}=$CK/${soup_names[$i]}"); done; fi
+  add_finished cands "$CK"/loragen_sft_user/ "${snaps[@]}"
+  add_finished diags "$CK"/loragen_sft_plain/
+  add_soups cands "${USER_SOUPS:-}"
+  add_soups diags "${USER_DIAG_SOUPS:-}"
   for c in "${cands[@]}" "${diags[@]}"; do
     name=${c%%=*} ck=${c#*=}
     gen "user_val_$name" "$qv" --generator "$ck" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
