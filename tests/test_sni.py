@@ -193,8 +193,9 @@ def test_in_distribution_sft_curve_with_its_control_and_the_oracle(tasks, tmp_pa
 
 
 def test_checkpoint_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path):  # noqa: F811
-    """The best validation EM wins; a tie goes to the first candidate (the incumbent); candidates
-    scored on different task sets, or rows another checkpoint generated, are refused."""
+    """The best validation EM wins (by at least a margin, if one is given); a tie goes to the first
+    candidate (the incumbent); candidates scored on different task sets, or rows another checkpoint
+    generated, are refused."""
     from benchmarks.quality.choose import choose_checkpoint
     from generator import Generator
 
@@ -216,6 +217,12 @@ def test_checkpoint_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path): 
     assert rec["chosen"] == "better" and rec["validation_em"] == {"incumbent": 50.0, "same": 50.0, "better": 100.0}
     assert rec["validation_tasks"] == 2 and json.loads(out.read_text())["commit"]
     assert choose_checkpoint(tmp_path, {"incumbent": ck, "same": ck}, by, splits, out)["chosen"] == "incumbent"
+    # With a margin the best must beat the incumbent by that much: +50 EM wins at 50, not at 50.1.
+    assert choose_checkpoint(tmp_path, {"incumbent": ck, "better": ck}, by, splits, out, margin=50)["chosen"] == "better"
+    rec = choose_checkpoint(tmp_path, {"incumbent": ck, "better": ck}, by, splits, out, margin=50.1)
+    assert rec["chosen"] == "incumbent" and rec["margin"] == 50.1 and "+ 50.1" in rec["rule"]
+    with pytest.raises(ValueError, match="margin"):
+        choose_checkpoint(tmp_path, {"incumbent": ck, "better": ck}, by, splits, out, margin=-1)
     with pytest.raises(ValueError, match="different numbers of validation tasks"):
         choose_checkpoint(tmp_path, {"incumbent": ck, "partial": ck}, by, splits, out)
     _validation_row(tmp_path, by, "stale", {a: True, b: True}, fingerprint="0" * 64)

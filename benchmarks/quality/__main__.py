@@ -123,6 +123,8 @@ def main(argv=None) -> None:
                    help="every sampler row was generated with --system-prompt: choose the sampler only")
     k = sub.add_parser("choose-checkpoint", help="pick the checkpoint with the best validation EM (ties: the first)")
     k.add_argument("--validation", required=True, help="folder of the candidates' validation rows <ROW>.jsonl")
+    k.add_argument("--margin", type=float, default=0.0,
+                   help="EM by which the best must beat the incumbent to win (default 0: any gain)")
     nl = sub.add_parser("choose-named", help="the named-labels experiment's rule (choose.choose_named)")
     nl.add_argument("--plain", required=True, help="folder of the candidates' validation rows, descriptions as given")
     nl.add_argument("--named", required=True,
@@ -188,7 +190,8 @@ def main(argv=None) -> None:
         candidates = dict(c.split("=", 1) for c in a.candidate)
         by_name = {t.name: t for t in tasks}
         try:
-            record = (choose_checkpoint(a.validation, candidates, by_name, splits, a.out) if a.cmd == "choose-checkpoint"
+            record = (choose_checkpoint(a.validation, candidates, by_name, splits, a.out, a.margin)
+                      if a.cmd == "choose-checkpoint"
                       else choose_named(a.plain, a.named, candidates, by_name, splits, a.out, lever=a.lever))
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}") from None

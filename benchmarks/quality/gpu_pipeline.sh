@@ -21,6 +21,9 @@
 #   bash benchmarks/quality/gpu_pipeline.sh winner_test_rows   # test rows, once, of a winner chosen elsewhere ($WINNER)
 #   bash benchmarks/quality/gpu_pipeline.sh fit       # SFT on the in-distribution tasks alone vs on all (fit)
 #   bash benchmarks/quality/gpu_pipeline.sh fit_eval  # their in-distribution and validation rows; the rule
+#   bash benchmarks/quality/gpu_pipeline.sh all_tasks       # oracles + reconstruction on all 342 training tasks,
+#                                                           # then SFT from it (rerun until done)
+#   bash benchmarks/quality/gpu_pipeline.sh all_tasks_eval  # that SFT run (alone, in a soup) on validation; the rule
 #
 # train: LoRAGen on all training tasks (with snapshots along its denoiser steps: quality against
 #   steps), LoRAGen on the first 50 / 100 training tasks (quality against tasks), T2L
@@ -661,6 +664,98 @@ fit_eval)
   tar czf "$OUT/generations_fit.tgz" -C "$WORK" q_validation_fit q_id_fit choice_fit.json \
     $(cd "$WORK" && ls eval_*fit*.log) $( [ -d "$qt" ] && echo q_test_fit )
   echo "fit_eval phase done at $((SECONDS - start)) s"
+  ;;
+all_tasks)
+  # Issue 14's lever "more distinct training tasks" and the task-count curve's missing point: the
+  # reconstruction stage saw the oracles of 204 tasks (the train split before 138 were added), SFT
+  # all 342. Rerun until it prints "all_tasks done" (each call resumes what the last left in $WORK
+  # and $CK, on the warm machine):
+  #   1. the oracle LoRAs of the 342 training tasks (`oracles`' recipe, no multi-task LoRA; an
+  #      adapter depends only on its task and the seed, so the 204 are the first run's again);
+  #   2. LoRAGen reconstruction on all of them ($GEN, `train`'s recipe): checkpoint loragen_all;
+  #   3. side by side: LoRAGen SFT from it by the shipped SFT ingredient's recipe (SFT_STEPS 250 at
+  #      SFT_LR 5e-5 through the served sampler, 5 steps at guidance 1, snapshot at 150), seed 0
+  #      (loragen_sft_all) and seed 1 (loragen_sft_all_s1), and loragen_all's curve rows (one
+  #      description per task, its own sampler, as the curve's other points) on validation and test.
+  # all_tasks_eval follows.
+  $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
+  mkdir -p "$WORK/subsets"
+  $PY -c "from generator.data.sni import load_splits; print('\n'.join(load_splits('data/sni/tasks').train))" \
+    > "$WORK/subsets/train.txt"
+  train_tasks=($(cat "$WORK/subsets/train.txt")) && [ "${DRY:-0}" = 1 ] && train_tasks=("${DRY_TASKS[@]:0:8}")
+  done_oracles() { local n=0 t; for t in "${train_tasks[@]}"; do [ -f "$lib/$t/descriptions.json" ] && n=$((n + 1)); done
+    echo $n; }
+  if [ "$(done_oracles)" -lt ${#train_tasks[@]} ]; then
+    oracle_args=("${ORACLE[@]}"); [ "${DRY:-0}" = 1 ] || oracle_args=(--group-size 160 --tokens-per-microbatch "${ORACLE_TPM:-49152}")
+    [ "${DRY:-0}" = 1 ] && oracle_args=("${oracle_args[@]:0:4}")  # without the dry run's --only
+    timeout "$(left)" $PY -m generator.training.oracles train --tasks data/sni/tasks --out "$WORK/oracles" --device $DEV \
+      "${oracle_args[@]}" --only "${train_tasks[@]}" 2>&1 | tee -a "$WORK/oracles.log" | grep --line-buffered -v '%|' || true
+    echo "oracles: $(done_oracles) of ${#train_tasks[@]} training tasks at $((SECONDS - start)) s"
+    [ "$(done_oracles)" -eq ${#train_tasks[@]} ] || exit 0
+  fi
+  cp "$WORK/oracles/oracles.json" "$OUT/all_tasks_oracles.json" 2>/dev/null || true
+  run loragen_all $PY -m generator train --kind loragen --out "$CK/loragen_all" --library "$lib" --device $DEV \
+    --no-progress --threads 2 --resume "${GEN[@]}"
+  waitall
+  [ -f "$CK/loragen_all/config.json" ] && [ ! -f "$CK/loragen_all/train_state.pt" ] || { tail -n 3 "$WORK/train_loragen_all.log"; exit 0; }
+  echo "loragen_all trained at $((SECONDS - start)) s"
+  for set in validation test; do
+    gen "curve_all_$set" "$WORK/q_$set" --generator "$CK/loragen_all" \
+      --task-set $set --rows loragen_all --num-descriptions 1
+  done
+  common=(--kind loragen --init "$CK/loragen_all" --tasks data/sni/tasks --device $DEV --no-progress --threads 2 --resume
+    --system-prompt --sampler-steps 5 --guidance 1.0 --steps "${SFT_STEPS:-250}" --lr "${SFT_LR:-5e-5}"
+    --snapshots ${ALL_SNAPSHOTS:-150} --probe-every 50 --max-seconds $(( $(left) > 60 ? $(left) - 40 : 20 )))
+  [ "${DRY:-0}" = 1 ] && common+=("${SFT_L[@]}" --snapshots 1)
+  run loragen_sft_all $PY -m generator.training.sft --out "$CK/loragen_sft_all" "${common[@]}"
+  run loragen_sft_all_s1 $PY -m generator.training.sft --out "$CK/loragen_sft_all_s1" "${common[@]}" --seed 1
+  waitall
+  mkdir -p "$WORK/configs" && cp "$CK/loragen_all/config.json" "$WORK/configs/loragen_all.json"
+  for r in loragen_sft_all loragen_sft_all_s1; do tail -n 3 "$WORK/train_$r.log"
+    [ -f "$CK/$r/probe.jsonl" ] && cp "$CK/$r/probe.jsonl" "$WORK/configs/${r}_probe.jsonl"; done
+  (cd "$WORK" && tar czf "$OUT/all_tasks_logs.tgz" oracles.log $(ls train_loragen_all.log train_loragen_sft_all*.log \
+    eval_curve_all_*.log 2>/dev/null) configs subsets/train.txt)
+  for r in loragen_sft_all loragen_sft_all_s1; do [ -f "$CK/$r/config.json" ] && [ ! -f "$CK/$r/train_state.pt" ] || exit 0; done
+  echo "all_tasks done at $((SECONDS - start)) s"
+  ;;
+all_tasks_eval)
+  # all_tasks' SFT runs as candidates for the default, on validation as served (2 descriptions per
+  # task), beside the incumbent (the mean of two SFT runs from the 204-task reconstruction): row
+  # all (loragen_sft_all, seed 0) alone, and soup_all, the mean of both seeds (runs from another
+  # reconstruction share no starting point with the incumbent's, so no average with those).
+  # Diagnostics, no candidates: all_s1 (seed 1) alone, and the candidates with the validation tasks' user-style
+  # descriptions. The rule, fixed before any result: the best mean validation EM wins if it beats
+  # the incumbent's by at least 0.5 (the run-to-run noise); else the incumbent stays. A winner's
+  # rows on test, once (table, controls, user-style), and its weights back in $OUT.
+  qv="$WORK/q_validation_all" qu="$WORK/q_validation_all_user" qt="$WORK/q_test_all"
+  $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
+  cands=("incumbent=$INIT") diags=()
+  add_finished cands "$CK/loragen_sft_all/"
+  add_finished diags "$CK/loragen_sft_all_s1/"
+  [ ${#cands[@]} -eq 2 ] && [ ${#diags[@]} -eq 1 ] || { echo "the SFT runs are not finished: run all_tasks first" >&2; exit 2; }
+  add_soups cands "all:loragen_sft_all loragen_sft_all_s1"
+  for c in "${cands[@]}"; do
+    name=${c%%=*} ck=${c#*=}
+    gen "all_val_$name" "$qv" --generator "$ck" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
+    gen "all_val_${name}_user" "$qu" --generator "$ck" --task-set validation --rows "$name" --system-prompt \
+      --user-descriptions
+  done
+  gen all_val_all_s1 "$qv" --generator "${diags[0]#*=}" --task-set validation --rows all_s1 --system-prompt \
+    --num-descriptions 2
+  waitall
+  echo "validation done at $((SECONDS - start)) s"
+  win=$(choose_best all checkpoint "$qv" --margin 0.5 $(printf -- '--candidate %s ' "${cands[@]}"))
+  if [ "$win" != "$INIT" ]; then
+    row=loragen_$($PY -c "import json; print(json.load(open('$WORK/choice_all.json'))['chosen'])")
+    test_rows "$row" "$qt" "$win"
+    waitall
+    send_back "$win" "$row"
+  fi
+  for f in "$WORK"/eval_all_val_*.log "$WORK"/eval_loragen_*all*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 2 "$f"; }; done
+  tar czf "$OUT/generations_all.tgz" -C "$WORK" q_validation_all q_validation_all_user choice_all.json \
+    $(cd "$WORK" && ls q_validation/loragen_all.jsonl q_test/loragen_all.jsonl eval_all_val_*.log eval_loragen_*all*.log \
+      2>/dev/null) $( [ -d "$qt" ] && echo q_test_all )
+  echo "all_tasks_eval phase done at $((SECONDS - start)) s"
   ;;
 winner_test_rows)
   # A new default chosen elsewhere (e.g. a weight average made and chosen on validation on the
