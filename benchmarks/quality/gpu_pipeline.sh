@@ -675,8 +675,9 @@ all_tasks)
   #   2. LoRAGen reconstruction on all of them ($GEN, `train`'s recipe): checkpoint loragen_all;
   #   3. side by side: LoRAGen SFT from it by the shipped SFT ingredient's recipe (SFT_STEPS 250 at
   #      SFT_LR 5e-5 through the served sampler, 5 steps at guidance 1, snapshot at 150), seed 0
-  #      (loragen_sft_all) and seed 1 (loragen_sft_all_s1), and loragen_all's curve rows (one
-  #      description per task, its own sampler, as the curve's other points) on validation and test.
+  #      (loragen_sft_all) and seed 1 (loragen_sft_all_s1), and loragen_all's curve rows
+  #      loragen_n342 (one description per task, its own sampler, as the curve's other points) on
+  #      validation and test.
   # all_tasks_eval follows.
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
   mkdir -p "$WORK/subsets"
@@ -699,9 +700,9 @@ all_tasks)
   waitall
   [ -f "$CK/loragen_all/config.json" ] && [ ! -f "$CK/loragen_all/train_state.pt" ] || { tail -n 3 "$WORK/train_loragen_all.log"; exit 0; }
   echo "loragen_all trained at $((SECONDS - start)) s"
-  for set in validation test; do
+  for set in validation test; do  # row loragen_n<tasks>: the task-count curve's point (benchmarks.quality.curves)
     gen "curve_all_$set" "$WORK/q_$set" --generator "$CK/loragen_all" \
-      --task-set $set --rows loragen_all --num-descriptions 1
+      --task-set $set --rows "loragen_n${#train_tasks[@]}" --num-descriptions 1
   done
   common=(--kind loragen --init "$CK/loragen_all" --tasks data/sni/tasks --device $DEV --no-progress --threads 2 --resume
     --system-prompt --sampler-steps 5 --guidance 1.0 --steps "${SFT_STEPS:-250}" --lr "${SFT_LR:-5e-5}"
@@ -753,7 +754,7 @@ all_tasks_eval)
   fi
   for f in "$WORK"/eval_all_val_*.log "$WORK"/eval_loragen_*all*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 2 "$f"; }; done
   tar czf "$OUT/generations_all.tgz" -C "$WORK" q_validation_all q_validation_all_user choice_all.json \
-    $(cd "$WORK" && ls q_validation/loragen_all.jsonl q_test/loragen_all.jsonl eval_all_val_*.log eval_loragen_*all*.log \
+    $(cd "$WORK" && ls q_validation/loragen_n*.jsonl q_test/loragen_n*.jsonl eval_all_val_*.log eval_loragen_*all*.log \
       2>/dev/null) $( [ -d "$qt" ] && echo q_test_all )
   echo "all_tasks_eval phase done at $((SECONDS - start)) s"
   ;;
