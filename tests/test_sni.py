@@ -149,6 +149,27 @@ def _validation_row(folder: Path, by: dict, name: str, correct: dict[str, bool],
     write_row(folder / f"{name}.jsonl", meta, prompts, preds)
 
 
+def test_task_count_curve_places_the_steps_run_at_its_own_task_count(tasks, tmp_path):
+    """The denoiser-steps run's last snapshot is the task-count curve's point at the number of tasks
+    that run trained on (given, not the train split's size now), beside loragen_n<N> rows."""
+    from benchmarks.quality.curves import curves
+
+    splits = load_splits(TASKS)
+    by = {t.name: t for t in tasks}
+    a, b = splits.validation[:2]
+    _validation_row(tmp_path, by, "loragen_n50", {a: False, b: False})
+    _validation_row(tmp_path, by, "loragen_dit-100", {a: True, b: False})
+    _validation_row(tmp_path, by, "loragen_dit-200", {a: True, b: True})
+    _validation_row(tmp_path, by, "loragen_n342", {a: False, b: True})
+    c = curves(str(TASKS), {"validation": tmp_path}, steps_run_tasks=204)
+    assert c["steps_run_tasks"] == 204
+    assert c["validation"]["tasks"] == {50: 0.0, 204: 100.0, 342: 50.0}
+    assert c["validation"]["steps"] == {100: 50.0, 200: 100.0}
+    default = curves(str(TASKS), {"validation": tmp_path})  # the train split's size: a loragen_n row of it wins
+    assert default["steps_run_tasks"] == len(splits.train) and default["validation"]["tasks"][len(splits.train)] == (
+        50.0 if len(splits.train) == 342 else 100.0)
+
+
 def test_sft_step_curve_from_snapshot_rows(tasks, tmp_path):
     """Rows of an SFT run with snapshots become one curve against SFT steps (the run's last row at
     the step its generations record); SFT rows without snapshots (the incumbent) stay off it and the

@@ -2,8 +2,9 @@
 
 Reads the curve rows of the quality pipeline (one evaluation description per task, the
 checkpoint's own sampler): `loragen_n<N>` (LoRAGen trained on the first N training tasks) and
-`loragen_dit-<S>` (the all-task LoRAGen after S denoiser steps; its last snapshot is the point
-"all tasks" of the first curve), in a validation and a test folder; and SFT runs with snapshots
+`loragen_dit-<S>` (a LoRAGen run after S denoiser steps; its last snapshot is also a point of the
+first curve, at the number of tasks that run trained on: `steps_run_tasks`, by default the train
+split's size), in a validation and a test folder; and SFT runs with snapshots
 (`gpu_pipeline.sh sft_curve`): rows `<run>_at<S>` and `<run>` whose generations record `sft_step`,
 one curve per run against SFT steps, beside the `incumbent` row (the shipped default); a run's
 conditioning control rows `<run>_at<S>_random` (and `<run>_random`) make a curve of their own,
@@ -13,7 +14,7 @@ committed table (`--oracle-from benchmarks/results/quality.json`). Writes `<stem
 `<stem>.png` with the curves that have points, and the 3-shot and oracle rows for scale.
 
     python -m benchmarks.quality.curves --tasks data/sni/tasks --validation runs/q_validation \
-        --test runs/q_test --results benchmarks/results
+        --test runs/q_test --results benchmarks/results --steps-run-tasks 204
     python -m benchmarks.quality.curves --tasks data/sni/tasks --in-distribution runs/q_id_fit \
         --oracle-from benchmarks/results/quality.json --stem quality_fit
 """
@@ -66,15 +67,18 @@ def _sft_points(folder: Path, tasks: dict, names: list[str]) -> dict[str, dict[i
     return {run: dict(sorted(v.items())) for run, v in sorted(points.items()) if run in snapshotted}
 
 
-def curves(tasks_dir: str, folders: dict[str, Path], oracle_from: Path | None = None) -> dict:
+def curves(tasks_dir: str, folders: dict[str, Path], oracle_from: Path | None = None,
+           steps_run_tasks: int | None = None) -> dict:
     """{split: {"tasks": {N: EM}, "steps": {S: EM}, "icl": EM, "oracle": EM}} for the given folders
     (splits: validation, test, in_distribution); `oracle_from`: a quality table whose oracle row
-    gives the in-distribution folder's "oracle"."""
+    gives the in-distribution folder's "oracle"; `steps_run_tasks`: the training tasks of the run
+    whose snapshots make the steps curve (default: the train split's size)."""
     tasks = {t.name: t for t in load_tasks(tasks_dir)}
     splits = load_splits(tasks_dir)
+    steps_run_tasks = steps_run_tasks or len(splits.train)
     names = {"validation": list(splits.validation), "test": list(splits.test),
              "in_distribution": list(splits.in_distribution_eval)}
-    out: dict = {"num_train_tasks": len(splits.train)}
+    out: dict = {"num_train_tasks": len(splits.train), "steps_run_tasks": steps_run_tasks}
     for split, folder in folders.items():
         res: dict = {"tasks": {}, "steps": {}}
         for path in sorted(folder.glob("*.jsonl")):
@@ -85,8 +89,8 @@ def curves(tasks_dir: str, folders: dict[str, Path], oracle_from: Path | None = 
                 res["steps"][int(m[1])] = _em(path, tasks, names[split])
             elif row in ("icl", "oracle", "incumbent"):
                 res[row] = _em(path, tasks, names[split])
-        if res["steps"]:
-            res["tasks"][len(splits.train)] = res["steps"][max(res["steps"])]
+        if res["steps"] and steps_run_tasks not in res["tasks"]:  # a loragen_n<N> row of that N comes first
+            res["tasks"][steps_run_tasks] = res["steps"][max(res["steps"])]
         res["tasks"] = dict(sorted(res["tasks"].items()))
         res["steps"] = dict(sorted(res["steps"].items()))
         res["sft"] = _sft_points(folder, tasks, names[split])
@@ -105,7 +109,8 @@ def plot(c: dict, path: Path) -> None:
 
     panels = [(key, xlabel, title) for key, xlabel, title in (
         ("tasks", "training tasks", "quality against the number of training tasks"),
-        ("steps", "denoiser training steps", "quality against training steps (all tasks)"),
+        ("steps", "denoiser training steps", "quality against training steps"
+         + (f" ({c['steps_run_tasks']} tasks)" if c.get("steps_run_tasks") else "")),
         ("sft", "SFT steps", "quality against SFT steps (as served)"),
     ) if any(c.get(split, {}).get(key) for split in SPLITS)]
     if not panels:
@@ -147,6 +152,9 @@ def main(argv=None) -> None:
     ap.add_argument("--in-distribution", type=Path, help="folder of rows on the in-distribution (training) tasks")
     ap.add_argument("--oracle-from", type=Path,
                     help="quality table (quality.json) whose oracle row is the in-distribution reference")
+    ap.add_argument("--steps-run-tasks", type=int,
+                    help="training tasks of the run whose loragen_dit-<S> rows make the steps curve "
+                         "(default: the train split's size)")
     ap.add_argument("--results", default="benchmarks/results")
     ap.add_argument("--stem", default="quality_curves")
     a = ap.parse_args(argv)
@@ -157,7 +165,7 @@ def main(argv=None) -> None:
     from benchmarks.provenance import provenance
 
     command = " ".join(["python -m benchmarks.quality.curves", *sys.argv[1:]])
-    c = {**provenance(command), **curves(a.tasks, folders, a.oracle_from)}
+    c = {**provenance(command), **curves(a.tasks, folders, a.oracle_from, a.steps_run_tasks)}
     out = Path(a.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{a.stem}.json").write_text(json.dumps(c, indent=1))
