@@ -23,7 +23,7 @@
 #   bash benchmarks/quality/gpu_pipeline.sh fit_eval  # their in-distribution and validation rows; the rule
 #   bash benchmarks/quality/gpu_pipeline.sh all_tasks       # oracles + reconstruction on all 342 training tasks,
 #                                                           # then SFT from it (rerun until done)
-#   bash benchmarks/quality/gpu_pipeline.sh all_tasks_eval  # that SFT run (alone, in a soup) on validation; the rule
+#   bash benchmarks/quality/gpu_pipeline.sh all_tasks_eval  # those SFT runs (seed 0, both averaged) on validation; the rule
 #
 # train: LoRAGen on all training tasks (with snapshots along its denoiser steps: quality against
 #   steps), LoRAGen on the first 50 / 100 training tasks (quality against tasks), T2L
@@ -49,6 +49,8 @@ CK=${CK:-/tmp/ck}
 DEADLINE_S=${DEADLINE_S:-560}
 mkdir -p "$OUT" "$WORK" "$CK"
 source benchmarks/device_env.sh  # staged wheels, PYTHONPATH, LORAGEN_COMMIT
+# The task files travel apart from the tree (the caller unpacks them on every call): none, no run.
+compgen -G "data/sni/tasks/*.json" > /dev/null || { echo "no task files in data/sni/tasks: unpack them first" >&2; exit 2; }
 start=$SECONDS
 left() { echo $((DEADLINE_S - (SECONDS - start))); }
 
@@ -61,7 +63,8 @@ from generator.data.sni import load_splits
 s = load_splits('data/sni/tasks')
 order = sorted(s.train, key=lambda n: hashlib.sha256(f'sni-scale\x00{n}'.encode()).hexdigest())
 print('\n'.join(order[:8] + list(s.validation[:2]) + list(s.test[:2])))")
-  ORACLE=(--steps 2 --batch-size 2 --multitask-batch-size 4 --only "${DRY_TASKS[@]}")
+  ORACLE=(--steps 2 --batch-size 2 --multitask-batch-size 4)
+  ORACLE_TASKS=(--only "${DRY_TASKS[@]}")
   GEN=(--steps 4 --diffusion-steps 6 --batch-size 4)
   SNAP=(--snapshots 3 6)
   T2L=(--steps 3 --batch-size 4)
@@ -77,7 +80,9 @@ print('\n'.join(order[:8] + list(s.validation[:2]) + list(s.test[:2])))")
     --probe-tasks-file "$WORK/subsets/dry_probe.txt" --snapshots 1 --probe-every 1)
 else
   DEV=cuda
-  ORACLE=(--group-size 160 --tokens-per-microbatch 98304)
+  # ORACLE_TPM: tokens a micro-batch (98304 ran on an H200; the H100 run of all_tasks used 49152)
+  ORACLE=(--group-size 160 --tokens-per-microbatch "${ORACLE_TPM:-98304}")
+  ORACLE_TASKS=()
   GEN=(--steps 3000 --diffusion-steps 4000 --batch-size 128 --tokens-per-step 256)
   SNAP=(--snapshots 500 1000 2000 4000)
   T2L=(--steps 6000 --batch-size 128)
@@ -179,7 +184,7 @@ oracles)
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
   $PY -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
   timeout "$(left)" $PY -m generator.training.oracles train --tasks data/sni/tasks --out "$WORK/oracles" --multitask \
-    --device $DEV "${ORACLE[@]}" 2>&1 | tee -a "$WORK/oracles.log" | grep --line-buffered -v '%|' || true
+    --device $DEV "${ORACLE[@]}" "${ORACLE_TASKS[@]}" 2>&1 | tee -a "$WORK/oracles.log" | grep --line-buffered -v '%|' || true
   cp "$WORK/oracles/oracles.json" "$OUT/" 2>/dev/null || true
   echo "oracles: $(ls "$lib" 2>/dev/null | wc -l) training + $(ls "$WORK/oracles/held_out" 2>/dev/null | wc -l) held-out adapters, $((SECONDS - start)) s"
   ;;
@@ -687,10 +692,8 @@ all_tasks)
   done_oracles() { local n=0 t; for t in "${train_tasks[@]}"; do [ -f "$lib/$t/descriptions.json" ] && n=$((n + 1)); done
     echo $n; }
   if [ "$(done_oracles)" -lt ${#train_tasks[@]} ]; then
-    oracle_args=("${ORACLE[@]}"); [ "${DRY:-0}" = 1 ] || oracle_args=(--group-size 160 --tokens-per-microbatch "${ORACLE_TPM:-49152}")
-    [ "${DRY:-0}" = 1 ] && oracle_args=("${oracle_args[@]:0:4}")  # without the dry run's --only
     timeout "$(left)" $PY -m generator.training.oracles train --tasks data/sni/tasks --out "$WORK/oracles" --device $DEV \
-      "${oracle_args[@]}" --only "${train_tasks[@]}" 2>&1 | tee -a "$WORK/oracles.log" | grep --line-buffered -v '%|' || true
+      "${ORACLE[@]}" --only "${train_tasks[@]}" 2>&1 | tee -a "$WORK/oracles.log" | grep --line-buffered -v '%|' || true
     echo "oracles: $(done_oracles) of ${#train_tasks[@]} training tasks at $((SECONDS - start)) s"
     [ "$(done_oracles)" -eq ${#train_tasks[@]} ] || exit 0
   fi
@@ -724,8 +727,8 @@ all_tasks_eval)
   # task), beside the incumbent (the mean of two SFT runs from the 204-task reconstruction): row
   # all (loragen_sft_all, seed 0) alone, and soup_all, the mean of both seeds (runs from another
   # reconstruction share no starting point with the incumbent's, so no average with those).
-  # Diagnostics, no candidates: all_s1 (seed 1) alone, and the candidates with the validation tasks' user-style
-  # descriptions. The rule, fixed before any result: the best mean validation EM wins if it beats
+  # Diagnostics, no candidates: all_s1 (seed 1) alone, and the candidates with the validation
+  # tasks' user-style descriptions. The rule, fixed before any result: the best mean validation EM wins if it beats
   # the incumbent's by at least 0.5 (the run-to-run noise); else the incumbent stays. A winner's
   # rows on test, once (table, controls, user-style), and its weights back in $OUT.
   qv="$WORK/q_validation_all" qu="$WORK/q_validation_all_user" qt="$WORK/q_test_all"
