@@ -122,6 +122,15 @@ candidate() { local name=$1 ck=$2 qv=$3 log=${4:-val_$1}
   gen "$log" "$qv" --generator "$ck" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
   cands+=(--candidate "$name=$ck")
   if [ ${#pids[@]} -ge "${MAX_ROWS:-5}" ]; then waitall; fi; }
+# Checkpoint `ck`'s validation rows as served, as row `name`: with 2 evaluation descriptions per task
+# into folder `qv` (log eval_<log>_<name>) and, given a folder `qu`, with the validation tasks'
+# user-style descriptions into it (eval_<log>_<name>_user); then waits for the running rows once
+# MAX_ROWS (6) run.
+served_rows() { local log=$1 name=$2 ck=$3 qv=$4 qu=${5:-}
+  gen "${log}_$name" "$qv" --generator "$ck" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
+  [ -z "$qu" ] || gen "${log}_${name}_user" "$qu" --generator "$ck" --task-set validation --rows "$name" --system-prompt \
+    --user-descriptions
+  if [ ${#pids[@]} -ge "${MAX_ROWS:-6}" ]; then waitall; fi; }
 # A new default's weights back to the caller: $OUT/<tag>_config.json and 15 MB parts of the weights.
 send_back() { local ck=$1 tag=$2
   cp "$ck/config.json" "$OUT/${tag}_config.json"
@@ -594,13 +603,7 @@ user_style_eval)
   add_finished diags "$CK"/loragen_sft_plain/
   add_soups cands "${USER_SOUPS:-}"
   add_soups diags "${USER_DIAG_SOUPS:-}"
-  for c in "${cands[@]}" "${diags[@]}"; do
-    name=${c%%=*} ck=${c#*=}
-    gen "user_val_$name" "$qv" --generator "$ck" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
-    gen "user_val_${name}_user" "$qu" --generator "$ck" --task-set validation --rows "$name" --system-prompt \
-      --user-descriptions
-    if [ ${#pids[@]} -ge "${MAX_ROWS:-6}" ]; then waitall; fi
-  done
+  for c in "${cands[@]}" "${diags[@]}"; do served_rows user_val "${c%%=*}" "${c#*=}" "$qv" "$qu"; done
   waitall
   echo "validation done at $((SECONDS - start)) s"
   $PY -m benchmarks.quality choose-named --lever user_style --tasks data/sni/tasks --plain "$qv" --named "$qu" \
@@ -738,14 +741,8 @@ all_tasks_eval)
   add_finished diags "$CK/loragen_sft_all_s1/"
   [ ${#cands[@]} -eq 2 ] && [ ${#diags[@]} -eq 1 ] || { echo "the SFT runs are not finished: run all_tasks first" >&2; exit 2; }
   add_soups cands "all:loragen_sft_all loragen_sft_all_s1"
-  for c in "${cands[@]}"; do
-    name=${c%%=*} ck=${c#*=}
-    gen "all_val_$name" "$qv" --generator "$ck" --task-set validation --rows "$name" --system-prompt --num-descriptions 2
-    gen "all_val_${name}_user" "$qu" --generator "$ck" --task-set validation --rows "$name" --system-prompt \
-      --user-descriptions
-  done
-  gen all_val_all_s1 "$qv" --generator "${diags[0]#*=}" --task-set validation --rows all_s1 --system-prompt \
-    --num-descriptions 2
+  for c in "${cands[@]}"; do served_rows all_val "${c%%=*}" "${c#*=}" "$qv" "$qu"; done
+  served_rows all_val "${diags[0]%%=*}" "${diags[0]#*=}" "$qv"  # all_s1: evaluation descriptions only
   waitall
   echo "validation done at $((SECONDS - start)) s"
   win=$(choose_best all checkpoint "$qv" --margin 0.5 $(printf -- '--candidate %s ' "${cands[@]}"))
