@@ -165,9 +165,12 @@ def test_task_count_curve_places_the_steps_run_at_its_own_task_count(tasks, tmp_
     assert c["steps_run_tasks"] == 204
     assert c["validation"]["tasks"] == {50: 0.0, 204: 100.0, 342: 50.0}
     assert c["validation"]["steps"] == {100: 50.0, 200: 100.0}
-    default = curves(str(TASKS), {"validation": tmp_path})  # the train split's size: a loragen_n row of it wins
-    assert default["steps_run_tasks"] == len(splits.train) and default["validation"]["tasks"][len(splits.train)] == (
-        50.0 if len(splits.train) == 342 else 100.0)
+    # A loragen_n<N> row of the steps run's own N is that point, not the run's last snapshot.
+    assert curves(str(TASKS), {"validation": tmp_path}, steps_run_tasks=342)["validation"]["tasks"][342] == 50.0
+    (tmp_path / "loragen_n342.jsonl").unlink()  # by default the run is placed at the train split's size
+    default = curves(str(TASKS), {"validation": tmp_path})
+    assert default["steps_run_tasks"] == len(splits.train)
+    assert default["validation"]["tasks"] == {50: 0.0, len(splits.train): 100.0}
 
 
 def test_sft_step_curve_from_snapshot_rows(tasks, tmp_path):

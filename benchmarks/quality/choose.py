@@ -112,6 +112,13 @@ def _checkpoint_scores(folder: str | Path, candidates: dict[str, str], tasks: di
     return {row: em for row, (_, em, _) in scored.items()}, fingerprints, counts.pop()
 
 
+def _winner(scores: dict[str, float], eligible: list[str], first: str, gain: float) -> str:
+    """The eligible row with the best score (ties: `first`, the incumbent) if it beats `first`'s
+    score by at least `gain`; else `first`."""
+    best = max(eligible, key=lambda r: (round(scores[r], 6), r == first))
+    return best if scores[best] >= scores[first] + gain - 1e-9 else first
+
+
 def choose_checkpoint(folder: str | Path, candidates: dict[str, str], tasks: dict[str, Task], splits: TaskSplits,
                       out: str | Path, margin: float = 0.0) -> dict:
     """candidates: validation row name -> checkpoint folder, the incumbent first. The best mean
@@ -123,9 +130,7 @@ def choose_checkpoint(folder: str | Path, candidates: dict[str, str], tasks: dic
         raise ValueError(f"margin must be >= 0, got {margin}")
     scores, fingerprints, count = _checkpoint_scores(folder, candidates, tasks, splits)
     first = next(iter(candidates))
-    best = max(scores, key=lambda r: (round(scores[r], 6), r == first))
-    if margin and scores[best] < scores[first] + margin - 1e-9:
-        best = first
+    best = _winner(scores, list(scores), first, margin)
     rule = "best mean validation exact match; ties: the first candidate (the incumbent)"
     if margin:
         rule = (f"best mean validation exact match, if >= the incumbent's (the first candidate) + {margin}; "
@@ -165,9 +170,7 @@ def choose_named(plain: str | Path, named: str | Path, candidates: dict[str, str
     named_em, _, named_tasks = _checkpoint_scores(named, candidates, tasks, splits)
     first = next(iter(candidates))
     eligible = [r for r in candidates if plain_em[r] >= plain_em[first] - plain_margin - 1e-9]
-    best = max(eligible, key=lambda r: (round(named_em[r], 6), r == first))
-    if named_em[best] < named_em[first] + named_gain - 1e-9:
-        best = first
+    best = _winner(named_em, eligible, first, named_gain)
     record = {
         "chosen": best, "checkpoint": candidates[best], "fingerprint": fingerprints[best],
         "validation_em": {r: round(v, 2) for r, v in plain_em.items()},
