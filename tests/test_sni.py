@@ -151,8 +151,10 @@ def _validation_row(folder: Path, by: dict, name: str, correct: dict[str, bool],
 
 def test_task_count_curve_places_the_steps_run_at_its_own_task_count(tasks, tmp_path):
     """The denoiser-steps run's last snapshot is the task-count curve's point at the number of tasks
-    that run trained on (given, not the train split's size now), beside loragen_n<N> rows."""
-    from benchmarks.quality.curves import curves
+    that run trained on (given, not the train split's size now), beside loragen_n<N> rows; a row
+    loragen_n<N>_<variant> (another recipe) is a point of its own, off the curve, labelled and plotted."""
+    from benchmarks.quality.curves import curves, plot
+    from benchmarks.quality.score import row_label
 
     splits = load_splits(TASKS)
     by = {t.name: t for t in tasks}
@@ -161,9 +163,15 @@ def test_task_count_curve_places_the_steps_run_at_its_own_task_count(tasks, tmp_
     _validation_row(tmp_path, by, "loragen_dit-100", {a: True, b: False})
     _validation_row(tmp_path, by, "loragen_dit-200", {a: True, b: True})
     _validation_row(tmp_path, by, "loragen_n342", {a: False, b: True})
+    _validation_row(tmp_path, by, "loragen_n342_scaled", {a: True, b: True})
     c = curves(str(TASKS), {"validation": tmp_path}, steps_run_tasks=204)
     assert c["steps_run_tasks"] == 204
     assert c["validation"]["tasks"] == {50: 0.0, 204: 100.0, 342: 50.0}
+    assert c["validation"]["variants"] == {"scaled": {342: 100.0}}
+    assert row_label("loragen_n342_scaled") == \
+        "LoRAGen trained on 342 tasks, steps scaled with the task count (1 description per task)"
+    plot(c, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
     assert c["validation"]["steps"] == {100: 50.0, 200: 100.0}
     # A loragen_n<N> row of the steps run's own N is that point, not the run's last snapshot.
     assert curves(str(TASKS), {"validation": tmp_path}, steps_run_tasks=342)["validation"]["tasks"][342] == 50.0
@@ -395,3 +403,17 @@ def test_adapter_scale_multiplies_dw(tasks, tiny_generator_ckpt):  # noqa: F811
         for m in a.A:
             assert torch.equal(a.A[m], b.A[m]) and torch.allclose(a.B[m] * 0.5, b.B[m])
             assert torch.allclose(a.delta(m, 0) * 0.5, b.delta(m, 0), atol=1e-6)
+
+
+def test_generate_refuses_an_empty_task_selection(tmp_path):
+    """`generate` with a task set and --only that share no task says so, instead of failing inside a row."""
+    import subprocess
+    import sys
+
+    splits = load_splits(TASKS)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "generate", "--tasks", str(TASKS),
+                           "--task-set", "in_distribution", "--only", splits.validation[0], "--rows", "base",
+                           "--out", str(tmp_path / "q")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "no tasks to answer (--task-set in_distribution and --only have none in common)" in proc.stderr
+    assert not (tmp_path / "q" / "base.jsonl").exists()

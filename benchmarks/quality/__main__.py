@@ -242,6 +242,8 @@ def main(argv=None) -> None:
         if a.only:
             chosen = [t for t in chosen if t.name in set(a.only)]
         chosen = chosen[: a.limit_tasks]
+        if not chosen:
+            raise SystemExit(f"error: no tasks to answer (--task-set {a.task_set} and --only have none in common)")
         max_rows = a.max_rows or (512 if torch.device(a.device).type == "cuda" else 8)
         try:
             blend = None if a.anchor_blend is None else AnchorBlend(a.anchor_blend, a.anchor_k, a.anchor_temperature)

@@ -1,7 +1,8 @@
 """Where quality comes from: exact match against the number of training tasks and against steps.
 
 Reads the curve rows of the quality pipeline (one evaluation description per task, the
-checkpoint's own sampler): `loragen_n<N>` (LoRAGen trained on the first N training tasks) and
+checkpoint's own sampler): `loragen_n<N>` (LoRAGen trained on the first N training tasks; a row
+`loragen_n<N>_<variant>`, another recipe on N tasks, is a point of its own beside that curve) and
 `loragen_dit-<S>` (a LoRAGen run after S denoiser steps; its last snapshot is also a point of the
 first curve, at the number of tasks that run trained on: `steps_run_tasks`, by default the train
 split's size), in a validation and a test folder; and SFT runs with snapshots
@@ -28,9 +29,9 @@ from pathlib import Path
 
 from generator.data.sni import load_splits, load_tasks
 
-from .score import read_row, score_answers
+from .score import CURVE_TASKS_RE, CURVE_VARIANTS, read_row, score_answers
 
-N_RE, S_RE = re.compile(r"^loragen_n(\d+)$"), re.compile(r"^loragen_dit-(\d+)$")
+S_RE = re.compile(r"^loragen_dit-(\d+)$")
 AT_RE = re.compile(r"_at\d+(?=(?:_random)?$)")  # an SFT snapshot's row: <run>_at<step>[_random]
 SPLITS = {"validation": "o--", "test": "s-", "in_distribution": "^-"}  # plot style of each split's curves
 
@@ -69,7 +70,8 @@ def _sft_points(folder: Path, tasks: dict, names: list[str]) -> dict[str, dict[i
 
 def curves(tasks_dir: str, folders: dict[str, Path], oracle_from: Path | None = None,
            steps_run_tasks: int | None = None) -> dict:
-    """{split: {"tasks": {N: EM}, "steps": {S: EM}, "icl": EM, "oracle": EM}} for the given folders
+    """{split: {"tasks": {N: EM}, "variants": {variant: {N: EM}}, "steps": {S: EM}, "icl": EM, "oracle": EM}}
+    for the given folders
     (splits: validation, test, in_distribution); `oracle_from`: a quality table whose oracle row
     gives the in-distribution folder's "oracle"; `steps_run_tasks`: the training tasks of the run
     whose snapshots make the steps curve (default: the train split's size)."""
@@ -80,11 +82,12 @@ def curves(tasks_dir: str, folders: dict[str, Path], oracle_from: Path | None = 
              "in_distribution": list(splits.in_distribution_eval)}
     out: dict = {"num_train_tasks": len(splits.train), "steps_run_tasks": steps_run_tasks}
     for split, folder in folders.items():
-        res: dict = {"tasks": {}, "steps": {}}
+        res: dict = {"tasks": {}, "variants": {}, "steps": {}}
         for path in sorted(folder.glob("*.jsonl")):
             row = path.stem
-            if (m := N_RE.match(row)) is not None:
-                res["tasks"][int(m[1])] = _em(path, tasks, names[split])
+            if (m := CURVE_TASKS_RE.match(row)) is not None:
+                points = res["variants"].setdefault(m[2], {}) if m[2] else res["tasks"]
+                points[int(m[1])] = _em(path, tasks, names[split])
             elif (m := S_RE.match(row)) is not None:
                 res["steps"][int(m[1])] = _em(path, tasks, names[split])
             elif row in ("icl", "oracle", "incumbent"):
@@ -92,6 +95,7 @@ def curves(tasks_dir: str, folders: dict[str, Path], oracle_from: Path | None = 
         if res["steps"] and steps_run_tasks not in res["tasks"]:  # a loragen_n<N> row of that N comes first
             res["tasks"][steps_run_tasks] = res["steps"][max(res["steps"])]
         res["tasks"] = dict(sorted(res["tasks"].items()))
+        res["variants"] = {v: dict(sorted(pts.items())) for v, pts in sorted(res["variants"].items())}
         res["steps"] = dict(sorted(res["steps"].items()))
         res["sft"] = _sft_points(folder, tasks, names[split])
         if split == "in_distribution" and oracle_from is not None:
@@ -123,7 +127,11 @@ def plot(c: dict, path: Path) -> None:
             curves = c[split][key].items() if key == "sft" else [("LoRAGen", c[split][key])]
             for name, pts in curves:
                 xs = list(pts)
-                ax.plot(xs, [pts[x] for x in xs], style, label=f"{name} ({split})")
+                line = ax.plot(xs, [pts[x] for x in xs], style, label=f"{name} ({split})")[0]
+            for variant, pts in (c[split].get("variants", {}).items() if key == "tasks" else ()):
+                xs = list(pts)
+                ax.plot(xs, [pts[x] for x in xs], "*", ms=11, color=line.get_color(),
+                        label=f"LoRAGen, {CURVE_VARIANTS.get(variant, variant)} ({split})")
             refs = (("incumbent", "shipped default"), ("icl", "3-shot ICL"), ("oracle", "oracles")) if key == "sft" \
                 else (("icl", "3-shot ICL"), ("oracle", "oracles"))
             for (ref, label), ls in zip(refs, (":", "-.", "--")):

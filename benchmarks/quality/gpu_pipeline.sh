@@ -24,6 +24,8 @@
 #   bash benchmarks/quality/gpu_pipeline.sh all_tasks       # oracles + reconstruction on all 342 training tasks,
 #                                                           # then SFT from it (rerun until done)
 #   bash benchmarks/quality/gpu_pipeline.sh all_tasks_eval  # those SFT runs (seed 0, both averaged) on validation; the rule
+#   (ALL_RUN names a variant of both, ALL_GEN its reconstruction options after $GEN: e.g. ALL_RUN=all_scaled
+#   ALL_GEN="--steps 5029 --diffusion-steps 6706", the 204-task run's steps scaled to 342 tasks)
 #
 # train: LoRAGen on all training tasks (with snapshots along its denoiser steps: quality against
 #   steps), LoRAGen on the first 50 / 100 training tasks (quality against tasks), T2L
@@ -187,6 +189,16 @@ staged_checkpoint() { local name=$1
     cp ".devtools/$name/config.json" "$CK/$name/config.json"
   fi
   $PY -c "from generator import Generator; g = Generator.load('$CK/$name'); print('$name', g.fingerprint[:12], g.extra.get('training'))"; }
+
+# all_tasks / all_tasks_eval: the run's name; the training tasks (the dry run's 8) into the array
+# train_tasks and the run's curve row (loragen_n<tasks>[_<name without all_>]) into curve_row.
+ALL_RUN=${ALL_RUN:-all}
+[[ $ALL_RUN =~ ^all(_[a-z0-9]+)?$ ]] || { echo "ALL_RUN must be all or all_<name> (a-z, 0-9)" >&2; exit 2; }
+all_tasks_of_run() { mkdir -p "$WORK/subsets"
+  $PY -c "from generator.data.sni import load_splits; print('\n'.join(load_splits('data/sni/tasks').train))" \
+    > "$WORK/subsets/train.txt"
+  train_tasks=($(cat "$WORK/subsets/train.txt")) && [ "${DRY:-0}" = 1 ] && train_tasks=("${DRY_TASKS[@]:0:8}")
+  curve_row=loragen_n${#train_tasks[@]} && [ "$ALL_RUN" = all ] || curve_row+=_${ALL_RUN#all_}; }
 
 case "$phase" in
 oracles)
@@ -687,11 +699,11 @@ all_tasks)
   #      loragen_n342 (one description per task, its own sampler, as the curve's other points) on
   #      validation and test.
   # all_tasks_eval follows.
+  #   ALL_RUN (default all) names the runs: reconstruction loragen_$ALL_RUN, SFT loragen_sft_$ALL_RUN[_s1],
+  #   curve rows loragen_n<tasks> (all) or loragen_n<tasks>_<ALL_RUN without all_>; ALL_GEN: more
+  #   reconstruction options after $GEN (a later option wins).
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
-  mkdir -p "$WORK/subsets"
-  $PY -c "from generator.data.sni import load_splits; print('\n'.join(load_splits('data/sni/tasks').train))" \
-    > "$WORK/subsets/train.txt"
-  train_tasks=($(cat "$WORK/subsets/train.txt")) && [ "${DRY:-0}" = 1 ] && train_tasks=("${DRY_TASKS[@]:0:8}")
+  all_tasks_of_run
   done_oracles() { local n=0 t; for t in "${train_tasks[@]}"; do [ -f "$lib/$t/descriptions.json" ] && n=$((n + 1)); done
     echo $n; }
   if [ "$(done_oracles)" -lt ${#train_tasks[@]} ]; then
@@ -701,29 +713,29 @@ all_tasks)
     [ "$(done_oracles)" -eq ${#train_tasks[@]} ] || exit 0
   fi
   cp "$WORK/oracles/oracles.json" "$OUT/all_tasks_oracles.json" 2>/dev/null || true
-  run loragen_all $PY -m generator train --kind loragen --out "$CK/loragen_all" --library "$lib" --device $DEV \
-    --no-progress --threads 2 --resume "${GEN[@]}"
+  recon=loragen_$ALL_RUN sft=loragen_sft_$ALL_RUN
+  run $recon $PY -m generator train --kind loragen --out "$CK/$recon" --library "$lib" --device $DEV \
+    --no-progress --threads 2 --resume "${GEN[@]}" ${ALL_GEN:-}
   waitall
-  [ -f "$CK/loragen_all/config.json" ] && [ ! -f "$CK/loragen_all/train_state.pt" ] || { tail -n 3 "$WORK/train_loragen_all.log"; exit 0; }
-  echo "loragen_all trained at $((SECONDS - start)) s"
-  for set in validation test; do  # row loragen_n<tasks>: the task-count curve's point (benchmarks.quality.curves)
-    gen "curve_all_$set" "$WORK/q_$set" --generator "$CK/loragen_all" \
-      --task-set $set --rows "loragen_n${#train_tasks[@]}" --num-descriptions 1
+  [ -f "$CK/$recon/config.json" ] && [ ! -f "$CK/$recon/train_state.pt" ] || { tail -n 3 "$WORK/train_$recon.log"; exit 0; }
+  echo "$recon trained at $((SECONDS - start)) s"
+  for set in validation test; do  # the task-count curve's point (benchmarks.quality.curves)
+    gen "curve_${ALL_RUN}_$set" "$WORK/q_$set" --generator "$CK/$recon" --task-set $set --rows "$curve_row" --num-descriptions 1
   done
-  common=(--kind loragen --init "$CK/loragen_all" --tasks data/sni/tasks --device $DEV --no-progress --threads 2 --resume
+  common=(--kind loragen --init "$CK/$recon" --tasks data/sni/tasks --device $DEV --no-progress --threads 2 --resume
     --system-prompt --sampler-steps 5 --guidance 1.0 --steps "${SFT_STEPS:-250}" --lr "${SFT_LR:-5e-5}"
     --snapshots ${ALL_SNAPSHOTS:-150} --probe-every 50 --max-seconds $(( $(left) > 60 ? $(left) - 40 : 20 )))
   [ "${DRY:-0}" = 1 ] && common+=("${SFT_L[@]}" --snapshots 1)
-  run loragen_sft_all $PY -m generator.training.sft --out "$CK/loragen_sft_all" "${common[@]}"
-  run loragen_sft_all_s1 $PY -m generator.training.sft --out "$CK/loragen_sft_all_s1" "${common[@]}" --seed 1
+  run $sft $PY -m generator.training.sft --out "$CK/$sft" "${common[@]}"
+  run ${sft}_s1 $PY -m generator.training.sft --out "$CK/${sft}_s1" "${common[@]}" --seed 1
   waitall
-  mkdir -p "$WORK/configs" && cp "$CK/loragen_all/config.json" "$WORK/configs/loragen_all.json"
-  for r in loragen_sft_all loragen_sft_all_s1; do tail -n 3 "$WORK/train_$r.log"
+  mkdir -p "$WORK/configs" && cp "$CK/$recon/config.json" "$WORK/configs/$recon.json"
+  for r in $sft ${sft}_s1; do tail -n 3 "$WORK/train_$r.log"
     [ -f "$CK/$r/probe.jsonl" ] && cp "$CK/$r/probe.jsonl" "$WORK/configs/${r}_probe.jsonl"; done
-  (cd "$WORK" && tar czf "$OUT/all_tasks_logs.tgz" oracles.log $(ls train_loragen_all.log train_loragen_sft_all*.log \
-    eval_curve_all_*.log 2>/dev/null) configs subsets/train.txt)
-  for r in loragen_sft_all loragen_sft_all_s1; do [ -f "$CK/$r/config.json" ] && [ ! -f "$CK/$r/train_state.pt" ] || exit 0; done
-  echo "all_tasks done at $((SECONDS - start)) s"
+  (cd "$WORK" && tar czf "$OUT/${ALL_RUN}_tasks_logs.tgz" oracles.log $(ls train_$recon.log train_${sft}.log \
+    train_${sft}_s1.log eval_curve_${ALL_RUN}_*.log 2>/dev/null) configs subsets/train.txt)
+  for r in $sft ${sft}_s1; do [ -f "$CK/$r/config.json" ] && [ ! -f "$CK/$r/train_state.pt" ] || exit 0; done
+  echo "all_tasks ($ALL_RUN) done at $((SECONDS - start)) s"
   ;;
 all_tasks_eval)
   # all_tasks' SFT runs as candidates for the default, on validation as served (2 descriptions per
@@ -734,28 +746,45 @@ all_tasks_eval)
   # tasks' user-style descriptions. The rule, fixed before any result: the best mean validation EM wins if it beats
   # the incumbent's by at least 0.5 (the run-to-run noise); else the incumbent stays. A winner's
   # rows on test, once (table, controls, user-style), and its weights back in $OUT.
-  qv="$WORK/q_validation_all" qu="$WORK/q_validation_all_user" qt="$WORK/q_test_all"
+  # ALL_RUN as in all_tasks: rows $ALL_RUN, soup_$ALL_RUN, ${ALL_RUN}_s1; folders and files named after
+  # it. ALL_ID=1 adds diagnostics: $recon and $ALL_RUN on the in-distribution tasks as served, $recon
+  # on validation as served (the curve rows use its own sampler and one description per task).
+  r=$ALL_RUN recon=loragen_$ALL_RUN sft=loragen_sft_$ALL_RUN
+  qv="$WORK/q_validation_$r" qu="$WORK/q_validation_${r}_user" qt="$WORK/q_test_$r" qd="$WORK/q_diag_$r"
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
+  all_tasks_of_run
   cands=("incumbent=$INIT") diags=()
-  add_finished cands "$CK/loragen_sft_all/"
-  add_finished diags "$CK/loragen_sft_all_s1/"
+  add_finished cands "$CK/$sft/"
+  add_finished diags "$CK/${sft}_s1/"
   [ ${#cands[@]} -eq 2 ] && [ ${#diags[@]} -eq 1 ] || { echo "the SFT runs are not finished: run all_tasks first" >&2; exit 2; }
-  add_soups cands "all:loragen_sft_all loragen_sft_all_s1"
-  for c in "${cands[@]}"; do served_rows all_val "${c%%=*}" "${c#*=}" "$qv" "$qu"; done
-  served_rows all_val "${diags[0]%%=*}" "${diags[0]#*=}" "$qv"  # all_s1: evaluation descriptions only
+  add_soups cands "$r:$sft ${sft}_s1"
+  for c in "${cands[@]}"; do served_rows ${r}_val "${c%%=*}" "${c#*=}" "$qv" "$qu"; done
+  served_rows ${r}_val "${diags[0]%%=*}" "${diags[0]#*=}" "$qv"  # <run>_s1: evaluation descriptions only
+  if [ "${ALL_ID:-0}" = 1 ]; then
+    served=(--system-prompt --guidance 2 --sampler-steps 20)  # $recon as a reconstruction checkpoint is served
+    id_only=()  # the dry run's tasks hold no in-distribution one: its first
+    [ "${DRY:-0}" = 1 ] && id_only=(--only "$($PY -c "from generator.data.sni import load_splits
+print(load_splits('data/sni/tasks').in_distribution_eval[0])")")
+    gen "${r}_diag_val_recon" "$qd/validation" --generator "$CK/$recon" --task-set validation --rows "$curve_row" \
+      --num-descriptions 2 "${served[@]}"
+    gen "${r}_diag_id_recon" "$qd/in_distribution" --generator "$CK/$recon" --task-set in_distribution --rows "$curve_row" \
+      "${served[@]}" "${id_only[@]}"
+    gen "${r}_diag_id" "$qd/in_distribution" --generator "$CK/$sft" --task-set in_distribution --rows "$r" --system-prompt \
+      "${id_only[@]}"
+  fi
   waitall
   echo "validation done at $((SECONDS - start)) s"
-  win=$(choose_best all checkpoint "$qv" --margin 0.5 $(printf -- '--candidate %s ' "${cands[@]}"))
+  win=$(choose_best $r checkpoint "$qv" --margin 0.5 $(printf -- '--candidate %s ' "${cands[@]}"))
   if [ "$win" != "$INIT" ]; then
-    row=loragen_$($PY -c "import json; print(json.load(open('$WORK/choice_all.json'))['chosen'])")
+    row=loragen_$($PY -c "import json; print(json.load(open('$WORK/choice_$r.json'))['chosen'])")
     test_rows "$row" "$qt" "$win"
     waitall
     send_back "$win" "$row"
   fi
-  for f in "$WORK"/eval_all_val_*.log "$WORK"/eval_loragen_*all*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 2 "$f"; }; done
-  tar czf "$OUT/generations_all.tgz" -C "$WORK" q_validation_all q_validation_all_user choice_all.json \
-    $(cd "$WORK" && ls q_validation/loragen_n*.jsonl q_test/loragen_n*.jsonl eval_all_val_*.log eval_loragen_*all*.log \
-      2>/dev/null) $( [ -d "$qt" ] && echo q_test_all )
+  for f in "$WORK"/eval_${r}_*.log "$WORK"/eval_loragen_*${r}*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 2 "$f"; }; done
+  tar czf "$OUT/generations_$r.tgz" -C "$WORK" q_validation_$r q_validation_${r}_user choice_$r.json \
+    $(cd "$WORK" && ls q_validation/$curve_row.jsonl q_test/$curve_row.jsonl eval_${r}_*.log eval_loragen_*${r}*.log \
+      2>/dev/null) $( [ -d "$qt" ] && echo q_test_$r ) $( [ -d "$qd" ] && echo q_diag_$r )
   echo "all_tasks_eval phase done at $((SECONDS - start)) s"
   ;;
 winner_test_rows)

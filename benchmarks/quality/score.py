@@ -74,12 +74,19 @@ OPTIONAL_ROWS = ("loragen_ws2", "loragen_ws2_random", "loragen_ws2_other", "lora
                  "loragen_anchor_other", "loragen_sft_labels", "system_labels")  # not listed as missing
 
 
+# The task-count curve's rows: loragen_n<N> (LoRAGen reconstruction on N training tasks) and
+# loragen_n<N>_<variant> (a run of another recipe on N tasks: `gpu_pipeline.sh all_tasks` with ALL_RUN=all_<variant>).
+CURVE_TASKS_RE = re.compile(r"^loragen_n(\d+)(?:_([a-z0-9]+))?$")
+CURVE_VARIANTS = {"scaled": "steps scaled with the task count"}
+
+
 def row_label(row: str) -> str:
     """Display name of a row: the known ones, the curve rows (task subsets, snapshots), else the name."""
     if row in ROW_LABELS:
         return ROW_LABELS[row]
-    if m := re.match(r"^loragen_n(\d+)$", row):
-        return f"LoRAGen trained on {m[1]} tasks (1 description per task)"
+    if m := CURVE_TASKS_RE.match(row):
+        variant = f", {CURVE_VARIANTS.get(m[2], m[2])}" if m[2] else ""
+        return f"LoRAGen trained on {m[1]} tasks{variant} (1 description per task)"
     if m := re.match(r"^loragen_dit-(\d+)$", row):
         return f"LoRAGen after {m[1]} denoiser steps (1 description per task)"
     if m := re.match(r"^loragen_g([0-9.]+)_s(\d+)$", row):
