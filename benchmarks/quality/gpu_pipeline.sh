@@ -198,7 +198,18 @@ all_tasks_of_run() { mkdir -p "$WORK/subsets"
   $PY -c "from generator.data.sni import load_splits; print('\n'.join(load_splits('data/sni/tasks').train))" \
     > "$WORK/subsets/train.txt"
   train_tasks=($(cat "$WORK/subsets/train.txt")) && [ "${DRY:-0}" = 1 ] && train_tasks=("${DRY_TASKS[@]:0:8}")
-  curve_row=loragen_n${#train_tasks[@]} && [ "$ALL_RUN" = all ] || curve_row+=_${ALL_RUN#all_}; }
+  curve_row=loragen_n${#train_tasks[@]} && [ "$ALL_RUN" = all ] || curve_row+=_${ALL_RUN#all_}
+  id_only=()  # the dry run's tasks hold no in-distribution one: its first
+  [ "${DRY:-0}" = 1 ] && id_only=(--only "$($PY -c "from generator.data.sni import load_splits
+print(load_splits('data/sni/tasks').in_distribution_eval[0])")") || true; }
+# ALL_ID=1: the run's reconstruction as a reconstruction checkpoint is served (guidance 2, 20 steps, the
+# description also as system prompt) on validation (2 descriptions per task) and the in-distribution
+# tasks, as its curve row, into $WORK/q_diag_$ALL_RUN/<set>/.
+recon_diag_rows() { local qd="$WORK/q_diag_$ALL_RUN" served=(--system-prompt --guidance 2 --sampler-steps 20)
+  gen "${ALL_RUN}_diag_val_recon" "$qd/validation" --generator "$CK/loragen_$ALL_RUN" --task-set validation \
+    --rows "$curve_row" --num-descriptions 2 "${served[@]}"
+  gen "${ALL_RUN}_diag_id_recon" "$qd/in_distribution" --generator "$CK/loragen_$ALL_RUN" --task-set in_distribution \
+    --rows "$curve_row" "${served[@]}" "${id_only[@]}"; }
 
 case "$phase" in
 oracles)
@@ -722,6 +733,7 @@ all_tasks)
   for set in validation test; do  # the task-count curve's point (benchmarks.quality.curves)
     gen "curve_${ALL_RUN}_$set" "$WORK/q_$set" --generator "$CK/$recon" --task-set $set --rows "$curve_row" --num-descriptions 1
   done
+  [ "${ALL_ID:-0}" = 1 ] && recon_diag_rows  # beside SFT: the reconstruction's answer even if SFT gets no time
   common=(--kind loragen --init "$CK/$recon" --tasks data/sni/tasks --device $DEV --no-progress --threads 2 --resume
     --system-prompt --sampler-steps 5 --guidance 1.0 --steps "${SFT_STEPS:-250}" --lr "${SFT_LR:-5e-5}"
     --snapshots ${ALL_SNAPSHOTS:-150} --probe-every 50 --max-seconds $(( $(left) > 60 ? $(left) - 40 : 20 )))
@@ -733,7 +745,8 @@ all_tasks)
   for r in $sft ${sft}_s1; do tail -n 3 "$WORK/train_$r.log"
     [ -f "$CK/$r/probe.jsonl" ] && cp "$CK/$r/probe.jsonl" "$WORK/configs/${r}_probe.jsonl"; done
   (cd "$WORK" && tar czf "$OUT/${ALL_RUN}_tasks_logs.tgz" oracles.log $(ls train_$recon.log train_${sft}.log \
-    train_${sft}_s1.log eval_curve_${ALL_RUN}_*.log 2>/dev/null) configs subsets/train.txt)
+    train_${sft}_s1.log eval_curve_${ALL_RUN}_*.log eval_${ALL_RUN}_diag_*.log q_validation/$curve_row.jsonl \
+    q_test/$curve_row.jsonl 2>/dev/null) $( [ -d q_diag_$ALL_RUN ] && echo q_diag_$ALL_RUN ) configs subsets/train.txt)
   for r in $sft ${sft}_s1; do [ -f "$CK/$r/config.json" ] && [ ! -f "$CK/$r/train_state.pt" ] || exit 0; done
   echo "all_tasks ($ALL_RUN) done at $((SECONDS - start)) s"
   ;;
@@ -747,8 +760,8 @@ all_tasks_eval)
   # the incumbent's by at least 0.5 (the run-to-run noise); else the incumbent stays. A winner's
   # rows on test, once (table, controls, user-style), and its weights back in $OUT.
   # ALL_RUN as in all_tasks: rows $ALL_RUN, soup_$ALL_RUN, ${ALL_RUN}_s1; folders and files named after
-  # it. ALL_ID=1 adds diagnostics: $recon and $ALL_RUN on the in-distribution tasks as served, $recon
-  # on validation as served (the curve rows use its own sampler and one description per task).
+  # it. ALL_ID=1 adds diagnostics: $ALL_RUN on the in-distribution tasks as served, and
+  # recon_diag_rows if all_tasks did not make them.
   r=$ALL_RUN recon=loragen_$ALL_RUN sft=loragen_sft_$ALL_RUN
   qv="$WORK/q_validation_$r" qu="$WORK/q_validation_${r}_user" qt="$WORK/q_test_$r" qd="$WORK/q_diag_$r"
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
@@ -761,14 +774,7 @@ all_tasks_eval)
   for c in "${cands[@]}"; do served_rows ${r}_val "${c%%=*}" "${c#*=}" "$qv" "$qu"; done
   served_rows ${r}_val "${diags[0]%%=*}" "${diags[0]#*=}" "$qv"  # <run>_s1: evaluation descriptions only
   if [ "${ALL_ID:-0}" = 1 ]; then
-    served=(--system-prompt --guidance 2 --sampler-steps 20)  # $recon as a reconstruction checkpoint is served
-    id_only=()  # the dry run's tasks hold no in-distribution one: its first
-    [ "${DRY:-0}" = 1 ] && id_only=(--only "$($PY -c "from generator.data.sni import load_splits
-print(load_splits('data/sni/tasks').in_distribution_eval[0])")")
-    gen "${r}_diag_val_recon" "$qd/validation" --generator "$CK/$recon" --task-set validation --rows "$curve_row" \
-      --num-descriptions 2 "${served[@]}"
-    gen "${r}_diag_id_recon" "$qd/in_distribution" --generator "$CK/$recon" --task-set in_distribution --rows "$curve_row" \
-      "${served[@]}" "${id_only[@]}"
+    recon_diag_rows  # made by all_tasks already: skipped
     gen "${r}_diag_id" "$qd/in_distribution" --generator "$CK/$sft" --task-set in_distribution --rows "$r" --system-prompt \
       "${id_only[@]}"
   fi
