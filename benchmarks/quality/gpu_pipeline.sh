@@ -202,6 +202,12 @@ all_tasks_of_run() { mkdir -p "$WORK/subsets"
   id_only=()  # the dry run's tasks hold no in-distribution one: its first
   [ "${DRY:-0}" = 1 ] && id_only=(--only "$($PY -c "from generator.data.sni import load_splits
 print(load_splits('data/sni/tasks').in_distribution_eval[0])")") || true; }
+# all_tasks' logs, configs, curve and diagnostic rows into $OUT/<ALL_RUN>_tasks_logs.tgz.
+all_tasks_archive() { local recon=loragen_$ALL_RUN sft=loragen_sft_$ALL_RUN
+  mkdir -p "$WORK/configs" && cp "$CK/$recon/config.json" "$WORK/configs/$recon.json"
+  (cd "$WORK" && tar czf "$OUT/${ALL_RUN}_tasks_logs.tgz" oracles.log $(ls train_$recon.log train_${sft}.log \
+    train_${sft}_s1.log eval_curve_${ALL_RUN}_*.log eval_${ALL_RUN}_diag_*.log q_validation/$curve_row.jsonl \
+    q_test/$curve_row.jsonl 2>/dev/null) $( [ -d q_diag_$ALL_RUN ] && echo q_diag_$ALL_RUN ) configs subsets/train.txt); }
 # ALL_ID=1: the run's reconstruction as a reconstruction checkpoint is served (guidance 2, 20 steps, the
 # description also as system prompt) on validation (2 descriptions per task) and the in-distribution
 # tasks, as its curve row, into $WORK/q_diag_$ALL_RUN/<set>/.
@@ -712,7 +718,8 @@ all_tasks)
   # all_tasks_eval follows.
   #   ALL_RUN (default all) names the runs: reconstruction loragen_$ALL_RUN, SFT loragen_sft_$ALL_RUN[_s1],
   #   curve rows loragen_n<tasks> (all) or loragen_n<tasks>_<ALL_RUN without all_>; ALL_GEN: more
-  #   reconstruction options after $GEN (a later option wins).
+  #   reconstruction options after $GEN (a later option wins); ALL_SFT=0: stop after the
+  #   reconstruction's rows (curve, and ALL_ID=1's recon_diag_rows).
   $PY -c "from generator.base_model import ensure_base_model; print(ensure_base_model())"
   all_tasks_of_run
   done_oracles() { local n=0 t; for t in "${train_tasks[@]}"; do [ -f "$lib/$t/descriptions.json" ] && n=$((n + 1)); done
@@ -734,6 +741,10 @@ all_tasks)
     gen "curve_${ALL_RUN}_$set" "$WORK/q_$set" --generator "$CK/$recon" --task-set $set --rows "$curve_row" --num-descriptions 1
   done
   [ "${ALL_ID:-0}" = 1 ] && recon_diag_rows  # beside SFT: the reconstruction's answer even if SFT gets no time
+  if [ "${ALL_SFT:-1}" = 0 ]; then  # the reconstruction and its rows only
+    waitall && all_tasks_archive && echo "all_tasks ($ALL_RUN): reconstruction rows done at $((SECONDS - start)) s, no SFT"
+    exit 0
+  fi
   common=(--kind loragen --init "$CK/$recon" --tasks data/sni/tasks --device $DEV --no-progress --threads 2 --resume
     --system-prompt --sampler-steps 5 --guidance 1.0 --steps "${SFT_STEPS:-250}" --lr "${SFT_LR:-5e-5}"
     --snapshots ${ALL_SNAPSHOTS:-150} --probe-every 50 --max-seconds $(( $(left) > 60 ? $(left) - 40 : 20 )))
@@ -741,12 +752,9 @@ all_tasks)
   run $sft $PY -m generator.training.sft --out "$CK/$sft" "${common[@]}"
   run ${sft}_s1 $PY -m generator.training.sft --out "$CK/${sft}_s1" "${common[@]}" --seed 1
   waitall
-  mkdir -p "$WORK/configs" && cp "$CK/$recon/config.json" "$WORK/configs/$recon.json"
   for r in $sft ${sft}_s1; do tail -n 3 "$WORK/train_$r.log"
     [ -f "$CK/$r/probe.jsonl" ] && cp "$CK/$r/probe.jsonl" "$WORK/configs/${r}_probe.jsonl"; done
-  (cd "$WORK" && tar czf "$OUT/${ALL_RUN}_tasks_logs.tgz" oracles.log $(ls train_$recon.log train_${sft}.log \
-    train_${sft}_s1.log eval_curve_${ALL_RUN}_*.log eval_${ALL_RUN}_diag_*.log q_validation/$curve_row.jsonl \
-    q_test/$curve_row.jsonl 2>/dev/null) $( [ -d q_diag_$ALL_RUN ] && echo q_diag_$ALL_RUN ) configs subsets/train.txt)
+  all_tasks_archive
   for r in $sft ${sft}_s1; do [ -f "$CK/$r/config.json" ] && [ ! -f "$CK/$r/train_state.pt" ] || exit 0; done
   echo "all_tasks ($ALL_RUN) done at $((SECONDS - start)) s"
   ;;
