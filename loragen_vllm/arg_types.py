@@ -1,0 +1,59 @@
+"""Argparse value types of the command line: sizes, counts and numbers with their bounds.
+
+Each turns a bad value into argparse's usage error (exit 2, the option named) instead of a
+traceback or a setting that never fires (``inf`` seconds, a window no pass ends).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def parse_bytes(text: str) -> int:
+    """``"4G"``, ``"512MiB"``, ``"1000"`` -> bytes (binary units)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    number = t[:-1] if scale > 1 else t
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 4G)") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 4G)")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
+    return int(value * scale)
+
+
+def _bounds(minimum: float, maximum: float | None, above: bool) -> str:
+    low = f"above {minimum:g}" if above else f"at least {minimum:g}"
+    return f"{low} and at most {maximum:g}" if maximum is not None else low
+
+
+def count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An integer from `minimum` to `maximum` (if given)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be {_bounds(minimum, maximum, False)}, got {value}")
+        return value
+    return parse
+
+
+def number(minimum: float = 0.0, maximum: float | None = None, above: bool = False) -> Callable[[str], float]:
+    """A finite number of at least `minimum` (`above`: more than it) and at most `maximum`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        low_ok = value > minimum if above else value >= minimum
+        if not math.isfinite(value) or not low_ok or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be a finite number {_bounds(minimum, maximum, above)}, got {text!r}")
+        return value
+    return parse
