@@ -18,6 +18,8 @@ from loragen_vllm.envs import MAX_NUMBER
 from loragen_vllm.errors import CommandFailed, UsageError
 from loragen_vllm.ray_actor import ACTOR_NAME, NAMESPACE, ActorConfig, connect, find_actor, start_actor, stop_actor
 
+SECONDS = number(maximum=MAX_NUMBER, above=True)  # a wait: finite and positive
+
 
 def add_generator_commands(parser: argparse.ArgumentParser) -> None:
     """Add ``start``, ``status``, ``stop`` under `parser` (the ``generator`` command)."""
@@ -64,12 +66,12 @@ def add_generator_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-task-retries", type=count(-1), default=3, metavar="N",
                    help="times a call in flight when the actor died is re-sent to the restarted one "
                    "(default 3; -1: always)")
-    p.add_argument("--timeout", type=number(maximum=MAX_NUMBER, above=True), default=300.0, help="seconds to wait for the actor to be ready")
+    p.add_argument("--timeout", type=SECONDS, default=300.0, help="seconds to wait for the actor to be ready")
     p.set_defaults(generator_func=_cmd_start)
 
     p = sub.add_parser("status", help="print the actor's health and statistics as JSON")
     common(p)
-    p.add_argument("--timeout", type=number(maximum=MAX_NUMBER, above=True), default=30.0)
+    p.add_argument("--timeout", type=SECONDS, default=30.0)
     p.set_defaults(generator_func=_cmd_status)
 
     p = sub.add_parser("stop", help="kill the actor for good")
