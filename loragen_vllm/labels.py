@@ -82,14 +82,20 @@ def labels_in_words(description: str) -> list[str] | None:
     if (m := _LEAD.match(last)) and (m.group("verb").lower() != "as"
                                      or _LABELLING.search(last[:m.start("verb")].split(":")[-1])):
         items = _items(re.sub(r"^either\s+", "", m.group("alts"), flags=re.IGNORECASE))
-        if items and m.group("verb").lower() != "as" and any(len(i.split()) > 1 and i.split()[0].lower() in _ARTICLES
-                                                              for i in items):
-            return None  # "Answer with a number or a word.": kinds of answer, not labels
+        if items and m.group("verb").lower() != "as" and _kinds_of_answer(items):
+            return None
     elif (m := _COLON.match(last)) and _LABEL_NOUNS.search(m.group("head")):
         items = _items(m.group("alts"))
+        if items and _kinds_of_answer(items):
+            return None
     if items and len(items) == 2 and items[1].lower() == "not":  # "Label it hope speech or not."
         items[1] = f"not {items[0]}"
     return _checked(items) if items else None
+
+
+def _kinds_of_answer(items: list[str]) -> bool:
+    """"a number or a word", "a short summary or an empty string": kinds of answer, not labels."""
+    return any(len(i.split()) > 1 and i.split()[0].lower() in _ARTICLES for i in items)
 
 
 def _items(alts: str) -> list[str] | None:

@@ -62,6 +62,8 @@ def test_labels_stated_in_words_are_read(description: str, labels: list[str]) ->
     "Write it in (US, UK or AU) English.",
     # kinds of answer, "either" without a verb of labelling, colons after no label word
     "Answer with a number or a word.",
+    "Answer: a number or a word.",
+    "Summarize the review. Answer: a short summary or an empty string.",
     "Write either a poem or a story.",
     "Either summarise or paraphrase.",
     "Extract the named entities of these types: person or organization.",
