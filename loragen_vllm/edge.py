@@ -239,8 +239,11 @@ class EdgeGuard:
             return
         try:
             request = json.loads(body)
-        except (ValueError, RecursionError):  # vLLM answers malformed JSON itself
+        except ValueError:  # vLLM answers malformed JSON itself
             request = None
+        except RecursionError:  # a parser (vLLM's too) would fail the same way: a 500 there
+            await _error(send, HTTPStatus.BAD_REQUEST, "request body nested too deeply to parse")
+            return
         path = request.get("lora_path") if isinstance(request, dict) else None
         if isinstance(path, str) and path:
             served = " ".join(sorted(self.lora_modules))
@@ -269,6 +272,9 @@ class EdgeGuard:
             request = json.loads(body)
         except ValueError:  # vLLM answers malformed JSON itself
             request = None
+        except RecursionError:  # a parser (vLLM's too) would fail the same way: a 500 there
+            await _error(send, HTTPStatus.BAD_REQUEST, "request body nested too deeply to parse")
+            return
         model = request.get("model") if isinstance(request, dict) else None
         try:
             check_model_field(model, self.base_models, self.max_model_bytes, self.max_chars)

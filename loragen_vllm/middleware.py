@@ -60,7 +60,7 @@ def shape_chat(body: bytes, base_models: set[str], system_prompt: bool = True, l
     applies; `body` itself when neither does."""
     try:
         request = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # vLLM answers malformed (or too deeply nested) JSON itself
         return body
     if not isinstance(request, dict):
         return body

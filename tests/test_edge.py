@@ -145,6 +145,9 @@ def test_admin_load_of_an_adapter_with_other_modules_is_refused(env: pytest.Monk
     for body in ({"lora_name": "qv", "lora_path": str(qv)}, {"lora_name": "kv", "lora_path": str(kv)},
                  {"lora_name": "x"}, ["not", "a", "dict"]):  # fits; fits (packed); vLLM's own errors
         assert load(body).json() == {"loaded": True}
+    nested = client.post("/v1/load_lora_adapter", headers={**admin, "content-type": "application/json"},
+                         content=b'{"lora_name": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert nested.status_code == 400 and "nested too deeply" in nested.json()["error"]["message"]
     env.setenv("LORAGEN_LORA_MODULES", "")  # every layer: nothing to refuse
     client = TestClient(vllm_like_app([]))
     assert load({"lora_name": "o", "lora_path": str(with_o)}).json() == {"loaded": True}
@@ -160,6 +163,10 @@ def test_raw_model_field_is_bounded_and_validated_before_the_app(env: pytest.Mon
     assert seen == []  # the app never saw either
     assert client.post("/v1/chat/completions", json={"model": "Sum it.", "messages": []}).status_code == 200
     assert seen == [("Sum it.", True)]  # in flight while the app answers it
+    nested = b'{"model": "Sum it.", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # past json's recursion
+    r = client.post("/v1/chat/completions", content=nested, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]  # not a 500
+    assert seen == [("Sum it.", True)]  # the app never saw it
     assert not edge.in_flight("Sum it.")  # and no longer after
 
 

@@ -44,6 +44,8 @@ def test_other_bodies_pass_unchanged(request_: object) -> None:
     body = json.dumps(request_).encode()
     assert shape_chat(body, BASE) is body
     assert shape_chat(b"{not json", BASE) == b"{not json"
+    nested = b'{"model": "Sum it.", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # past json's recursion
+    assert shape_chat(nested, BASE) is nested
 
 
 def echo_app() -> FastAPI:
