@@ -232,7 +232,13 @@ class MicroBatcher(Generic[T, R]):
             results = await loop.run_in_executor(self._thread, self.run_pass, [r.item for r in batch], seed)
             if len(results) != n:
                 raise RuntimeError(f"run_pass returned {len(results)} results for {n} requests")
-        except Exception as e:  # the pass failed: fail its requests, keep serving
+        except BaseException as e:
+            if not isinstance(e, Exception):  # cancelled (shutdown) mid-pass: its requests are no longer waiting
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(GeneratorUnavailable(f"the generator stopped ({type(e).__name__})"))
+                raise
+            # the pass failed: fail its requests, keep serving
             self.stats.failed += 1
             err = e if isinstance(e, GeneratorUnavailable) else GeneratorUnavailable(
                 f"adapter generation failed ({type(e).__name__}: {e})"

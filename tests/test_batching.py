@@ -290,6 +290,22 @@ def test_closed_batcher_fails_callers_instead_of_hanging() -> None:
             asyncio.run(asyncio.wait_for(batcher.submit("x"), 10))
 
 
+def test_a_batcher_stopped_mid_pass_answers_that_pass_callers() -> None:
+    """Cancelling the batcher's task while a pass runs (a shutdown) fails the pass's callers with
+    GeneratorUnavailable instead of leaving them waiting for good."""
+    async def main() -> None:
+        recorder = Recorder(seconds=0.5)
+        batcher = MicroBatcher(recorder, window_s=0.0)
+        caller = asyncio.ensure_future(batcher.submit("a"))
+        while not recorder.started.is_set():
+            await asyncio.sleep(0.01)
+        batcher._task.cancel()  # what a shutdown does to it
+        with pytest.raises(GeneratorUnavailable, match="the generator stopped"):
+            await asyncio.wait_for(caller, 5)
+
+    asyncio.run(main())
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError):
         MicroBatcher(Recorder(), window_s=-1.0)
