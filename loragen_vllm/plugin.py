@@ -116,6 +116,9 @@ class _Generation:
     task: asyncio.Future[StoredAdapter] | None = None
     waiters: int = 0
     abandoned: threading.Event = field(default_factory=threading.Event)  # every waiter gave up
+    # the latest deadline of the requests that joined it (time.monotonic()): a request that joins
+    # late keeps the generation going for its own time; when all have left, `abandoned` stops it
+    deadline: float = 0.0
 
 
 def lora_int_id(key: str) -> int:
@@ -176,10 +179,11 @@ class LoRAGenResolver(LoRAResolver):
         try:
             gen = self._inflight.get(key)
             if gen is None or gen.abandoned.is_set():  # the first request for this key does the work
-                gen = _Generation()
-                gen.task = asyncio.ensure_future(self._get_or_generate(key, description, deadline, gen))
+                gen = _Generation(deadline=deadline)
+                gen.task = asyncio.ensure_future(self._get_or_generate(key, description, gen))
                 self._inflight[key] = gen
                 gen.task.add_done_callback(lambda _, g=gen: self._inflight.pop(key) if self._inflight.get(key) is g else None)
+            gen.deadline = max(gen.deadline, deadline)
             gen.waiters += 1
             try:
                 # shield: one request that gives up does not cancel the others' generation;
@@ -209,7 +213,7 @@ class LoRAGenResolver(LoRAResolver):
                     if done is not None:
                         await done
 
-    async def _get_or_generate(self, key: str, description: str, deadline: float, gen: _Generation) -> StoredAdapter:
+    async def _get_or_generate(self, key: str, description: str, gen: _Generation) -> StoredAdapter:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         hit = await loop.run_in_executor(self._io, self._pinned_get, key)
@@ -225,7 +229,7 @@ class LoRAGenResolver(LoRAResolver):
         metrics.IN_FLIGHT.inc()
         try:
             return await loop.run_in_executor(
-                self._misses, self._locked_get_or_generate, key, description, loop, deadline, gen, time.monotonic()
+                self._misses, self._locked_get_or_generate, key, description, loop, gen, time.monotonic()
             )
         finally:
             self._pending -= 1
@@ -247,29 +251,29 @@ class LoRAGenResolver(LoRAResolver):
         key: str,
         description: str,
         loop: asyncio.AbstractEventLoop,
-        deadline: float,
         gen: _Generation,
         queued_at: float,
     ) -> StoredAdapter:
         """Miss thread: the store's get-or-create of ``key`` (under its cross-process lock, waited
-        for until ``deadline``: a verified hit if another process or thread was first, else a new
-        adapter keyed and published by the fingerprint the generator returned with it).
+        for until the generation's deadline: a verified hit if another process or thread was
+        first, else a new adapter keyed and published by the fingerprint the generator returned
+        with it).
 
         Pinned before it is looked up, so another process's eviction cannot remove it between
         the lookup and vLLM loading it. (Unpinned by `_resolve` if it is not used after all.)
         """
         entered = time.monotonic()
         metrics.GENERATION_SECONDS.labels("queue").observe(entered - queued_at)
-        self._check_wanted(gen, deadline)
+        self._check_wanted(gen)
         made_at = 0.0
 
         def generate() -> NewAdapter:
             nonlocal made_at
             t0 = time.monotonic()
             metrics.GENERATION_SECONDS.labels("lock").observe(t0 - entered)
-            self._check_wanted(gen, deadline)
+            self._check_wanted(gen)
             try:
-                generated = self._generate_on_loop(description, loop, deadline, gen)
+                generated = self._generate_on_loop(description, loop, gen)
             except Exception:
                 metrics.GENERATIONS.labels("error").inc()
                 raise
@@ -283,7 +287,7 @@ class LoRAGenResolver(LoRAResolver):
                 generator_kind=generated.kind,
             )
 
-        stored, generated = self.store.get_or_create(key, generate, pin=True, deadline=deadline)
+        stored, generated = self.store.get_or_create(key, generate, pin=True, deadline=gen.deadline)
         if generated:
             metrics.GENERATIONS.labels("ok").inc()
             metrics.GENERATION_SECONDS.labels("publish").observe(time.monotonic() - made_at)
@@ -295,29 +299,30 @@ class LoRAGenResolver(LoRAResolver):
             )
         return stored
 
-    def _check_wanted(self, gen: _Generation, deadline: float) -> None:
+    def _check_wanted(self, gen: _Generation) -> None:
         """Raise unless some caller still waits for this generation and its deadline holds."""
         if gen.abandoned.is_set():
             raise Overloaded("every request for this adapter gave up before it was generated", reason="abandoned")
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= gen.deadline:
             raise Overloaded("the request's deadline passed before its generation started", reason="deadline")
 
-    def _generate_on_loop(
-        self, description: str, loop: asyncio.AbstractEventLoop, deadline: float, gen: _Generation
-    ) -> Generated:
+    def _generate_on_loop(self, description: str, loop: asyncio.AbstractEventLoop, gen: _Generation) -> Generated:
         """Miss thread: the backend's adapter for ``description``, generated on vLLM's event loop
-        by ``deadline``; dropped (cancelled before its generator pass) when every caller gave up."""
+        by the generation's deadline (the latest of its callers', which may move while it runs);
+        dropped (cancelled before its generator pass) when every caller gave up."""
         pending = asyncio.run_coroutine_threadsafe(
-            self.backend.generate_adapter(description, self.config.seed, deadline=deadline), loop
+            self.backend.generate_adapter(description, self.config.seed, deadline=gen.deadline), loop
         )
         while True:
-            left = deadline - time.monotonic()
+            left = gen.deadline - time.monotonic()
             try:
                 return pending.result(timeout=max(0.0, min(left, 0.05)))
             except concurrent.futures.TimeoutError:
-                if gen.abandoned.is_set() or time.monotonic() >= deadline:
+                if gen.abandoned.is_set() or time.monotonic() >= gen.deadline:
                     pending.cancel()
-                    self._check_wanted(gen, deadline)
+                    if gen.abandoned.is_set():
+                        raise Overloaded("every request for this adapter gave up during its generation",
+                                         reason="abandoned") from None
                     raise Overloaded("the request's deadline passed during generation", reason="deadline") from None
             except concurrent.futures.CancelledError:
                 raise GeneratorUnavailable("the generation was cancelled (the server is shutting down?)") from None

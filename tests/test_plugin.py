@@ -220,6 +220,35 @@ def test_the_deadline_counts_queueing_and_an_expired_call_is_not_generated(own_c
     assert resolver.store.keys() == []
 
 
+class SlowPassBackend(InProcessBackend):
+    """The in-process backend whose every generation takes `extra_s` longer (a busy generator)."""
+
+    extra_s = 2.5
+
+    async def generate_adapter(self, description: str, seed: int = 0, *, deadline: float | None = None):
+        generated = await super().generate_adapter(description, seed, deadline=deadline)
+        await asyncio.sleep(self.extra_s)
+        return generated
+
+
+def test_a_request_that_joins_a_generation_late_waits_for_it_on_its_own_deadline(own_ckpt: Path, tmp_path: Path) -> None:
+    """A request that joins a generation in flight keeps it going past the first request's
+    deadline: the first gets a 503 at its own deadline, the late one the adapter."""
+    resolver = LoRAGenResolver(PluginConfig(generator=str(own_ckpt), generate_timeout_s=2.0),
+                               store=AdapterStore(tmp_path / "store"), backend=SlowPassBackend(own_ckpt))
+
+    async def main() -> tuple[BaseException | LoRARequest, BaseException | LoRARequest]:
+        first = asyncio.ensure_future(resolver.resolve_lora("base", DESC))
+        await asyncio.sleep(1.5)  # the generation started with the first one's deadline (2.0 s)
+        late = asyncio.ensure_future(resolver.resolve_lora("base", DESC))  # its deadline: 3.5 s
+        return tuple(await asyncio.gather(first, late, return_exceptions=True))
+
+    first, late = asyncio.run(main())
+    assert isinstance(first, RetryableRequestError) and vllm_status(first)[0] == 503
+    assert isinstance(late, LoRARequest) and len(resolver.store.keys()) == 1
+    assert resolver.backend.passes == 1
+
+
 def test_a_client_that_gives_up_is_not_generated_for(own_ckpt: Path, tmp_path: Path) -> None:
     resolver = make_resolver(own_ckpt, tmp_path / "store", window_s=1.0)
 
