@@ -115,7 +115,7 @@ DRAIN_AT_EXIT_S = 10.0  # at exit, wait at most this long for adapters still to 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 StepTimer = Callable[[str, float], None]  # (step name, seconds): see `AdapterStore.step_timer`
-_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+_KEY_RE = re.compile(r"[0-9a-f]{64}\Z")  # with .match: the whole name
 _KEY_VERSION = "loragen-vllm adapter key v1"
 
 
@@ -292,7 +292,9 @@ class AdapterStore:
             entry[1] -= 1
             if entry[1] == 0:
                 del held[key]
-                os.close(entry[0])  # releases the flock
+                # unlock before closing: a child forked meanwhile shares the open file (and the flock)
+                fcntl.flock(entry[0], fcntl.LOCK_UN)
+                os.close(entry[0])
 
     def _held_locks(self) -> dict[str, list[int]]:
         if getattr(self._held, "pid", None) != os.getpid():  # new thread, or a forked child
@@ -352,6 +354,7 @@ class AdapterStore:
         except (BlockingIOError, FileNotFoundError):
             return  # held (in use), or already gone
         finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)  # before closing, as key_lock does
             os.close(fd)
 
     @contextlib.contextmanager
@@ -377,6 +380,7 @@ class AdapterStore:
         appended byte in the usage log.
         """
         path = self.path(key)
+        inode = None
         try:
             state = folder_state(path)  # before reading: a write during the check changes it
             inode = state[0][1]
@@ -384,6 +388,14 @@ class AdapterStore:
         except FileNotFoundError:
             metrics.STORE_LOOKUPS.labels("miss").inc()
             return None  # absent, or removed while we read it
+        except OSError as e:  # its folder cannot be read: as corrupt (served by nobody)
+            unreadable = StoreCorrupt(key, f"its folder cannot be read ({e.strerror or e})")
+            metrics.STORE_LOOKUPS.labels("corrupt").inc()
+            logger.warning("%s; it will be regenerated if it can be moved aside", unreadable)
+            if inode is not None:
+                with contextlib.suppress(TimeoutError, OSError):
+                    self._quarantine_if_same(key, inode, unreadable.reason)
+            return None
         except StoreCorrupt as e:
             metrics.STORE_LOOKUPS.labels("corrupt").inc()
             logger.warning("%s; quarantined, it will be regenerated", e)
@@ -817,7 +829,12 @@ class AdapterStore:
             except FileNotFoundError:
                 continue
             except StoreCorrupt:  # count what is on disk; gc may evict it like any other
-                sizes[key] = sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+                try:
+                    sizes[key] = sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+                except OSError as e:  # quarantined meanwhile by another process, or unreadable
+                    if not isinstance(e, FileNotFoundError):
+                        logger.warning("stored adapter %s cannot be read (%s); gc leaves it", key[:12], e)
+                    continue
             last_used[key] = self._last_used_ns(key, path)
         report = GCReport(count=len(sizes), bytes=sum(sizes.values()))
 

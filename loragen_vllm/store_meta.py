@@ -79,7 +79,8 @@ def read_meta(path: Path, key: str) -> StoredAdapterMeta:
     """The metadata in folder ``path`` of adapter ``key``, files unchecked.
 
     FileNotFoundError if the folder is gone; `StoreCorrupt` if the metadata is missing,
-    unreadable or of another key.
+    cannot be read (permissions, a folder in its place, an I/O error), is malformed or is of
+    another key.
     """
     try:
         raw = (path / META_FILE).read_bytes()
@@ -87,6 +88,8 @@ def read_meta(path: Path, key: str) -> StoredAdapterMeta:
         if not path.exists():
             raise
         raise StoreCorrupt(key, f"{META_FILE} is missing") from None
+    except OSError as e:
+        raise StoreCorrupt(key, f"{META_FILE} cannot be read ({e.strerror or e})") from None
     try:
         meta = msgspec.json.decode(raw, type=StoredAdapterMeta)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -98,15 +101,26 @@ def read_meta(path: Path, key: str) -> StoredAdapterMeta:
 
 def verify_folder(path: Path, key: str) -> StoredAdapterMeta:
     """The metadata of adapter ``key`` in ``path`` after checking the size and sha256 of every
-    file against it (and that no file is missing or extra); raises `StoreCorrupt`."""
+    file against it (and that no file is missing or extra); raises `StoreCorrupt` (also for a
+    file that cannot be read), FileNotFoundError if the folder or a file went away meanwhile."""
     meta = read_meta(path, key)
-    present = set(os.listdir(path)) - {META_FILE}
+    try:
+        present = set(os.listdir(path)) - {META_FILE}
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise StoreCorrupt(key, f"its folder cannot be listed ({e.strerror or e})") from None
     if present != set(meta.files):
         missing = sorted(set(meta.files) - present)
         extra = sorted(present - set(meta.files))
         raise StoreCorrupt(key, f"files missing {missing}, unexpected {extra}")
     for name, info in meta.files.items():
-        data = (path / name).read_bytes()
+        try:
+            data = (path / name).read_bytes()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise StoreCorrupt(key, f"{name} cannot be read ({e.strerror or e})") from None
         if len(data) != info.size:
             raise StoreCorrupt(key, f"{name} has {len(data)} bytes, expected {info.size}")
         if hashlib.sha256(data).hexdigest() != info.sha256:

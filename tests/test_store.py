@@ -287,12 +287,18 @@ def test_publish_rejects_bad_file_names(tmp_path):
 # Integrity
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "extra", "meta"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "extra", "meta", "unreadable", "unreadable_meta"])
 def test_corrupt_adapter_is_detected_quarantined_and_can_be_republished(tmp_path, damage):
     store = AdapterStore(tmp_path)
     a = publish(store, "Fragile task.")
     weights = a.path / "adapter_model.safetensors"
-    if damage == "truncate":
+    if damage.startswith("unreadable"):  # a file that cannot be read (IsADirectoryError, as EACCES or EIO)
+        target = a.path / META_FILE if damage == "unreadable_meta" else weights
+        target.unlink()
+        target.mkdir()
+        listed = [] if damage == "unreadable_meta" else [a.key]  # ls reads the metadata alone
+        assert [m.key for m in store.ls()] == listed and store.gc().count == 1  # counted by gc, no crash
+    elif damage == "truncate":
         weights.write_bytes(weights.read_bytes()[:100])
     elif damage == "flip":
         data = bytearray(weights.read_bytes())
@@ -685,6 +691,51 @@ def _lock_holder_worker(root, key, ready):
     with store.key_lock(key):
         ready.set()
         time.sleep(120)
+
+
+def _try_key_lock(root, key, out):
+    try:
+        with AdapterStore(root, lock_timeout_s=2).key_lock(key):
+            out.put("locked")
+    except TimeoutError as e:
+        out.put(f"timeout: {e}")
+
+
+def test_a_key_lock_released_is_free_even_while_a_child_forked_under_it_lives(tmp_path):
+    """flock belongs to the open file: a child forked while a thread held a key's lock shares it;
+    the lock is unlocked, not only closed, on release, so other processes get it at once."""
+    store = AdapterStore(tmp_path)
+    key = AdapterStore.key("Some task.", FP, 0)
+    with store.key_lock(key):
+        child = os.fork()
+        if child == 0:  # the child keeps the inherited descriptor open for a while
+            time.sleep(20)
+            os._exit(0)
+    try:
+        out = PROCS.Queue()
+        proc = PROCS.Process(target=_try_key_lock, args=(str(tmp_path), key, out))
+        proc.start()
+        proc.join(30)
+        assert out.get(timeout=5) == "locked"
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
+def test_gc_removes_pins_half_written_by_a_killed_process(tmp_path):
+    """A pin() killed between writing its temporary file and renaming it leaves a dot file; gc
+    removes it once it is a lease old, and the key's pin folder with it."""
+    store = AdapterStore(tmp_path, pin_lease_s=1.0)
+    key = publish(store, "Pinned task.").key
+    leftover = tmp_path / "pins" / key / f".123@{HOST}.abcd1234"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"{}")
+    store.gc()
+    assert leftover.exists()  # younger than a lease: maybe a pin being written now
+    old = time.time() - 5
+    os.utime(leftover, (old, old))
+    store.gc()
+    assert not leftover.exists() and not leftover.parent.exists()
 
 
 def test_a_key_lock_held_by_a_stopped_process_is_a_503_within_the_deadline(tmp_path):
