@@ -125,8 +125,9 @@ class PinBoard:
 
     def release(self) -> int:
         """Remove every pin this process holds (it will load nothing more: it is exiting);
-        returns how many. Run at exit once the process pinned something. No key lock: removing
-        a pin only allows an eviction, which checks the pins under the key's lock itself."""
+        returns how many. Run at exit once the process pinned something. Removing a pin takes no
+        key lock (it only allows an eviction, which checks the pins under the key's lock itself);
+        removing the key's folder does (`_remove_if_empty`)."""
         with self._mine_lock:
             keys, self._mine = list(self._mine), set()
         _, name = self._holder_name(None)
@@ -135,8 +136,7 @@ class PinBoard:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.folder / key / name)
                 n += 1
-            with contextlib.suppress(OSError):
-                (self.folder / key).rmdir()  # only if empty
+            self._remove_if_empty(key)
         return n
 
     def unpin(self, key: str, holder: int | None = None) -> None:
@@ -181,7 +181,8 @@ class PinBoard:
         return n
 
     def clean(self, is_key: Callable[[str], bool]) -> None:
-        """Remove expired pins, then the folders of keys nobody pins any more."""
+        """Remove expired pins and pins half-written by a process killed in `pin` (older than a
+        lease), then the folders of keys nobody pins any more."""
         for name in os.listdir(self.folder):
             if not is_key(name):
                 continue
@@ -189,11 +190,21 @@ class PinBoard:
                 if not pin.alive:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.folder / name / file)
-            try:  # under the key lock: pin() may be about to write into the folder
-                with self._key_lock(name, timeout=0), contextlib.suppress(OSError):
-                    (self.folder / name).rmdir()  # only if empty
-            except (TimeoutError, StoreFull):
-                pass
+            with contextlib.suppress(FileNotFoundError):
+                for e in os.scandir(self.folder / name):
+                    with contextlib.suppress(FileNotFoundError):
+                        if e.name.startswith(".") and e.stat().st_mtime + self.lease_s < time.time():
+                            os.unlink(e.path)
+            self._remove_if_empty(name)
+
+    def _remove_if_empty(self, key: str) -> None:
+        """Remove ``key``'s pin folder if it is empty, under the key lock (pin() may be about to
+        write into it) and only if the lock is free at once (a busy key keeps its folder)."""
+        try:
+            with self._key_lock(key, timeout=0), contextlib.suppress(OSError):
+                (self.folder / key).rmdir()  # only if empty
+        except (TimeoutError, StoreFull):
+            pass
 
     def _all(self, key: str) -> list[tuple[str, Pin]]:
         d = self.folder / key
