@@ -143,14 +143,18 @@ class PinBoard:
         """Drop the pin of process ``holder`` (default: this process) on ``key``, if any."""
         _, name = self._holder_name(holder)
         if holder is None:
-            with self._mine_lock:
-                self._mine.discard(key)
+            self.stop_renewing(key)
         with self._key_lock(key):
             d = self.folder / key
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(d / name)
             with contextlib.suppress(OSError):
                 d.rmdir()  # only if empty
+
+    def stop_renewing(self, key: str) -> None:
+        """This process stops renewing its pin on ``key``: the pin lasts until its lease ends."""
+        with self._mine_lock:
+            self._mine.discard(key)
 
     def live(self, key: str) -> list[Pin]:
         """Pins of ``key`` whose leases hold."""

@@ -403,7 +403,9 @@ class LoRAGenResolver(LoRAResolver):
                 with self.store.key_lock(key):  # a concurrent resolution pins under this lock
                     if key not in self._holders and key not in self._resolving:
                         self.store.unpin(key)
-            except (LockTimeout, OSError) as e:  # the pin is no longer renewed: its lease ends
+            except (LockTimeout, OSError) as e:
+                if key not in self._holders and key not in self._resolving:
+                    self.store.stop_renewing(key)  # its lease ends
                 logger.warning("adapter %s not unpinned now (%s); its pin expires with its lease", key[:12], e)
 
         try:

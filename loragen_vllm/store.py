@@ -753,6 +753,12 @@ class AdapterStore:
             self._unwritten_pins.discard(key)
         self._pins.unpin(_check_key(key), holder)
 
+    def stop_renewing(self, key: str) -> None:
+        """Let this process's pin on ``key`` end with its lease (for when `unpin` cannot take
+        the key's lock now): no longer renewed, nor spared by this process's gc."""
+        self._unwritten_pins.discard(key)
+        self._pins.stop_renewing(_check_key(key))
+
     def pins(self, key: str) -> list[Pin]:
         """Pins of ``key`` whose leases hold (expired ones are left out)."""
         return self._pins.live(_check_key(key))

@@ -297,6 +297,27 @@ def test_a_key_lock_held_by_a_stopped_process_is_503_within_the_deadline(own_ckp
     assert resolver.backend.passes == 1  # the held key was never generated
 
 
+def test_a_pin_that_cannot_be_dropped_now_ends_with_its_lease(own_ckpt: Path, tmp_path: Path) -> None:
+    """Forgetting a name whose key lock another process holds cannot remove the pin file now:
+    the pin is no longer renewed (nor spared by this process's gc), so it ends with its lease."""
+    resolver = make_resolver(own_ckpt, tmp_path / "store", generate_timeout_s=0.5)
+    asyncio.run(resolver.resolve_lora("base", DESC))
+    key = resolver.store.keys()[0]
+    assert key in resolver.store._pins._mine  # renewed while vLLM may load it
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_key_lock, args=(str(tmp_path / "store"), key, ready), daemon=True)
+    holder.start()
+    try:
+        assert ready.wait(30)
+        assert resolver.forget(DESC) is True  # its unpin waits 0.5 s for the lock, then gives up
+    finally:
+        holder.kill()
+        holder.join()
+    assert key not in resolver.store._pins._mine and key not in resolver.store._unwritten_pins
+    assert len(resolver.store.pins(key)) == 1  # still there, until its lease ends
+
+
 def test_discard_after_a_failed_load_unpins_and_forgets(resolver: LoRAGenResolver) -> None:
     LoRAResolverRegistry.resolvers[RESOLVER_NAME] = resolver
     try:
