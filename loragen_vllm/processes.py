@@ -16,6 +16,25 @@ from pathlib import Path
 HOST = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "localhost"  # safe in file names
 
 
+def _pid_space() -> str:
+    """Where a pid names one process: this host's name, its boot (two machines of one name
+    sharing a store) and its PID namespace (two containers of one name on one machine), as far
+    as /proc tells them."""
+    boot = ns = "0"
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:12]
+    except OSError:
+        pass
+    try:
+        ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        pass
+    return f"{HOST}-{boot}-{ns}"
+
+
+PID_SPACE = _pid_space()  # a name for file names: only a process of the same PID_SPACE checks our pids
+
+
 def _proc_stat(pid: int) -> tuple[str, int] | None:
     """(state, start time in clock ticks since boot) of ``pid`` from /proc, or None if unknown."""
     try:

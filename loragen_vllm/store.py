@@ -90,7 +90,7 @@ from loragen_vllm.errors import (
     UnknownAdapter,
 )
 from loragen_vllm.pins import Pin, PinBoard
-from loragen_vllm.processes import HOST, pid_alive
+from loragen_vllm.processes import PID_SPACE, pid_alive
 from loragen_vllm.store_meta import (
     META_FILE,
     FolderState,
@@ -601,7 +601,7 @@ class AdapterStore:
     def _publish_folder(self, key: str, files: AdapterFiles, meta: StoredAdapterMeta) -> bool:
         """Write into ``tmp/`` and rename into place (no fsync: `_settle` makes it durable);
         False if another publisher got there first."""
-        tmp = self._tmp / f"{key}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp = self._tmp / f"{key}.{PID_SPACE}.{os.getpid()}.{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
             with self._step("write"):
@@ -798,11 +798,12 @@ class AdapterStore:
                 return 0.0
 
         for entry in os.scandir(self._tmp):
-            # name: <key>.<host>.<pid>.<rand>; the owner's liveness decides on this host
+            # name: <key>.<PID_SPACE>.<pid>.<rand>; the owner's liveness decides where its pid is
+            # ours to check (this host, boot and PID namespace); elsewhere its age alone
             parts = entry.name.split(".")
             owner_dead = (
                 len(parts) >= 4
-                and ".".join(parts[1:-2]) == HOST
+                and ".".join(parts[1:-2]) == PID_SPACE  # its pid means a process we can see
                 and parts[-2].isdigit()
                 and not pid_alive(int(parts[-2]))
             )

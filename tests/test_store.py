@@ -27,7 +27,7 @@ from loragen_vllm.errors import (
     UnknownAdapter,
     to_http,
 )
-from loragen_vllm.processes import HOST
+from loragen_vllm.processes import HOST, PID_SPACE
 from loragen_vllm.store import AdapterStore, NewAdapter, StoredAdapter
 from loragen_vllm.store_meta import META_FILE
 
@@ -675,10 +675,13 @@ def test_gc_removes_unfinished_publishes_of_dead_processes(tmp_path):
     store = AdapterStore(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / "tmp" / f"{'a' * 64}.{HOST}.{dead.pid}.0000").mkdir()
-    (tmp_path / "tmp" / f"{'b' * 64}.{HOST}.{os.getpid()}.0000").mkdir()  # alive: kept
+    (tmp_path / "tmp" / f"{'a' * 64}.{PID_SPACE}.{dead.pid}.0000").mkdir()
+    (tmp_path / "tmp" / f"{'b' * 64}.{PID_SPACE}.{os.getpid()}.0000").mkdir()  # alive: kept
+    # another machine or container of this host name, whose pids we cannot check: kept (until stale)
+    (tmp_path / "tmp" / f"{'c' * 64}.{HOST}-otherboot-4026531836.{dead.pid}.0000").mkdir()
     store.gc()
-    assert os.listdir(tmp_path / "tmp") == [f"{'b' * 64}.{HOST}.{os.getpid()}.0000"]
+    assert sorted(os.listdir(tmp_path / "tmp")) == [f"{'b' * 64}.{PID_SPACE}.{os.getpid()}.0000",
+                                                    f"{'c' * 64}.{HOST}-otherboot-4026531836.{dead.pid}.0000"]
 
 
 # ----------------------------------------------------------------------------------------------
