@@ -159,7 +159,10 @@ class LoRAGenResolver(LoRAResolver):
     @property
     def backend(self) -> GeneratorBackend:
         if self._backend is None:
-            self._backend = self.config.make_backend()
+            try:
+                self._backend = self.config.make_backend()
+            except (OSError, ValueError) as e:  # its checkpoint went away or broke after start: next time
+                raise GeneratorUnavailable(f"the generator cannot be set up ({e})") from e
         return self._backend
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:

@@ -150,6 +150,13 @@ def test_invalid_description_and_generator_failure_reach_vllm_as_400_and_503(
     assert resolver.store.keys() == [] and resolver.remembered == 0
     assert not any((resolver.store.root / "pins").iterdir())  # the failed request left no pin
 
+    # A checkpoint that went away after start (the backend not made yet): a 503, not a 500.
+    gone = LoRAGenResolver(PluginConfig(generator=str(own_ckpt.parent / "moved")), store=resolver.store)
+    with pytest.raises(RetryableRequestError) as missing:
+        asyncio.run(gone.resolve_lora("base", DESC))
+    code, message = vllm_status(missing.value)
+    assert code == 503 and "cannot be set up" in message
+
 
 def test_register_reads_the_environment(own_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("LORAGEN_GENERATOR", "LORAGEN_RAY_ADDRESS"):
