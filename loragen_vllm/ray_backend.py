@@ -238,6 +238,10 @@ class RayBackend:
                 f"no {self.where} (start it with `loragen-vllm generator start "
                 f"--ray-address {self.address}`); new descriptions cannot be generated"
             ) from None
+        except Exception as e:  # the cluster failing under the lookup (GCS errors): as unreachable
+            raise GeneratorUnavailable(
+                f"{self.where} could not be looked up ({_first_line(e)}); stored adapters still work; retry later"
+            ) from e
 
     async def _await(self, ref: Any, deadline: float, what: str) -> Any:
         """Await an ObjectRef on the running loop, mapping every failure to our errors."""
