@@ -8,8 +8,9 @@ name it does not know (with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` set; see
         key in store (sha256-verified)  -> pin, LoRARequest(path)
         else generate once, publish     -> pin, LoRARequest(path)
 
-Concurrent requests for one key share one in-flight generation in this process; across server
-processes the store's per-key lock makes one of them generate.
+Concurrent requests for one key share one in-flight generation in this process (it runs until
+the latest of their deadlines); across server processes the store's per-key lock makes one of
+them generate.
 
 Every wait is bounded. Each request has one deadline from its arrival
 (``LORAGEN_GENERATE_TIMEOUT_S``) that covers the store lookup, waiting for a miss thread, the
