@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=count(1, 65535), default=8000, help="port (default 8000)")
     s.add_argument("--ray-address", metavar="ADDR", default=None,
                    help="generate through the generator actor of this Ray cluster instead of "
-                   "in-process (see `loragen-vllm generator start`)")
+                   "in-process (see `loragen-vllm generator start`; default: $LORAGEN_RAY_ADDRESS)")
     s.add_argument("--device", default=None,
                    help="torch device of the in-process generator "
                    "(default: $LORAGEN_GENERATOR_DEVICE or cpu)")

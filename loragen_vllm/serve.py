@@ -106,10 +106,41 @@ def vllm_serve_argv(
     ]
 
 
-def default_lora_slots(gpu: bool) -> tuple[int, int]:
+def check_vllm_args(vllm_args: list[str], lora_rank: int | None) -> None:
+    """Refuse vLLM arguments `serve` cannot honour: a ``--config`` file (its options would be
+    hidden from the checks here and overridden by `serve`'s own flags), and a ``--max-lora-rank``
+    below the generator's rank ``lora_rank`` (None: not known here), which would make vLLM refuse
+    every generated adapter."""
+    if any(is_flag(a, "--config") for a in vllm_args):
+        raise UsageError("`serve` does not take vLLM's --config file: pass its options after -- instead")
+    rank = _int_flag(vllm_args, "--max-lora-rank")
+    if rank is not None and lora_rank is not None and rank < lora_rank:
+        raise UsageError(f"--max-lora-rank {rank} is below the generator's LoRA rank {lora_rank}: vLLM would "
+                         "refuse every generated adapter")
+
+
+def default_lora_slots(gpu: bool, vllm_args: list[str] = ()) -> tuple[int, int]:
     """(``--max-loras``, ``--max-cpu-loras``) that fit the machine: few on a CPU, where every
-    adapter slot costs compute in each step, a burst's worth on a GPU."""
-    return (GPU_MAX_LORAS, GPU_MAX_CPU_LORAS) if gpu else (DEFAULT_MAX_LORAS, DEFAULT_MAX_CPU_LORAS)
+    adapter slot costs compute in each step, a burst's worth on a GPU; where the user set one of
+    them (in ``vllm_args``, which win), the other fits it (vLLM needs max-cpu-loras >= max-loras)."""
+    loras, cpu_loras = (GPU_MAX_LORAS, GPU_MAX_CPU_LORAS) if gpu else (DEFAULT_MAX_LORAS, DEFAULT_MAX_CPU_LORAS)
+    user_loras = _int_flag(vllm_args, "--max-loras")
+    user_cpu_loras = _int_flag(vllm_args, "--max-cpu-loras")
+    if user_loras is not None and user_cpu_loras is None:
+        cpu_loras = max(cpu_loras, user_loras)
+    elif user_cpu_loras is not None and user_loras is None:
+        loras = max(1, min(loras, user_cpu_loras))
+    return loras, cpu_loras
+
+
+def _int_flag(vllm_args: list[str], flag: str) -> int | None:
+    """The integer value of ``flag`` among ``vllm_args``, None if absent or not an integer
+    (vLLM then refuses it itself)."""
+    values = vllm_flag_values(list(vllm_args), flag)
+    try:
+        return int(values[0]) if values else None
+    except ValueError:
+        return None
 
 
 def fit_max_resolved(requested: int | None, store_max_adapters: int | None) -> tuple[int, str | None]:
@@ -138,14 +169,22 @@ def fit_max_resolved(requested: int | None, store_max_adapters: int | None) -> t
     return requested, None
 
 
+def is_flag(arg: str, flag: str) -> bool:
+    """Whether vLLM reads argument ``arg`` (``--name`` or ``--name=value``) as ``flag``: vLLM
+    takes underscores for dashes, and (argparse) any unambiguous abbreviation, which we take
+    as this flag (an ambiguous one stops vLLM itself)."""
+    name = arg.partition("=")[0].replace("_", "-")
+    return name.startswith("--") and len(name) > 3 and flag.startswith(name)
+
+
 def vllm_flag_values(vllm_args: list[str], flag: str) -> list[str] | None:
-    """The values of a multi-value vLLM flag (``--flag a b`` or ``--flag=a``; vLLM also takes
-    underscores for dashes) among the extra vLLM arguments, the last occurrence winning as in
-    vLLM; None if the flag is not there."""
+    """The values of a vLLM flag (``--flag a b`` or ``--flag=a``, spelt as `is_flag` reads it)
+    among the extra vLLM arguments, the last occurrence winning as in vLLM; None if the flag is
+    not there."""
     values: list[str] | None = None
     for i, arg in enumerate(vllm_args):
         name, eq, value = arg.partition("=")
-        if not name.startswith("--") or name.replace("_", "-") != flag:
+        if not is_flag(arg, flag):
             continue
         if eq:
             values = [value]
@@ -270,7 +309,7 @@ def default_cpu_kv_cache(env: MutableMapping[str, str], vllm_args: list[str]) ->
     refuses to start when a tenth of it is in use by anything else. Returns a note, or None.
     """
     chosen = ("--gpu-memory-utilization", "--kv-cache-memory", "--kv-cache-memory-bytes")
-    if "VLLM_CPU_KVCACHE_SPACE" in env or any(a.split("=")[0] in chosen for a in vllm_args):
+    if "VLLM_CPU_KVCACHE_SPACE" in env or any(is_flag(a, f) for a in vllm_args for f in chosen):
         return None
     import torch
 
@@ -306,7 +345,7 @@ def default_cpu_dtype(vllm_args: list[str], gpu: bool, native_bf16: bool) -> lis
     (``benchmarks/results/serving_cpu_dtype.md``), and float32 also matches peft's answers
     (``adapter_parity.md``). Returns the arguments to put before the user's.
     """
-    if gpu or native_bf16 or any(a.split("=")[0] == "--dtype" for a in vllm_args):
+    if gpu or native_bf16 or any(is_flag(a, "--dtype") for a in vllm_args):
         return []
     return ["--dtype", "float32"]
 
@@ -336,7 +375,8 @@ def run(args: argparse.Namespace) -> int:
     ``args.ray_address``, ``args.seed``, ``args.device``, ``args.max_resolved``,
     ``args.description_system_prompt``, ``args.label_choice``, ``args.admin_key``, ``args.list_descriptions``.
     """
-    ray_address = getattr(args, "ray_address", None)
+    # $LORAGEN_RAY_ADDRESS counts as --ray-address: the plugin would read it from the environment
+    ray_address = getattr(args, "ray_address", None) or envs.LORAGEN_RAY_ADDRESS
     generator, lora_rank, generator_modules = _generator_checkpoint(getattr(args, "generator", None), ray_address)
     model_dir = _base_model_dir(getattr(args, "base_model", None))
     if generator is not None:  # a Ray generator's checkpoint is not known here
@@ -344,6 +384,7 @@ def run(args: argparse.Namespace) -> int:
     store = Path(args.store).expanduser().resolve() if getattr(args, "store", None) else envs.LORAGEN_STORE
 
     extra = list(getattr(args, "vllm_args", None) or [])
+    check_vllm_args(extra, lora_rank if generator is not None else None)
     lora_modules = lora_modules_to_serve(generator_modules, extra)
     envs.export(  # the plugin's configuration, for this process and vLLM's (they inherit it)
         os.environ,
@@ -377,7 +418,7 @@ def run(args: argparse.Namespace) -> int:
         print("loragen-vllm: CPU without bf16 instructions: vLLM computes in float32 (pass -- --dtype "
               "bfloat16 to change it)", flush=True)
     argv = vllm_serve_argv(model_dir, model_dir.name, lora_rank, args.host, args.port, dtype + extra, middleware,
-                           default_lora_slots(gpu), lora_modules)
+                           default_lora_slots(gpu, extra), lora_modules)
     print(f"loragen-vllm: adapter store {store}", flush=True)
     print(f"loragen-vllm: vllm serve {shlex.join(argv)}", flush=True)
 
@@ -388,7 +429,8 @@ def run(args: argparse.Namespace) -> int:
     register()  # here too: the API server (this process) is the one that resolves names
     bound_vllm_memory(max_resolved)
     discard_failed_loads()
-    _announce_when_ready(args.host, args.port, model_dir.name)
+    host = (vllm_flag_values(extra, "--host") or [args.host])[-1]  # after --, vLLM's own flags win
+    _announce_when_ready(host, _int_flag(extra, "--port") or args.port, model_dir.name)
     return _run_vllm_serve(argv)
 
 
@@ -418,8 +460,12 @@ def _configure_logging() -> None:
         log.propagate = False
 
 
+ANNOUNCE_WITHIN_S = 1800.0  # a server not up by then is not announced (its log says why)
+
+
 def _announce_when_ready(host: str, port: int, served_name: str) -> None:
-    """Print where the server listens and a first request, once /health answers."""
+    """Print where the server listens and a first request, once /health answers (within
+    `ANNOUNCE_WITHIN_S`)."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     base = f"http://{shown}:{port}"
     example = (
@@ -429,6 +475,7 @@ def _announce_when_ready(host: str, port: int, served_name: str) -> None:
     )
 
     def wait() -> None:
+        deadline = time.monotonic() + ANNOUNCE_WITHIN_S
         while True:
             try:
                 with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
@@ -436,6 +483,8 @@ def _announce_when_ready(host: str, port: int, served_name: str) -> None:
                         break
             except OSError:
                 pass
+            if time.monotonic() > deadline:  # vLLM's own log says why it is not up
+                return
             time.sleep(1.0)
         print(
             f"\nloragen-vllm: serving {served_name} at {base}/v1 -- put a task description in "

@@ -36,6 +36,7 @@ from loragen_vllm.serve import (
     check_generator_fits,
     cpu_has_native_bf16,
     default_cpu_dtype,
+    check_vllm_args,
     default_cpu_kv_cache,
     fit_lora_rank,
     fit_max_resolved,
@@ -101,6 +102,22 @@ def test_lora_slots_fit_the_machine() -> None:
     argv = vllm_serve_argv(Path("/m/M"), "M", 8, "h", 1, [], lora_slots=gpu)
     assert argv[argv.index("--max-loras") + 1] == str(gpu[0])
     assert argv[argv.index("--max-cpu-loras") + 1] == str(gpu[1])
+    # a user's own value of one (it wins, coming later) and ours of the other still fit vLLM's rule
+    assert default_lora_slots(False, ["--max-cpu-loras", "2"]) == (2, 32)
+    assert default_lora_slots(True, ["--max_loras=200"]) == (gpu[0], 200)
+
+
+def test_vllm_arguments_serve_cannot_honour_are_refused() -> None:
+    """A --config file hides its options from serve's checks; a --max-lora-rank below the
+    generator's rank makes vLLM refuse every adapter. Flags are read as vLLM reads them:
+    underscores and unambiguous abbreviations too."""
+    for bad, match in ((["--config", "c.yaml"], "--config file"), (["--max-lora-rank", "4"], "below the generator's"),
+                       (["--max_lora_r=4"], "below the generator's")):
+        with pytest.raises(UsageError, match=match):
+            check_vllm_args(bad, 8)
+    check_vllm_args(["--max-lora-rank", "16"], 8)
+    check_vllm_args(["--max-lora-rank", "4"], None)  # a Ray generator's rank is not known here
+    assert vllm_flag_values(["--lora-target-module", "q_proj"], "--lora-target-modules") == ["q_proj"]
 
 
 def test_lora_only_on_the_generators_modules(tmp_path: Path) -> None:
@@ -203,7 +220,8 @@ def test_serve_gives_vllm_a_fixed_kv_cache_on_cpu_unless_told():
         assert note is None and env == {}
     else:  # vLLM's CPU default (0.92 of all RAM) refuses to start on a machine in use
         assert env == {"VLLM_CPU_KVCACHE_SPACE": str(CPU_KV_CACHE_GIB)} and "KV cache" in note
-    for args in (["--gpu-memory-utilization", "0.5"], ["--kv-cache-memory-bytes=1000000000"]):
+    for args in (["--gpu-memory-utilization", "0.5"], ["--kv-cache-memory-bytes=1000000000"],
+                 ["--gpu_memory_utilization", "0.5"], ["--kv_cache_memory_bytes=2G"]):
         env = {}
         assert default_cpu_kv_cache(env, args) is None and env == {}
     env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
