@@ -151,13 +151,18 @@ class LoRAAdapter:
             config = json.loads(files[ADAPTER_CONFIG])
         except ValueError as e:
             raise ValueError(f"{ADAPTER_CONFIG} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{ADAPTER_CONFIG} is not a JSON object")
         if config.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"not a LoRA adapter: peft_type={config.get('peft_type')!r}")
         if config.get("use_dora"):
             raise ValueError("unsupported LoRA variant: use_dora")
         if config.get("rank_pattern") or config.get("alpha_pattern"):
             raise ValueError("per-module rank/alpha patterns are not supported")
-        rank, alpha = int(config["r"]), float(config["lora_alpha"])
+        try:
+            rank, alpha = int(config["r"]), float(config["lora_alpha"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{ADAPTER_CONFIG} needs integer 'r' and numeric 'lora_alpha' ({e!r})") from None
         if config.get("use_rslora"):
             alpha = alpha * math.sqrt(rank)  # rsLoRA scaling alpha/sqrt(r) == (alpha*sqrt(r))/r
         try:
@@ -192,6 +197,11 @@ class LoRAAdapter:
             if num_layers is not None and n != num_layers:
                 raise ValueError("modules cover different numbers of layers")
             num_layers = n
+            for ab in ("A", "B"):
+                shapes_ab = {tuple(layers[l][ab].shape) for l in range(n)}
+                if len(shapes_ab) != 1 or len(next(iter(shapes_ab))) != 2:
+                    raise ValueError(f"module {module!r}: lora_{ab} must be one 2-D shape in every layer, "
+                                     f"got {sorted(shapes_ab)}")
             a = torch.stack([layers[l]["A"].float() for l in range(n)])  # (L, r, d_in)
             b = torch.stack([layers[l]["B"].float() for l in range(n)])  # (L, d_out, r)
             if a.shape[1] != rank or b.shape[2] != rank:
@@ -231,6 +241,9 @@ class LoRAAdapter:
         for m in target.modules:
             if target.shapes[m] != self.target.shapes[m]:
                 raise ValueError(f"module {m!r}: shape {self.target.shapes[m]} != target {target.shapes[m]}")
+            if target.module_paths[m] != self.target.module_paths[m]:
+                raise ValueError(f"module {m!r}: path {self.target.module_paths[m]!r} != target "
+                                 f"{target.module_paths[m]!r} (an adapter of another model layout)")
         # Fold any alpha difference into B so dW is unchanged.
         k = self.target.scaling / target.scaling
         return LoRAAdapter(target, {m: self.A[m] for m in target.modules}, {m: self.B[m] * k for m in target.modules})

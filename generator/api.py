@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -85,6 +86,14 @@ def mean_of_samples(
     return mA, mB
 
 
+def check_guidance(guidance: Any) -> None:
+    """A clear error for a guidance scale that would make NaN adapters (None: the checkpoint's,
+    checked when it loaded). The number of steps is checked by the sampler itself."""
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                                 or not math.isfinite(guidance)):
+        raise ValueError(f"sampler guidance must be a finite number, got {guidance!r}")
+
+
 class Generator:
     """A trained generator (LoRAGen or T2L) on one device."""
 
@@ -108,6 +117,7 @@ class Generator:
         samples = self.sampler["samples"]
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"sampler samples must be an int >= 1, got {samples!r}")
+        check_guidance(self.sampler["guidance"])
         if self.sampler["samples"] == 1:  # the default is not recorded (older fingerprints stay)
             del self.sampler["samples"]
         self.extra = dict(extra or {})
@@ -166,7 +176,10 @@ class Generator:
         try:
             target = TargetSpec.from_dict(cfg["target"])
             model = build_model(cfg["kind"], target, cfg["configs"])
-        except (KeyError, TypeError, AttributeError) as e:
+            for part in ("sampler", "extra"):
+                if not isinstance(cfg.get(part) or {}, dict):
+                    raise TypeError(f"{part!r} must be an object")
+        except (KeyError, TypeError, AttributeError, IndexError) as e:
             raise ValueError(f"{cfg_path}: incomplete generator config ({type(e).__name__}: {e})") from None
         try:
             state = load_file(str(w_path))
@@ -241,6 +254,7 @@ class Generator:
             timings[stage] = now - last[0]
             last[0] = now
 
+        check_guidance(guidance)
         k = self.sampler.get("samples", 1) if self.kind == "loragen" else 1  # T2L draws no noise
         if k > 1:  # k noises per description, the first the one a single sample uses: (N*k, d_cond)
             cond = cond.repeat_interleave(k, dim=0)

@@ -7,6 +7,7 @@ checkpoint's `config.json`, so a checkpoint explains itself (nanoGPT's `GPTConfi
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,7 @@ class TargetSpec:
                 raise ValueError(f"module {m!r} lacks a shape or a path template")
             if "{layer}" not in self.module_paths[m]:
                 raise ValueError(f"path template for {m!r} has no '{{layer}}': {self.module_paths[m]!r}")
-        if self.num_layers < 1 or self.rank < 1 or self.alpha <= 0:
+        if self.num_layers < 1 or self.rank < 1 or not 0 < self.alpha < math.inf:  # NaN fails too
             raise ValueError(f"bad num_layers/rank/alpha: {self.num_layers}/{self.rank}/{self.alpha}")
 
     @property

@@ -43,6 +43,10 @@ def check_descriptions(descriptions: Sequence[str], *, caller: str, allow_empty:
             raise TypeError(f"a description must be a string, got {type(d).__name__}")
         if not allow_empty and not d.strip():
             raise ValueError("a description must not be empty")
+        try:
+            d.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON): no text to embed
+            raise ValueError(f"a description must be valid Unicode text: {e.reason} at character {e.start}") from None
     return out
 
 

@@ -93,12 +93,29 @@ def test_delta_and_cosine_match_explicit_products():
         (lambda f: f.pop(ADAPTER_WEIGHTS), "needs"),
         (lambda f: f.update({ADAPTER_CONFIG: json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": True}).encode()}), "DoRA|use_dora"),
         (lambda f: f.update({ADAPTER_CONFIG: json.dumps({"peft_type": "LORA", "r": 3, "lora_alpha": 4}).encode()}), "rank"),
+        (lambda f: f.update({ADAPTER_CONFIG: b"[1, 2]"}), "not a JSON object"),
+        (lambda f: f.update({ADAPTER_CONFIG: json.dumps({"peft_type": "LORA", "r": 2}).encode()}), "'lora_alpha'"),
+        (lambda f: f.update({ADAPTER_CONFIG: json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": None}).encode()}),
+         "'lora_alpha'"),
+        (lambda f: f.update({ADAPTER_CONFIG: json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": "NaN"}).encode()}),
+         "alpha"),
     ],
 )
 def test_bad_peft_files_raise_clear_errors(mutate, message):
     files = _random_adapter(_small_target()).to_peft_files()
     mutate(files)
     with pytest.raises(ValueError, match=message):
+        LoRAAdapter.from_peft_files(files)
+
+
+def test_a_layer_of_another_shape_is_rejected():
+    from safetensors.torch import load, save
+
+    files = _random_adapter(_small_target()).to_peft_files()
+    tensors = load(files[ADAPTER_WEIGHTS])
+    tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"] = torch.randn(2, 5)
+    files[ADAPTER_WEIGHTS] = save(tensors)
+    with pytest.raises(ValueError, match="one 2-D shape in every layer"):
         LoRAAdapter.from_peft_files(files)
 
 
@@ -135,6 +152,11 @@ def test_library_rejects_mismatched_target(tmp_path):
     other = TargetSpec.from_dict({**_small_target().to_dict(), "rank": 4})
     with pytest.raises(ValueError, match="does not match"):
         load_library(lib, target=other)
+    # the same names and shapes under another model's layout: not the same locations
+    moved = TargetSpec.from_dict({**_small_target().to_dict(), "module_paths": {
+        "q_proj": "transformer.h.{layer}.attn.q_proj", "v_proj": "transformer.h.{layer}.attn.v_proj"}})
+    with pytest.raises(ValueError, match="another model layout"):
+        _random_adapter(_small_target()).reorder(moved)
 
 
 def test_safetensors_bytes_hold_the_state_dict():

@@ -61,6 +61,19 @@ def test_zero_sampler_steps_is_an_error_not_the_default(gen):
         gen.generate(["Write a title for news headlines."], steps=0)
 
 
+@pytest.mark.parametrize("guidance", [float("nan"), float("inf"), "2"])
+def test_a_guidance_that_would_make_nan_adapters_is_an_error(gen, guidance):
+    with pytest.raises(ValueError, match="guidance must be a finite number"):
+        gen.generate(["Write a title for news headlines."], guidance=guidance)
+    with pytest.raises(ValueError, match="guidance must be a finite number"):
+        gen.with_sampler(guidance=guidance)
+
+
+def test_a_description_that_is_not_unicode_text_is_an_error(gen):
+    with pytest.raises(ValueError, match="valid Unicode text"):
+        gen.generate(["ok \ud800 text"])  # a lone surrogate, as JSON's "\ud800" decodes
+
+
 def test_fingerprint_tracks_weights_and_load_detects_tampering(gen, tiny_generator_ckpt, tmp_path):
     state = {k: v.clone() for k, v in gen.model.state_dict().items()}
     base = compute_fingerprint(gen.config_dict(include_fingerprint=False), state)
@@ -96,6 +109,16 @@ def test_load_names_what_is_wrong_with_a_checkpoint(gen, tiny_generator_ckpt, tm
         Generator.load(copy)
     (copy / CONFIG_FILE).write_text("[]")
     with pytest.raises(ValueError, match="unsupported checkpoint format"):
+        Generator.load(copy)
+    cfg["configs"]["diffusion"]["depth"] -= 1
+    for part, bad in (("sampler", "x"), ("extra", [1, 2])):
+        (copy / CONFIG_FILE).write_text(json.dumps({**cfg, part: bad}))
+        with pytest.raises(ValueError, match="incomplete generator config"):
+            Generator.load(copy)
+    broken = json.loads(json.dumps(cfg))
+    broken["target"]["shapes"][next(iter(broken["target"]["shapes"]))] = [8]  # one number for (d_in, d_out)
+    (copy / CONFIG_FILE).write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="incomplete generator config"):
         Generator.load(copy)
 
 

@@ -108,6 +108,10 @@ def test_bad_task_files_give_clear_errors(tmp_path):
     bad.write_text(json.dumps({"name": "x", "instances": [{"input": "a", "output": "b"}, {"input": "c", "output": ["d"]}]}))
     with pytest.raises(ValueError, match="instance 0"):
         load_sni_task(bad)
+    instances = [{"input": "a", "output": ["b"]}, {"input": "c", "output": ["d"]}]
+    bad.write_text(json.dumps({"name": "x", "descriptions": ["Do it.", "Do that.", "Do it."], "instances": instances}))
+    with pytest.raises(ValueError, match="'descriptions' repeat one"):
+        load_sni_task(bad)
     with pytest.raises(FileNotFoundError):
         load_tasks(tmp_path / "nowhere")
 

@@ -40,7 +40,7 @@ def sources(tmp_path: Path) -> tuple[Path, Path]:
         (t2l / "tasks" / folder).mkdir(parents=True)
         (t2l / "tasks" / folder / "metadata.yaml").write_text(
             f"task_name: Lots-of-LoRAs/{name}\ndescriptions:\n- Increment the given integer.\n"
-            "- Return the number that follows\n  the one you are given.\n"
+            "- Return the number that follows\n  the one you are given.\n- Increment the given integer. \n"  # a repeat
         )
     return ni, t2l
 

@@ -117,6 +117,7 @@ def load_sni_task(path: str | Path) -> Task:
         path,
         "'descriptions' must be non-empty strings",
     )
+    _require(len(set(descs)) == len(descs), path, "'descriptions' repeat one (a copy could land in both description splits)")
     raw = d.get("instances")
     _require(isinstance(raw, list) and len(raw) >= 2, path, "'instances' must be a list of at least 2")
     instances = []

@@ -151,7 +151,8 @@ def t2l_descriptions(t2l_dir: str | Path) -> dict[str, list[str]]:
         if not isinstance(d, dict):
             raise ValueError(f"{meta}: expected a mapping with task_name and descriptions")
         name = str(d.get("task_name") or "").rsplit("/", 1)[-1] or meta.parent.name.removeprefix("lol_")
-        descriptions = [s.strip() for s in d.get("descriptions") or [] if isinstance(s, str) and s.strip()]
+        # stripped, blank ones dropped, each once (a repeat could fall in both the train and eval halves)
+        descriptions = list(dict.fromkeys(s.strip() for s in d.get("descriptions") or [] if isinstance(s, str) and s.strip()))
         if descriptions:
             out[name] = descriptions
     return out
