@@ -158,7 +158,8 @@ class GeneratorActor:
         """The adapter for (description, seed): (PEFT files, msgspec-encoded `GeneratedAdapterMeta`).
 
         ``deadline`` (``time.time()`` seconds): past it before the call's generator pass, the
-        call is dropped (`Overloaded`). Identical calls in flight share the first one's pass.
+        call is dropped (`Overloaded`). Identical calls in flight share the first one's pass; one
+        that joined a call whose earlier deadline passed in the queue queues again on its own.
         """
         from loragen_vllm.descriptions import validate_description
         from loragen_vllm.errors import Overloaded
@@ -178,15 +179,25 @@ class GeneratorActor:
             left = None if deadline is None else deadline - time.time()
             if left is not None and left <= 0:
                 raise Overloaded("the call's deadline passed before it reached the actor", reason="deadline")
-            task = self._inflight.get(key)
-            if task is None:
-                task = asyncio.ensure_future(self._generate(key, None if left is None else time.monotonic() + left))
-                self._inflight[key] = task
-            else:
-                self.stats.joined += 1
-            # shield: a cancelled caller must not cancel the pass others are waiting on
-            files, meta = await asyncio.shield(task)
-            return files, encode_meta(meta)
+            mine = None if left is None else time.monotonic() + left
+            while True:
+                task = self._inflight.get(key)
+                joined = task is not None
+                if task is None:
+                    task = asyncio.ensure_future(self._generate(key, mine))
+                    self._inflight[key] = task
+                else:
+                    self.stats.joined += 1
+                try:
+                    # shield: a cancelled caller must not cancel the pass others are waiting on
+                    files, meta = await asyncio.shield(task)
+                except Overloaded as e:
+                    # The call it joined had an earlier deadline, which passed in the queue: this
+                    # call, with time left, queues again on its own deadline.
+                    if joined and e.reason == "deadline" and (mine is None or time.monotonic() < mine):
+                        continue
+                    raise
+                return files, encode_meta(meta)
         except BaseException as e:
             if getattr(e, "reason", None) == "deadline" and not isinstance(e, asyncio.CancelledError):
                 self.stats.expired += 1

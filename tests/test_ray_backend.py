@@ -243,6 +243,28 @@ def test_description_asked_on_two_servers_is_generated_once(ray_servers):
     assert actor_health()["stats"]["calls"] == after["calls"]
 
 
+def test_a_call_that_joined_an_expiring_one_queues_again_on_its_own_deadline(slow_generator_actor):
+    """Two calls for one description share a generation; when the first one's (earlier) deadline
+    passes while it waits behind another pass, the second, with time left, is not failed with it:
+    it queues again and gets its adapter."""
+    from loragen_vllm.errors import Overloaded
+    from loragen_vllm.ray_actor import decode_meta
+
+    actor = find_actor()
+    busy = actor.generate.remote("Occupy the generator for one pass.", 0, time.time() + 120)
+    time.sleep(0.5)  # its pass runs (~2 s)
+    d = "Name the capital of the given country."
+    short = actor.generate.remote(d, 0, time.time() + 0.5)  # passes while the busy pass runs
+    time.sleep(0.1)
+    patient = actor.generate.remote(d, 0, time.time() + 120)  # joins the short call
+    with pytest.raises(ray.exceptions.RayTaskError) as dropped:
+        ray.get(short, timeout=120)
+    assert isinstance(dropped.value.cause, Overloaded) and dropped.value.cause.reason == "deadline"
+    files, meta = ray.get(patient, timeout=120)
+    assert decode_meta(meta).description == d and files
+    ray.get(busy, timeout=120)
+
+
 def test_servers_survive_actor_killed_mid_flight(ray_servers, slow_generator_actor):
     """SIGKILL the actor while both servers' calls are in it, mid-pass. What ray_actor.py and
     ray_backend.py promise: Ray restarts the actor and re-sends the calls that were in flight, and
