@@ -314,13 +314,21 @@ class LoRAGenResolver(LoRAResolver):
         """Miss thread: the backend's adapter for ``description``, generated on vLLM's event loop
         by the generation's deadline (the latest of its callers', which may move while it runs);
         dropped (cancelled before its generator pass) when every caller gave up."""
-        pending = asyncio.run_coroutine_threadsafe(
-            self.backend.generate_adapter(description, self.config.seed, deadline=gen.deadline), loop
-        )
+        def submit() -> tuple[concurrent.futures.Future[Generated], float]:
+            sent = gen.deadline  # the backend drops the call if this passes before its pass
+            return asyncio.run_coroutine_threadsafe(
+                self.backend.generate_adapter(description, self.config.seed, deadline=sent), loop
+            ), sent
+
+        pending, sent = submit()
         while True:
             left = gen.deadline - time.monotonic()
             try:
                 return pending.result(timeout=max(0.0, min(left, 0.05)))
+            except Overloaded as e:  # dropped at the deadline it was sent with, which a late caller moved
+                if e.reason != "deadline" or gen.deadline <= sent or time.monotonic() >= gen.deadline:
+                    raise
+                pending, sent = submit()
             except concurrent.futures.TimeoutError:
                 if gen.abandoned.is_set() or time.monotonic() >= gen.deadline:
                     pending.cancel()
