@@ -108,11 +108,17 @@ def vllm_serve_argv(
 
 def check_vllm_args(vllm_args: list[str], lora_rank: int | None) -> None:
     """Refuse vLLM arguments `serve` cannot honour: a ``--config`` file (its options would be
-    hidden from the checks here and overridden by `serve`'s own flags), and a ``--max-lora-rank``
+    hidden from the checks here and overridden by `serve`'s own flags), more than one API server
+    process (`vllm_patches` bound the one in this process), and a ``--max-lora-rank``
     below the generator's rank ``lora_rank`` (None: not known here), which would make vLLM refuse
     every generated adapter."""
     if any(is_flag(a, "--config") for a in vllm_args):
         raise UsageError("`serve` does not take vLLM's --config file: pass its options after -- instead")
+    servers = _int_flag(vllm_args, "--api-server-count")
+    if servers is not None and servers != 1:
+        raise UsageError(f"--api-server-count {servers}: `serve` runs one API server (the resolver's bounds on "
+                         "what vLLM remembers and its adapter pins live in it); run more servers side by side, "
+                         "sharing the store, instead")
     rank = _int_flag(vllm_args, "--max-lora-rank")
     if rank is not None and lora_rank is not None and rank < lora_rank:
         raise UsageError(f"--max-lora-rank {rank} is below the generator's LoRA rank {lora_rank}: vLLM would "

@@ -108,11 +108,12 @@ def test_lora_slots_fit_the_machine() -> None:
 
 
 def test_vllm_arguments_serve_cannot_honour_are_refused() -> None:
-    """A --config file hides its options from serve's checks; a --max-lora-rank below the
-    generator's rank makes vLLM refuse every adapter. Flags are read as vLLM reads them:
-    underscores and unambiguous abbreviations too."""
+    """A --config file hides its options from serve's checks; API servers in other processes
+    escape its bounds; a --max-lora-rank below the generator's rank makes vLLM refuse every
+    adapter. Flags are read as vLLM reads them: underscores and unambiguous abbreviations too."""
     for bad, match in ((["--config", "c.yaml"], "--config file"), (["--max-lora-rank", "4"], "below the generator's"),
-                       (["--max_lora_r=4"], "below the generator's")):
+                       (["--max_lora_r=4"], "below the generator's"),
+                       (["--api-server-count", "4"], "one API server")):
         with pytest.raises(UsageError, match=match):
             check_vllm_args(bad, 8)
     check_vllm_args(["--max-lora-rank", "16"], 8)
