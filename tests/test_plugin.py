@@ -5,12 +5,14 @@ tests/test_serve.py.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -277,18 +279,29 @@ def _hold_key_lock(root: str, key: str, ready) -> None:
         time.sleep(120)
 
 
+@contextlib.contextmanager
+def key_lock_held_elsewhere(root: Path, key: str) -> Iterator[mp.Process]:
+    """Another process holding ``key``'s store lock while the block runs (it yields that process)."""
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_key_lock, args=(str(root), key, ready), daemon=True)
+    holder.start()
+    try:
+        assert ready.wait(30)
+        yield holder
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)  # if the block stopped it
+        holder.kill()
+        holder.join()
+
+
 def test_a_key_lock_held_by_a_stopped_process_is_503_within_the_deadline(own_ckpt: Path, tmp_path: Path) -> None:
     resolver = make_resolver(own_ckpt, tmp_path / "store", generate_timeout_s=1.0)
     # Loaded now: the 1 s deadline is about the held lock; loading the generator and the text
     # encoder took longer than that on a busy 2-core CI machine (a clean-clone run, 2026-12-06).
     resolver.backend._load()
     key = AdapterStore.key(DESC, resolver.backend.fingerprint, 0)
-    ctx = mp.get_context("fork")
-    ready = ctx.Event()
-    holder = ctx.Process(target=_hold_key_lock, args=(str(tmp_path / "store"), key, ready), daemon=True)
-    holder.start()
-    try:
-        assert ready.wait(30)
+    with key_lock_held_elsewhere(tmp_path / "store", key) as holder:
         os.kill(holder.pid, signal.SIGSTOP)
         t0 = time.monotonic()
         with pytest.raises(RetryableRequestError) as busy:
@@ -297,10 +310,6 @@ def test_a_key_lock_held_by_a_stopped_process_is_503_within_the_deadline(own_ckp
         assert took < 2.5 and vllm_status(busy.value)[0] == 503
         other = asyncio.run(resolver.resolve_lora("base", "Translate English to French."))
         assert other.lora_path  # another key is not held up
-    finally:
-        os.kill(holder.pid, signal.SIGCONT)
-        holder.kill()
-        holder.join()
     assert resolver.backend.passes == 1  # the held key was never generated
 
 
@@ -311,16 +320,8 @@ def test_a_pin_that_cannot_be_dropped_now_ends_with_its_lease(own_ckpt: Path, tm
     asyncio.run(resolver.resolve_lora("base", DESC))
     key = resolver.store.keys()[0]
     assert key in resolver.store._pins._mine  # renewed while vLLM may load it
-    ctx = mp.get_context("fork")
-    ready = ctx.Event()
-    holder = ctx.Process(target=_hold_key_lock, args=(str(tmp_path / "store"), key, ready), daemon=True)
-    holder.start()
-    try:
-        assert ready.wait(30)
+    with key_lock_held_elsewhere(tmp_path / "store", key):
         assert resolver.forget(DESC) is True  # its unpin waits 0.5 s for the lock, then gives up
-    finally:
-        holder.kill()
-        holder.join()
     assert key not in resolver.store._pins._mine and key not in resolver.store._unwritten_pins
     assert len(resolver.store.pins(key)) == 1  # still there, until its lease ends
 
