@@ -245,6 +245,7 @@ def test_a_request_that_joins_a_generation_late_waits_for_it_on_its_own_deadline
     deadline: the first gets a 503 at its own deadline, the late one the adapter."""
     resolver = LoRAGenResolver(PluginConfig(generator=str(own_ckpt), generate_timeout_s=2.0),
                                store=AdapterStore(tmp_path / "store"), backend=SlowPassBackend(own_ckpt))
+    resolver.backend._load()  # loaded now: the timings below are about the generation's deadline
 
     async def main() -> tuple[BaseException | LoRARequest, BaseException | LoRARequest]:
         first = asyncio.ensure_future(resolver.resolve_lora("base", DESC))
