@@ -317,7 +317,8 @@ def test_a_key_lock_held_by_a_stopped_process_is_503_within_the_deadline(own_ckp
 def test_a_pin_that_cannot_be_dropped_now_ends_with_its_lease(own_ckpt: Path, tmp_path: Path) -> None:
     """Forgetting a name whose key lock another process holds cannot remove the pin file now:
     the pin is no longer renewed (nor spared by this process's gc), so it ends with its lease."""
-    resolver = make_resolver(own_ckpt, tmp_path / "store", generate_timeout_s=0.5)
+    resolver = LoRAGenResolver(PluginConfig(generator=str(own_ckpt)), store=AdapterStore(tmp_path / "store",
+                               lock_timeout_s=0.5), backend=InProcessBackend(own_ckpt))
     asyncio.run(resolver.resolve_lora("base", DESC))
     key = resolver.store.keys()[0]
     assert key in resolver.store._pins._mine  # renewed while vLLM may load it
