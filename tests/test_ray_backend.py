@@ -251,11 +251,14 @@ def test_a_call_that_joined_an_expiring_one_queues_again_on_its_own_deadline(slo
     from loragen_vllm.ray_actor import decode_meta
 
     actor = find_actor()
-    busy = actor.generate.remote("Occupy the generator for one pass.", 0, time.time() + 120)
-    time.sleep(0.5)  # its pass runs (~2 s)
+    joined = actor_health()["stats"]["joined"]
+    # one pass of four descriptions: seconds (SLOW_STEPS), long past the short call's deadline
+    busy = [actor.generate.remote(f"Occupy the generator for one pass, part {i}.", 0, time.time() + 120)
+            for i in range(4)]
+    time.sleep(0.3)  # that pass runs
     d = "Name the capital of the given country."
-    short = actor.generate.remote(d, 0, time.time() + 0.5)  # passes while the busy pass runs
-    time.sleep(0.1)
+    short = actor.generate.remote(d, 0, time.time() + 0.4)  # passes while it waits behind that pass
+    time.sleep(0.05)
     patient = actor.generate.remote(d, 0, time.time() + 120)  # joins the short call
     with pytest.raises(ray.exceptions.RayTaskError) as dropped:
         ray.get(short, timeout=120)
@@ -263,6 +266,7 @@ def test_a_call_that_joined_an_expiring_one_queues_again_on_its_own_deadline(slo
     files, meta = ray.get(patient, timeout=120)
     assert decode_meta(meta).description == d and files
     ray.get(busy, timeout=120)
+    assert actor_health()["stats"]["joined"] == joined + 1  # the patient call did join the short one
 
 
 def test_servers_survive_actor_killed_mid_flight(ray_servers, slow_generator_actor):
