@@ -189,9 +189,9 @@ def vllm_flag_values(vllm_args: list[str], flag: str) -> list[str] | None:
     not there."""
     values: list[str] | None = None
     for i, arg in enumerate(vllm_args):
-        name, eq, value = arg.partition("=")
         if not is_flag(arg, flag):
             continue
+        _, eq, value = arg.partition("=")
         if eq:
             values = [value]
         else:
