@@ -106,12 +106,12 @@ def vllm_serve_argv(
     ]
 
 
-def check_vllm_args(vllm_args: list[str], lora_rank: int | None) -> None:
+def check_vllm_args(vllm_args: list[str], lora_rank: int | None) -> list[str]:
     """Refuse vLLM arguments `serve` cannot honour: a ``--config`` file (its options would be
-    hidden from the checks here and overridden by `serve`'s own flags), more than one API server
-    process (`vllm_patches` bound the one in this process), and a ``--max-lora-rank``
-    below the generator's rank ``lora_rank`` (None: not known here), which would make vLLM refuse
-    every generated adapter."""
+    hidden from the checks here and overridden by `serve`'s own flags) and more than one API
+    server process (`vllm_patches` bound the one in this process). Returns warnings: a
+    ``--max-lora-rank`` below the generator's rank ``lora_rank`` (None: not known here) is the
+    user's to give, but vLLM will refuse every generated adapter (each request a 400 saying so)."""
     if any(is_flag(a, "--config") for a in vllm_args):
         raise UsageError("`serve` does not take vLLM's --config file: pass its options after -- instead")
     servers = _int_flag(vllm_args, "--api-server-count")
@@ -121,8 +121,9 @@ def check_vllm_args(vllm_args: list[str], lora_rank: int | None) -> None:
                          "sharing the store, instead")
     rank = _int_flag(vllm_args, "--max-lora-rank")
     if rank is not None and lora_rank is not None and rank < lora_rank:
-        raise UsageError(f"--max-lora-rank {rank} is below the generator's LoRA rank {lora_rank}: vLLM would "
-                         "refuse every generated adapter")
+        return [f"--max-lora-rank {rank} is below the generator's LoRA rank {lora_rank}: vLLM will refuse "
+                "every generated adapter (stored and Ray-generated ones of that rank too)"]
+    return []
 
 
 def default_lora_slots(gpu: bool, vllm_args: list[str] = ()) -> tuple[int, int]:
@@ -390,7 +391,8 @@ def run(args: argparse.Namespace) -> int:
     store = Path(args.store).expanduser().resolve() if getattr(args, "store", None) else envs.LORAGEN_STORE
 
     extra = list(getattr(args, "vllm_args", None) or [])
-    check_vllm_args(extra, lora_rank if generator is not None else None)
+    for warning in check_vllm_args(extra, lora_rank if generator is not None else None):
+        print(f"loragen-vllm: warning: {warning}", flush=True)
     lora_modules = lora_modules_to_serve(generator_modules, extra)
     envs.export(  # the plugin's configuration, for this process and vLLM's (they inherit it)
         os.environ,

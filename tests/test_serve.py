@@ -109,15 +109,17 @@ def test_lora_slots_fit_the_machine() -> None:
 
 def test_vllm_arguments_serve_cannot_honour_are_refused() -> None:
     """A --config file hides its options from serve's checks; API servers in other processes
-    escape its bounds; a --max-lora-rank below the generator's rank makes vLLM refuse every
-    adapter. Flags are read as vLLM reads them: underscores and unambiguous abbreviations too."""
-    for bad, match in ((["--config", "c.yaml"], "--config file"), (["--max-lora-rank", "4"], "below the generator's"),
-                       (["--max_lora_r=4"], "below the generator's"),
-                       (["--api-server-count", "4"], "one API server")):
+    escape its bounds; a --max-lora-rank below the generator's rank (the user's to give) makes
+    vLLM refuse every adapter: a warning. Flags are read as vLLM reads them: underscores and
+    unambiguous abbreviations too."""
+    for bad, match in ((["--config", "c.yaml"], "--config file"), (["--api-server-count", "4"], "one API server")):
         with pytest.raises(UsageError, match=match):
             check_vllm_args(bad, 8)
-    check_vllm_args(["--max-lora-rank", "16"], 8)
-    check_vllm_args(["--max-lora-rank", "4"], None)  # a Ray generator's rank is not known here
+    for low in (["--max-lora-rank", "4"], ["--max_lora_r=4"]):
+        (warning,) = check_vllm_args(low, 8)
+        assert "--max-lora-rank 4 is below the generator's LoRA rank 8" in warning
+    assert check_vllm_args(["--max-lora-rank", "16"], 8) == []
+    assert check_vllm_args(["--max-lora-rank", "4"], None) == []  # a Ray generator's rank is not known here
     assert vllm_flag_values(["--lora-target-module", "q_proj"], "--lora-target-modules") == ["q_proj"]
 
 
@@ -645,6 +647,7 @@ def unloadable_server(tiny_generator_ckpt: Path, tmp_path_factory: pytest.TempPa
 
 
 def test_an_adapter_vllm_fails_to_load_is_unpinned_and_forgotten(unloadable_server: ServerProcess) -> None:
+    assert "warning: --max-lora-rank 1 is below the generator's LoRA rank" in unloadable_server.log(whole=True)
     r = chat(unloadable_server, SENTIMENT)
     assert r.status_code == 400 and "could not be loaded" in r.json()["error"]["message"], r.text
     key = key_of(unloadable_server, SENTIMENT)
