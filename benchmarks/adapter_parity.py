@@ -435,7 +435,12 @@ def render_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.adapter_parity", description=__doc__.split("\n")[0],
+                                 epilog=f"Starts two `loragen-vllm serve` servers; writes {OUT} and {OUT_MD}.")
+    ap.parse_args(argv)  # no options: --help (and a mistyped flag) without starting anything
     res = run_benchmark()
     OUT.write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
     OUT_MD.write_text(render_markdown(res))

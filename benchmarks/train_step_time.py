@@ -11,7 +11,6 @@ Measured on an H100 (2026-11-23): LAE 35.1 ms, DiT 20.8 ms, T2L 16.9 ms per step
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 
@@ -51,4 +50,12 @@ def main(device: str = "cuda", steps: int = 60) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "cuda", int(sys.argv[2]) if len(sys.argv) > 2 else 60)
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python benchmarks/train_step_time.py", description=__doc__.split("\n")[0])
+    ap.add_argument("device", nargs="?", default="cuda", help="torch device (default cuda)")
+    ap.add_argument("steps", nargs="?", type=int, default=60, help=f"steps per stage, more than {WARMUP} (default 60)")
+    a = ap.parse_args()
+    if a.steps <= WARMUP:
+        ap.error(f"steps must be more than the {WARMUP} warm-up steps")
+    main(a.device, a.steps)

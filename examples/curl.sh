@@ -5,7 +5,7 @@
 set -euo pipefail
 BASE_URL="${1:-http://127.0.0.1:8000}"
 
-echo "== models (the base model; descriptions resolved recently are listed too)"
+echo "== models (the base model; resolved descriptions too only with serve --list-descriptions)"
 curl -sS "$BASE_URL/v1/models"
 echo
 
