@@ -283,6 +283,13 @@ def is_set(name: str) -> bool:
     return bool(os.environ.get(SETTINGS[name].name, "").strip())
 
 
+def check_all(environ: MutableMapping[str, str] | None = None) -> None:
+    """Read every setting from ``environ`` (default: this process's), so that a bad value stops
+    a command at its start (`InvalidSetting` naming the variable) rather than at first use."""
+    for setting in SETTINGS.values():
+        setting.read(environ)
+
+
 def default(name: str) -> Any:
     """The value ``name`` has when it is not set (for Python APIs that share the default)."""
     setting = SETTINGS[name]

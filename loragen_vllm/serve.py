@@ -382,6 +382,7 @@ def run(args: argparse.Namespace) -> int:
     ``args.ray_address``, ``args.seed``, ``args.device``, ``args.max_resolved``,
     ``args.description_system_prompt``, ``args.label_choice``, ``args.admin_key``, ``args.list_descriptions``.
     """
+    envs.check_all()  # a bad LORAGEN_* value stops the server here, not at its first request
     # $LORAGEN_RAY_ADDRESS counts as --ray-address: the plugin would read it from the environment
     ray_address = getattr(args, "ray_address", None) or envs.LORAGEN_RAY_ADDRESS
     generator, lora_rank, generator_modules = _generator_checkpoint(getattr(args, "generator", None), ray_address)

@@ -163,6 +163,12 @@ def test_bad_seed_in_environment_is_reported(tmp_path):
     assert_clean_failure(proc, 2, "LORAGEN_SEED must be an integer")
 
 
+def test_serve_stops_at_start_on_any_bad_setting(tmp_path):
+    """A setting the server reads only later (the store's pin lease) is checked at start."""
+    proc = run("serve", store=tmp_path, env={"LORAGEN_PIN_LEASE_S": "inf"})
+    assert_clean_failure(proc, 2, "LORAGEN_PIN_LEASE_S must be a number > 0")
+
+
 def test_generate_uses_the_shipped_default_checkpoint(tmp_path):
     shipped = default_generator_checkpoint()
     assert shipped is not None and shipped.name == "default", "the trained default checkpoint must ship"

@@ -80,6 +80,13 @@ def test_bad_values_name_the_variable(clean_env: pytest.MonkeyPatch, name: str, 
     assert message in str(e.value)
 
 
+def test_check_all_reads_every_setting(clean_env: pytest.MonkeyPatch) -> None:
+    envs.check_all()  # the defaults parse
+    clean_env.setenv("LORAGEN_PIN_LEASE_S", "1e300")
+    with pytest.raises(envs.InvalidSetting, match=r"\$LORAGEN_PIN_LEASE_S must be a number > 0"):
+        envs.check_all()
+
+
 def test_a_misspelt_setting_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError):
         envs.LORAGEN_SEEDS  # noqa: B018
