@@ -752,6 +752,7 @@ all_tasks)
   run $sft $PY -m generator.training.sft --out "$CK/$sft" "${common[@]}"
   run ${sft}_s1 $PY -m generator.training.sft --out "$CK/${sft}_s1" "${common[@]}" --seed 1
   waitall
+  mkdir -p "$WORK/configs"
   for r in $sft ${sft}_s1; do tail -n 3 "$WORK/train_$r.log"
     [ -f "$CK/$r/probe.jsonl" ] && cp "$CK/$r/probe.jsonl" "$WORK/configs/${r}_probe.jsonl"; done
   all_tasks_archive
