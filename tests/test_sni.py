@@ -138,6 +138,22 @@ def test_table_scores_from_generation_files(tasks, tmp_path):
     zs = q["rows"]["loragen"]["test"]
     assert zs["tasks"] == 1 and zs["relative_to_oracle"]["exact_match"] == pytest.approx(expected, abs=0.1)
     assert q["rows"]["loragen"]["in_distribution"] is None  # none of its tasks evaluated
+    assert merge_rows(None, [tmp_path], by, splits)["rows"].keys() == {"oracle", "loragen"}  # a folder: its files
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "oracle.jsonl").write_text((tmp_path / "oracle.jsonl").read_text())
+    with pytest.raises(ValueError, match="row 'oracle' is in .* both score"):  # would replace the first silently
+        merge_rows(None, [tmp_path, tmp_path / "again"], by, splits)
+    other = splits.validation[0]  # the row's validation set, made apart, joins its test set
+    _, val = split_instances(by[other])
+    write_row(tmp_path / "again" / "oracle.jsonl", {"row": "oracle", "commit": "c", "machine": "m", "date": "d",
+              "command": "x"}, [Prompt(other, i, "0", []) for i in range(len(val))], [x.outputs[0] for x in val])
+    joined = merge_rows(None, [tmp_path / "oracle.jsonl", tmp_path / "again"], by, splits)["rows"]["oracle"]
+    assert joined["per_task"].keys() == {name, other} and joined["validation"]["exact_match"] == 100.0
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no generation files"):
+        merge_rows(None, [tmp_path / "empty"], by, splits)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        merge_rows(None, [tmp_path / "nowhere"], by, splits)
 
 
 def _validation_row(folder: Path, by: dict, name: str, correct: dict[str, bool], **meta_extra) -> None:

@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     g.add_argument("--redo", action="store_true", help="regenerate rows whose file exists")
     s = sub.add_parser("score", help="metrics of generation files, merged into quality.json/.md/.png")
     s.add_argument("--tasks", required=True)
-    s.add_argument("--generations", nargs="+", required=True)
+    s.add_argument("--generations", nargs="+", required=True, help="generation files (*.jsonl) or folders of them")
     s.add_argument("--results", default="benchmarks/results")
     s.add_argument("--stem", default="quality", help="output file names (<stem>.json/.md/.png)")
     s.add_argument("--fresh", action="store_true", help="do not merge into the existing <stem>.json")

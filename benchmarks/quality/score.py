@@ -150,13 +150,43 @@ def aggregate(rows: dict[str, dict], tasks: dict[str, Task], splits: TaskSplits)
     return rows
 
 
-def merge_rows(existing: dict | None, files: Sequence[str | Path], tasks: dict[str, Task], splits: TaskSplits) -> dict:
-    """quality.json content: rows of `existing` plus (replacing) the rows of the generation files."""
+def generation_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The generation files named: a file as is, a folder's *.jsonl in name order."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob("*.jsonl"))
+            if not found:
+                raise ValueError(f"{p}: a folder with no generation files (*.jsonl)")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such generation file or folder")
+    return files
+
+
+def merge_rows(existing: dict | None, paths: Sequence[str | Path], tasks: dict[str, Task], splits: TaskSplits) -> dict:
+    """quality.json content: rows of `existing` plus (replacing) the rows of the generation files
+    (`paths`: files or folders of them). Files of one row (its validation and test sets, made
+    apart) join if they score disjoint tasks with one generator; files that overlap or disagree on
+    the generator are refused rather than one silently replacing the other."""
     rows = dict((existing or {}).get("rows", {}))
-    for f in files:
+    seen: dict[str, Path] = {}
+    for f in generation_files(paths):
         meta, answers = read_row(f)
-        rows[meta["row"]] = {"label": row_label(meta["row"]), "meta": meta,
-                             "per_task": score_answers(answers, tasks)}
+        per_task = score_answers(answers, tasks)
+        name = meta["row"]
+        if name in seen:
+            first = rows[name]
+            both = sorted(first["per_task"].keys() & per_task.keys())
+            if both or first["meta"].get("fingerprint") != meta.get("fingerprint"):
+                why = f"both score {both[0]}" if both else "they name different generators"
+                raise ValueError(f"row {name!r} is in {seen[name]} and {f} and {why}: score them apart (--stem)")
+            first["per_task"].update(per_task)
+            continue
+        seen[name] = f
+        rows[name] = {"label": row_label(name), "meta": meta, "per_task": per_task}
     order = [r for r in ROW_LABELS if r in rows] + [r for r in rows if r not in ROW_LABELS]
     rows = aggregate({r: rows[r] for r in order}, tasks, splits)
     return {
