@@ -5,14 +5,11 @@ tests/test_serve.py.)"""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import multiprocessing as mp
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +34,7 @@ from loragen_vllm.plugin import (
 )
 from loragen_vllm.store import AdapterStore
 from tests.fixtures_serving import break_weights
+from tests.procs import key_lock_held_elsewhere
 
 DESC = "Classify the sentiment of a movie review as positive or negative."
 
@@ -271,29 +269,6 @@ def test_a_client_that_gives_up_is_not_generated_for(own_ckpt: Path, tmp_path: P
     asyncio.run(main())
     assert resolver.backend.passes == 0 and resolver.store.keys() == []
     assert not any((resolver.store.root / "pins").iterdir())
-
-
-def _hold_key_lock(root: str, key: str, ready) -> None:
-    store = AdapterStore(root)
-    with store.key_lock(key):
-        ready.set()
-        time.sleep(120)
-
-
-@contextlib.contextmanager
-def key_lock_held_elsewhere(root: Path, key: str) -> Iterator[mp.Process]:
-    """Another process holding ``key``'s store lock while the block runs (it yields that process)."""
-    ctx = mp.get_context("fork")
-    ready = ctx.Event()
-    holder = ctx.Process(target=_hold_key_lock, args=(str(root), key, ready), daemon=True)
-    holder.start()
-    try:
-        assert ready.wait(30)
-        yield holder
-    finally:
-        os.kill(holder.pid, signal.SIGCONT)  # if the block stopped it
-        holder.kill()
-        holder.join()
 
 
 def test_a_key_lock_held_by_a_stopped_process_is_503_within_the_deadline(own_ckpt: Path, tmp_path: Path) -> None:

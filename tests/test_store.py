@@ -5,7 +5,6 @@ stability, integrity checks, kill -9 at every step of the publish path and at ra
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
 import os
 import re
 import signal
@@ -30,9 +29,9 @@ from loragen_vllm.errors import (
 from loragen_vllm.processes import HOST, PID_SPACE
 from loragen_vllm.store import AdapterStore, NewAdapter, StoredAdapter
 from loragen_vllm.store_meta import META_FILE
+from tests.procs import PROCS, key_lock_held_elsewhere
 
 FP = "f" * 64  # a generator fingerprint
-PROCS = mp.get_context("fork")  # real processes, started fast (no re-imports); Linux
 
 
 def adapter_files(tag: str, size: int = 4096) -> dict[str, bytes]:
@@ -688,14 +687,6 @@ def test_gc_removes_unfinished_publishes_of_dead_processes(tmp_path):
 # Bounded waits and a full disk
 
 
-def _lock_holder_worker(root, key, ready):
-    """Holds ``key``'s lock, then waits (the test stops it with SIGSTOP: a hung server)."""
-    store = AdapterStore(root, max_adapters=None, max_bytes=None)
-    with store.key_lock(key):
-        ready.set()
-        time.sleep(120)
-
-
 def _try_key_lock(root, key, out):
     try:
         with AdapterStore(root, lock_timeout_s=2).key_lock(key):
@@ -751,17 +742,13 @@ def test_a_key_lock_held_by_a_stopped_process_is_a_503_within_the_deadline(tmp_p
         if not keys or k[:3] == next(iter(keys.values()))[:3]:
             keys[f"task {i - 1}"] = k
     (held_desc, held), (other_desc, other) = list(keys.items())[:2]
-    ready = PROCS.Event()
-    holder = PROCS.Process(target=_lock_holder_worker, args=(str(tmp_path), held, ready), daemon=True)
-    holder.start()
-    try:
-        assert ready.wait(30)
+    made = []
+
+    def make(desc):
+        return lambda: made.append(desc) or NewAdapter(adapter_files(desc), desc, FP, 0, "t2l")
+
+    with key_lock_held_elsewhere(tmp_path, held) as holder:
         os.kill(holder.pid, signal.SIGSTOP)
-        made = []
-
-        def make(desc):
-            return lambda: made.append(desc) or NewAdapter(adapter_files(desc), desc, FP, 0, "t2l")
-
         t0 = time.monotonic()
         with pytest.raises(LockTimeout) as busy:
             store.get_or_create(held, make(held_desc), pin=True, deadline=time.monotonic() + 1.0)
@@ -776,10 +763,6 @@ def test_a_key_lock_held_by_a_stopped_process_is_a_503_within_the_deadline(tmp_p
         assert generated and stored.key == other and time.monotonic() - t0 < 0.5
         with pytest.raises(LockTimeout):  # pins wait at most the store's lock deadline
             store.pin(held)
-    finally:
-        os.kill(holder.pid, signal.SIGCONT)
-        holder.kill()
-        holder.join()
     stored, generated = store.get_or_create(held, make(held_desc))  # the holder died: free again
     assert generated and made == [other_desc, held_desc]
 
