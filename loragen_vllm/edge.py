@@ -18,7 +18,9 @@ things, each in one place:
 * **Inputs.** On chat and completions, a raw ``model`` field longer than
   ``LORAGEN_MAX_MODEL_BYTES`` (UTF-8, before normalisation) is a 400, and so is any other
   invalid description (`validate_description`: control and format/bidi characters, empty, too
-  long after normalisation). vLLM never sees, keeps, echoes or lists such a name.
+  long after normalisation). vLLM never sees, keeps, echoes or lists such a name. The edge reads
+  those bodies whole (to look at ``model``) and refuses one over ``LORAGEN_MAX_BODY_BYTES``
+  with a 413, from its Content-Length before reading or as soon as the bytes read pass it.
 * **Listing.** ``/v1/models`` lists the served base model only (resolved descriptions are
   other clients' requests; ``LORAGEN_LIST_DESCRIPTIONS=1`` lists them too), and never a
   filesystem path: vLLM puts the model folder and the adapters' store paths in ``root``.
@@ -189,6 +191,7 @@ class EdgeGuard:
         self.base_models = frozenset(envs.LORAGEN_SERVED_MODEL_NAMES)
         self.max_model_bytes = envs.LORAGEN_MAX_MODEL_BYTES
         self.max_chars = envs.LORAGEN_MAX_DESCRIPTION_CHARS
+        self.max_body_bytes = envs.LORAGEN_MAX_BODY_BYTES
         self.admin_key = envs.LORAGEN_ADMIN_KEY
         self.list_descriptions = envs.LORAGEN_LIST_DESCRIPTIONS
         self.lora_modules = frozenset(envs.LORAGEN_LORA_MODULES)  # empty: vLLM's LoRA on every layer
@@ -221,6 +224,19 @@ class EdgeGuard:
         else:
             await self.app(scope, receive, send)
 
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The request body, or None when there is none to pass on: the client went away, or
+        the body is over ``LORAGEN_MAX_BODY_BYTES`` (then answered 413 here)."""
+        length = _content_length(scope)
+        try:
+            if length is not None and length > self.max_body_bytes:
+                raise BodyTooLarge
+            return await _read_body(receive, self.max_body_bytes)
+        except BodyTooLarge:
+            await _error(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                         f"request body over {self.max_body_bytes} bytes (LORAGEN_MAX_BODY_BYTES)")
+            return None
+
     def _is_admin(self, scope: Scope) -> bool:
         if not self.admin_key:
             return False
@@ -234,7 +250,7 @@ class EdgeGuard:
         are all on layers vLLM applies LoRA to (``LORAGEN_LORA_MODULES``, set by ``serve``, with
         vLLM's packed layers: `lora_layers`), read from its ``adapter_model.safetensors``;
         vLLM would load any other adapter and serve it without the rest."""
-        body = await _read_body(receive)
+        body = await self._read_body(scope, receive, send)
         if body is None:
             return
         try:
@@ -265,7 +281,7 @@ class EdgeGuard:
         await self.app(scope, _replay_body(body, receive), send)
 
     async def _generate(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await _read_body(receive)
+        body = await self._read_body(scope, receive, send)
         if body is None:
             return
         try:
@@ -357,21 +373,40 @@ class EdgeGuard:
         return wrapped
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or None if the client went away first."""
-    chunks, more = [], True
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body; None if the client went away first; `BodyTooLarge` once more than
+    ``limit`` bytes arrived (the rest is not read)."""
+    chunks, more, size = [], True, 0
     while more:
         message = await receive()
         if message["type"] != "http.request":
             return None
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
         more = message.get("more_body", False)
     return b"".join(chunks)
 
 
+class BodyTooLarge(Exception):
+    """A request body over the edge's limit (``LORAGEN_MAX_BODY_BYTES``)."""
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the server (h11) refuses a malformed one before the app sees it
+    return None
+
+
 async def _error(send: Send, status: HTTPStatus, message: str) -> None:
     type_ = {HTTPStatus.FORBIDDEN: "PermissionDeniedError", HTTPStatus.NOT_FOUND: "NotFoundError",
-             HTTPStatus.BAD_REQUEST: "BadRequestError"}[status]
+             HTTPStatus.BAD_REQUEST: "BadRequestError", HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "BadRequestError"}[status]
     await _send_json(send, status, {"error": {"message": message, "type": type_, "param": None,
                                               "code": status.value}})
 

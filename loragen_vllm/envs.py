@@ -208,6 +208,10 @@ SETTINGS: dict[str, Setting] = {
         Setting("LORAGEN_MAX_MODEL_BYTES", "4096", _integer(1),
                 "longest raw `model` field accepted, in UTF-8 bytes, before normalisation; longer is "
                 "400 (the name vLLM keeps, echoes and lists is never longer)"),
+        Setting("LORAGEN_MAX_BODY_BYTES", str(16 << 20), _integer(1),
+                "largest request body the edge reads (chat and text completions, an admin's adapter "
+                "load); larger is 413, refused on its Content-Length before it is read, or once "
+                "the bytes read pass the limit"),
         Setting("LORAGEN_ADMIN_KEY", "", _optional_text,
                 "admin key (`serve --admin-key`): unset, vLLM's admin routes (runtime LoRA "
                 "load/unload, ...) answer 403/404; set, they answer requests whose "
@@ -256,6 +260,7 @@ if TYPE_CHECKING:  # the attributes `__getattr__` provides, with their types
     LORAGEN_RAY_FINGERPRINT_TTL_S: float
     LORAGEN_SERVED_MODEL_NAMES: tuple[str, ...]
     LORAGEN_MAX_MODEL_BYTES: int
+    LORAGEN_MAX_BODY_BYTES: int
     LORAGEN_ADMIN_KEY: str | None
     LORAGEN_LORA_MODULES: tuple[str, ...]
     LORAGEN_LIST_DESCRIPTIONS: bool

@@ -17,7 +17,8 @@ body of `POST /v1/chat/completions` whose `model` is a description (not the serv
   `benchmarks/results/quality_label_choice_served.md`, `quality_stated_labels.md`.
 
 Anything else passes through unchanged: other routes, bodies that are not a JSON object, invalid
-descriptions (the resolver answers those with 400), and bodies over `MAX_BODY_BYTES`.
+descriptions (the resolver answers those with 400), and bodies over `LORAGEN_MAX_BODY_BYTES`
+(which `EdgeGuard`, outside this middleware in `serve`, refuses before they get here).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 CHAT_PATH = "/v1/chat/completions"
-MAX_BODY_BYTES = 8 << 20  # larger bodies are passed on untouched
 
 
 # Request fields by which a client constrains the answer itself: label choice leaves those alone.
@@ -91,6 +91,7 @@ class DescriptionChat:
         self.base_models = set(envs.LORAGEN_SERVED_MODEL_NAMES)
         self.system_prompt = envs.LORAGEN_DESCRIPTION_SYSTEM_PROMPT
         self.label_choice = envs.LORAGEN_LABEL_CHOICE
+        self.max_body_bytes = envs.LORAGEN_MAX_BODY_BYTES  # larger bodies are passed on untouched
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") != CHAT_PATH:
@@ -107,7 +108,7 @@ class DescriptionChat:
             size += len(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        if size <= MAX_BODY_BYTES:
+        if size <= self.max_body_bytes:
             body = shape_chat(body, self.base_models, self.system_prompt, self.label_choice)
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))

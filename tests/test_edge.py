@@ -85,7 +85,8 @@ def vllm_like_app(seen: list) -> FastAPI:
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.setenv("LORAGEN_SERVED_MODEL_NAMES", BASE)
-    for name in ("LORAGEN_ADMIN_KEY", "LORAGEN_LIST_DESCRIPTIONS", "LORAGEN_MAX_MODEL_BYTES", "LORAGEN_LORA_MODULES"):
+    for name in ("LORAGEN_ADMIN_KEY", "LORAGEN_LIST_DESCRIPTIONS", "LORAGEN_MAX_MODEL_BYTES", "LORAGEN_LORA_MODULES",
+                 "LORAGEN_MAX_BODY_BYTES"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -102,6 +103,49 @@ def test_routes_closed_unless_the_admin_key_is_set_and_sent(env: pytest.MonkeyPa
     assert client.post("/v1/load_lora_adapter", headers={"X-LoRAGen-Admin-Key": "wrong"}).status_code == 403
     assert client.post("/v1/load_lora_adapter", headers={"X-LoRAGen-Admin-Key": "s3cret"}).json() == {"loaded": True}
     assert client.post("/tokenize", headers={"x-loragen-admin-key": "s3cret"}).status_code == 200
+
+
+def test_a_body_over_the_limit_is_413_and_never_read_whole(env: pytest.MonkeyPatch) -> None:
+    """The edge reads chat bodies whole to check `model`: one over LORAGEN_MAX_BODY_BYTES is a 413,
+    refused on its Content-Length, or while streamed without one once the bytes read pass the limit;
+    vLLM never sees it. A body at the limit passes."""
+    env.setenv("LORAGEN_MAX_BODY_BYTES", "1000")
+    seen: list = []
+    app = vllm_like_app(seen)
+    client = TestClient(app)
+
+    def chat(n: int) -> dict:
+        return {"model": "A task.", "messages": [{"role": "user", "content": "x" * n}]}
+
+    at_limit = json.dumps(chat(0)).encode()
+    at_limit = json.dumps(chat(1000 - len(at_limit))).encode()
+    assert len(at_limit) == 1000 and client.post("/v1/chat/completions", content=at_limit).status_code == 200
+    r = client.post("/v1/chat/completions", content=at_limit + b" ")
+    assert r.status_code == 413 and "over 1000 bytes (LORAGEN_MAX_BODY_BYTES)" in r.json()["error"]["message"]
+    assert len(seen) == 1
+
+    reads: list[int] = []  # chunks a streamed body (no Content-Length) gave the edge
+
+    async def streamed() -> list[dict]:
+        sent: list[dict] = []
+        chunks = iter([b"{" + b" " * 399] * 100)  # 40 kB, 400 bytes a chunk
+
+        async def receive() -> dict:
+            reads.append(1)
+            return {"type": "http.request", "body": next(chunks), "more_body": True}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [], "root_path": ""}
+        await EdgeGuard(app)(scope, receive, send)
+        return sent
+
+    sent = asyncio.run(streamed())
+    assert sent[0]["status"] == 413 and len(reads) == 3 and len(seen) == 1  # stopped at the third chunk
+    env.setenv("LORAGEN_MAX_BODY_BYTES", "0")
+    with pytest.raises(ValueError, match="LORAGEN_MAX_BODY_BYTES"):
+        EdgeGuard(app)
 
 
 def test_admin_load_of_an_adapter_with_other_modules_is_refused(env: pytest.MonkeyPatch, tmp_path) -> None:

@@ -417,6 +417,17 @@ def test_a_5mb_model_field_is_a_400_within_a_second(vllm_server: ServerProcess) 
     assert "Summarise the text. " not in vllm_server.log()  # never reached vLLM's resolver
 
 
+def test_a_body_over_16_mib_is_a_413_before_it_is_read(vllm_server: ServerProcess) -> None:
+    """The edge reads chat bodies whole; one over LORAGEN_MAX_BODY_BYTES (16 MiB) is refused on its
+    Content-Length, and the server goes on serving."""
+    content = "x" * (16 << 20)
+    r = httpx.post(f"{vllm_server.url}/v1/chat/completions", timeout=TIMEOUT,
+                   json={"model": "Summarise the text.", "messages": [{"role": "user", "content": content}]})
+    assert r.status_code == 413, r.text[:300]
+    assert "LORAGEN_MAX_BODY_BYTES" in r.json()["error"]["message"]
+    assert httpx.get(f"{vllm_server.url}/health", timeout=TIMEOUT).status_code == 200
+
+
 def test_a_bidi_control_in_the_description_is_a_400(vllm_server: ServerProcess) -> None:
     r = chat(vllm_server, "Classify the sentiment \u202eof a review.")
     assert r.status_code == 400, r.text
