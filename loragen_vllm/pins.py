@@ -99,15 +99,15 @@ class PinBoard:
             return os.getpid(), f"{os.getpid()}@{HOST}.{_own_token()}"
         return int(holder), f"{int(holder)}@{HOST}"
 
-    def pin(self, key: str, holder: int | None = None) -> None:
+    def pin(self, key: str, holder: int | None = None, timeout: float | None = None) -> None:
         """Pin ``key`` for process ``holder`` (default: this process, renewed while it runs).
 
         Raises OSError (ENOSPC ...) if the pin cannot be written, TimeoutError if the key's
-        lock stays held past the store's lock deadline.
+        lock stays held past ``timeout`` seconds (None: the store's lock deadline).
         """
         pid, name = self._holder_name(holder)
         record = _PinRecord(pid=pid, host=HOST, created=datetime.now(timezone.utc))
-        with self._key_lock(key):
+        with self._key_lock(key, timeout=timeout):
             d = self.folder / key
             d.mkdir(exist_ok=True)
             tmp = d / f".{name}.{secrets.token_hex(4)}"

@@ -718,17 +718,18 @@ class AdapterStore:
 
     # -- pins ---------------------------------------------------------------------------------
 
-    def pin(self, key: str, holder: int | None = None) -> None:
+    def pin(self, key: str, holder: int | None = None, timeout: float | None = None) -> None:
         """Mark ``key`` as possibly (re)loaded by process ``holder`` (default: this process,
         renewed while it runs; another holder's pin lasts one lease). Raises OSError if it
-        cannot be written, `LockTimeout` if the key's lock stays busy."""
-        self._pins.pin(_check_key(key), holder)
+        cannot be written, `LockTimeout` if the key's lock stays busy past ``timeout`` seconds
+        (None: ``lock_timeout_s``)."""
+        self._pins.pin(_check_key(key), holder, timeout)
 
-    def try_pin(self, key: str) -> bool:
+    def try_pin(self, key: str, timeout: float | None = None) -> bool:
         """`pin` for this process, but a pin that cannot be written (disk full, read-only
         store) is logged and skipped: serving a stored adapter never needs a write."""
         try:
-            self.pin(key)
+            self.pin(key, timeout=timeout)
         except (OSError, StoreFull) as e:
             if isinstance(e, TimeoutError):
                 raise

@@ -1,4 +1,4 @@
-"""Real processes for the tests, and one that holds a store key's lock.
+"""Real processes for the tests, and one that holds store keys' locks.
 
 They fork from a clean single-threaded server (multiprocessing's forkserver) that has the store's
 modules imported, so they start in milliseconds. Forking the pytest process itself is unsafe
@@ -24,20 +24,22 @@ PROCS = mp.get_context("forkserver")
 PROCS.set_forkserver_preload(["pytest", "msgspec", "loragen_vllm.store", "loragen_vllm.errors", __name__])
 
 
-def hold_key_lock(root: str, key: str, ready) -> None:
-    """Hold ``key``'s lock in store ``root`` and wait (a test may SIGSTOP it: a hung server)."""
+def hold_key_locks(root: str, keys: list[str], ready) -> None:
+    """Hold the locks of ``keys`` in store ``root`` and wait (a test may SIGSTOP it: a hung server)."""
     store = AdapterStore(root, max_adapters=None, max_bytes=None)
-    with store.key_lock(key):
+    with contextlib.ExitStack() as held:
+        for key in keys:
+            held.enter_context(store.key_lock(key))
         ready.set()
         time.sleep(120)
 
 
 @contextlib.contextmanager
-def key_lock_held_elsewhere(root: Path, key: str) -> Iterator:
-    """Another process holding ``key``'s lock in store ``root`` while the block runs (it yields
-    that process); killed after, stopped or not."""
+def key_lock_held_elsewhere(root: Path, *keys: str) -> Iterator:
+    """Another process holding the locks of ``keys`` in store ``root`` while the block runs (it
+    yields that process); killed after, stopped or not."""
     ready = PROCS.Event()
-    holder = PROCS.Process(target=hold_key_lock, args=(str(root), key, ready), daemon=True)
+    holder = PROCS.Process(target=hold_key_locks, args=(str(root), list(keys), ready), daemon=True)
     holder.start()
     try:
         assert ready.wait(30), "the lock holder did not start"

@@ -289,6 +289,41 @@ def test_a_key_lock_held_by_a_stopped_process_is_503_within_the_deadline(own_ckp
     assert resolver.backend.passes == 1  # the held key was never generated
 
 
+def test_stored_adapters_whose_locks_are_held_elsewhere_do_not_hold_up_other_lookups(
+        own_ckpt: Path, tmp_path: Path) -> None:
+    """Another server process generating 8 keys holds their locks: lookups of those keys (as
+    many as the resolver's 8 store threads) must not wait out the store's lock deadline in those
+    threads, or the lookup of a 9th, free stored adapter queues behind them past its deadline."""
+    names = [f"Task number {i} of a stalled store." for i in range(9)]
+    made = make_resolver(own_ckpt, tmp_path / "store")
+
+    async def resolve_all(resolver: LoRAGenResolver, descriptions: list[str]) -> list:
+        return list(await asyncio.gather(*(resolver.resolve_lora("base", d) for d in descriptions),
+                                         return_exceptions=True))
+
+    assert all(isinstance(r, LoRARequest) for r in asyncio.run(resolve_all(made, names)))
+    keys = [made.store.key(n, made.backend.fingerprint, 0) for n in names]
+    # A fresh server on the same store: lock waits of 30 s, a 3 s request deadline.
+    resolver = LoRAGenResolver(PluginConfig(generator=str(own_ckpt), generate_timeout_s=3.0),
+                               store=AdapterStore(tmp_path / "store", lock_timeout_s=30),
+                               backend=InProcessBackend(own_ckpt))
+
+    async def main() -> tuple[list, object, float]:
+        held = asyncio.ensure_future(resolve_all(resolver, names[:8]))
+        await asyncio.sleep(0.3)  # their lookups have started
+        t0 = time.monotonic()
+        [free] = await resolve_all(resolver, names[8:])
+        took = time.monotonic() - t0
+        return await held, free, took
+
+    with key_lock_held_elsewhere(tmp_path / "store", *keys[:8]) as holder:
+        os.kill(holder.pid, signal.SIGSTOP)
+        held, free, took = asyncio.run(main())
+    assert isinstance(free, LoRARequest) and took < 1.0, f"{free!r} after {took:.2f} s"
+    assert [vllm_status(e)[0] for e in held] == [503] * 8  # waited for on the miss path, to the deadline
+    assert resolver.backend.passes == 0  # nothing was generated again
+
+
 def test_a_pin_that_cannot_be_dropped_now_ends_with_its_lease(own_ckpt: Path, tmp_path: Path) -> None:
     """Forgetting a name whose key lock another process holds cannot remove the pin file now:
     the pin is no longer renewed (nor spared by this process's gc), so it ends with its lease."""
