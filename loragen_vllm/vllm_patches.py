@@ -119,8 +119,10 @@ class BoundedLoRARequests(MutableMapping[str, V]):
 class LockTable(dict):
     """``defaultdict(asyncio.Lock)`` that drops idle locks once it holds ``max_entries``.
 
-    Stands in for ``OpenAIServingModels.lora_resolver_lock``. Only locks nobody holds are
-    dropped; a request that then asks for the name gets a fresh lock.
+    Stands in for ``OpenAIServingModels.lora_resolver_lock``. Only locks nobody holds or waits
+    for are dropped (a lock just released still has its next holder waking up: dropping it then
+    would let a later request for the name take a fresh lock beside it); a request that then
+    asks for the name gets a fresh lock.
     """
 
     def __init__(self, max_entries: int) -> None:
@@ -129,7 +131,7 @@ class LockTable(dict):
 
     def __missing__(self, name: str) -> asyncio.Lock:
         if len(self) >= self.max_entries:
-            for idle in [n for n, lock in self.items() if not lock.locked()]:
+            for idle in [n for n, lock in self.items() if not lock.locked() and not getattr(lock, "_waiters", None)]:
                 del self[idle]
         lock = self[name] = asyncio.Lock()
         return lock

@@ -36,6 +36,14 @@ def test_lock_table_drops_only_idle_locks() -> None:
         for i in range(10):
             locks[f"n{i}"]
         assert len(locks) <= 5 and locks["held"] is held
+        waiter = asyncio.ensure_future(held.acquire())  # a second request for the name waits
+        await asyncio.sleep(0)
+        held.release()  # unlocked now, and the waiter not yet woken: the lock is still in use
+        for i in range(10, 20):
+            locks[f"n{i}"]
+        assert locks["held"] is held
+        await waiter
+        assert held.locked()
         held.release()
 
     asyncio.run(main())
