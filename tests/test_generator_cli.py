@@ -71,6 +71,10 @@ def test_interrupted_training_resumes_to_the_same_weights(synthetic_library, tmp
     with pytest.raises(KeyboardInterrupt):
         train_t2l(data, tmp_path / "cut", small, cfg, progress=False, callback=stop_at_6)
     assert (tmp_path / "cut" / STATE_FILE).is_file()
+    retrained = load_training_data(synthetic_library)  # same tasks and descriptions, other oracle weights
+    retrained.B = {m: b + 0.01 for m, b in retrained.B.items()}
+    with pytest.raises(ValueError, match="belongs to a different training run"):
+        train_t2l(retrained, tmp_path / "cut", small, cfg, progress=False, resume=True)
     resumed = train_t2l(data, tmp_path / "cut", small, cfg, progress=False, resume=True)
     assert resumed.fingerprint == full.fingerprint
 

@@ -14,6 +14,7 @@ finished checkpoint is `<out>/config.json` + `<out>/model.safetensors`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -50,6 +51,17 @@ class TrainingData:
     @property
     def num_tasks(self) -> int:
         return len(self.task_names)
+
+    def digest(self) -> str:
+        """sha256 of the library's content (factors, descriptions, task names): part of a run's
+        identity, so that a resume never continues on an oracle library retrained meanwhile."""
+        h = hashlib.sha256()
+        for name, ts in (("A", self.A), ("B", self.B)):
+            for module in sorted(ts):
+                h.update(f"{name}:{module}:{tuple(ts[module].shape)}\x00".encode())
+                h.update(ts[module].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        h.update("\x00".join(self.task_names + ["--"] + self.descriptions).encode())
+        return h.hexdigest()
 
     def to(self, device: str | torch.device) -> "TrainingData":
         """The same data with its tensors on `device` (training runs where the data is)."""
@@ -198,13 +210,15 @@ class TrainingRun:
 
 def run_identity(
     kind: str, target: TargetSpec, configs: dict, cfg: TrainConfig, tasks: Sequence[str], num_descriptions: int,
+    data: str | None = None,
 ) -> dict[str, Any]:
-    """What makes a run itself: a resume continues only a state written with the same identity."""
+    """What makes a run itself: a resume continues only a state written with the same identity.
+    ``data``: a digest of the training data's content (`TrainingData.digest`), where it has one."""
     train = cfg.to_dict()
     train.pop("checkpoint_every", None)
     train.pop("num_threads", None)
     return json.loads(json.dumps({"kind": kind, "target": target.to_dict(), "configs": configs, "train": train,
-                                  "tasks": list(tasks), "num_descriptions": num_descriptions}))
+                                  "tasks": list(tasks), "num_descriptions": num_descriptions, "data": data}))
 
 
 def train_t2l(
@@ -220,7 +234,7 @@ def train_t2l(
     configs = {"t2l": model_cfg.to_dict()}
     model = build_model("t2l", data.target, configs).to(data.cond.device)
     model.standardizer.fit(data.A, data.B)
-    identity = run_identity("t2l", data.target, configs, cfg, data.task_names, len(data.descriptions))
+    identity = run_identity("t2l", data.target, configs, cfg, data.task_names, len(data.descriptions), data.digest())
     run = TrainingRun("t2l", Path(out), identity, resume, progress, callback)
 
     def step_fn(g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
@@ -266,7 +280,7 @@ def train_loragen(
         if callback is not None:
             callback(stage, step)
 
-    identity = run_identity("loragen", data.target, configs, cfg, data.task_names, len(data.descriptions))
+    identity = run_identity("loragen", data.target, configs, cfg, data.task_names, len(data.descriptions), data.digest())
     run = TrainingRun("loragen", Path(out), identity, resume, progress, on_step)
     order = ["lae", "dit"]
 
