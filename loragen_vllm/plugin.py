@@ -31,6 +31,7 @@ use, so only the API server opens them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import concurrent.futures
 import logging
 import threading
@@ -214,8 +215,10 @@ class LoRAGenResolver(LoRAResolver):
                 del self._resolving[key]
                 if key not in self._holders:  # failed, or superseded by a new fingerprint's key
                     done = self._unpin_later(key)
-                    if done is not None:
-                        await done
+                    if done is not None:  # settled before the answer, unless the deadline comes first
+                        # (it waits for the key's lock, which the process we timed out on may hold)
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(asyncio.shield(done), max(0.0, deadline - time.monotonic()))
 
     async def _get_or_generate(self, key: str, description: str, gen: _Generation) -> StoredAdapter:
         loop = asyncio.get_running_loop()

@@ -308,19 +308,22 @@ def test_stored_adapters_whose_locks_are_held_elsewhere_do_not_hold_up_other_loo
                                store=AdapterStore(tmp_path / "store", lock_timeout_s=30),
                                backend=InProcessBackend(own_ckpt))
 
-    async def main() -> tuple[list, object, float]:
+    async def main() -> tuple[list, float, object, float]:
+        t_held = time.monotonic()
         held = asyncio.ensure_future(resolve_all(resolver, names[:8]))
         await asyncio.sleep(0.3)  # their lookups have started
         t0 = time.monotonic()
         [free] = await resolve_all(resolver, names[8:])
         took = time.monotonic() - t0
-        return await held, free, took
+        answers = await held
+        return answers, time.monotonic() - t_held, free, took
 
     with key_lock_held_elsewhere(tmp_path / "store", *keys[:8]) as holder:
         os.kill(holder.pid, signal.SIGSTOP)
-        held, free, took = asyncio.run(main())
+        held, held_took, free, took = asyncio.run(main())
     assert isinstance(free, LoRARequest) and took < 1.0, f"{free!r} after {took:.2f} s"
     assert [vllm_status(e)[0] for e in held] == [503] * 8  # waited for on the miss path, to the deadline
+    assert held_took < 3.0 + 1.5, f"the 503s came {held_took:.1f} s after the requests (deadline 3 s)"
     assert resolver.backend.passes == 0  # nothing was generated again
 
 
