@@ -113,7 +113,14 @@ def test_report_ratios_and_targets_on_synthetic_phases():
     assert steady["met"] is False                                     # 2.0/2.2 = 0.909 < 0.95
     mixed = [c for c in checks.values() if c["target"].startswith("mixed")]
     assert len(mixed) == 1 and "16 clients" in mixed[0]["target"]    # no 64-client level here
-    assert mixed[0]["measured"] == pytest.approx(1.0) and mixed[0]["met"] is True  # same tokens, same wall
+    assert mixed[0]["measured"] == pytest.approx(1.0)  # same tokens, same wall
+    # ... but one request of each arm failed there: no verdict (the answered ones' numbers only)
+    assert mixed[0]["met"] is None and mixed[0]["void"] == "requests failed in mixed_generated@16 (1), mixed_oracle@16 (1)"
+    assert cold.get("void") is None and warm.get("void") is None
+    phases[5]["records"][-1] = _rec("generated_burst", "b31", None, error="APIConnectionError")  # the slowest fails
+    summary = summarize_phases(phases)
+    burst = next(c for c in check_targets(summary, by_name) if "concurrent new" in c["target"])
+    assert burst["met"] is None and "generated_burst (1)" in burst["void"]
 
 
 def test_server_timings_attach_to_the_generating_request(tmp_path):
@@ -201,6 +208,43 @@ def test_sigint_stops_at_the_running_phase(swallow: bool) -> None:
     done, stopped = asyncio.run(main())
     assert stopped and done == ["quick"]
     assert ran == (["quick", "long", "swallowed"] if swallow else ["quick", "long"])
+
+
+def test_a_failing_phase_ends_the_run_and_keeps_the_phases_before_it() -> None:
+    import asyncio
+
+    from benchmarks.serving.scenarios import run_phases
+
+    ran: list[str] = []
+
+    async def fine() -> None:
+        ran.append("fine")
+
+    async def broken() -> None:
+        raise ValueError("concurrency must be >= 1, got 0")
+
+    async def never() -> None:
+        ran.append("never")
+
+    async def main(failed: list[dict] | None) -> tuple[list[str], bool]:
+        stop = asyncio.Event()
+        return await run_phases([("fine", fine), ("broken", broken), ("never", never)], stop, failed), stop.is_set()
+
+    failed: list[dict] = []
+    assert asyncio.run(main(failed)) == (["fine"], True) and ran == ["fine"]
+    assert failed == [{"phase": "broken", "error": "ValueError: concurrency must be >= 1, got 0"}]
+    with pytest.raises(ValueError):  # without a list to record it in, the error propagates
+        asyncio.run(main(None))
+
+
+@pytest.mark.parametrize("bad", [["--burst-size", "0"], ["--mixed-concurrency", "16,16"], ["--skip", "singel"],
+                                 ["--mixed-new-share", "1.5"], ["--n-single", "-1"], ["--timeout", "inf"]])
+def test_bad_counts_are_usage_errors(bad: list[str], capsys: pytest.CaptureFixture) -> None:
+    from benchmarks.serving.__main__ import run_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        run_parser().parse_args(["--start-server", *bad])
+    assert exit_.value.code == 2 and bad[0] in capsys.readouterr().err
 
 
 def test_the_benchmark_sets_up_against_the_server_it_starts(tmp_path: Path) -> None:

@@ -190,7 +190,8 @@ def check_targets(summary: dict, records_by_name: dict[str, list[dict]], load_rt
     """The serving targets of issue 12 (H100 or H200): measured ratio, limit, met or by how much
     missed, and why. Cold: generated <= 1.3x an oracle's first use; warm: within 5% of a
     preloaded oracle; burst p95 <= 3x a single cold request; steady state and the mixed Zipf
-    stream at 16 and 64 clients: >= 0.95x the oracles' output tokens/s.
+    stream at 16 and 64 clients: >= 0.95x the oracles' output tokens/s. A check whose compared
+    groups had failed requests is void (`met` None; `failed_requests`, `void`).
 
     `load_rtt_p50`: round trip of the load endpoint alone; the oracle's first use pays it on
     top of loading (the generated adapter does not), so the cold check also reports the ratio
@@ -202,6 +203,9 @@ def check_targets(summary: dict, records_by_name: dict[str, list[dict]], load_rt
     def p(name: str, q: str = "p50") -> float | None:
         return sc.get(name, {}).get("ttft", {}).get(q)
 
+    def errors(*names: str) -> dict[str, int]:
+        return {n: sc.get(n, {}).get("errors", 0) for n in names}
+
     v = target_verdict("generated cold TTFT p50 <= 1.3 x oracle first use (from disk) p50",
                        ratio(p("generated_cold"), p("oracle_first_use")), COLD_LIMIT)
     v["ci95"] = bootstrap_ratio_ci(_ttfts(records_by_name.get("generated_cold", [])),
@@ -211,6 +215,7 @@ def check_targets(summary: dict, records_by_name: dict[str, list[dict]], load_rt
     if load_rtt_p50 is not None and p("oracle_first_use") is not None:
         v["measured_without_load_rtt"] = ratio(p("generated_cold"), p("oracle_first_use") - load_rtt_p50)
     v["dominated_by"] = _what_dominates(sc.get("generated_cold", {}).get("breakdown"))
+    v["failed_requests"] = errors("generated_cold", "oracle_first_use")
     out.append(v)
 
     v = target_verdict("generated warm TTFT p50 within 5% of the preloaded oracle",
@@ -220,6 +225,7 @@ def check_targets(summary: dict, records_by_name: dict[str, list[dict]], load_rt
     v["values_s"] = {"generated_warm": p("generated_warm"), "oracle_preloaded": p("oracle_preloaded")}
     v["dominated_by"] = ("no generation on this path: a loaded adapter is a loaded adapter; a gap is "
                          "noise or LoRA slot placement (see ci95)")
+    v["failed_requests"] = errors("generated_warm", "oracle_preloaded")
     out.append(v)
 
     n_burst = sc.get("generated_burst", {}).get("n")
@@ -227,6 +233,7 @@ def check_targets(summary: dict, records_by_name: dict[str, list[dict]], load_rt
                        ratio(p("generated_burst", "p95"), p("generated_cold")), 3.0)
     v["values_s"] = {"generated_burst_p95": p("generated_burst", "p95"), "generated_cold_p50": p("generated_cold")}
     v["dominated_by"] = _what_dominates(sc.get("generated_burst", {}).get("breakdown"))
+    v["failed_requests"] = errors("generated_burst", "generated_cold")
     out.append(v)
 
     g, o = st.get("generated", {}), st.get("oracle", {})
@@ -237,6 +244,7 @@ def check_targets(summary: dict, records_by_name: dict[str, list[dict]], load_rt
                          "generated_rounds": g.get("output_tok_s_rounds"), "oracle_rounds": o.get("output_tok_s_rounds")}
     v["dominated_by"] = ("no generation on this path (all adapters loaded before timing); a gap is noise "
                          "between rounds (compare the rounds)")
+    v["failed_requests"] = {"steady_generated": g.get("errors", 0), "steady_oracle": o.get("errors", 0)}
     out.append(v)
 
     mx = summary.get("mixed", {})
@@ -249,5 +257,18 @@ def check_targets(summary: dict, records_by_name: dict[str, list[dict]], load_rt
         v["values_tok_s"] = {"generated": g.get("output_tok_s"), "oracle": o.get("output_tok_s")}
         v["values_s"] = {"generated_ttft_p50": g["ttft"]["p50"], "oracle_ttft_p50": o["ttft"]["p50"]}
         v["dominated_by"] = _what_dominates(g.get("breakdown"))
+        v["failed_requests"] = {f"mixed_generated@{c}": g.get("errors", 0), f"mixed_oracle@{c}": o.get("errors", 0)}
         out.append(v)
+    for v in out:
+        _void_if_requests_failed(v)
     return out
+
+
+def _void_if_requests_failed(v: dict) -> None:
+    """A verdict on groups with failed requests is no verdict (`met` None, `void` says why):
+    latencies are of the answered requests only (the failures, often the slowest, are missing),
+    and a failed request produces no tokens."""
+    failed = {k: n for k, n in v.get("failed_requests", {}).items() if n}
+    if failed:
+        v["met"] = None
+        v["void"] = "requests failed in " + ", ".join(f"{k} ({n})" for k, n in failed.items())

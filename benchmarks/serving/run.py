@@ -151,11 +151,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
             if not started or not started[0].phases:
                 raise
             stop.set()
-        if stop.is_set():  # e.g. `timeout -s INT` at a GPU call's deadline: keep what finished
+        failed = started[0].failed_phases if started else []
+        if stop.is_set():  # `timeout -s INT` at a GPU call's deadline, or a phase failed: keep what finished
             if not started or not started[0].phases:
-                raise SystemExit("interrupted before any phase recorded a request: nothing written")
-            meta["interrupted"] = "stopped by SIGINT before every phase ran: the phases here are those that finished"
-            print("interrupted: writing the phases that finished", flush=True)
+                raise SystemExit(f"{'phase ' + failed[0]['phase'] + ' failed' if failed else 'interrupted'} before "
+                                 f"any phase recorded a request: nothing written ({failed[0]['error'] if failed else ''})")
+            if failed:
+                meta["failed_phase"] = failed[0]
+                print(f"phase {failed[0]['phase']} failed: writing the phases before it", flush=True)
+            else:
+                meta["interrupted"] = "stopped by SIGINT before every phase ran: the phases here are those that finished"
+                print("interrupted: writing the phases that finished", flush=True)
         bench = started[0]
         meta["bench_wall_s"] = time.perf_counter() - t
         meta["setup_errors"] = bench.setup_errors
@@ -255,7 +261,7 @@ def print_summary(result: dict) -> None:
     print("\ntargets:")
     for v in result["targets"]["checks"]:
         m = v["measured"]
-        state = "n/a" if v["met"] is None else ("MET" if v["met"] else "MISSED")
+        state = ("VOID" if v.get("void") else "n/a") if v["met"] is None else ("MET" if v["met"] else "MISSED")
         print(f"  [{state}] {v['target']}: measured {m if m is None else round(m, 3)} "
               f"(limit {v['limit']}, margin {v['margin_pct'] if v['margin_pct'] is None else round(v['margin_pct'], 1)}%)"
-              f" — {v.get('dominated_by', '')}")
+              f" — {v.get('void') or v.get('dominated_by', '')}")
