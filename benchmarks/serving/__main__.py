@@ -12,10 +12,29 @@ import sys
 from pathlib import Path
 
 from benchmarks.serving.workload import WORKLOAD_FILE
+from loragen_vllm.arg_types import count, number
+
+PHASES = ("single", "evicted", "burst", "steady", "mixed")  # Bench.run_all's order
 
 
 def _csv(s: str) -> list[str]:
     return [x for x in s.split(",") if x]
+
+
+def _levels(s: str) -> list[int]:
+    """Distinct client counts, each >= 1 (a repeated level would replace the first in the report)."""
+    levels = [count(1)(v) for v in _csv(s)]
+    if not levels or len(set(levels)) != len(levels):
+        raise argparse.ArgumentTypeError(f"distinct integers >= 1, comma-separated, got {s!r}")
+    return levels
+
+
+def _phases(s: str) -> list[str]:
+    names = _csv(s)
+    unknown = sorted(set(names) - set(PHASES))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown phase(s) {', '.join(unknown)}: choose from {', '.join(PHASES)}")
+    return names
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -43,16 +62,16 @@ def run_parser() -> argparse.ArgumentParser:
                    "(LORAGEN_GENERATOR_DEVICE; the server's default is cpu), e.g. cuda")
     g.add_argument("--store", help="adapter store folder (default with --start-server: a fresh temporary one)")
     g.add_argument("--port", type=int, default=0, help="port for a started server (0: a free one)")
-    g.add_argument("--max-loras", type=int, default=8, help="vLLM --max-loras (adapters in one batch)")
-    g.add_argument("--max-cpu-loras", type=int, default=8, help="vLLM --max-cpu-loras (LRU cache of loaded adapters)")
+    g.add_argument("--max-loras", type=count(1), default=8, help="vLLM --max-loras (adapters in one batch)")
+    g.add_argument("--max-cpu-loras", type=count(1), default=8, help="vLLM --max-cpu-loras (LRU cache of loaded adapters)")
     g.add_argument("--kv-cache-gib", type=int, default=None, help="VLLM_CPU_KVCACHE_SPACE for a CPU server")
     g.add_argument("--serve-arg", action="append", default=[],
                    help="extra option(s) for `loragen-vllm serve` (e.g. '--ray-address auto'), split on "
                    "spaces; repeatable")
     g.add_argument("--vllm-arg", action="append", default=[],
                    help="extra vLLM argument(s), passed after `--`, split on spaces; repeatable")
-    g.add_argument("--start-timeout", type=float, default=900.0)
-    g.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
+    g.add_argument("--start-timeout", type=number(0.0, 1e6, above=True), default=900.0)
+    g.add_argument("--timeout", type=number(0.0, 1e6, above=True), default=600.0, help="per-request timeout, seconds")
 
     g = p.add_argument_group("adapters and inputs")
     g.add_argument("--oracle-library", help="folder of trained oracle adapters (PEFT folders); random ones "
@@ -62,24 +81,24 @@ def run_parser() -> argparse.ArgumentParser:
     g.add_argument("--run-tag", help="suffix that makes this run's descriptions new (default: random)")
 
     g = p.add_argument_group("counts (defaults are small, for a 2-core CPU)")
-    g.add_argument("--n-single", type=int, default=6, help="samples per single-request scenario")
-    g.add_argument("--max-tokens", type=int, default=16, help="output tokens per request (single, evicted, burst)")
-    g.add_argument("--warmup", type=int, default=2)
-    g.add_argument("--burst-size", type=int, default=32, help="concurrent new descriptions in the burst")
-    g.add_argument("--steady-adapters", type=int, default=8)
-    g.add_argument("--steady-concurrency", type=int, default=16)
-    g.add_argument("--steady-requests", type=int, default=32, help="requests per round and arm")
-    g.add_argument("--steady-rounds", type=int, default=2)
-    g.add_argument("--steady-max-tokens", type=int, default=32)
-    g.add_argument("--mixed-concurrency", type=lambda s: [int(v) for v in _csv(s)], default=[1, 4, 16, 64])
-    g.add_argument("--mixed-requests-per-client", type=int, default=2)
-    g.add_argument("--mixed-min-requests", type=int, default=8)
-    g.add_argument("--mixed-max-requests", type=int, default=128)
-    g.add_argument("--mixed-pool", type=int, default=16, help="descriptions in the Zipf pool")
-    g.add_argument("--mixed-new-share", type=float, default=0.25)
-    g.add_argument("--mixed-zipf-s", type=float, default=1.1)
-    g.add_argument("--mixed-max-tokens", type=int, default=16)
-    g.add_argument("--skip", type=_csv, default=[], help="phases to leave out: single,evicted,burst,steady,mixed")
+    g.add_argument("--n-single", type=count(1), default=6, help="samples per single-request scenario")
+    g.add_argument("--max-tokens", type=count(1), default=16, help="output tokens per request (single, evicted, burst)")
+    g.add_argument("--warmup", type=count(0), default=2)
+    g.add_argument("--burst-size", type=count(1), default=32, help="concurrent new descriptions in the burst")
+    g.add_argument("--steady-adapters", type=count(1), default=8)
+    g.add_argument("--steady-concurrency", type=count(1), default=16)
+    g.add_argument("--steady-requests", type=count(1), default=32, help="requests per round and arm")
+    g.add_argument("--steady-rounds", type=count(1), default=2)
+    g.add_argument("--steady-max-tokens", type=count(1), default=32)
+    g.add_argument("--mixed-concurrency", type=_levels, default=[1, 4, 16, 64])
+    g.add_argument("--mixed-requests-per-client", type=count(1), default=2)
+    g.add_argument("--mixed-min-requests", type=count(1), default=8)
+    g.add_argument("--mixed-max-requests", type=count(1), default=128)
+    g.add_argument("--mixed-pool", type=count(1), default=16, help="descriptions in the Zipf pool")
+    g.add_argument("--mixed-new-share", type=number(0.0, 1.0), default=0.25)
+    g.add_argument("--mixed-zipf-s", type=number(0.0, above=True), default=1.1)
+    g.add_argument("--mixed-max-tokens", type=count(1), default=16)
+    g.add_argument("--skip", type=_phases, default=[], help="phases to leave out: single,evicted,burst,steady,mixed")
 
     g = p.add_argument_group("output")
     g.add_argument("--machine", default="cpu", help="label in the results and the default file name")
@@ -131,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out = f"benchmarks/results/serving_{args.machine}.json"
     from benchmarks.serving.run import run
 
-    run(args, argv)
+    out = run(args, argv)
+    failed = json.loads(out.read_text())["meta"].get("failed_phase")
+    if failed:
+        print(f"error: phase {failed['phase']} failed ({failed['error']}); the phases before it are in {out}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -114,6 +114,7 @@ class Bench:
         self.descriptions = DescriptionSource(workload.descriptions, run_tag)
         self.phases: list[Phase] = []
         self.setup_errors: list[dict] = []
+        self.failed_phases: list[dict] = []  # a phase that raised: {"phase", "error"} (the run ends there)
         self.load_rtt: list[float] = []
         self.t0 = time.perf_counter()
         self._prompt_i = 0
@@ -271,7 +272,9 @@ class Bench:
                          adapters=len(models))
 
     async def mixed(self) -> None:
-        """Zipf-like mixed streams at each concurrency, generated arm then oracle arm."""
+        """Zipf-like mixed streams at each concurrency, the generated and the oracle arm in turn
+        (which goes first alternates with the level, as in the other paired phases: a level's
+        first arm pays what a new batch shape costs vLLM once, e.g. its kernels' compilation)."""
         c = self.cfg
         pool_d = self.descriptions.take(c.mixed_pool)
         await self.touch(pool_d, concurrency=min(len(pool_d), c.max_loras))
@@ -292,7 +295,7 @@ class Bench:
                 else:
                     gen_jobs.append(Job(pool_d[s], p, tag="pool"))
                     orc_jobs.append(Job(pool_o[s], p, tag="pool"))
-            for arm, jobs in (("generated", gen_jobs), ("oracle", orc_jobs)):
+            for arm, jobs in (("generated", gen_jobs), ("oracle", orc_jobs))[:: 1 if k % 2 == 0 else -1]:
                 tqdm.write(f"mixed stream: {arm}, concurrency {conc}, {n} requests ({n_new} new)")
                 recs, wall = await run_jobs(self.client, jobs, conc, f"mixed_{arm}", c.mixed_max_tokens, self.t0)
                 self.add(f"mixed_{arm}", recs, wall, concurrency=conc, requests=n, new=n_new,
@@ -304,14 +307,18 @@ class Bench:
         recorded stays in `phases`."""
         order = ["single", "evicted", "burst", "steady", "mixed"]
         await self.warmup()
-        await run_phases([(n, getattr(self, n)) for n in order if n not in self.cfg.skip], stop or asyncio.Event())
+        await run_phases([(n, getattr(self, n)) for n in order if n not in self.cfg.skip], stop or asyncio.Event(),
+                         self.failed_phases)
         return self.phases
 
 
-async def run_phases(phases: list[tuple[str, Callable[[], Awaitable[None]]]], stop: asyncio.Event) -> list[str]:
+async def run_phases(phases: list[tuple[str, Callable[[], Awaitable[None]]]], stop: asyncio.Event,
+                     failed: list[dict] | None = None) -> list[str]:
     """Run the phases one after another until `stop` is set: the running phase is then cancelled
-    and no other starts (a cancellation swallowed inside it just lets it finish). Returns the
-    names of the phases that ran to the end."""
+    and no other starts (a cancellation swallowed inside it just lets it finish). A phase that
+    fails is recorded in `failed` ({"phase", "error"}) and ends the run as `stop` does, so that
+    the phases before it are kept (with `failed` None it raises). Returns the names of the phases
+    that ran to the end."""
     done: list[str] = []
     for name, phase in phases:
         if stop.is_set():
@@ -328,7 +335,14 @@ async def run_phases(phases: list[tuple[str, Callable[[], Awaitable[None]]]], st
             await asyncio.gather(task, return_exceptions=True)
             tqdm.write(f"phase {name} stopped after {time.perf_counter() - t:.1f} s")
             break
-        task.result()  # a phase's own error ends the run
+        error = task.exception()
+        if error is not None:  # a phase's own error ends the run
+            if failed is None:
+                raise error
+            failed.append({"phase": name, "error": f"{type(error).__name__}: {error}"})
+            tqdm.write(f"phase {name} failed after {time.perf_counter() - t:.1f} s: {type(error).__name__}: {error}")
+            stop.set()
+            break
         done.append(name)
         tqdm.write(f"phase {name} done in {time.perf_counter() - t:.1f} s")
     return done
