@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         r.events.append((f"error in {r.phase}", r.now()))
 
     command = "python -m benchmarks.faults " + " ".join(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
+    prov = provenance(command)  # at the start: the date the run began, the tree it ran
     r = run_all(a, on_error)
-    prov = provenance(command)
     res = {**prov, "duration_s": round(time.time() - r.t0, 1), "deadline_s": a.deadline_s,
            "server_deadline_s": a.server_deadline_s, "server_env": r.server_env(), "args": vars(a),
            "events": r.events, "requests_total": r.stats.total, "requests_past_deadline": r.stats.past_deadline,

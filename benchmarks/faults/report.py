@@ -39,12 +39,14 @@ def targets(res: dict, goal_n: int) -> dict[str, str]:
     t2 = "met" if res["requests_past_deadline"] == 0 else f"missed ({res['requests_past_deadline']})"
     g = mem.get("growth_pct")
     done = res["faults"].get("soak", {}).get("answered", 0)
+    failed = res["faults"].get("soak", {}).get("failed", 0)
     if g is None:
         t3 = "not measured"
     else:
         verdict = "met" if g < 10 else "missed"
         short = "" if done >= goal_n else f"; the run reached {done}, not {goal_n}"
-        t3 = f"{verdict} over {done} descriptions ({g:+.2f} %){short}"
+        short += f"; {failed} soak requests failed" if failed else ""
+        t3 = f"{verdict} over {done} descriptions answered ({g:+.2f} %){short}"
     return {"0 adapters lost or corrupt": t1, "0 requests past their deadline": t2,
             f"memory growth under 10% over {goal_n:,} distinct descriptions after warm-up": t3}
 

@@ -65,7 +65,8 @@ class Run:
     phase: str = "start"
     events: list[tuple[str, float]] = field(default_factory=list)
     faults: dict = field(default_factory=dict)
-    soak_done: int = 0
+    soak_done: int = 0  # soak descriptions answered (200)
+    soak_failed: int = 0
     killed_at: float = 0.0  # time.time() of the kill -9
     ray_head: subprocess.Popen | None = None  # the Ray cluster of phase ray_actor_kill
     ray_address: str | None = None
@@ -339,8 +340,9 @@ def phase_soak(r: Run) -> None:
                     return
                 next_i[0] += 1
             a = r.ask(f"Soak task {i}: answer the message as task number {i} would.", "new", r.a.soak_max_tokens)
-            with r.lock:
-                r.soak_done += 1
+            with r.lock:  # only an answered description counts towards the memory target's N
+                r.soak_done += a.ok
+                r.soak_failed += not a.ok
             if not a.ok and a.error and a.error.startswith("conn"):
                 time.sleep(1)
     threads = [threading.Thread(target=client, daemon=True) for _ in range(r.a.soak_clients)]
@@ -349,7 +351,8 @@ def phase_soak(r: Run) -> None:
         th.start()
     for th in threads:
         th.join(timeout=r.a.soak_max_s + r.a.deadline_s + 60)
-    r.faults["soak"] = {"descriptions_sent": next_i[0], "answered": r.soak_done, "seconds": round(time.monotonic() - t, 1),
+    r.faults["soak"] = {"descriptions_sent": next_i[0], "answered": r.soak_done, "failed": r.soak_failed,
+                        "seconds": round(time.monotonic() - t, 1),
                         "time_limited": next_i[0] < r.a.soak, "clients": r.a.soak_clients,
                         "max_tokens": r.a.soak_max_tokens}
 
