@@ -25,13 +25,38 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def provenance(command: str | None = None) -> dict[str, str | None]:
-    """What made a result: the command (default: this process's), the commit, the machine, the date (UTC)."""
+def git_dirty() -> tuple[bool | None, list[str]]:
+    """Whether tracked files differ from the commit `git_commit` names, and the first 20 of them;
+    None where $LORAGEN_COMMIT names it (no checkout of its own to compare) or git cannot tell."""
+    if os.environ.get("LORAGEN_COMMIT"):
+        return None, []
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None, []
+    return bool(out.stdout.strip()), out.stdout.splitlines()[:20]
+
+
+def cpu_name() -> str | None:
+    """The CPU's model name (/proc/cpuinfo), or None."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def provenance(command: str | None = None) -> dict[str, str | bool | list[str] | None]:
+    """What made a result: the command (default: this process's), the commit and whether the
+    working tree differed from it (`dirty`, `dirty_files`), the machine (the GPU, else the CPU
+    and its cores), the date (UTC). Call it when the measurement starts."""
     import datetime as dt
-    import platform
     import sys
 
-    machine = platform.node()
+    machine = f"{os.cpu_count()}-core {cpu_name() or 'CPU'}"
     try:
         import torch
 
@@ -44,6 +69,6 @@ def provenance(command: str | None = None) -> dict[str, str | None]:
         module = spec.name.removesuffix(".__main__") if spec is not None else None
         command = " ".join(["python -m", module] if module else ["python", sys.argv[0]]) + "".join(
             " " + a for a in sys.argv[1:])
-    return {"command": command,
-            "commit": git_commit(), "machine": machine,
+    dirty, files = git_dirty()
+    return {"command": command, "commit": git_commit(), "dirty": dirty, "dirty_files": files, "machine": machine,
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")}

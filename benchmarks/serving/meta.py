@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks.provenance import git_commit
+from benchmarks.provenance import cpu_name, git_commit, git_dirty
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,23 +30,14 @@ def git_state() -> dict:
     commit = git_commit()
     if commit is None:
         return {"commit": "unknown (no git checkout)", "dirty": None}
-    if os.environ.get("LORAGEN_COMMIT"):
-        return {"commit": commit, "dirty": None}
-    status = _run(["git", "status", "--porcelain", "--untracked-files=no"]) or ""
-    return {"commit": commit, "dirty": bool(status), "dirty_files": status.splitlines()[:20]}
+    dirty, files = git_dirty()
+    return {"commit": commit, "dirty": dirty, **({"dirty_files": files} if dirty is not None else {})}
 
 
 def device() -> dict:
     gpus = _run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]) \
         if shutil.which("nvidia-smi") else None
-    cpu = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     d = {"cpu": cpu, "cpu_count": os.cpu_count(), "gpus": gpus.splitlines() if gpus else []}
     try:
         d["mem_total_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
