@@ -37,11 +37,27 @@ def _train(args: argparse.Namespace) -> int:
     only = None
     if args.tasks_file:
         only = [n.strip() for n in Path(args.tasks_file).read_text().splitlines() if n.strip() and not n.startswith("#")]
+    _refuse_evaluation_tasks(args.library, only, args.splits)
     gen = train(args.kind, args.library, args.out, cfg, configs, resume=args.resume, progress=not args.no_progress,
                 device=args.device, max_descriptions=args.max_descriptions, only=only, snapshots=args.snapshots)
     print(json.dumps({"checkpoint": str(Path(args.out).resolve()), "kind": gen.kind,
                       "fingerprint": gen.fingerprint, "parameters": gen.num_parameters}))
     return 0
+
+
+def _refuse_evaluation_tasks(library: str, only: list[str] | None, splits_file: str) -> None:
+    """ValueError if the library tasks to train on include a validation or test task of the splits
+    file (where it exists): an evaluation task's oracle is for scoring, never for training."""
+    from .data.library import task_folders
+    from .data.sni import load_splits
+
+    if not Path(splits_file).is_file():
+        return
+    names = set(only) if only is not None else {f.name for f in task_folders(library)}
+    held_out = sorted(names & set(load_splits(splits_file).evaluation))
+    if held_out:
+        raise ValueError(f"{len(held_out)} library tasks are validation or test tasks of {splits_file}, never "
+                         f"trained on: {held_out[:3]} (the oracles' held_out/ folder is not a library to train on)")
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -89,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
     t.add_argument("--max-descriptions", type=int, help="use the first N descriptions of each task")
     t.add_argument("--tasks-file", help="train on the library's tasks named in this file (one a line)")
+    t.add_argument("--splits", default=str(Path(__file__).resolve().parents[1] / "data" / "sni" / "splits.json"),
+                   help="splits file whose validation and test tasks are refused as training tasks (if it exists)")
     t.add_argument("--snapshots", type=int, nargs="*", default=[],
                    help="loragen: denoiser steps at which to also write <out>/snapshots/dit-<step>/")
     t.add_argument("--model-config", help='JSON file {"lae": {...}, "diffusion": {...}, "t2l": {...}}')

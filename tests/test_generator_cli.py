@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +54,19 @@ def test_cli_reports_bad_input_clearly(tmp_path):
     assert p.returncode == 2 and "not a generator checkpoint" in p.stderr
     p = _cli("train", "--kind", "t2l", "--library", str(tmp_path / "nolib"), "--out", str(tmp_path / "c"), check=False)
     assert p.returncode == 2 and "not found" in p.stderr
+
+
+def test_cli_train_refuses_validation_and_test_tasks(synthetic_library, tmp_path):
+    import shutil
+
+    from generator.data.sni import load_splits
+
+    lib = tmp_path / "lib"
+    shutil.copytree(synthetic_library, lib)
+    first = sorted(p for p in lib.iterdir() if p.is_dir())[0]
+    first.rename(lib / load_splits(Path(__file__).resolve().parents[1] / "data" / "sni" / "tasks").validation[0])
+    p = _cli("train", "--kind", "t2l", "--library", str(lib), "--out", str(tmp_path / "c"), "--steps", "1", check=False)
+    assert p.returncode == 2 and "validation or test tasks" in p.stderr and not (tmp_path / "c").exists()
 
 
 def test_interrupted_training_resumes_to_the_same_weights(synthetic_library, tmp_path):

@@ -402,3 +402,12 @@ def test_cli_refuses_a_negative_contrast_weight(tmp_path):
             main(["--out", str(tmp_path / "ck"), "--contrast-weight", "-1"])
     finally:
         torch.set_num_threads(threads)  # main sets --threads
+
+
+def test_sft_refuses_validation_and_test_tasks() -> None:
+    from generator.training.sft import load_sft_tasks
+
+    splits = load_splits(TASKS_DIR)
+    for held_out in (splits.validation[0], splits.test[0]):
+        with pytest.raises(ValueError, match="validation or test tasks must not be trained on"):
+            load_sft_tasks(TASKS_DIR, [splits.train[0], held_out], encoder=None)  # refused before any encoding

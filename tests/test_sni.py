@@ -83,6 +83,10 @@ def test_splits_are_checked(tmp_path):
     path.write_text(json.dumps({"train": ["a"], "validation": [], "test": ["c"]}))
     with pytest.raises(ValueError, match="in no split"):
         load_splits(path).split_of("z")
+    path.write_text(json.dumps({"train": ["a"], "validation": [], "test": ["c"],  # `sft --user-style` trains on a's
+                                "user_descriptions": {"a": ["Sort  the list."], "c": ["sort the list."]}}))
+    with pytest.raises(ValueError, match="evaluation task c is also training task a's"):
+        load_splits(path)
 
 
 def test_prompt_is_the_input_alone():

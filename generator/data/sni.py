@@ -344,7 +344,18 @@ def load_splits(path: str | Path) -> TaskSplits:
     stray = set(splits.user_descriptions) - set(splits.train) - set(splits.evaluation)
     if stray:
         raise ValueError(f"{path}: user descriptions for tasks in no split: {sorted(stray)[:3]}")
+    train_user = {_plain(d): t for t in splits.train for d in splits.user_descriptions.get(t, ())}
+    shared = [(t, train_user[_plain(d)]) for t in splits.evaluation for d in splits.user_descriptions.get(t, ())
+              if _plain(d) in train_user]
+    if shared:  # `sft --user-style` would train on what an evaluation row is scored with
+        raise ValueError(f"{path}: user description of evaluation task {shared[0][0]} is also training task "
+                         f"{shared[0][1]}'s")
     return splits
+
+
+def _plain(text: str) -> str:
+    """A description compared as a reader would: case and spacing ignored."""
+    return " ".join(text.casefold().split())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -200,9 +200,13 @@ def load_sft_tasks(tasks_dir: str | Path, names: Sequence[str] | None, encoder: 
     with `named_labels`, also each closed-label task's descriptions naming its labels (those of
     its train instances); with `user_style`, also each task's user-style descriptions (the
     splits file's; only training tasks may have them here)."""
-    names = list(names) if names is not None else list(load_splits(tasks_dir).train)
+    splits = load_splits(tasks_dir)
+    names = list(names) if names is not None else list(splits.train)
     if not names:
         raise ValueError("SFT needs at least one training task")
+    held_out = sorted(set(names) & set(splits.evaluation))
+    if held_out:  # choose on validation, report on test: neither is ever trained on
+        raise ValueError(f"{len(held_out)} validation or test tasks must not be trained on: {held_out[:3]}")
     tasks = load_tasks(tasks_dir, names)
     per_task = [split_descriptions(t)[0] for t in tasks]
     empty = [t.name for t, d in zip(tasks, per_task) if not d]
@@ -222,10 +226,6 @@ def load_sft_tasks(tasks_dir: str | Path, names: Sequence[str] | None, encoder: 
                 owner.append(i)
     user_of: list[list[int]] = []
     if user_style:
-        splits = load_splits(tasks_dir)
-        held_out = sorted(set(names) & set(splits.evaluation))
-        if held_out:  # the evaluation tasks' user-style descriptions are what rows are scored on
-            raise ValueError(f"user-style descriptions of validation or test tasks must not be trained on: {held_out[:3]}")
         for i, t in enumerate(tasks):
             user = splits.user_descriptions.get(t.name, ())
             user_of.append(list(range(len(descriptions), len(descriptions) + len(user))))
