@@ -143,6 +143,16 @@ def test_table_scores_from_generation_files(tasks, tmp_path):
     assert zs["tasks"] == 1 and zs["relative_to_oracle"]["exact_match"] == pytest.approx(expected, abs=0.1)
     assert q["rows"]["loragen"]["in_distribution"] is None  # none of its tasks evaluated
     assert merge_rows(None, [tmp_path], by, splits)["rows"].keys() == {"oracle", "loragen"}  # a folder: its files
+    bad = tmp_path / "bad"
+    for answers, why in (([0, 0], "instance 0 answered twice"), ([len(test)], f"has {len(test)}"), ([-1], "has")):
+        write_row(bad / "x.jsonl", {"row": "x"}, [Prompt(name, i, "0", []) for i in answers], ["y"] * len(answers))
+        with pytest.raises(ValueError, match=why):
+            merge_rows(None, [bad / "x.jsonl"], by, splits)
+    write_row(bad / "x.jsonl", {"row": "x"}, [Prompt(name, 0, "0", [])], [right[0]])  # one instance of 40
+    partial = merge_rows(None, [bad / "x.jsonl"], by, splits)["rows"]["x"]
+    assert partial["per_task"][name]["partial"] and partial["test"]["partial_tasks"] == 1
+    (bad / "x.jsonl").unlink()
+    bad.rmdir()
     (tmp_path / "again").mkdir()
     (tmp_path / "again" / "oracle.jsonl").write_text((tmp_path / "oracle.jsonl").read_text())
     with pytest.raises(ValueError, match="row 'oracle' is in .* both score"):  # would replace the first silently

@@ -103,19 +103,31 @@ def read_row(path: str | Path) -> tuple[dict, list[dict]]:
 
 
 def score_answers(answers: Iterable[dict], tasks: dict[str, Task]) -> dict[str, dict[str, float]]:
-    """{task: {exact_match, rougeL, n}}: means over the task's answers (instances x variants)."""
+    """{task: {exact_match, rougeL, n[, partial]}}: means over the task's answers (instances x
+    variants). ValueError for an answer to an instance the task's test split lacks or one given
+    twice (task, instance, variant); a task not answered on every test instance for each of its
+    variants is `partial` (its cells are marked)."""
     refs = {name: split_instances(t)[1] for name, t in tasks.items()}
     acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: {m: [] for m in METRICS})
+    seen: dict[str, set[tuple[int, str]]] = defaultdict(set)
     for a in answers:
         if a["task"] not in refs:
             continue
-        outputs = refs[a["task"]][a["i"]].outputs
-        acc[a["task"]]["exact_match"].append(exact_match(a["pred"], outputs))
-        acc[a["task"]]["rougeL"].append(rouge_l(a["pred"], outputs))
-    return {
-        t: {"exact_match": round(mean(v["exact_match"]), 3), "rougeL": round(mean(v["rougeL"]), 3), "n": len(v["rougeL"])}
-        for t, v in sorted(acc.items())
-    }
+        test, i, v = refs[a["task"]], a["i"], str(a.get("v", ""))
+        if not isinstance(i, int) or not 0 <= i < len(test):
+            raise ValueError(f"{a['task']}: answer to instance {i!r}, but its test split has {len(test)}")
+        if (i, v) in seen[a["task"]]:
+            raise ValueError(f"{a['task']}: instance {i} answered twice in variant {v!r}")
+        seen[a["task"]].add((i, v))
+        acc[a["task"]]["exact_match"].append(exact_match(a["pred"], test[i].outputs))
+        acc[a["task"]]["rougeL"].append(rouge_l(a["pred"], test[i].outputs))
+    out = {}
+    for t, v in sorted(acc.items()):
+        out[t] = {"exact_match": round(mean(v["exact_match"]), 3), "rougeL": round(mean(v["rougeL"]), 3),
+                  "n": len(v["rougeL"])}
+        if len(seen[t]) < len(refs[t]) * len({variant for _, variant in seen[t]}):
+            out[t]["partial"] = True
+    return out
 
 
 def _avg(per_task: dict[str, dict], names: Sequence[str]) -> dict | None:
@@ -123,7 +135,9 @@ def _avg(per_task: dict[str, dict], names: Sequence[str]) -> dict | None:
     have = [per_task[n] for n in names if n in per_task]
     if not have:
         return None
-    return {m: round(mean(h[m] for h in have), 2) for m in METRICS} | {"tasks": len(have), "of": len(names)}
+    cell = {m: round(mean(h[m] for h in have), 2) for m in METRICS} | {"tasks": len(have), "of": len(names)}
+    partial = sum(1 for h in have if h.get("partial"))
+    return cell | ({"partial_tasks": partial} if partial else {})
 
 
 def aggregate(rows: dict[str, dict], tasks: dict[str, Task], splits: TaskSplits) -> dict[str, dict]:
@@ -205,7 +219,8 @@ def merge_rows(existing: dict | None, paths: Sequence[str | Path], tasks: dict[s
 def _fmt(cell: dict | None, m: str) -> str:
     if not cell:
         return "—"
-    return f"{cell[m]:.1f}" + ("" if cell["tasks"] == cell["of"] else f"* ({cell['tasks']}/{cell['of']} tasks)")
+    text = f"{cell[m]:.1f}" + ("" if cell["tasks"] == cell["of"] else f"* ({cell['tasks']}/{cell['of']} tasks)")
+    return text + (f"† ({cell['partial_tasks']} tasks on some instances only)" if cell.get("partial_tasks") else "")
 
 
 def _setting(meta: dict) -> str:
@@ -244,7 +259,8 @@ def markdown(q: dict) -> str:
         "(each row scored once; no generator trained on validation or test tasks). 40 test instances per task "
         "(half for tasks under 80). Exact match (EM) and ROUGE-L (RL) x100, SNI normalisation; % of oracle = row "
         "mean / oracle mean on the same tasks. Generated-adapter rows average 3 unseen descriptions (or the 2 "
-        "user-style ones) x seeds per task. * = only some of the column's tasks were evaluated.",
+        "user-style ones) x seeds per task. * = only some of the column's tasks were evaluated; "
+        "† = some tasks on only some of their test instances.",
         "",
         "| row | test EM | test RL | test % oracle (EM) | validation EM | ID EM | ID % oracle (EM) | generator | setting |",
         "|---|---|---|---|---|---|---|---|---|",
