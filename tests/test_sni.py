@@ -289,7 +289,7 @@ def test_checkpoint_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path): 
     assert rec["chosen"] == "incumbent" and rec["margin"] == 50.1 and "+ 50.1" in rec["rule"]
     with pytest.raises(ValueError, match="margin"):
         choose_checkpoint(tmp_path, {"incumbent": ck, "better": ck}, by, splits, out, margin=-1)
-    with pytest.raises(ValueError, match="different numbers of validation tasks"):
+    with pytest.raises(ValueError, match="answered different validation tasks"):
         choose_checkpoint(tmp_path, {"incumbent": ck, "partial": ck}, by, splits, out)
     _validation_row(tmp_path, by, "stale", {a: True, b: True}, fingerprint="0" * 64)
     with pytest.raises(ValueError, match="stale row"):
@@ -358,10 +358,20 @@ def test_sampler_choice_on_validation(tasks, tiny_generator_ckpt, tmp_path):  # 
     rows = tmp_path / "rows"
     rows.mkdir()
 
-    def row(name: str, correct: dict[str, bool]) -> None:
-        _validation_row(rows, by, name, correct)
+    def row(name: str, correct: dict[str, bool], fingerprint: str = own.fingerprint, system_prompt: bool = True) -> None:
+        _validation_row(rows, by, name, correct, fingerprint=fingerprint, system_prompt=system_prompt)
 
+    row(f"loragen_g{g0 + 1}_s{s0}", {a: True, b: True}, fingerprint="0" * 64)  # left from another checkpoint
+    with pytest.raises(ValueError, match="a stale row"):
+        choose(rows, by, splits, ck, tmp_path / "c0.json", system_prompt_fixed=True)
+    row(f"loragen_g{g0 + 1}_s{s0}", {a: True, b: True}, system_prompt=False)
+    with pytest.raises(ValueError, match="without the description as system prompt"):
+        choose(rows, by, splits, ck, tmp_path / "c0.json", system_prompt_fixed=True)
     row(f"loragen_g{g0}_s{s0}", {a: True, b: False})
+    row(f"loragen_g{g0 + 1}_s{s0}", {a: True})  # one task only: 100 against the other's 50
+    with pytest.raises(ValueError, match="answered different validation tasks"):
+        choose(rows, by, splits, ck, tmp_path / "c0.json", system_prompt_fixed=True)
+    assert Generator.load(ck).fingerprint == own.fingerprint  # nothing written
     row(f"loragen_g{g0 + 1}_s{s0}", {a: False, b: True})  # a tie: the checkpoint's own setting stays
     rec = choose(rows, by, splits, ck, tmp_path / "c1.json", system_prompt_fixed=True)
     assert (rec["guidance"], rec["steps"]) == (g0, s0) and rec["fingerprint"] == own.fingerprint
