@@ -461,3 +461,17 @@ def test_generate_refuses_an_empty_task_selection(tmp_path):
     assert proc.returncode != 0
     assert "no tasks to answer (--task-set in_distribution and --only have none in common)" in proc.stderr
     assert not (tmp_path / "q" / "base.jsonl").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--tasks", "/nonexistent", "--rows", "base", "--out", "o"], "does not exist"),
+    (["score", "--tasks", str(TASKS), "--generations", "/nonexistent"], "no such generation file"),
+    (["generate", "--tasks", str(TASKS), "--rows", "foo", "--out", "o"], "need --generator"),
+    (["generate", "--tasks", str(TASKS), "--rows", "oracle", "--out", "o"], "need --oracles"),
+])
+def test_quality_cli_bad_input_is_one_line(args: list[str], message: str) -> None:
+    from benchmarks.quality.__main__ import main as quality_main
+
+    with pytest.raises(SystemExit, match=message):
+        quality_main(args)
+

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from generator.data.sni import load_splits, load_tasks
+from loragen_vllm.arg_types import count
 
 from .anchors import AnchorBlend
 from .generate import BASELINE_ROWS, run_rows
@@ -83,7 +84,7 @@ def main(argv=None) -> None:
                    help="generated rows: the description also as the system prompt, with the adapter")
     g.add_argument("--sampler-steps", type=int, help="generated rows: sampler steps (default: the checkpoint's)")
     g.add_argument("--guidance", type=float, help="generated rows: guidance scale (default: the checkpoint's)")
-    g.add_argument("--num-descriptions", type=int, default=3, help="generated rows: evaluation descriptions per task")
+    g.add_argument("--num-descriptions", type=count(1, 10), default=3, help="generated rows: evaluation descriptions per task")
     g.add_argument("--anchor-blend", type=float, metavar="ALPHA",
                    help="generated rows: condition on ALPHA x the description's embedding + (1 - ALPHA) x its "
                         "nearest training descriptions' (anchors.py; an experiment, default: off)")
@@ -99,9 +100,9 @@ def main(argv=None) -> None:
                    help="system and generated rows: on tasks with a closed label set, each description ends "
                         "with a sentence naming the labels of the task's training instances (as a user who "
                         "knows them would write it)")
-    g.add_argument("--limit-tasks", type=int, help="first N tasks of the set (dry runs)")
+    g.add_argument("--limit-tasks", type=count(1), help="first N tasks of the set (dry runs)")
     g.add_argument("--only", nargs="+", help="only these tasks of the set (dry runs)")
-    g.add_argument("--limit-instances", type=int, help="first N test instances per task (dry runs)")
+    g.add_argument("--limit-instances", type=count(1), help="first N test instances per task (dry runs)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--max-rows", type=int, help="rows per generation batch (default 512 on GPU, 8 on CPU)")
     g.add_argument("--threads", type=int, default=1)
@@ -144,10 +145,10 @@ def main(argv=None) -> None:
     sv.add_argument("--name-labels", action="store_true", help="descriptions of closed-label tasks name their labels")
     sv.add_argument("--choice", action="store_true",
                     help="closed-label tasks: answers restricted to the task's labels (vLLM structured outputs)")
-    sv.add_argument("--num-descriptions", type=int, default=2)
+    sv.add_argument("--num-descriptions", type=count(1, 10), default=2)
     sv.add_argument("--user-descriptions", action="store_true",
                     help="the tasks' user-style descriptions (splits.json) instead of the evaluation ones")
-    sv.add_argument("--limit-instances", type=int, help="first N test instances per task (dry runs)")
+    sv.add_argument("--limit-instances", type=count(1), help="first N test instances per task (dry runs)")
     sv.add_argument("--row", required=True, help="the row's name (<out>/<row>.jsonl)")
     sv.add_argument("--out", required=True)
     sv.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
@@ -172,7 +173,13 @@ def main(argv=None) -> None:
                     help="generation files <row>.jsonl, or NAME=FILE to name a row")
     lb.add_argument("--out", required=True, help="output stem: <out>.json and <out>.md")
     a = ap.parse_args(argv)
+    try:
+        _run(a)
+    except (ValueError, OSError) as e:  # bad input (paths, files, rows): one line, not a traceback
+        raise SystemExit(f"error: {e}") from None
 
+
+def _run(a: argparse.Namespace) -> None:
     tasks = load_tasks(a.tasks)
     splits = load_splits(a.tasks)
     if a.cmd == "choose":
@@ -251,6 +258,11 @@ def main(argv=None) -> None:
             raise SystemExit(f"error: {e}") from None
         if not a.adapter_scale > 0:
             raise SystemExit(f"error: --adapter-scale must be positive, got {a.adapter_scale}")
+        generated = [r for r in a.rows if r not in BASELINE_ROWS]
+        if generated and not a.generator:  # checked before the base model loads
+            raise SystemExit(f"error: rows {generated} are generated rows: they need --generator")
+        if {"average", "multitask", "oracle"} & set(a.rows) and not a.oracles:
+            raise SystemExit("error: rows average, multitask and oracle need --oracles")
         times = run_rows(
             a.rows, chosen, Path(a.out), a.device, oracles=a.oracles,
             train_task_names=splits.train_tasks([t.name for t in tasks]), max_rows=max_rows,

@@ -173,11 +173,14 @@ def main(argv=None) -> None:
     from benchmarks.provenance import provenance
 
     command = " ".join(["python -m benchmarks.quality.curves", *sys.argv[1:]])
-    c = {**provenance(command), **curves(a.tasks, folders, a.oracle_from, a.steps_run_tasks)}
     out = Path(a.results)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        c = {**provenance(command), **curves(a.tasks, folders, a.oracle_from, a.steps_run_tasks)}
+        out.mkdir(parents=True, exist_ok=True)
+        plot(c, out / f"{a.stem}.png")  # refuses curves without rows before anything is written
+    except (ValueError, OSError) as e:  # no rows, a missing folder or file: one line, not a traceback
+        raise SystemExit(f"error: {e}") from None
     (out / f"{a.stem}.json").write_text(json.dumps(c, indent=1))
-    plot(c, out / f"{a.stem}.png")
     print(json.dumps(c, indent=1))
 
 
