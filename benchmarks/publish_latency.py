@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.provenance import provenance
 from loragen_vllm.adapter_files import AdapterFiles
+from loragen_vllm.arg_types import count
 from loragen_vllm.store import AdapterStore, NewAdapter
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -215,12 +216,19 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _stores(text: str) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    if not names or set(names) - {"disk", "shm"}:
+        raise argparse.ArgumentTypeError(f"comma-separated disk and/or shm, got {text!r}")
+    return names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=50, help="adapters to publish per store")
-    ap.add_argument("--prefill", type=int, default=200, help="small adapters in the store before timing")
+    ap.add_argument("--n", type=count(1), default=50, help="adapters to publish per store")
+    ap.add_argument("--prefill", type=count(0), default=200, help="small adapters in the store before timing")
     ap.add_argument("--label", default="current", help="name of this run in the results (e.g. before, after)")
-    ap.add_argument("--stores", default="disk,shm", help="comma-separated: disk, shm")
+    ap.add_argument("--stores", type=_stores, default="disk,shm", help="comma-separated: disk, shm")
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM's load")
     ap.add_argument("--out", type=Path, default=RESULTS / "publish_latency_cpu.json")
     args = ap.parse_args()
@@ -238,7 +246,7 @@ def main() -> None:
     run: dict[str, Any] = {"provenance": provenance(command), "n": args.n, "prefill": args.prefill,
                            "adapter_bytes": sum(len(d) for d in files[0].values()),
                            "load_average_1m": round(os.getloadavg()[0], 2), "stores": {}}
-    for name in args.stores.split(","):
+    for name in args.stores:
         bases[name].mkdir(parents=True, exist_ok=True)
         root = Path(tempfile.mkdtemp(prefix="publish-bench-", dir=bases[name]))
         try:

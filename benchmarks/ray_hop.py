@@ -240,9 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     d = result["actor_direct"]
     print(f"\nTTFT of a new description, p50 (n={args.n}, {args.max_tokens} output tokens):")
-    print(f"  through the Ray actor   {result['ray']['ttft_new']['p50']:.3f} s")
-    print(f"  generator in-process    {result['in_process']['ttft_new']['p50']:.3f} s")
-    print(f"  difference              {result['ray_overhead_p50_s']:+.3f} s")
+    def s(v: float | None, sign: str = "") -> str:  # None: every request of that arm failed
+        return "n/a (no answered request)" if v is None else f"{v:{sign}.3f} s"
+
+    print(f"  through the Ray actor   {s(result['ray']['ttft_new']['p50'])}")
+    print(f"  generator in-process    {s(result['in_process']['ttft_new']['p50'])}")
+    print(f"  difference              {s(result['ray_overhead_p50_s'], '+')}")
     print(f"actor called directly: round trip p50 {d['rtt_s']['p50']:.3f} s = pass {d['pass_s']['p50']:.3f} s"
           f" + Ray hop {d['hop_s']['p50']:.3f} s")
     print(f"results: {out / 'ray_hop.json'}")
