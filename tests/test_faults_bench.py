@@ -61,6 +61,13 @@ def test_memory_growth_uses_the_first_sample_after_warmup():
     assert g["after_warmup"]["rss_mib"] == 100 and g["growth_pct"] == 4.0 and g["max_growth_pct"] == 5.0
 
 
+def test_the_memory_target_counts_answered_descriptions_only():
+    res = {"faults": {"soak": {"answered": 9000, "failed": 1000}}, "requests_past_deadline": 0,
+           "memory": {"growth_pct": 2.0}}
+    t3 = report.targets(res, goal_n=10000)["memory growth under 10% over 10,000 distinct descriptions after warm-up"]
+    assert t3 == "met over 9000 descriptions answered (+2.00 %); the run reached 9000, not 10000; 1000 soak requests failed"
+
+
 def test_same_numbers_tolerates_rounding_only():
     from benchmarks.faults.ledger import same_numbers
 
