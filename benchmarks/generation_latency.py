@@ -45,7 +45,7 @@ from generator.adapter import unstack_adapters  # noqa: E402
 from generator.api import Generator  # noqa: E402
 from generator.config import DiffusionConfig, LAEConfig, TrainConfig  # noqa: E402
 from generator.encoder import DescriptionEncoder  # noqa: E402
-from loragen_vllm.arg_types import count  # noqa: E402
+from generator.arg_types import count  # noqa: E402
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

@@ -44,8 +44,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.provenance import provenance
+from generator.arg_types import count
 from loragen_vllm.adapter_files import AdapterFiles
-from loragen_vllm.arg_types import count
 from loragen_vllm.store import AdapterStore, NewAdapter
 
 RESULTS = ROOT / "benchmarks" / "results"

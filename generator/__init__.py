@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .adapter import AdapterFiles, LoRAAdapter
 from .config import DiffusionConfig, LAEConfig, T2LConfig, TargetSpec, TrainConfig
 
 __all__ = [
@@ -32,7 +31,9 @@ __all__ = [
     "load_generator",
 ]
 
-_LAZY = {
+_LAZY = {  # torch and transformers load on first use (`generator.arg_types` is imported by CLIs that need neither)
+    "AdapterFiles": ("adapter", "AdapterFiles"),
+    "LoRAAdapter": ("adapter", "LoRAAdapter"),
     "Generator": ("api", "Generator"),
     "load_generator": ("api", "load_generator"),
     "DescriptionEncoder": ("encoder", "DescriptionEncoder"),
@@ -40,7 +41,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:  # heavy modules (transformers) load on first use
+def __getattr__(name: str) -> Any:  # heavy modules (torch, transformers) load on first use
     if name in _LAZY:
         import importlib
 

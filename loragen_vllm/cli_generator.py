@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from loragen_vllm.arg_types import count, number
+from generator.arg_types import count, number
 from loragen_vllm.defaults import MISSING_GENERATOR, default_generator_checkpoint
 from loragen_vllm.envs import MAX_NUMBER
 from loragen_vllm.errors import CommandFailed, UsageError

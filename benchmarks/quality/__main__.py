@@ -36,13 +36,12 @@ from pathlib import Path
 
 import torch
 
+from generator.arg_types import count
 from generator.data.sni import load_splits, load_tasks
-from loragen_vllm.arg_types import count
 
 from .anchors import AnchorBlend
 from .generate import BASELINE_ROWS, run_rows
 from .score import merge_rows, write_outputs
-
 
 TASK_SETS = ("all", "table", "evaluated", "validation", "test", "in_distribution", "held_out")
 
@@ -205,7 +204,8 @@ def _run(a: argparse.Namespace) -> None:
         print(json.dumps(record, indent=1))
         return
     if a.cmd == "labels":
-        from .labels import run as label_run, write as label_write
+        from .labels import run as label_run
+        from .labels import write as label_write
 
         try:
             result = label_run(tasks, splits, a.generations)
@@ -216,6 +216,7 @@ def _run(a: argparse.Namespace) -> None:
         return
     if a.cmd == "served":
         from generator.data.sni import train_labels
+
         from .served import served_row
 
         chosen = _task_set(tasks, splits, a.task_set)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.serving.workload import WORKLOAD_FILE
-from loragen_vllm.arg_types import count, number
+from generator.arg_types import count, number
 
 PHASES = ("single", "evicted", "burst", "steady", "mixed")  # Bench.run_all's order
 

@@ -57,3 +57,19 @@ def number(minimum: float = 0.0, maximum: float | None = None, above: bool = Fal
             raise argparse.ArgumentTypeError(f"must be a finite number {_bounds(minimum, maximum, above)}, got {text!r}")
         return value
     return parse
+
+
+def device(text: str) -> str:
+    """A torch device string that names a device this machine has (``cpu``, ``cuda``, ``cuda:1``)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no such CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: use cpu or cuda")
+    return text
+
