@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from .arg_types import count, device, number
 from .config import TrainConfig
 
 
@@ -63,6 +64,10 @@ def _refuse_evaluation_tasks(library: str, only: list[str] | None, splits_file: 
 def _generate(args: argparse.Namespace) -> int:
     from .api import Generator
 
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty folder: an adapter never replaces files")
+
     gen = Generator.load(args.checkpoint, device=args.device)
     adapters, timings = gen.generate_timed([args.description], seed=args.seed, steps=args.steps, guidance=args.guidance)
     out = adapters[0].save_peft(args.out, base_model_name_or_path=args.base_model_path)
@@ -92,22 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kind", choices=["loragen", "t2l"], required=True)
     t.add_argument("--library", required=True, help="folder with one sub-folder per task (PEFT adapter + descriptions.json)")
     t.add_argument("--out", required=True, help="checkpoint folder to write")
-    t.add_argument("--steps", type=int, help="LAE steps (loragen) or hypernetwork steps (t2l)")
-    t.add_argument("--diffusion-steps", type=int, help="denoiser training steps (loragen)")
-    t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    t.add_argument("--tokens-per-step", type=int, default=TrainConfig.tokens_per_step,
+    t.add_argument("--steps", type=count(1), help="LAE steps (loragen) or hypernetwork steps (t2l)")
+    t.add_argument("--diffusion-steps", type=count(1), help="denoiser training steps (loragen)")
+    t.add_argument("--batch-size", type=count(1), default=TrainConfig.batch_size)
+    t.add_argument("--tokens-per-step", type=count(1), default=TrainConfig.tokens_per_step,
                    help="LAE locations per module per step (loragen)")
-    t.add_argument("--lr", type=float, default=TrainConfig.lr)
+    t.add_argument("--lr", type=number(0.0, 1.0, above=True), default=TrainConfig.lr)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every,
+    t.add_argument("--checkpoint-every", type=count(1), default=TrainConfig.checkpoint_every,
                    help="steps between training-state checkpoints (for --resume)")
-    t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    t.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
-    t.add_argument("--max-descriptions", type=int, help="use the first N descriptions of each task")
+    t.add_argument("--threads", type=count(1), default=1, help="torch CPU threads")
+    t.add_argument("--device", type=device, default="cpu", help="torch device to train on (cpu, cuda)")
+    t.add_argument("--max-descriptions", type=count(1), help="use the first N descriptions of each task")
     t.add_argument("--tasks-file", help="train on the library's tasks named in this file (one a line)")
     t.add_argument("--splits", default=str(Path(__file__).resolve().parents[1] / "data" / "sni" / "splits.json"),
                    help="splits file whose validation and test tasks are refused as training tasks (if it exists)")
-    t.add_argument("--snapshots", type=int, nargs="*", default=[],
+    t.add_argument("--snapshots", type=count(1), nargs="*", default=[],
                    help="loragen: denoiser steps at which to also write <out>/snapshots/dit-<step>/")
     t.add_argument("--model-config", help='JSON file {"lae": {...}, "diffusion": {...}, "t2l": {...}}')
     t.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt if present")
@@ -121,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="adapter folder to write")
     g.add_argument("--steps", type=int, help="sampler steps (loragen; default from the checkpoint)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (loragen)")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", type=device, default="cpu")
     g.add_argument("--base-model-path", help="base_model_name_or_path to write (default: the checkpoint's base model)")
     g.set_defaults(func=_generate)
 
@@ -130,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--t2l", required=True, help="copy of SakanaAI/text-to-lora (tasks/lol_*/metadata.yaml)")
     s.add_argument("--tasks", required=True, help="file of task names, one a line")
     s.add_argument("--out", required=True, help="task folder to write (e.g. data/sni/tasks)")
-    s.add_argument("--max-instances", type=int, default=200, help="first N distinct instances of each task")
+    s.add_argument("--max-instances", type=count(1), default=200, help="first N distinct instances of each task")
     s.add_argument("--overwrite", action="store_true", help="replace task files that exist")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_import_sni)
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, OSError, TypeError) as e:  # bad input: paths, files, folders, settings
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -53,15 +53,19 @@ def average(ckpts: list[str | Path]) -> Generator:
 
 def main() -> None:
     """CLI: write the soup of the given checkpoints to --out and print its fingerprint."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m generator.soup", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="+", help="generator checkpoint folders")
-    ap.add_argument("--out", required=True, help="folder for the soup's checkpoint")
+    ap.add_argument("--out", required=True, help="folder for the soup's checkpoint (new or empty)")
     a = ap.parse_args()
+    out = Path(a.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # e.g. one of its own sources
+        ap.error(f"--out {out} exists and is not an empty folder: a soup never replaces a checkpoint")
     try:
         gen = average(a.checkpoints)
-    except (FileNotFoundError, ValueError) as e:
+        gen.save(out)
+    except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    gen.save(a.out)
     print(json.dumps({"checkpoint": str(Path(a.out).resolve()), "fingerprint": gen.fingerprint,
                       "sources": [s["fingerprint"][:12] for s in gen.extra["soup"]]}))
 

@@ -69,6 +69,40 @@ def test_cli_train_refuses_validation_and_test_tasks(synthetic_library, tmp_path
     assert p.returncode == 2 and "validation or test tasks" in p.stderr and not (tmp_path / "c").exists()
 
 
+def test_cli_never_replaces_a_checkpoint_or_adapter(synthetic_library, tmp_path):
+    """A finished checkpoint is not trained over, an unfinished run only resumed, an adapter folder
+    not written into, a soup not written over its own source; impossible numbers are usage errors."""
+    ckpt = tmp_path / "ckpt"
+    _checked(["train", "--kind", "t2l", "--library", str(synthetic_library), "--out", str(ckpt), "--steps", "2",
+              "--batch-size", "2"])
+    before = Generator.load(ckpt).fingerprint
+    for resume in ([], ["--resume"]):
+        p = _cli("train", "--kind", "t2l", "--library", str(synthetic_library), "--out", str(ckpt), "--steps", "1",
+                 *resume, check=False)
+        assert p.returncode == 2 and "already holds a finished checkpoint" in p.stderr
+    (ckpt.parent / "run").mkdir()
+    (ckpt.parent / "run" / "train_state.pt").write_bytes(b"")
+    p = _cli("train", "--kind", "t2l", "--library", str(synthetic_library), "--out", str(ckpt.parent / "run"),
+             check=False)
+    assert p.returncode == 2 and "unfinished run" in p.stderr
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "keep.txt").write_text("mine")
+    p = _cli("generate", "--checkpoint", str(ckpt), "--description", "Sort a list.", "--out", str(tmp_path / "adapter"),
+             check=False)
+    assert p.returncode == 2 and "not an empty folder" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "generator.soup", "--out", str(ckpt), str(ckpt), str(ckpt)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and "never replaces a checkpoint" in p.stderr
+    assert Generator.load(ckpt).fingerprint == before and (tmp_path / "adapter" / "keep.txt").read_text() == "mine"
+    for bad in (["--steps", "-5"], ["--batch-size", "0"], ["--device", "bogus"], ["--max-descriptions", "-1"]):
+        p = _cli("train", "--kind", "t2l", "--library", str(synthetic_library), "--out", str(tmp_path / "new"), *bad,
+                 check=False)
+        assert p.returncode == 2 and bad[0] in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "generator.training.oracles", "pack", str(tmp_path / "typo"),
+                        str(tmp_path / "shards")], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1 and "not found" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_interrupted_training_resumes_to_the_same_weights(synthetic_library, tmp_path):
     from generator.config import T2LConfig, TrainConfig
     from generator.training.train import STATE_FILE, load_training_data, train_t2l

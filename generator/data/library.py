@@ -191,8 +191,17 @@ def pack_library(root: str | Path, out: str | Path, num_shards: int) -> list[Pat
     from safetensors.torch import save_file
 
     root, out = Path(root), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if num_shards < 1:
+        raise ValueError(f"shards must be at least 1, got {num_shards}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"library root {root} not found")
     subs = sorted(p.parent for p in root.rglob(ADAPTER_WEIGHTS))
+    if not subs:  # e.g. a mistyped root: writing empty shards would replace good ones
+        raise ValueError(f"no adapter folders ({ADAPTER_WEIGHTS}) under {root}: nothing to pack")
+    stale = sorted(out.glob("oracles-*.safetensors")) if out.is_dir() else []
+    if stale:
+        raise ValueError(f"{out} already holds {len(stale)} shards (oracles-*.safetensors): pack into a new folder")
+    out.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(num_shards):
         tensors, meta = {}, {}

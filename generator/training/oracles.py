@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapter import LoRAAdapter
+from ..arg_types import count, device, number
 from ..base_model import load_base_model
 from ..config import TargetSpec
 from ..data import library
@@ -292,23 +293,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     t.add_argument("--out", required=True, help="output root: library/, held_out/, multitask/, oracles.json")
     t.add_argument("--multitask", action="store_true", help="also train the multi-task LoRA on all training tasks")
     t.add_argument("--only", nargs="*", help="task names (default: all in the folder)")
-    t.add_argument("--limit", type=int, help="only the first N tasks (dry runs)")
-    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    t.add_argument("--group-size", type=int, help="adapters trained together (default: all)")
-    t.add_argument("--tokens-per-microbatch", type=int)
-    t.add_argument("--threads", type=int, default=1, help="CPU threads")
+    t.add_argument("--limit", type=count(1), help="only the first N tasks (dry runs)")
+    t.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--group-size", type=count(1), help="adapters trained together (default: all)")
+    t.add_argument("--tokens-per-microbatch", type=count(1))
+    t.add_argument("--threads", type=count(1), default=1, help="CPU threads")
     for f in ("steps", "batch_size", "lr", "seed", "max_input_tokens", "multitask_batch_size", "rank"):
-        t.add_argument("--" + f.replace("_", "-"), type=type(getattr(OracleConfig, f)), default=getattr(OracleConfig, f))
+        kind = number(0.0, 1.0, above=True) if f == "lr" else count(0 if f == "seed" else 1)
+        t.add_argument("--" + f.replace("_", "-"), type=kind, default=getattr(OracleConfig, f))
     t.add_argument("--per-task-init", action="store_true",
                    help="seed each task's A init by its name (default: one shared A init for all tasks)")
     p = sub.add_parser("pack", help="every adapter under a root -> bf16 shards")
     p.add_argument("root")
     p.add_argument("out")
-    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--shards", type=count(1), default=8)
     u = sub.add_parser("unpack", help="bf16 shards -> adapter folders under a root")
     u.add_argument("out")
     u.add_argument("shards", nargs="+")
     a = ap.parse_args(argv)
+    try:
+        _run(a)
+    except (ValueError, OSError) as e:  # bad input: one line, not a traceback
+        raise SystemExit(f"error: {e}") from None
+
+
+def _run(a: argparse.Namespace) -> None:
     if a.cmd == "train":
         torch.set_num_threads(a.threads)
         cfg = OracleConfig(
@@ -317,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             shared_init=not a.per_task_init,
         )
         only = a.only
-        if a.limit:
+        if a.limit is not None:
             only = [x.name for x in load_tasks(a.tasks, only)][: a.limit]
         s = train_library(
             a.tasks, a.out, cfg, a.device, only, a.group_size, a.tokens_per_microbatch, a.multitask

@@ -121,6 +121,7 @@ from .multilora import MultiLoRA
 from .oracles import OracleConfig
 from .probe import probe_set, run_probe
 from .prompts import encode_example, microbatches, output_token_ce
+from ..arg_types import count, device, number
 from .train import TrainingRun, run_identity
 
 __all__ = ["SFTConfig", "SFTTasks", "draw_descriptions", "load_sft_tasks", "sft_backward", "train_sft"]
@@ -494,15 +495,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--tasks", default=str(DEFAULT_TASKS), help="task folder (instances, descriptions, splits.json)")
     ap.add_argument("--tasks-file", help="train on the task names in this file (one per line; default: the train split)")
     ap.add_argument("--out", required=True, help="checkpoint folder")
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--steps", type=count(1), default=1000)
+    ap.add_argument("--lr", type=number(0.0, 1.0, above=True), default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tasks-per-step", type=int, default=SFTConfig.tasks_per_step)
-    ap.add_argument("--examples-per-task", type=int, default=SFTConfig.examples_per_task)
-    ap.add_argument("--tokens-per-microbatch", type=int, default=SFTConfig.tokens_per_microbatch)
+    ap.add_argument("--tasks-per-step", type=count(1), default=SFTConfig.tasks_per_step)
+    ap.add_argument("--examples-per-task", type=count(1), default=SFTConfig.examples_per_task)
+    ap.add_argument("--tokens-per-microbatch", type=count(1), default=SFTConfig.tokens_per_microbatch)
     ap.add_argument("--system-prompt", action="store_true", help="the description as each training prompt's system prompt")
-    ap.add_argument("--sampler-steps", type=int, help="loragen: DDIM steps (default: those --init is served with)")
-    ap.add_argument("--guidance", type=float, help="loragen: guidance scale (default: that --init is served with)")
+    ap.add_argument("--sampler-steps", type=count(1), help="loragen: DDIM steps (default: those --init is served with)")
+    ap.add_argument("--guidance", type=number(0.0, 100.0), help="loragen: guidance scale (default: that --init is served with)")
     ap.add_argument("--contrast-weight", type=float, default=SFTConfig.contrast_weight,
                     help="weight of the contrastive hinge (right description's CE below another task's; 0: off)")
     ap.add_argument("--contrast-margin", type=float, default=SFTConfig.contrast_margin,
@@ -513,18 +514,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="probability that a closed-label task's description names its labels (0: never)")
     ap.add_argument("--user-style", type=float, default=SFTConfig.user_style,
                     help="probability that a task's description is one of its user-style ones (splits.json; 0: never)")
-    ap.add_argument("--probe-every", type=int, default=0,
+    ap.add_argument("--probe-every", type=count(0), default=0,
                     help="probe the validation tasks every N steps and at the last: CE right vs random string (0: never)")
     ap.add_argument("--probe-tasks-file", help="probe the task names in this file (default: the validation split)")
-    ap.add_argument("--snapshots", type=int, nargs="*", default=[],
+    ap.add_argument("--snapshots", type=count(1), nargs="*", default=[],
                     help="steps at which to also write <out>/snapshots/sft-<step>/ (choose the step count on validation)")
-    ap.add_argument("--checkpoint-every", type=int, default=200)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--checkpoint-every", type=count(1), default=200)
+    ap.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=count(1), default=1)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--log-every", type=int, default=20, help="print the step's logs every N steps (0: never)")
-    ap.add_argument("--max-seconds", type=float, default=None,
+    ap.add_argument("--log-every", type=count(0), default=20, help="print the step's logs every N steps (0: never)")
+    ap.add_argument("--max-seconds", type=number(0.0, 1e6, above=True), default=None,
                     help="stop early after this long and write the checkpoint so far (resumable)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -539,8 +540,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         resume=a.resume, progress=not a.no_progress, max_seconds=a.max_seconds,
                         log_every=a.log_every, probe_tasks=probe_tasks, probe_every=a.probe_every,
                         snapshots=a.snapshots)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: the state so far is saved; --resume continues it") from None
     stopped = gen.extra.get("stopped_at")
     note = f", stopped by --max-seconds at step {stopped} of {a.steps}" if stopped is not None else ""
     print(f"{a.kind} (SFT) checkpoint {a.out}: fingerprint {gen.fingerprint[:12]}, {gen.num_parameters} parameters{note}")

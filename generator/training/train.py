@@ -116,10 +116,14 @@ class TrainingRun:
         self.log_every = log_every  # print a step's logs every that many steps (0: only the progress bar)
         self.deadline: float | None = None  # time.monotonic() after which `loop` stops early (see stop_after)
         self.stopped_at: int | None = None  # the step a stage stopped at, if the deadline ended it
+        path = out / STATE_FILE
+        if (out / "config.json").is_file() and not path.is_file():
+            raise ValueError(f"{out} already holds a finished checkpoint: train into another folder, or delete it")
+        if path.is_file() and not resume:
+            raise ValueError(f"{out} holds an unfinished run ({STATE_FILE}): resume it (--resume), or delete it")
         out.mkdir(parents=True, exist_ok=True)
         self.state: dict[str, Any] | None = None
         self.logs: dict[str, dict[str, float]] = {}  # stage -> its last step's logs, once the stage is complete
-        path = out / STATE_FILE
         if resume and path.is_file():
             state = torch.load(path, map_location="cpu", weights_only=False)
             if state.get("identity") != identity:
