@@ -30,8 +30,8 @@ from typing import Any
 
 import msgspec
 
+from generator.arg_types import count, device, parse_bytes
 from loragen_vllm import envs
-from loragen_vllm.arg_types import count, parse_bytes
 from loragen_vllm.cli_generator import add_generator_commands, run_generator_command
 from loragen_vllm.defaults import CHECKPOINT_FILES, MISSING_GENERATOR, default_generator_checkpoint
 from loragen_vllm.descriptions import MAX_DESCRIPTION_CHARS, validate_description
@@ -74,8 +74,16 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
-def _open_store(args: argparse.Namespace) -> AdapterStore:
-    return AdapterStore.from_env(args.store)
+def _open_store(args: argparse.Namespace, create: bool = False) -> AdapterStore:
+    """The store of ``--store`` (empty or unset: $LORAGEN_STORE's, as `serve` reads it). Only
+    `generate` (``create``) makes a new one: the store commands refuse a folder that holds none
+    (a mistyped path would otherwise become an empty store)."""
+    root = Path(args.store or envs.LORAGEN_STORE).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--store {root} is a file, not a store folder")
+    if not create and not (root / "adapters").is_dir():
+        raise UsageError(f"no adapter store at {root} (--store or $LORAGEN_STORE)")
+    return AdapterStore.from_env(root)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,15 +101,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    text = validate_description(" ".join(args.text), max_chars=args.max_chars)
+    max_chars = args.max_chars if args.max_chars is not None else envs.LORAGEN_MAX_DESCRIPTION_CHARS
+    text = validate_description(" ".join(args.text), max_chars=max_chars)
     seed = args.seed if args.seed is not None else envs.LORAGEN_SEED  # what `serve` would use
     ckpt = Path(args.generator).expanduser() if args.generator else default_generator_checkpoint()
     if ckpt is None:
         raise UsageError(MISSING_GENERATOR)
     missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).is_file()]
     if missing:  # say so before paying for importing torch
-        raise CommandFailed(f"{ckpt} is not a generator checkpoint (missing {', '.join(missing)})")
-    store = _open_store(args)
+        raise UsageError(f"--generator {ckpt} is not a generator checkpoint (missing {', '.join(missing)})")
+    store = _open_store(args, create=True)
 
     def say(msg: str) -> None:
         if not args.json:
@@ -111,7 +120,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from generator import load_generator  # imports torch: only here
 
     try:
-        gen = load_generator(ckpt, device=args.device)
+        gen = load_generator(ckpt, device=args.device or envs.LORAGEN_GENERATOR_DEVICE)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CommandFailed(f"cannot load the generator checkpoint {ckpt}: {e}") from e
     t0 = time.perf_counter()
@@ -291,9 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("text", nargs="+", metavar="TEXT",
                    help="the task description (quote it; words are joined with spaces)")
-    g.add_argument("--max-chars", type=count(1), default=MAX_DESCRIPTION_CHARS,
-                   help=f"longest description accepted (default {MAX_DESCRIPTION_CHARS})")
-    g.add_argument("--device", default="cpu", help="torch device for the generator (default cpu)")
+    g.add_argument("--max-chars", type=count(1), default=None,
+                   help=f"longest description accepted (default: $LORAGEN_MAX_DESCRIPTION_CHARS, as `serve`, "
+                   f"or {MAX_DESCRIPTION_CHARS})")
+    g.add_argument("--device", type=device, default=None,
+                   help="torch device for the generator (default: $LORAGEN_GENERATOR_DEVICE, as `serve`, or cpu)")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=cmd_generate)
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from loragen_vllm import envs
 from loragen_vllm.errors import UsageError
 from loragen_vllm.lora_modules import lora_layers, lora_weight_modules
+from loragen_vllm.store import AdapterStore
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +280,30 @@ def base_model_shapes(config: dict) -> tuple[int, dict[str, tuple[int, int]]]:
     return int(config["num_hidden_layers"]), shapes
 
 
+def check_generator_weights(generator: str | Path) -> None:
+    """Raise `UsageError` if the checkpoint's weights file cannot be read (truncated, not
+    safetensors): its first request would fail instead (the weights load then)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(generator) / "model.safetensors"
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            f.keys()
+    except (OSError, SafetensorError) as e:
+        raise UsageError(f"--generator {generator}: its weights ({path.name}) cannot be read: {e}") from None
+
+
+def check_device(device: str) -> None:
+    """Raise `UsageError` unless ``device`` is a torch device this machine has (the in-process
+    generator's: ``--device`` / $LORAGEN_GENERATOR_DEVICE)."""
+    from generator.arg_types import device as torch_device
+
+    try:
+        torch_device(device)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"--device: {e}") from None
+
+
 def check_generator_fits(generator: str | Path, model_dir: Path) -> None:
     """Raise `UsageError` if the generator's adapters do not fit the served model: another
     number of layers or another shape of a target module (``target`` of the checkpoint's
@@ -389,7 +414,13 @@ def run(args: argparse.Namespace) -> int:
     model_dir = _base_model_dir(getattr(args, "base_model", None))
     if generator is not None:  # a Ray generator's checkpoint is not known here
         check_generator_fits(generator, model_dir)
+        check_generator_weights(generator)
+        check_device(getattr(args, "device", None) or envs.LORAGEN_GENERATOR_DEVICE)
     store = Path(args.store).expanduser().resolve() if getattr(args, "store", None) else envs.LORAGEN_STORE
+    try:  # made now: a path that cannot hold a store stops the server here, not at its first request
+        AdapterStore(store)
+    except OSError as e:
+        raise UsageError(f"--store {store}: cannot hold the adapter store ({e})") from None
 
     extra = list(getattr(args, "vllm_args", None) or [])
     for warning in check_vllm_args(extra, lora_rank if generator is not None else None):

@@ -145,9 +145,14 @@ def test_store_gc_evicts_least_recently_used(store_dir):
         (("generate", "   "), 2, ("whitespace only",)),
         (("generate", "bad \x1b[31m colour"), 2, ("control character (U+001B)",)),
         (("generate", "x" * 1001), 2, ("too long",)),
-        (("generate", "ok text", "--generator", "/nonexistent/ckpt"), 1,
+        (("generate", "ok text", "--generator", "/nonexistent/ckpt"), 2,
          ("not a generator checkpoint",)),
+        (("generate", "ok text", "--device", "bogus"), 2, ("not a torch device: 'bogus'",)),
+        (("serve", "--device", "bogus"), 2, ("--device: not a torch device",)),
+        (("serve", "--store", "/etc/hostname"), 2, ("--store /etc/hostname: cannot hold the adapter store",)),
         (("store", "frobnicate"), 2, ("invalid choice",)),
+        (("store", "ls", "--store", "/nonexistent/store"), 2, ("no adapter store at /nonexistent/store",)),
+        (("store", "gc", "--store", "/etc/hostname"), 2, ("is a file, not a store folder",)),
         (("serve", "--generator", "/nonexistent/ckpt"), 2, ("--generator:", "not found")),
         (("serve", "--base-model", "/nonexistent/model"), 2, ("not a Hugging Face model folder",)),
         (("generator", "status", "--ray-address", "127.0.0.1:1"), 2,
@@ -156,6 +161,18 @@ def test_store_gc_evicts_least_recently_used(store_dir):
 )
 def test_bad_input_gets_a_clear_message(store_dir, args, code, fragments):
     assert_clean_failure(run(*args, store=store_dir), code, *fragments)
+
+
+def test_serve_refuses_a_generator_whose_weights_cannot_be_read(tmp_path):
+    """Its weights load at the first request; a truncated file stops `serve` at start instead."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(default_generator_checkpoint(), ckpt)
+    with open(ckpt / "model.safetensors", "r+b") as f:
+        f.truncate(1 << 20)
+    proc = run("serve", "--generator", str(ckpt), store=tmp_path / "store")
+    assert_clean_failure(proc, 2, "its weights (model.safetensors) cannot be read")
 
 
 def test_bad_seed_in_environment_is_reported(tmp_path):
@@ -181,7 +198,7 @@ def test_generate_uses_the_shipped_default_checkpoint(tmp_path):
 
 def test_an_explicit_generator_path_that_is_wrong_fails_loudly(tmp_path):
     proc = run("generate", "A fine task.", store=tmp_path, env={"LORAGEN_GENERATOR": str(tmp_path / "nope")})
-    assert_clean_failure(proc, 1, "not a generator checkpoint")
+    assert_clean_failure(proc, 2, "not a generator checkpoint")
 
 
 def test_serve_arguments_and_vllm_passthrough():
