@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,18 @@ def test_library_travels_as_bf16_shards(tmp_path):
     torch.testing.assert_close(got.B["v_proj"], want.B["v_proj"].bfloat16().float())
     assert json.loads((tmp_path / "back/library/task_b/descriptions.json").read_text()) == ["description 1"]
     assert not (tmp_path / "back/multitask/descriptions.json").exists()
+
+
+def test_oracles_rerun_with_other_settings_is_refused(tmp_path):
+    """A rerun trains only the missing tasks, so it must use the recipe the folder was made with."""
+    from dataclasses import asdict
+
+    from generator.data.library import append_run
+    from generator.data.sni import load_splits
+    from generator.training.oracles import OracleConfig, train_library
+
+    tasks = Path(__file__).resolve().parents[1] / "data" / "sni" / "tasks"
+    first = OracleConfig(steps=1)
+    append_run(tmp_path, {"config": {**asdict(first), "modules": list(first.modules)}})
+    with pytest.raises(ValueError, match=r"other settings \(rank, steps differ\)"):
+        train_library(tasks, tmp_path, OracleConfig(steps=50, rank=4), only=[load_splits(tasks).train[0]])

@@ -218,6 +218,12 @@ def train_library(
     tasks = load_tasks(tasks_dir, only)
     splits = load_splits(splits_path or tasks_dir)
     out = Path(out)
+    config = {**asdict(cfg), "modules": list(cfg.modules)}
+    before = [r.get("config") for r in library.read_summary(out).get("runs", []) if r.get("config")]
+    if before and before[-1] != config:  # a rerun trains only the missing tasks: by the same recipe
+        changed = sorted(k for k in config.keys() | before[-1].keys() if config.get(k) != before[-1].get(k))
+        raise ValueError(f"{out} holds oracles trained with other settings ({', '.join(changed)} differ): "
+                         "train into another folder, or rerun with the same settings to finish it")
     split_of = {t.name: splits.split_of(t.name) for t in tasks}
     folder_of = {
         t.name: out / (library.LIBRARY_DIR if split_of[t.name] == "train" else library.HELD_OUT_DIR) / t.name
@@ -260,7 +266,7 @@ def train_library(
                 descriptions, info = task_info(by_name[job.name], split_of[job.name])
                 library.write_library_task(folder_of[job.name], adapter, descriptions, info)
     run = {
-        "config": {**asdict(cfg), "modules": list(cfg.modules)},
+        "config": config,
         "device": _device_name(device),
         "tasks_trained": len(todo),
         "adapters_trained": len(jobs),
