@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 if TYPE_CHECKING:
     import torch
@@ -69,29 +69,43 @@ def is_converted(folder: Path) -> bool:
         return False
 
 
-def ensure_base_model(cache_dir: str | Path | None = None) -> Path:
+CONVERT_WAIT_S = 600.0  # longest wait for another process's conversion (one takes ~20 s)
+
+
+def ensure_base_model(cache_dir: str | Path | None = None, wait_s: float = CONVERT_WAIT_S) -> Path:
     """Return a local Hugging Face folder of SmolLM2-135M-Instruct (bf16 safetensors).
 
-    The first call converts the GGUF (~20 s); later calls return the cached folder at once.
+    The first call converts the GGUF (~20 s); later calls return the cached folder at once. A call
+    while another process converts waits for it at most ``wait_s`` seconds (then TimeoutError).
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / MODEL_NAME
     if is_converted(target):
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache / f"{MODEL_NAME}.lock")):
-        if is_converted(target):  # another process finished while we waited
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.", dir=cache))
-        try:
-            _convert(gguf_path(), tmp)
-            tmp.chmod(0o755)  # mkdtemp makes it private; other users (a vLLM server) read it too
-            if target.exists():  # an incomplete or outdated folder: replace it
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+    lock = cache / f"{MODEL_NAME}.lock"
+    try:
+        with FileLock(str(lock), timeout=wait_s):
+            return _convert_once(target, cache)
+    except Timeout:
+        raise TimeoutError(f"another process has been converting the base model into {cache} for over {wait_s:g} s "
+                           f"(it holds {lock}); stop it, or wait and retry") from None
+
+
+def _convert_once(target: Path, cache: Path) -> Path:
+    """Under the conversion lock: `target`, converted unless another process did it meanwhile."""
+    if is_converted(target):  # another process finished while we waited
+        return target
+    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.", dir=cache))
+    try:
+        _convert(gguf_path(), tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; other users (a vLLM server) read it too
+        if target.exists():  # an incomplete or outdated folder: replace it
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from generator.base_model import BOS_ID, EOS_ID, PAD_ID, is_converted, ensure_base_model
 
 
@@ -41,3 +43,25 @@ def test_folder_without_marker_is_not_complete(tmp_path):
     assert not is_converted(tmp_path)
     (tmp_path / ".loragen-converted").write_text('{"version": -1}')
     assert not is_converted(tmp_path)
+
+
+def test_a_conversion_held_elsewhere_is_waited_for_with_a_deadline(tmp_path):
+    """A process stuck converting holds the lock: another waits at most wait_s, then says so."""
+    import subprocess
+    import sys
+
+    from generator.base_model import MODEL_NAME
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from filelock import FileLock; "
+        f"l = FileLock({str(tmp_path / (MODEL_NAME + '.lock'))!r}); l.acquire(); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="converting the base model"):
+            ensure_base_model(tmp_path, wait_s=0.5)
+        assert time.monotonic() - t0 < 5
+    finally:
+        holder.kill()
+        holder.wait()
