@@ -31,8 +31,8 @@ use, so only the API server opens them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -44,7 +44,7 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
 from loragen_vllm import envs, metrics
-from loragen_vllm.backends import DEFAULT_BATCH_WINDOW_S, GeneratorBackend, Generated
+from loragen_vllm.backends import DEFAULT_BATCH_WINDOW_S, Generated, GeneratorBackend
 from loragen_vllm.descriptions import MAX_DESCRIPTION_CHARS, validate_description
 from loragen_vllm.errors import (
     GeneratorUnavailable,
