@@ -280,9 +280,9 @@ def base_model_shapes(config: dict) -> tuple[int, dict[str, tuple[int, int]]]:
     return int(config["num_hidden_layers"]), shapes
 
 
-def check_generator_weights(generator: str | Path) -> None:
-    """Raise `UsageError` if the checkpoint's weights file cannot be read (truncated, not
-    safetensors): its first request would fail instead (the weights load then)."""
+def generator_weights_problem(generator: str | Path) -> str | None:
+    """Why the checkpoint's weights file cannot be read (truncated, not safetensors), or None.
+    The weights load at the first request that needs them, so `serve` says so at start."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(generator) / "model.safetensors"
@@ -290,7 +290,8 @@ def check_generator_weights(generator: str | Path) -> None:
         with safe_open(str(path), framework="numpy") as f:
             f.keys()
     except (OSError, SafetensorError) as e:
-        raise UsageError(f"--generator {generator}: its weights ({path.name}) cannot be read: {e}") from None
+        return f"--generator {generator}: its weights ({path.name}) cannot be read: {e}"
+    return None
 
 
 def check_device(device: str) -> None:
@@ -414,7 +415,10 @@ def run(args: argparse.Namespace) -> int:
     model_dir = _base_model_dir(getattr(args, "base_model", None))
     if generator is not None:  # a Ray generator's checkpoint is not known here
         check_generator_fits(generator, model_dir)
-        check_generator_weights(generator)
+        unreadable = generator_weights_problem(generator)
+        if unreadable:  # stored adapters still serve; the next request after a repair loads it
+            print(f"loragen-vllm: warning: {unreadable}; new descriptions answer 503 until it can be read, "
+                  "stored adapters and the base model are served", flush=True)
         check_device(getattr(args, "device", None) or envs.LORAGEN_GENERATOR_DEVICE)
     store = Path(args.store).expanduser().resolve() if getattr(args, "store", None) else envs.LORAGEN_STORE
     try:  # made now: a path that cannot hold a store stops the server here, not at its first request

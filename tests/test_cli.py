@@ -163,18 +163,6 @@ def test_bad_input_gets_a_clear_message(store_dir, args, code, fragments):
     assert_clean_failure(run(*args, store=store_dir), code, *fragments)
 
 
-def test_serve_refuses_a_generator_whose_weights_cannot_be_read(tmp_path):
-    """Its weights load at the first request; a truncated file stops `serve` at start instead."""
-    import shutil
-
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(default_generator_checkpoint(), ckpt)
-    with open(ckpt / "model.safetensors", "r+b") as f:
-        f.truncate(1 << 20)
-    proc = run("serve", "--generator", str(ckpt), store=tmp_path / "store")
-    assert_clean_failure(proc, 2, "its weights (model.safetensors) cannot be read")
-
-
 def test_bad_seed_in_environment_is_reported(tmp_path):
     proc = run("generate", "A fine task.", store=tmp_path, env={"LORAGEN_SEED": "abc"})
     assert_clean_failure(proc, 2, "LORAGEN_SEED must be an integer")

@@ -798,6 +798,7 @@ def test_store_survives_a_restart(restarted: ServerProcess) -> None:
     # served from the store although the generator's weights are broken: no generation needed
     assert chat(restarted, SENTIMENT).status_code == 200
     assert restarted.generations(key) == 0
+    assert "its weights (model.safetensors) cannot be read" in restarted.log()  # said at start
     assert store_of(restarted).show(key).hits == hits + 1
 
 
