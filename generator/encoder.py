@@ -20,7 +20,7 @@ import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -152,12 +152,13 @@ class DescriptionEncoder:
 
     @torch.inference_mode()
     def _embed(self, texts: list[str]) -> Tensor:
-        from tqdm.auto import tqdm
-
         out = []
-        # A bar only for bulk work (a training set's descriptions: ~1.5 min on 2 cores), never per request.
-        batches = range(0, len(texts), self.batch_size)
-        for i in tqdm(batches, desc="embedding descriptions", unit="batch", disable=len(texts) < PROGRESS_FROM):
+        batches: Iterable[int] = range(0, len(texts), self.batch_size)
+        if len(texts) >= PROGRESS_FROM:  # bulk work (a training set's: ~1.5 min on 2 cores); never a request's
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="embedding descriptions", unit="batch")
+        for i in batches:
             chunk = texts[i : i + self.batch_size]
             tok = self.tokenizer(
                 chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
