@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .arg_types import count, device, number
+from .arg_types import count, device, empty_folder, number
 from .config import TrainConfig
 
 
@@ -63,10 +63,6 @@ def _refuse_evaluation_tasks(library: str, only: list[str] | None, splits_file: 
 
 def _generate(args: argparse.Namespace) -> int:
     from .api import Generator
-
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} exists and is not an empty folder: an adapter never replaces files")
 
     gen = Generator.load(args.checkpoint, device=args.device)
     adapters, timings = gen.generate_timed([args.description], seed=args.seed, steps=args.steps, guidance=args.guidance)
@@ -123,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", required=True)
     g.add_argument("--description", required=True)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", required=True, help="adapter folder to write")
+    g.add_argument("--out", required=True, type=empty_folder, help="adapter folder to write (new or empty)")
     g.add_argument("--steps", type=int, help="sampler steps (loragen; default from the checkpoint)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (loragen)")
     g.add_argument("--device", type=device, default="cpu")

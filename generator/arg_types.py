@@ -1,4 +1,5 @@
-"""Argparse value types of the command line: sizes, counts and numbers with their bounds.
+"""Argparse value types of the command line: sizes, counts and numbers with their bounds, devices,
+output folders.
 
 Each turns a bad value into argparse's usage error (exit 2, the option named) instead of a
 traceback or a setting that never fires (``inf`` seconds, a window no pass ends).
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 
 def parse_bytes(text: str) -> int:
@@ -73,3 +75,12 @@ def device(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r}: use cpu or cuda")
     return text
 
+
+
+def empty_folder(text: str) -> Path:
+    """A folder to write into that does not exist yet or is empty: what a command writes never
+    replaces files (an adapter, a checkpoint, one of a soup's own sources)."""
+    path = Path(text)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not an empty folder: nothing is ever replaced")
+    return path

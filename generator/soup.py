@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from generator.api import Generator
+from generator.arg_types import empty_folder
 
 
 def average(ckpts: list[str | Path]) -> Generator:
@@ -56,14 +57,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m generator.soup", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="+", help="generator checkpoint folders")
-    ap.add_argument("--out", required=True, help="folder for the soup's checkpoint (new or empty)")
+    ap.add_argument("--out", required=True, type=empty_folder, help="folder for the soup's checkpoint (new or empty)")
     a = ap.parse_args()
-    out = Path(a.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # e.g. one of its own sources
-        ap.error(f"--out {out} exists and is not an empty folder: a soup never replaces a checkpoint")
     try:
         gen = average(a.checkpoints)
-        gen.save(out)
+        gen.save(a.out)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps({"checkpoint": str(Path(a.out).resolve()), "fingerprint": gen.fingerprint,

@@ -92,7 +92,7 @@ def test_cli_never_replaces_a_checkpoint_or_adapter(synthetic_library, tmp_path)
     assert p.returncode == 2 and "not an empty folder" in p.stderr
     p = subprocess.run([sys.executable, "-m", "generator.soup", "--out", str(ckpt), str(ckpt), str(ckpt)],
                        capture_output=True, text=True, timeout=600)
-    assert p.returncode == 2 and "never replaces a checkpoint" in p.stderr
+    assert p.returncode == 2 and "is not an empty folder" in p.stderr
     assert Generator.load(ckpt).fingerprint == before and (tmp_path / "adapter" / "keep.txt").read_text() == "mine"
     for bad in (["--steps", "-5"], ["--batch-size", "0"], ["--device", "bogus"], ["--max-descriptions", "-1"]):
         p = _cli("train", "--kind", "t2l", "--library", str(synthetic_library), "--out", str(tmp_path / "new"), *bad,

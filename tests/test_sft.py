@@ -230,6 +230,36 @@ def test_probe_tasks_must_be_held_out(tiny_generator_ckpt, tmp_path):  # noqa: F
                   probe_tasks=NAMES[:1], probe_every=1)
 
 
+def test_t2l_from_scratch_copies_its_statistics_from_a_checkpoint(base_model_dir, tiny_generator_ckpt,  # noqa: F811
+                                                                   tmp_path):
+    """No oracle library: the standardiser takes the statistics a LoRAGen's LAE was fitted to,
+    and a T2L made so passes the same ones on."""
+    source = Generator.load(tiny_generator_ckpt)
+    expected = source.model.lae.library_stats()
+    assert not all(bool((std == 1).all()) for _, std in expected.values())  # fitted, not the initial ones
+    kw = dict(model_cfg=T2LConfig(latent_size=32, head_in=32), sft=SFTConfig(tasks_per_step=2, examples_per_task=2),
+              **TINY)
+    first = train_sft(tmp_path / "a", "t2l", TASKS_DIR, NAMES, stats_from=tiny_generator_ckpt, **kw)
+    second = train_sft(tmp_path / "b", "t2l", TASKS_DIR, NAMES, stats_from=tmp_path / "a", **kw)
+    for gen in (first, second):
+        got = gen.model.standardizer.library_stats()
+        assert set(got) == set(expected)
+        for key, (mean, std) in expected.items():
+            assert torch.equal(got[key][0], mean) and torch.equal(got[key][1], std), key
+    assert first.extra["stats_from"] == source.fingerprint and first.extra["init"] is None
+    assert second.extra["stats_from"] == first.fingerprint
+    assert Generator.load(tmp_path / "b").fingerprint == second.fingerprint
+
+
+def test_t2l_from_scratch_takes_its_statistics_from_one_source(sni_library, tiny_generator_ckpt, tmp_path):  # noqa: F811
+    for kw in ({}, {"library": sni_library, "stats_from": tiny_generator_ckpt}):
+        with pytest.raises(ValueError, match="one of the two"):
+            train_sft(tmp_path / "ck", "t2l", TASKS_DIR, NAMES, **kw, **TINY)
+    with pytest.raises(ValueError, match="keeps init's statistics"):
+        train_sft(tmp_path / "ck", "loragen", TASKS_DIR, NAMES, init=tiny_generator_ckpt, stats_from=tiny_generator_ckpt,
+                  **TINY)
+
+
 def test_loragen_sft_needs_a_starting_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="reconstruction-trained checkpoint"):
         train_sft(tmp_path / "ck", "loragen", TASKS_DIR, NAMES, **TINY)

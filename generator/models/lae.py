@@ -142,6 +142,11 @@ class LoRAAutoencoder(nn.Module):
                 getattr(self, f"{name}_mean_{m}").copy_(mean)
                 getattr(self, f"{name}_scale_{m}").copy_(scale)
 
+    def library_stats(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """The library's statistics, keyed "A_<module>" / "B_<module>": (mean, scale per layer)."""
+        return {f"{name}_{m}": (getattr(self, f"{name}_mean_{m}"), getattr(self, f"{name}_scale_{m}"))
+                for m in self.target.modules for name in ("A", "B")}
+
     def _stats(self, name: str, m: str, layers: Tensor | None) -> tuple[Tensor, Tensor]:
         """Mean (n, ., .) and scale (n, 1, 1) of `name` in {"A", "B"} at the given layers; with
         layers None, every layer in order: (L, ., .) and (L, 1, 1), views of the buffers."""

@@ -118,6 +118,21 @@ class FactorStandardizer(nn.Module):
                 getattr(self, f"{name}_mean_{m}").copy_(mean)
                 getattr(self, f"{name}_std_{m}").copy_(std)
 
+    def library_stats(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """The fitted statistics, keyed "A_<module>" / "B_<module>": (mean, std per layer)."""
+        return {f"{name}_{m}": (getattr(self, f"{name}_mean_{m}"), getattr(self, f"{name}_std_{m}"))
+                for m in self.modules_ for name in ("A", "B")}
+
+    @torch.no_grad()
+    def load_library_stats(self, stats: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """Statistics fitted elsewhere to the same kind of library (`library_stats` of this class or
+        of the LAE, which standardises with the same `factor_stats`), instead of `fit`."""
+        for m in self.modules_:
+            for name in ("A", "B"):
+                mean, std = stats[f"{name}_{m}"]
+                getattr(self, f"{name}_mean_{m}").copy_(mean)
+                getattr(self, f"{name}_std_{m}").copy_(std)
+
     def _stats(self, name: str, m: str) -> tuple[Tensor, Tensor]:
         return getattr(self, f"{name}_mean_{m}"), getattr(self, f"{name}_std_{m}")[:, None, None]
 

@@ -9,7 +9,9 @@ mean over each task's output tokens, averaged over tasks), as for the oracles.
 
 Both kinds train through their `sft_factors`, the factors exactly as generation makes them:
 - T2L (T2L's SFT): the hypernetwork from scratch; its standardiser (the scale of the factors) is
-  fitted to an oracle library, the only use of the library's weights.
+  fitted to an oracle library, the only use of the library's weights, or copied from a generator
+  checkpoint trained on one (`stats_from`: a LoRAGen's LAE keeps the same statistics), so that a
+  T2L can be trained by SFT where no oracle library is at hand.
 - LoRAGen, "SFT on top of reconstruction": starts from a reconstruction-trained checkpoint
   (`init`) and trains its denoiser and LAE decoder through every DDIM step of the sampler it is
   served with (`sampler_steps`, `guidance`, from fresh noise each step). Needs no oracles, so it can
@@ -86,6 +88,7 @@ The checkpoint is a normal generator (extra.training = "sft"), loaded and used l
 
     python -m generator.training.sft --kind loragen --init generator/checkpoints/default --out runs/loragen_sft
     python -m generator.training.sft --kind t2l --library runs/oracles/library --out runs/t2l_sft
+    python -m generator.training.sft --kind t2l --stats-from generator/checkpoints/default --out runs/t2l_sft
     python -m generator.training.sft --kind loragen --init generator/checkpoints/default --out runs/loragen_sft_contrast \
         --contrast-weight 1.0 --contrast-margin 0.5 --probe-every 50
     python -m generator.training.sft --kind loragen --init generator/checkpoints/default --out runs/loragen_sft_named \
@@ -238,25 +241,44 @@ def load_sft_tasks(tasks_dir: str | Path, names: Sequence[str] | None, encoder: 
                     user_of)
 
 
+def library_stats_of(checkpoint: str | Path) -> tuple[TargetSpec, dict[str, tuple[torch.Tensor, torch.Tensor]], str]:
+    """(target, factor statistics, fingerprint) of the oracle library a generator checkpoint was
+    trained on: a LoRAGen's LAE and a T2L's standardiser both keep them (`factor_stats`)."""
+    gen = Generator.load(checkpoint, cuda_graphs=False)
+    owner = gen.model.lae if gen.kind == "loragen" else gen.model.standardizer
+    return gen.target, {k: (m.detach().clone(), s.detach().clone()) for k, (m, s) in owner.library_stats().items()}, \
+        gen.fingerprint
+
+
 def _initial_model(
     kind: str, init: str | Path | None, library: str | Path | None, model_cfg: T2LConfig | None,
-) -> tuple[torch.nn.Module, str, TargetSpec, dict[str, Any], str | None, dict[str, Any]]:
-    """(model, kind, target, configs, init fingerprint, the sampler init is served with): from a
-    checkpoint, or a T2L fitted to a library."""
+    stats_from: str | Path | None = None,
+) -> tuple[torch.nn.Module, str, TargetSpec, dict[str, Any], str | None, dict[str, Any], str | None]:
+    """(model, kind, target, configs, init fingerprint, the sampler init is served with, fingerprint
+    of `stats_from`): from a checkpoint, or a T2L whose standardiser is fitted to a library or copied
+    from the checkpoint `stats_from` (the statistics of the library that checkpoint was trained on)."""
     if init is not None:
+        if stats_from is not None:
+            raise ValueError("stats_from is for a T2L from scratch; a run from init keeps init's statistics")
         gen = Generator.load(init, cuda_graphs=False)
         if gen.kind != kind:
             raise ValueError(f"--init {init} is a {gen.kind} checkpoint, not {kind}")
-        return gen.model, gen.kind, gen.target, gen.configs, gen.fingerprint, gen.sampler
+        return gen.model, gen.kind, gen.target, gen.configs, gen.fingerprint, gen.sampler, None
     if kind != "t2l":
         raise ValueError(f"SFT of {kind} starts from a reconstruction-trained checkpoint: give init")
-    if library is None:
-        raise ValueError("T2L from scratch needs an oracle library (its standardiser is fitted to it)")
-    adapters = [t.adapter for t in load_library(library)]
+    if (library is None) == (stats_from is None):
+        raise ValueError("T2L from scratch needs its standardiser's statistics: an oracle library to fit them to, "
+                         "or a generator checkpoint to copy them from (one of the two)")
     configs = {"t2l": (model_cfg or T2LConfig()).to_dict()}
-    model = build_model("t2l", adapters[0].target, configs)
-    model.standardizer.fit(*stack_adapters(adapters))
-    return model, "t2l", adapters[0].target, configs, None, model.sampler_defaults()
+    if library is not None:
+        adapters = [t.adapter for t in load_library(library)]
+        model = build_model("t2l", adapters[0].target, configs)
+        model.standardizer.fit(*stack_adapters(adapters))
+        return model, "t2l", adapters[0].target, configs, None, model.sampler_defaults(), None
+    target, stats, stats_fp = library_stats_of(stats_from)
+    model = build_model("t2l", target, configs)
+    model.standardizer.load_library_stats(stats)
+    return model, "t2l", target, configs, None, model.sampler_defaults(), stats_fp
 
 
 Row = tuple[int, list[int], int]  # (task's position in the step, prompt + output ids, prompt length)
@@ -373,11 +395,13 @@ def train_sft(
     probe_tasks: Sequence[str] | None = None,
     probe_every: int = 0,
     snapshots: Sequence[int] = (),
+    stats_from: str | Path | None = None,
 ) -> Generator:
     """Train a generator by SFT on `names` (default: the train split) of `tasks_dir`.
 
     `init`: the checkpoint to start from (required for LoRAGen); `library`: the oracle library a
-    T2L from scratch fits its standardiser to. With `max_seconds` (counted from this call, set-up
+    T2L from scratch fits its standardiser to, or `stats_from`: a generator checkpoint whose
+    library's statistics it copies (no oracles needed). With `max_seconds` (counted from this call, set-up
     included), training stops at the first step boundary after that long and the checkpoint is
     written from the weights so far (its `extra.stopped_at` says at which step); the training
     state stays, so `resume=True` continues. `log_every`: print the step's logs every that many
@@ -394,7 +418,8 @@ def train_sft(
     if any(n < 1 or n > cfg.steps for n in snapshot_steps):
         raise ValueError(f"snapshot steps must lie in 1..{cfg.steps}: {sorted(snapshot_steps)}")
     torch.manual_seed(cfg.seed)
-    model, kind, target, configs, init_fp, served = _initial_model(kind, init, library, model_cfg)
+    model, kind, target, configs, init_fp, served, stats_fp = _initial_model(kind, init, library, model_cfg, stats_from)
+    origin = {"init": init_fp} | ({"stats_from": stats_fp} if stats_fp is not None else {})
     if kind == "loragen":  # what is not set: the sampler init is served with
         sft = replace(sft, sampler_steps=int(served["steps"]) if sft.sampler_steps is None else sft.sampler_steps,
                       guidance=float(served["guidance"]) if sft.guidance is None else sft.guidance)
@@ -409,7 +434,7 @@ def train_sft(
     sampler = ({"steps": sft.sampler_steps, "guidance": sft.guidance} if kind == "loragen"
                else model.sampler_defaults())
     identity = run_identity(kind, target, configs, cfg, data.names, len(data.descriptions)) | {
-        "training": "sft", "sft": vars(sft), "init": init_fp}
+        "training": "sft", "sft": vars(sft), **origin}
     probe = None
     if probe_every > 0:
         probe_names = list(probe_tasks) if probe_tasks is not None else list(load_splits(tasks_dir).validation)
@@ -425,7 +450,7 @@ def train_sft(
     def checkpoint(weights: torch.nn.Module, **extra: Any) -> Generator:
         """A generator of this run: its sampler, and in `extra` what made it plus `extra`."""
         return Generator(kind, target, weights, configs, sampler, extra={
-            "training": "sft", "init": init_fp, "library": {"tasks": data.names}, "train": cfg.to_dict(),
+            "training": "sft", **origin, "library": {"tasks": data.names}, "train": cfg.to_dict(),
             "sft": vars(sft), **extra})
 
     def on_step(stage: str, step: int) -> None:
@@ -492,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--kind", choices=("t2l", "loragen"), default="t2l")
     ap.add_argument("--init", help="checkpoint to start from (required for loragen: a reconstruction-trained one)")
     ap.add_argument("--library", help="oracle library (T2L from scratch: its standardiser is fitted to it)")
+    ap.add_argument("--stats-from", help="T2L from scratch without a library: copy its standardiser's statistics "
+                    "from this generator checkpoint (those of the library it was trained on)")
     ap.add_argument("--tasks", default=str(DEFAULT_TASKS), help="task folder (instances, descriptions, splits.json)")
     ap.add_argument("--tasks-file", help="train on the task names in this file (one per line; default: the train split)")
     ap.add_argument("--out", required=True, help="checkpoint folder")
@@ -539,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         gen = train_sft(a.out, a.kind, a.tasks, names, a.init, a.library, cfg=cfg, sft=sft, device=a.device,
                         resume=a.resume, progress=not a.no_progress, max_seconds=a.max_seconds,
                         log_every=a.log_every, probe_tasks=probe_tasks, probe_every=a.probe_every,
-                        snapshots=a.snapshots)
+                        snapshots=a.snapshots, stats_from=a.stats_from)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
