@@ -237,6 +237,21 @@ class EdgeGuard:
                          f"request body over {self.max_body_bytes} bytes (LORAGEN_MAX_BODY_BYTES)")
             return None
 
+    async def _read_json(self, scope: Scope, receive: Receive, send: Send) -> tuple[bytes, Any] | None:
+        """(body, its JSON or None where it is not JSON: vLLM answers malformed JSON itself), or
+        None when nothing is to be passed on: no body (`_read_body`), or JSON nested too deeply
+        to parse (answered 400 here; a parser, vLLM's too, would fail the same way with a 500)."""
+        body = await self._read_body(scope, receive, send)
+        if body is None:
+            return None
+        try:
+            return body, json.loads(body)
+        except ValueError:
+            return body, None
+        except RecursionError:
+            await _error(send, HTTPStatus.BAD_REQUEST, "request body nested too deeply to parse")
+            return None
+
     def _is_admin(self, scope: Scope) -> bool:
         if not self.admin_key:
             return False
@@ -250,16 +265,10 @@ class EdgeGuard:
         are all on layers vLLM applies LoRA to (``LORAGEN_LORA_MODULES``, set by ``serve``, with
         vLLM's packed layers: `lora_layers`), read from its ``adapter_model.safetensors``;
         vLLM would load any other adapter and serve it without the rest."""
-        body = await self._read_body(scope, receive, send)
-        if body is None:
+        read = await self._read_json(scope, receive, send)
+        if read is None:
             return
-        try:
-            request = json.loads(body)
-        except ValueError:  # vLLM answers malformed JSON itself
-            request = None
-        except RecursionError:  # a parser (vLLM's too) would fail the same way: a 500 there
-            await _error(send, HTTPStatus.BAD_REQUEST, "request body nested too deeply to parse")
-            return
+        body, request = read
         path = request.get("lora_path") if isinstance(request, dict) else None
         if isinstance(path, str) and path:
             served = " ".join(sorted(self.lora_modules))
@@ -281,16 +290,10 @@ class EdgeGuard:
         await self.app(scope, _replay_body(body, receive), send)
 
     async def _generate(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await self._read_body(scope, receive, send)
-        if body is None:
+        read = await self._read_json(scope, receive, send)
+        if read is None:
             return
-        try:
-            request = json.loads(body)
-        except ValueError:  # vLLM answers malformed JSON itself
-            request = None
-        except RecursionError:  # a parser (vLLM's too) would fail the same way: a 500 there
-            await _error(send, HTTPStatus.BAD_REQUEST, "request body nested too deeply to parse")
-            return
+        body, request = read
         model = request.get("model") if isinstance(request, dict) else None
         try:
             check_model_field(model, self.base_models, self.max_model_bytes, self.max_chars)
