@@ -154,10 +154,11 @@ class DescriptionEncoder:
     def _embed(self, texts: list[str]) -> Tensor:
         out = []
         batches: Iterable[int] = range(0, len(texts), self.batch_size)
-        if len(texts) >= PROGRESS_FROM:  # bulk work (a training set's: ~1.5 min on 2 cores); never a request's
+        if len(texts) >= PROGRESS_FROM:  # bulk work (a training set's 65k: minutes on 2 cores); never a request's
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="embedding descriptions", unit="batch")
+            # disable=None: on a terminal only, not into a log file
+            batches = tqdm(batches, desc="embedding descriptions", unit="batch", disable=None)
         for i in batches:
             chunk = texts[i : i + self.batch_size]
             tok = self.tokenizer(

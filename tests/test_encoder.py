@@ -45,3 +45,18 @@ def test_rejects_a_bare_string_and_non_strings(encoder):
         encoder.encode("one string")
     with pytest.raises(TypeError):
         encoder.encode([b"bytes"])  # type: ignore[list-item]
+
+
+def test_bulk_progress_bar_stays_out_of_log_files():
+    """Embedding a training set (>= PROGRESS_FROM descriptions) shows a bar on a terminal only:
+    with stderr to a file or pipe (training logs) nothing of it is written."""
+    import subprocess
+    import sys
+
+    code = ("from generator.encoder import PROGRESS_FROM, DescriptionEncoder\n"
+            "e = DescriptionEncoder(batch_size=512)\n"
+            "print(e.encode([f'task {i}' for i in range(PROGRESS_FROM)]).shape)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "torch.Size([2048, 384])" in p.stdout
+    assert "embedding descriptions" not in p.stderr
