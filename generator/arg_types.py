@@ -76,7 +76,6 @@ def device(text: str) -> str:
     return text
 
 
-
 def empty_folder(text: str) -> Path:
     """A folder to write into that does not exist yet or is empty: what a command writes never
     replaces files (an adapter, a checkpoint, one of a soup's own sources)."""
