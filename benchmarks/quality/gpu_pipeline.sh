@@ -827,7 +827,7 @@ t2l_sft)
   done
   waitall
   mkdir -p "$WORK/configs"
-  for d in "$CK"/t2l_sft_lr*/; do r=$(basename "$d"); tail -n 3 "$WORK/train_$r.log"
+  for d in "$CK"/t2l_sft_lr*/; do r=$(basename "$d"); tail -n 3 "$WORK/train_$r.log" || true
     [ -f "$d/probe.jsonl" ] && cp "$d/probe.jsonl" "$WORK/configs/${r}_probe.jsonl"; done
   (cd "$WORK" && tar czf "$OUT/t2l_sft_logs.tgz" train_t2l_sft_lr*.log configs)
   for d in "$CK"/t2l_sft_lr*/; do [ ! -f "$d/train_state.pt" ] || { echo "t2l_sft: not finished, rerun"; exit 0; }; done
