@@ -36,7 +36,7 @@ from loragen_vllm.cli_generator import add_generator_commands, run_generator_com
 from loragen_vllm.defaults import CHECKPOINT_FILES, MISSING_GENERATOR, default_generator_checkpoint
 from loragen_vllm.descriptions import MAX_DESCRIPTION_CHARS, validate_description
 from loragen_vllm.errors import CommandFailed, InvalidDescription, LoragenError, UsageError
-from loragen_vllm.store import AdapterStore, GCReport, NewAdapter
+from loragen_vllm.store import ADAPTERS_DIR, AdapterStore, GCReport, NewAdapter
 from loragen_vllm.store_meta import StoredAdapterMeta
 
 PROG = "loragen-vllm"
@@ -81,7 +81,7 @@ def _open_store(args: argparse.Namespace, create: bool = False) -> AdapterStore:
     root = Path(args.store or envs.LORAGEN_STORE).expanduser()
     if root.exists() and not root.is_dir():
         raise UsageError(f"--store {root} is a file, not a store folder")
-    if not create and not (root / "adapters").is_dir():
+    if not create and not (root / ADAPTERS_DIR).is_dir():
         raise UsageError(f"no adapter store at {root} (--store or $LORAGEN_STORE)")
     return AdapterStore.from_env(root)
 

@@ -109,6 +109,7 @@ STALE_TMP_SECONDS = 24 * 3600  # unfinished publishes of unknown owners older th
 QUARANTINE_SECONDS = 24 * 3600  # corrupt folders are kept this long for inspection
 
 SYNC_MODES = ("background", "inline")
+ADAPTERS_DIR = "adapters"  # under a store's root: one folder per published adapter
 SETTLE_IDLE_S = 5.0  # the background settler thread ends after this long without work
 DRAIN_AT_EXIT_S = 10.0  # at exit, wait at most this long for adapters still to be settled
 
@@ -224,7 +225,7 @@ class AdapterStore:
         self._settler_lock = threading.Lock()
         self._unwritten_pins: set[str] = set()  # pins this process could not write (disk full)
         self._held = threading.local()  # key -> [fd, depth] of the key locks this thread holds
-        self._adapters = self.root / "adapters"
+        self._adapters = self.root / ADAPTERS_DIR
         self._usage = self.root / "usage"
         self._locks = self.root / "locks"
         self._tmp = self.root / "tmp"
