@@ -436,13 +436,22 @@ class AdapterStore:
             return meta
         return msgspec.structs.replace(meta, hits=st.st_size, last_used=_from_ns(st.st_mtime_ns))
 
-    def _last_used_ns(self, key: str, path: Path) -> int:
-        for p in (self._usage / key, path):
-            try:
-                return os.stat(p).st_mtime_ns
-            except FileNotFoundError:
-                continue
-        return 0
+    def _last_used_ns(self, key: str, path: Path, created: datetime | None = None) -> int:
+        """When ``key`` was last used: its usage log's mtime (nanosecond stamps, `_stamp`); without
+        one, its creation time from its metadata, else its folder's mtime. A publish renames the
+        folder into place before it writes the usage log, and a gc running in between must not
+        take the folder's coarse-clock mtime, which can fall before the stamps of adapters
+        published just before it (it would evict the newest adapter first)."""
+        try:
+            return os.stat(self._usage / key).st_mtime_ns
+        except FileNotFoundError:
+            pass
+        if created is not None:
+            return int(created.timestamp() * 1_000_000) * 1000
+        try:
+            return os.stat(path).st_mtime_ns
+        except FileNotFoundError:
+            return 0
 
     def keys(self) -> list[str]:
         """Keys of the adapters in the store (unverified)."""
@@ -833,8 +842,10 @@ class AdapterStore:
         last_used: dict[str, int] = {}
         for key in self.keys():
             path = self._adapters / key
+            created = None
             try:
-                sizes[key] = read_meta(path, key).size
+                meta = read_meta(path, key)
+                sizes[key], created = meta.size, meta.created
             except FileNotFoundError:
                 continue
             except StoreCorrupt:  # count what is on disk; gc may evict it like any other
@@ -844,7 +855,7 @@ class AdapterStore:
                     if not isinstance(e, FileNotFoundError):
                         logger.warning("stored adapter %s cannot be read (%s); gc leaves it", key[:12], e)
                     continue
-            last_used[key] = self._last_used_ns(key, path)
+            last_used[key] = self._last_used_ns(key, path, created)
         report = GCReport(count=len(sizes), bytes=sum(sizes.values()))
 
         def over() -> bool:

@@ -584,6 +584,22 @@ def test_background_gc_spares_adapters_published_while_it_ran(tmp_path):
     assert sorted(store.keys()) == sorted(keys[-2:])
 
 
+def test_gc_between_a_publishs_rename_and_its_usage_log_spares_the_new_adapter(tmp_path):
+    """A gc that runs after a publish has renamed its folder into place and before it has written
+    the usage log (the background settler of an earlier publish can): the new adapter's folder
+    mtime comes from the kernel's coarse clock and can fall before its elder siblings' nanosecond
+    usage stamps; the gc must still evict the least recently used, not the newest."""
+    store = AdapterStore(tmp_path, max_adapters=None, max_bytes=None, sync="inline")
+    old, mid = publish(store, "old").key, publish(store, "mid").key
+    new = publish(store, "new").key
+    os.unlink(tmp_path / "usage" / new)  # as between the rename and the usage log
+    coarse = os.stat(tmp_path / "usage" / old).st_mtime_ns - 1_000_000  # a tick before the eldest's stamp
+    os.utime(store.path(new), ns=(coarse, coarse))
+    store.max_adapters = 2
+    assert store.gc().evicted == [old]
+    assert sorted(store.keys()) == sorted([mid, new])
+
+
 def _pin_holder_worker(root, key, lease_s, ready):
     """A "server process": pins ``key`` with its own store (which renews its pins), then lives."""
     store = AdapterStore(root, max_adapters=None, max_bytes=None, pin_lease_s=lease_s)
